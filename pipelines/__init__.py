@@ -1,1 +1,146 @@
-"""pipelines"""
+"""Run any diffplug guidance, scheduler or sampler inside the stock pipeline a user already has.
+
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+    from diffplug.guidance import CFG
+    from diffplug.pipelines import from_pipe
+
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    run = from_pipe(pipe, guidance=CFG(5.0))
+    images = run("a photo of a sneaker", num_inference_steps=20).images
+
+``from_pipe`` keeps the pipeline's components, its scheduler and its prompt encoding, latent
+preparation and decoding; only the denoising loop is diffplug's (see ``loop.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..guidance.base import CFG
+from .families import Family, family_of
+from .loop import Sampler, denoise, evaluate
+
+__all__ = ["DiffplugPipeline", "GenerationOutput", "Sampler", "denoise", "evaluate", "family_of", "from_pipe"]
+
+
+@dataclass
+class GenerationOutput:
+    """What the stock pipeline returns (``.images``), plus what diffplug knows about the run."""
+
+    images: Any
+    nsfw_content_detected: Any = None
+    nfe: int = 0  # network evaluations, counted in samples x steps (one CFG step of batch 1 = 2)
+    sampler_output: Any = None
+
+    def __getitem__(self, index):  # `pipe(...)[0]` works as with diffusers outputs
+        return (self.images, self.nsfw_content_detected)[index]
+
+
+class DiffplugPipeline:
+    """A stock pipeline run through diffplug's loop; called like the original pipeline."""
+
+    def __init__(self, pipe, guidance=None, sampler: Sampler | None = None):
+        self.pipe = pipe
+        self.family: Family = family_of(pipe)
+        self.guidance = guidance
+        self.sampler = sampler
+
+    def __getattr__(self, name):  # components, scheduler, config, ... are the pipeline's
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def _guidance_for(self, guidance_scale):
+        if self.guidance is None:
+            return CFG(7.5 if guidance_scale is None else guidance_scale)
+        if guidance_scale is None or not hasattr(self.guidance, "new"):
+            return self.guidance
+        return self.guidance.new(guidance_scale=guidance_scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **family_kwargs,
+    ):
+        """Generate as ``pipe(...)`` would.
+
+        ``guidance_scale``: with no guidance object, CFG at this scale (7.5 if omitted, as diffusers);
+        with one, a copy of it at this scale (omit it to keep the object's own scale).
+        Family-specific arguments (``prompt_2``, ``original_size``, ``mu``, ``max_sequence_length``...)
+        pass through to the pipeline's own encoding.
+        """
+        pipe, family = self.pipe, self.family
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass `prompt` (a string or a list of strings) or `prompt_embeds`")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError("callback_on_step_end_tensor_inputs: diffplug's loop hands callbacks `latents` only")
+        family.check()
+        default_h, default_w = family.default_size()
+        height, width = height or default_h, width or default_w
+        guidance = self._guidance_for(guidance_scale)
+
+        conditions = family.encode(
+            prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds,
+            height=height, width=width, **family_kwargs,
+        )
+        batch = conditions["encoder_hidden_states"][0].shape[0]
+        latents = family.prepare_latents(batch, height, width, generator, latents)
+        steps, num_inference_steps = family.timesteps(
+            num_inference_steps, timesteps=timesteps, sigmas=sigmas, latents=latents, **family_kwargs
+        )
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(0)
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
+
+        nfe = [0]
+        model = family.model
+
+        def counted(x, t, **fields):
+            nfe[0] += x.shape[0]
+            return model(x, t, **fields)
+
+        def on_step(i, t, latents):
+            if callback_on_step_end is None:
+                return latents
+            out = callback_on_step_end(pipe, i, t, {"latents": latents}) or {}
+            return out.get("latents", latents)
+
+        with pipe.progress_bar(total=len(steps)) as progress:
+            latents = denoise(
+                counted, pipe.scheduler, latents, steps, conditions, guidance,
+                sampler=self.sampler, extra_step_kwargs=extra_step_kwargs, denoiser=family.denoiser,
+                on_step=on_step, progress=progress,
+            )
+        images, nsfw = family.decode(latents, output_type, generator)
+        if hasattr(pipe, "maybe_free_model_hooks"):
+            pipe.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return GenerationOutput(images, nsfw, nfe[0] // batch, getattr(self.sampler, "output", None))
+
+
+def from_pipe(pipe, guidance=None, sampler: Sampler | None = None) -> DiffplugPipeline:
+    """Wrap a stock diffusers pipeline so it runs ``guidance`` (a ``BaseGuidance``; default CFG)
+    and ``sampler`` (default: the pipeline's scheduler's own step) in diffplug's loop."""
+    return DiffplugPipeline(pipe, guidance=guidance, sampler=sampler)
