@@ -1,0 +1,109 @@
+"""Image sources for the evals: PNG/JPEG folders (decoded in parallel by a DataLoader) and
+Fashion-MNIST (the testbed's data: 28x28 gray zero-padded to 32x32, repeated to RGB)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) found")
+    return files
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """Cheap identity of a folder's content: names, sizes and mtimes of its images."""
+    h = hashlib.sha1()
+    for p in list_images(folder):
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ImageFolder(Dataset):
+    """uint8 ``(3, H, W)`` RGB tensors from an image folder (recursive, sorted)."""
+
+    def __init__(self, folder, limit: int | None = None):
+        self.files = list_images(folder)[:limit]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            a = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def load_idx_images(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def fashion_mnist(split: str = "test", limit: int | None = None) -> torch.Tensor:
+    """Fashion-MNIST as uint8 ``(N, 3, 32, 32)``: zero-padded by 2 pixels, gray repeated to RGB."""
+    name = {"test": "t10k", "train": "train"}.get(split)
+    if name is None:
+        raise ValueError(f"split={split!r}: use 'test' or 'train'")
+    path = FASHION_MNIST_DIR / f"{name}-images-idx3-ubyte.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: `apt-get install dataset-fashion-mnist` or set FASHION_MNIST_DIR")
+    x = torch.from_numpy(load_idx_images(path)[:limit].copy())
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def _collate(batch):
+    if all(b.shape == batch[0].shape for b in batch):
+        return torch.stack(batch)
+    return list(batch)  # mixed sizes: the consumer featurises each size group separately
+
+
+def image_loader(source: str, batch_size: int = 64, num_workers: int | None = None,
+                 limit: int | None = None) -> tuple[DataLoader, str]:
+    """DataLoader over ``source`` (a folder or ``fashion-mnist:test|train``) and its cache identity."""
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if source.startswith("fashion-mnist:"):
+        split = source.split(":", 1)[1]
+        ds = TensorDataset(fashion_mnist(split, limit))
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=lambda b: torch.stack([t[0] for t in b]))
+        return loader, f"fashion-mnist-{split}-pad32-rgb" + (f"-first{limit}" if limit else "")
+    ds = ImageFolder(source, limit)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        prefetch_factor=4 if num_workers > 0 else None)
+    ident = f"folder-{Path(source).resolve().name}-{folder_fingerprint(source)}" + (f"-first{limit}" if limit else "")
+    return loader, ident
+
+
+def iterate_batches(loader):
+    """Yield uint8 batches, splitting mixed-size lists into same-size stacks."""
+    for b in loader:
+        if isinstance(b, list):
+            groups: dict = {}
+            for t in b:
+                groups.setdefault(tuple(t.shape), []).append(t)
+            for g in groups.values():
+                yield torch.stack(g)
+        else:
+            yield b

@@ -1,0 +1,94 @@
+"""Featurise an image source once and cache the result (safetensors) keyed by dataset, feature
+network and resize protocol: ``$DIFFPLUG_CACHE/eval_stats/<dataset>__<network>__<protocol>.safetensors``.
+
+A cache file holds the float64 running sums FID needs (``sum``, ``outer``, ``n``) and, when
+asked for (KID, precision/recall need the vectors), the float32 ``features``. Its metadata
+records the key so a mismatched file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .data import image_loader, iterate_batches
+from .inception import _save_atomic, cache_dir
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")[:120]
+
+
+def cache_path(dataset_id: str, network: str, protocol: str) -> Path:
+    return cache_dir() / "eval_stats" / f"{_slug(dataset_id)}__{_slug(network)}__{_slug(protocol)}.safetensors"
+
+
+def featurize(loader, feature_net, device=None, progress: bool = True, desc: str = "features"):
+    """Run ``feature_net`` over a loader; returns float32 ``(N, D)`` features on ``device``."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in feature_net.parameters()), torch.device("cpu"))
+    out = []
+    n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    with tqdm(total=n_total, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in iterate_batches(loader):
+            batch = batch.to(device, non_blocking=True)
+            out.append(feature_net(batch).float())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def reference_stats(source: str, feature_net, need_features: bool = False, batch_size: int = 64,
+                    num_workers: int | None = None, limit: int | None = None, use_cache: bool = True,
+                    device=None, progress: bool = True) -> dict:
+    """Statistics of a reference image source, from the cache when possible.
+
+    Returns ``{"sum", "outer", "n", "features" (if need_features), "cache": path or None,
+    "dataset": id}``.
+    """
+    if source.endswith(".safetensors") and Path(source).is_file():
+        return load_stats_file(source, feature_net, need_features)
+    loader, dataset_id = image_loader(source, batch_size, num_workers, limit)
+    protocol = getattr(feature_net, "protocol", "native")
+    path = cache_path(dataset_id, feature_net.name, protocol)
+    if use_cache and path.is_file():
+        st = load_stats_file(path, feature_net, need_features, strict=False)
+        if st is not None:
+            st["dataset"] = dataset_id
+            return st
+    feats = featurize(loader, feature_net, device, progress, desc=f"reference {dataset_id}")
+    f64 = feats.double()
+    st = {"sum": f64.sum(0), "outer": f64.T @ f64, "n": torch.tensor(len(feats)), "features": feats}
+    if use_cache:
+        meta = {"dataset": dataset_id, "feature_network": feature_net.name, "protocol": protocol,
+                "n": str(len(feats))}
+        _save_atomic({k: v.cpu() for k, v in st.items()}, path, {"diffplug_eval_stats": json.dumps(meta)})
+    st["cache"] = str(path) if use_cache else None
+    st["dataset"] = dataset_id
+    return st
+
+
+def load_stats_file(path, feature_net, need_features: bool, strict: bool = True) -> dict | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("diffplug_eval_stats", "{}"))
+    want = (feature_net.name, getattr(feature_net, "protocol", "native"))
+    have = (meta.get("feature_network"), meta.get("protocol"))
+    if have != want:
+        if strict:
+            raise ValueError(f"{path}: statistics were made with network/protocol {have}, this run uses {want}")
+        return None
+    st = load_file(str(path))
+    if need_features and "features" not in st:
+        if strict:
+            raise ValueError(f"{path} holds only FID sums; KID and precision/recall need features")
+        return None
+    st["cache"] = str(path)
+    st["dataset"] = meta.get("dataset", str(path))
+    return st
