@@ -34,7 +34,7 @@ def byte_level_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def tiny_tokenizer(model_max_length: int = 16):
+def tiny_tokenizer(model_max_length: int = 32):
     """A real ``CLIPTokenizer`` over :func:`byte_level_vocab` (characters are tokens)."""
     from transformers import CLIPTokenizer
 
@@ -55,7 +55,7 @@ def _clip_text(hidden: int = 32, projection: int | None = None, seed: int = 0):
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=16,
+        max_position_embeddings=32,
         projection_dim=projection or hidden,
         bos_token_id=512,
         eos_token_id=513,
