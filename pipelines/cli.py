@@ -1,0 +1,140 @@
+"""``diffplug sample``: generate a grid with any model, scheduler, guidance and sampler."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .registry import BUILTIN_MODELS, GUIDANCE, SAMPLERS, SCHEDULERS
+
+OUTPUTS = ("grid.png", "settings.json")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate images through diffplug's loop", description=__doc__)
+    p.add_argument("--model", default=None, help=f"local folder or hub id; built in: {', '.join(BUILTIN_MODELS)} (default: testbed)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=None, help="w in uncond + w (cond - uncond) (default 7.5)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
+    p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler config override")
+    p.add_argument("--guidance", choices=sorted(GUIDANCE), default="cfg")
+    p.add_argument("--guidance-opt", action="append", metavar="KEY=VALUE", help="guidance option, e.g. eta=0")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    p.add_argument("--particles", type=int, default=None, help="particles per prompt (SMC samplers)")
+    p.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    p.add_argument("--out", type=Path, required=True, help="output folder (grid.png, NNN.png, settings.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier run's files in --out")
+    p.set_defaults(func=run)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file} does not exist")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    taken = [p.name for p in out.glob("*") if p.name in OUTPUTS or (p.suffix == ".png" and p.stem.isdigit())]
+    if taken and not force:
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(sorted(taken)[:3])}...); use another folder or --force")
+
+
+def grid(images, cols: int | None = None):
+    """Tile PIL images row-major into one image."""
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def run(args) -> int:
+    import torch
+
+    from . import from_pipe
+    from .registry import load_pipeline, make_guidance, make_sampler, make_scheduler, parse_options
+
+    prompts = _prompts(args)
+    if args.steps < 1 or args.num_images < 1:
+        raise ValueError("--steps and --num-images must be at least 1")
+    _check_out(args.out, args.force)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe, **parse_options(args.scheduler_opt))
+    guidance_options = parse_options(args.guidance_opt)
+    if args.guidance_scale is not None:
+        guidance_options["guidance_scale"] = args.guidance_scale
+    guidance = make_guidance(args.guidance, **guidance_options)
+    sampler, per_prompt = None, args.num_images
+    if args.sampler:
+        sampler_options = parse_options(args.sampler_opt)
+        if args.particles is not None:
+            sampler_options["num_particles"] = args.particles
+        sampler = make_sampler(args.sampler, **sampler_options)
+        per_prompt = getattr(sampler, "num_particles", per_prompt)
+
+    generator = torch.Generator(pipe.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    result = from_pipe(pipe, guidance=guidance, sampler=sampler)(
+        prompts,
+        negative_prompt=[args.negative_prompt] * len(prompts) if args.negative_prompt else None,
+        num_inference_steps=args.steps,
+        num_images_per_prompt=per_prompt,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    )
+    seconds = time.perf_counter() - start
+
+    images = result.images
+    if sampler is not None and hasattr(result.sampler_output, "chosen"):
+        images = [images[i] for i in result.sampler_output.chosen]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(args.out / f"{i:03d}.png")
+    grid(images, cols=len(images) // len(prompts) if len(images) % len(prompts) == 0 and len(prompts) > 1 else None).save(
+        args.out / "grid.png"
+    )
+    settings = {
+        "model": args.model or "testbed",
+        "pipeline": type(pipe).__name__,
+        "prompts": prompts,
+        "negative_prompt": args.negative_prompt,
+        "num_images_per_prompt": per_prompt,
+        "steps": args.steps,
+        "seed": args.seed,
+        "scheduler": {"name": args.scheduler or "model default", "class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
+        "guidance": {"name": args.guidance, "class": type(guidance).__name__, "config": dict(guidance.config)},
+        "sampler": None,
+        "nfe_per_image": result.nfe,
+        "seconds": round(seconds, 3),
+        "device": str(pipe.device),
+    }
+    if sampler is not None:
+        summary = result.sampler_output.summary() if hasattr(result.sampler_output, "summary") else {}
+        settings["sampler"] = {"name": args.sampler, "class": type(sampler).__name__, **summary}
+    (args.out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    print(f"wrote {len(images)} images, grid.png and settings.json to {args.out} ({seconds:.1f} s, {result.nfe} NFE/image)")
+    return 0

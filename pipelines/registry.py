@@ -1,0 +1,121 @@
+"""Names the command line (and generation specs) use for models, schedulers, guidance and samplers.
+
+One table each, mapping a short name to ``"module:attribute"``; shared by ``diffplug sample``,
+``diffplug eval`` and the benchmarks so a name means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+SCHEDULERS = {
+    "ddim": "diffusers:DDIMScheduler",
+    "ddpm": "diffusers:DDPMScheduler",
+    "pndm": "diffusers:PNDMScheduler",
+    "euler": "diffusers:EulerDiscreteScheduler",
+    "euler-a": "diffusers:EulerAncestralDiscreteScheduler",
+    "dpm++": "diffusers:DPMSolverMultistepScheduler",
+    "unipc": "diffusers:UniPCMultistepScheduler",
+    "flow-euler": "diffusers:FlowMatchEulerDiscreteScheduler",
+    "dc-solver": "diffplug.samplers:DCSolverScheduler",
+}
+GUIDANCE = {
+    "cfg": "diffplug.guidance:CFG",
+    "apg": "diffplug.guidance:APG",
+    "ag": "diffplug.guidance:AdaptiveGuidance",
+    "linear-ag": "diffplug.guidance:LinearAG",
+}
+SAMPLERS = {
+    "fkc": "diffplug.samplers:FKCSampler",
+}
+# Models that need no download: the project's testbed and the tiny random test pipelines.
+BUILTIN_MODELS = ("testbed", "testbed-dit", "tiny-sd", "tiny-sdxl", "tiny-flow")
+
+
+def _resolve(table: dict, kind: str, name: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
+    module, attr = table[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{kind} {name!r} ({table[name]}) is not available in this install: {err}") from err
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """``["eta=0", "space=x0"]`` -> ``{"eta": 0, "space": "x0"}`` (JSON values, else strings)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {pair!r} must look like key=value")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def make_scheduler(name: str, pipe, **options):
+    """``pipe.scheduler`` swapped the diffusers way: ``X.from_config(pipe.scheduler.config)``."""
+    return _resolve(SCHEDULERS, "scheduler", name).from_config(pipe.scheduler.config, **options)
+
+
+def make_guidance(name: str, **options):
+    return _resolve(GUIDANCE, "guidance", name)(**options)
+
+
+def make_sampler(name: str, **options):
+    return _resolve(SAMPLERS, "sampler", name)(**options)
+
+
+def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None):
+    """A ready diffusers pipeline: the testbed (default), a tiny test pipeline, a local folder or a hub id."""
+    import torch
+
+    model = model or "testbed"
+    torch_dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, "bad")
+    if torch_dtype == "bad":
+        raise ValueError(f"--dtype must be one of fp32, fp16, bf16 (got {dtype!r})")
+    if model in ("testbed", "testbed-dit"):
+        from diffplug import testbed
+
+        pipe = testbed.load("sd" if model == "testbed" else "dit")
+    elif model.startswith("tiny-"):
+        from diffplug.testing import tiny_pipeline
+
+        pipe = tiny_pipeline(model.removeprefix("tiny-"))
+    else:
+        pipe = _from_pretrained(model, torch_dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipe.to(device)
+    if torch_dtype is not None:
+        pipe = pipe.to(dtype=torch_dtype)
+    return pipe
+
+
+def _from_pretrained(model: str, torch_dtype):
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ValueError(f"--model {model}: folder has no model_index.json (save one with pipe.save_pretrained)")
+        return DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True)
+    try:  # a hub id: the local cache first, so an offline machine with the weights still works
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE"):
+        raise ValueError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    try:
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    except Exception as err:  # connection errors come in many types
+        raise ValueError(
+            f"--model {model}: could not load it from the Hugging Face Hub ({type(err).__name__}). "
+            "If this machine is offline, point --model at a local folder holding a diffusers pipeline "
+            "(saved with pipe.save_pretrained), or omit --model to use the built-in testbed."
+        ) from err
