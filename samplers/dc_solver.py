@@ -1,0 +1,683 @@
+"""DC-Solver: dynamic compensation for multistep diffusion solvers.
+
+W. Zhao, H. Wang, J. Zhou, J. Lu, *DC-Solver: Improving Predictor-Corrector Diffusion Sampler via
+Dynamic Compensation*, ECCV 2024, arXiv:2409.03755.
+
+A predictor-corrector sampler (UniPC) evaluates the model output ``m_i`` at the *predicted* point
+x~_{t_i}; the corrector then moves the sample to x^c_{t_i}, yet the next predictor still uses ``m_i``.
+Dynamic compensation (DC, Sec. 3.2) replaces the newest buffered output by the Lagrange interpolant
+through the last ``K + 1`` outputs (``K = dc_order``), evaluated at a ratio-shifted time::
+
+    tau_i = t_{i-1} + rho_i (t_i - t_{i-1})
+    m~_i  = sum_k m_{i-k} prod_{l != k} (tau_i - t_{i-l}) / (t_{i-k} - t_{i-l})
+
+and writes ``m~_i`` back into the buffer, so the predictor at step i, the corrector at step i+1 and
+later compensations all see it.  ``rho_i = 1`` is the plain solver.  Times are the scheduler's
+timestep values (Lagrange weights are invariant to an affine change of time).  The ratios are
+searched per (model, guidance scale, NFE) against a fine DDIM trajectory (``search_ratios``,
+Sec. 3.3) or predicted by the cascade polynomial regression (``cpr_ratios``, Sec. 3.4).
+
+Implementation.  One multistep step is *linear* in the sample and the buffered outputs, with
+coefficients that depend on the schedule only.  The schedulers below therefore read those
+coefficients once per schedule by applying diffusers' own UniPC / DPM-Solver++ update functions to
+unit vectors (the maths stays diffusers', not a copy), and a step is then a handful of
+``tensor * float`` kernels: no host-device synchronisation, no per-step small-tensor algebra, all
+in float32.  The same linear rows make the solver algebra differentiable in ``rho`` for the search.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from ..predictions import noise_levels, split
+
+__all__ = [
+    "DCDPMSolverScheduler",
+    "DCSolverScheduler",
+    "SearchResult",
+    "compensation_weights",
+    "cpr_features",
+    "cpr_ratios",
+    "fit_cpr",
+    "reference_trajectory",
+    "search_ratios",
+    "sd21_cpr_coefficients",
+]
+
+_PREDICTION = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction", "flow_prediction": "flow"}
+_CPR_SD21 = Path(__file__).with_name("dc_solver_cpr_sd21.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic compensation (Sec. 3.2)
+
+
+def compensation_weights(times: Sequence[float], ratio):
+    """Lagrange weights of the DC interpolant, newest output first.
+
+    ``times = (t_i, t_{i-1}, ..., t_{i-K})`` are the times of the buffered outputs; the interpolant is
+    evaluated at ``tau = t_{i-1} + ratio * (t_i - t_{i-1})``.  ``ratio`` may be a float or a tensor
+    (then the weights are tensors, differentiable in it).  ``ratio = 1`` gives ``(1, 0, ..., 0)``.
+    """
+    if len(times) < 2:
+        raise ValueError(f"dynamic compensation needs at least 2 buffered times, got {len(times)}")
+    t = [float(v) for v in times]
+    if len(set(t)) != len(t):
+        raise ValueError(f"dynamic compensation needs distinct times, got {t}")
+    tau = t[1] + ratio * (t[0] - t[1])
+    weights = []
+    for k, t_k in enumerate(t):
+        w = 1.0
+        for l, t_l in enumerate(t):
+            if l != k:
+                w = w * ((tau - t_l) / (t_k - t_l))
+        weights.append(w)
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Cascade polynomial regression (Sec. 3.4): rho(c, n, x) = sum_k a_k x^k, a_k = sum_j b_kj c^(2-j),
+# b_kj = sum_m P_kjm n^(2-m), with c = CFG / 12, n = NFE / 50, x = step / NFE; linear in the 36 P_kjm.
+
+
+def sd21_cpr_coefficients() -> list[float]:
+    """The 36 CPR coefficients the paper's authors fitted for Stable Diffusion 2.1 (see the JSON file)."""
+    return list(json.loads(_CPR_SD21.read_text())["coefficients"])
+
+
+def cpr_features(guidance_scale: float, num_inference_steps: int, step: int) -> np.ndarray:
+    """The 36 monomials ``x^k c^(2-j) n^(2-m)`` (row-major in k, j, m) that CPR weights; ``step`` is 1-based."""
+    c, n, x = guidance_scale / 12.0, num_inference_steps / 50.0, step / num_inference_steps
+    xk = x ** np.arange(4)
+    cj = c ** (2 - np.arange(3))
+    nm = n ** (2 - np.arange(3))
+    return (xk[:, None, None] * cj[None, :, None] * nm[None, None, :]).reshape(-1)
+
+
+def cpr_ratios(
+    guidance_scale: float, num_inference_steps: int, coefficients: Sequence[float] | None = None, dc_order: int = 2
+) -> list[float]:
+    """Compensation ratios for steps 1..NFE predicted by CPR (default: the published SD-2.1 fit).
+
+    Steps that cannot be compensated (``step <= dc_order``, too few buffered outputs) get ratio 1.
+    """
+    P = np.asarray(sd21_cpr_coefficients() if coefficients is None else coefficients, dtype=np.float64)
+    if P.shape != (36,):
+        raise ValueError(f"cpr_coefficients must be 36 numbers (4 x 3 x 3), got shape {P.shape}")
+    return [
+        1.0 if s <= dc_order else float(cpr_features(guidance_scale, num_inference_steps, s) @ P)
+        for s in range(1, num_inference_steps + 1)
+    ]
+
+
+def fit_cpr(searched: Iterable[tuple[float, int, Sequence[float]]], dc_order: int = 2) -> list[float]:
+    """Least-squares CPR fit from searched ratios: ``searched`` yields ``(guidance_scale, NFE, ratios)``.
+
+    The model is linear in its 36 coefficients, so ``numpy.linalg.lstsq`` solves it exactly (minimum
+    norm where the grid does not determine every coefficient).
+    """
+    rows, targets = [], []
+    for guidance_scale, nfe, ratios in searched:
+        if len(ratios) != nfe:
+            raise ValueError(f"searched ratios for NFE={nfe} must have {nfe} entries, got {len(ratios)}")
+        for s in range(dc_order + 1, nfe + 1):
+            rows.append(cpr_features(guidance_scale, nfe, s))
+            targets.append(float(ratios[s - 1]))
+    if not rows:
+        raise ValueError("fit_cpr needs at least one searched ratio list with NFE > dc_order")
+    P, *_ = np.linalg.lstsq(np.stack(rows), np.asarray(targets), rcond=None)
+    return [float(p) for p in P]
+
+
+# --------------------------------------------------------------------------------------------------
+# The schedulers
+
+
+@dataclass
+class _Row:
+    """One step as linear maps: conversion noise level, corrector and predictor coefficients."""
+
+    alpha: float  # noise level of the model input at t_i (for the output conversion)
+    sigma: float
+    order: int  # predictor order at this step
+    corrector: tuple[float, ...] | None  # on (last_sample, *buffer before the push, m_new)
+    predictor: tuple[float, ...]  # on (sample, *buffer after the push and compensation)
+
+
+def _lincomb(coefficients: Sequence[float], tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``sum_k c_k T_k`` with host-float ``c_k``: one kernel per nonzero term, no host-device traffic."""
+    out = None
+    for c, t in zip(coefficients, tensors):
+        if c == 0.0:
+            continue
+        if t is None:
+            raise RuntimeError("DC-Solver: a step needs a buffered model output that was never computed")
+        out = t * c if out is None else out.add_(t, alpha=c)
+    return out
+
+
+def _merged_signature(base_init, extra: Callable) -> inspect.Signature:
+    """``base_init``'s parameters followed by ``extra``'s keyword parameters (the DC config keys)."""
+    base = list(inspect.signature(base_init).parameters.values())
+    added = [p for p in inspect.signature(extra).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return inspect.Signature([*base, *(p.replace(kind=p.POSITIONAL_OR_KEYWORD) for p in added)])
+
+
+def _dc_config(
+    *, dc_ratios: list[float] | str | None = None, dc_order: int = 2,
+    cpr_coefficients: list[float] | None = None, cpr_guidance_scale: float | None = None,
+):  # fmt: skip
+    """Signature holder for the config keys DC adds to its base scheduler."""
+
+
+def _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale) -> None:
+    if not isinstance(dc_order, int) or not 1 <= dc_order <= 3:
+        raise ValueError(f"dc_order must be 1, 2 or 3 (Lagrange through dc_order + 1 outputs), got {dc_order!r}")
+    if isinstance(dc_ratios, str):
+        if dc_ratios != "cpr":
+            raise ValueError(f"dc_ratios must be a list of floats, null or 'cpr', got {dc_ratios!r}")
+        if cpr_guidance_scale is None:
+            raise ValueError(
+                "dc_ratios='cpr' needs cpr_guidance_scale (a scheduler cannot see the pipeline's CFG scale): "
+                "pass cpr_guidance_scale=<the guidance_scale you sample with>"
+            )
+    elif dc_ratios is not None:
+        if not isinstance(dc_ratios, (list, tuple)) or not all(
+            isinstance(r, (int, float)) and math.isfinite(r) for r in dc_ratios
+        ):
+            raise ValueError(f"dc_ratios must be a list of finite floats (one per step), null or 'cpr', got {dc_ratios!r}")
+    if cpr_coefficients is not None and len(cpr_coefficients) != 36:
+        raise ValueError(f"cpr_coefficients must hold 36 numbers, got {len(cpr_coefficients)}")
+    if cpr_guidance_scale is not None and not cpr_guidance_scale > 0:
+        raise ValueError(f"cpr_guidance_scale must be positive, got {cpr_guidance_scale!r}")
+
+
+def _translate_flow_match(config):
+    """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching."""
+    if not isinstance(config, Mapping):
+        return config
+    name = config.get("_class_name", "")
+    if not (isinstance(name, str) and name.startswith("FlowMatch")):
+        return config
+    cfg = dict(config)
+    cfg["use_flow_sigmas"] = True
+    cfg["prediction_type"] = "flow_prediction"
+    cfg["flow_shift"] = float(cfg.get("shift", 1.0))
+    return cfg
+
+
+class _DynamicCompensation:
+    """Shared machinery: config resolution, the per-schedule linear rows, the step, the search hooks.
+
+    Subclasses provide ``_dc_data_prediction``, ``_dc_orders(start)`` and ``_dc_probe(j, order, corrector)``.
+    """
+
+    def _dc_init(self, dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale) -> None:
+        _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
+        self._dc_buffer_size = max(self.config.solver_order, dc_order + 1)
+        self._dc_reset()
+
+    def _dc_reset(self) -> None:
+        n = self._dc_buffer_size
+        self.model_outputs = [None] * n
+        self.timestep_list = [None] * n
+        self.last_sample = None
+        self.lower_order_nums = 0
+        self._dc_rows: dict[int, list[_Row]] = {}
+        self._dc_ratios: list[float] = []
+        self._dc_times: list[float] = []
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As ``ConfigMixin.from_config``; FlowMatch* configs are translated to ``use_flow_sigmas``."""
+        return super().from_config(_translate_flow_match(config), return_unused_kwargs, **kwargs)
+
+    # ---- schedule ------------------------------------------------------------------------------
+
+    def _dc_after_set_timesteps(self, device) -> None:
+        """Resolve the ratios for the new schedule and reset the buffers (timesteps still on the host)."""
+        self._dc_reset()
+        self._dc_times = [float(t) for t in self.timesteps.tolist()]
+        n = len(self._dc_times)
+        ratios = self.config.dc_ratios
+        if ratios is None:
+            self._dc_ratios = [1.0] * n
+        elif isinstance(ratios, str):  # "cpr"
+            self._dc_ratios = cpr_ratios(
+                self.config.cpr_guidance_scale, n, self.config.cpr_coefficients, self.config.dc_order
+            )
+        else:
+            if len(ratios) != n:
+                raise ValueError(
+                    f"dc_ratios has {len(ratios)} entries but this schedule has {n} steps: search ratios for "
+                    f"num_inference_steps={n} (diffplug.samplers.dc_solver.search_ratios) or use dc_ratios='cpr'"
+                )
+            self._dc_ratios = [float(r) for r in ratios]
+        self.timesteps = self.timesteps.to(device)
+
+    @property
+    def compensation_ratios(self) -> list[float]:
+        """The ratio used at each step of the current schedule (1.0 = no compensation)."""
+        return list(self._dc_ratios)
+
+    def _dc_rows_for(self, start: int) -> list[_Row]:
+        """The linear rows of every step from ``start`` on (built once per schedule and start index)."""
+        rows = self._dc_rows.get(start)
+        if rows is None:
+            alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas.float())
+            alpha, sigma = alpha.tolist(), sigma.tolist()
+            orders, correct = self._dc_orders(start)
+            rows = [None] * start
+            for j in range(start, len(self._dc_times)):
+                corrector = self._dc_probe(j, orders[j - 1], corrector=True) if correct[j] else None
+                rows.append(_Row(alpha[j], sigma[j], orders[j], corrector, self._dc_probe(j, orders[j], False)))
+            self._dc_rows[start] = rows
+        return rows
+
+    def _dc_probe_with(self, j: int, fn: Callable, n_inputs: int) -> tuple[float, ...]:
+        """Coefficients of the linear update ``fn`` at step ``j``: apply it to unit vectors (float64)."""
+        basis = list(torch.eye(n_inputs, dtype=torch.float64).unsqueeze(1))  # n_inputs x (1, n_inputs)
+        saved = self._step_index, self.model_outputs
+        try:
+            self._step_index = j
+            self.model_outputs = basis[1 : 1 + self._dc_buffer_size]
+            out = fn(basis)
+        finally:
+            self._step_index, self.model_outputs = saved
+        return tuple(float(c) for c in out.reshape(-1).tolist())
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def _dc_convert(self, row: _Row, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The solver's model output: x0 (data prediction) or epsilon, in float32."""
+        x0, eps = split(model_output, sample, row.alpha, row.sigma, _PREDICTION[self.config.prediction_type])
+        if not self._dc_data_prediction:
+            return eps
+        return self._threshold_sample(x0) if self.config.thresholding else x0
+
+    def _dc_compensation(self, i: int, start: int, ratio=None):
+        """Lagrange weights (newest first) for step ``i``, or None where no compensation applies."""
+        ratio = self._dc_ratios[i] if ratio is None else ratio
+        K = self.config.dc_order
+        if i - start < K or (not torch.is_tensor(ratio) and ratio == 1.0):
+            return None  # fewer than K + 1 buffered outputs, or rho = 1
+        return compensation_weights([self._dc_times[i - k] for k in range(K + 1)], ratio)
+
+    def _dc_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+            self._dc_start = self.step_index
+        i, start = self.step_index, self._dc_start
+        row = self._dc_rows_for(start)[i]
+        x = sample.float()
+        m = self._dc_convert(row, model_output.float(), x)
+        if row.corrector is not None:  # UniC: correct x_{t_i} with the new output
+            x = _lincomb(row.corrector, [self.last_sample, *self.model_outputs, m])
+        self.model_outputs = [*self.model_outputs[1:], m]
+        self.timestep_list = [*self.timestep_list[1:], timestep]
+        w = self._dc_compensation(i, start)
+        if w is not None:  # dynamic compensation, written back into the buffer
+            K = len(w) - 1
+            self.model_outputs[-1] = _lincomb(w, self.model_outputs[::-1][: K + 1])
+        self.last_sample = x
+        prev = _lincomb(row.predictor, [x, *self.model_outputs])
+        self.this_order = row.order
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        self._step_index += 1
+        return prev.to(sample.dtype)
+
+    # ---- the solver algebra as functions of rho (for the search) ------------------------------
+
+    def _dc_trial(self, i: int, model_output: torch.Tensor, sample: torch.Tensor):
+        """State of step ``i`` up to the compensation: ``(x, buffer)`` after corrector and push.
+
+        Pure: the scheduler is not modified.  Call before ``step`` of step ``i``.
+        """
+        start = self._dc_start if self.step_index is not None else i
+        row = self._dc_rows_for(start)[i]
+        x = sample.float()
+        m = self._dc_convert(row, model_output.float(), x)
+        if row.corrector is not None:
+            x = _lincomb(row.corrector, [self.last_sample, *self.model_outputs, m])
+        return x, [*self.model_outputs[1:], m], start
+
+    def _dc_predict(self, i: int, start: int, x, buffer, ratio) -> tuple[torch.Tensor, list]:
+        """Compensate ``buffer`` with ``ratio`` (a tensor: differentiable) and run the predictor of step i."""
+        w = self._dc_compensation(i, start, ratio)
+        if w is not None:
+            newest_first = buffer[::-1][: len(w)]
+            buffer = [*buffer[:-1], sum(wk * mk for wk, mk in zip(w, newest_first))]
+        row = self._dc_rows_for(start)[i]
+        out = sum(c * t for c, t in zip(row.predictor, [x, *buffer]) if c != 0.0)
+        return out, buffer
+
+    def _dc_correct(self, j: int, start: int, last_sample, buffer, model_output, sample):
+        """Corrector of step ``j`` (if it has one) given the buffer before its push; else ``sample``."""
+        rows = self._dc_rows_for(start)
+        if j >= len(rows) or rows[j].corrector is None:
+            return sample
+        m = self._dc_convert(rows[j], model_output.float(), sample)
+        return sum(c * t for c, t in zip(rows[j].corrector, [last_sample, *buffer, m]) if c != 0.0)
+
+    def _dc_has_corrector(self, j: int, start: int) -> bool:
+        rows = self._dc_rows_for(start)
+        return j < len(rows) and rows[j].corrector is not None
+
+
+class DCSolverScheduler(_DynamicCompensation, UniPCMultistepScheduler):
+    """UniPC with dynamic compensation: DC-Solver (Zhao et al., ECCV 2024).
+
+    All of ``UniPCMultistepScheduler``'s config, plus:
+
+    * ``dc_ratios``: one compensation ratio per step (a searched list, see ``search_ratios``), ``null``
+      for plain UniPC, or ``"cpr"`` to predict them with the cascade polynomial regression from
+      ``cpr_coefficients`` (default: the authors' SD-2.1 fit) and ``cpr_guidance_scale`` (required:
+      the CFG scale you sample with).
+    * ``dc_order``: Lagrange order K of the compensation (K + 1 buffered outputs; paper: 2).
+
+    Swap in with ``DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=...)``; FlowMatch
+    configs become ``use_flow_sigmas=True, prediction_type="flow_prediction"``.  The maths runs in
+    float32; ``prev_sample`` has the input's dtype.  ``solver_p`` is not supported.
+    """
+
+    def _init(self, *args, dc_ratios=None, dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
+        if kwargs.get("solver_p") is not None:
+            raise ValueError("DCSolverScheduler does not support solver_p (a foreign predictor); leave it None")
+        super().__init__(*args, **kwargs)
+        self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
+
+    _init.__signature__ = _merged_signature(UniPCMultistepScheduler.__init__, _dc_config)
+    __init__ = register_to_config(_init)
+    del _init
+
+    _dc_data_prediction = property(lambda self: self.predict_x0)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ):
+        """UniPC's ``set_timesteps`` plus custom ``timesteps`` (descending training timesteps)."""
+        if timesteps is not None:
+            self._set_custom_timesteps(timesteps, num_inference_steps, sigmas, mu)
+        else:
+            super().set_timesteps(num_inference_steps, device=None, sigmas=sigmas, mu=mu)
+        self._dc_after_set_timesteps(device)
+
+    def _set_custom_timesteps(self, timesteps, num_inference_steps, sigmas, mu) -> None:
+        cfg = self.config
+        if sigmas is not None:
+            raise ValueError("pass either `timesteps` or `sigmas` to set_timesteps, not both")
+        if num_inference_steps is not None and num_inference_steps != len(timesteps):
+            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with len(timesteps)={len(timesteps)}")
+        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
+            raise ValueError("custom `timesteps` cannot be combined with karras/exponential/beta sigmas in the config")
+        t = np.asarray([float(v) for v in timesteps], dtype=np.float64)
+        if len(t) < 1 or np.any(np.diff(t) >= 0) or t[0] > cfg.num_train_timesteps - 1 or t[-1] < 0:
+            raise ValueError(
+                f"timesteps must be strictly decreasing within [0, {cfg.num_train_timesteps - 1}], got {list(timesteps)}"
+            )
+        super().set_timesteps(len(t), mu=mu)  # resets the solver state; the schedule is replaced below
+        if cfg.use_flow_sigmas:  # flow: the timesteps are already shifted, sigma = t / T
+            s = np.minimum(t / cfg.num_train_timesteps, 1 - 1e-6)  # as UniPC: sigma = 1 makes log(alpha) infinite
+            last = s[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
+        else:  # VP: the training sigmas at those timesteps, as UniPC's default branch
+            table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+            s = np.interp(t, np.arange(len(table)), table)
+            last = table[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = torch.from_numpy(np.append(s, last).astype(np.float32))
+        self.timesteps = torch.from_numpy(t.round().astype(np.int64))
+        self.num_inference_steps = len(t)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One UniPC step (corrector for the current point, then predictor) with dynamic compensation."""
+        prev = self._dc_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _dc_orders(self, start: int):
+        """UniPC's predictor order per step (warm-up, lower_order_final) and where its corrector runs."""
+        n, p = len(self._dc_times), self.config.solver_order
+        orders, correct = {}, {}
+        for j in range(start, n):
+            cap = min(p, n - j) if self.config.lower_order_final else p
+            orders[j] = min(cap, j - start + 1)
+            correct[j] = j > start and (j - 1) not in self.disable_corrector
+        return orders, correct
+
+    def _dc_probe(self, j: int, order: int, corrector: bool) -> tuple[float, ...]:
+        B = self._dc_buffer_size
+        if corrector:  # inputs: last_sample, buffer (B), m_new
+            fn = lambda e: UniPCMultistepScheduler.multistep_uni_c_bh_update(  # noqa: E731
+                self, this_model_output=e[B + 1], last_sample=e[0], this_sample=e[0], order=order
+            )
+            return self._dc_probe_with(j, fn, B + 2)
+        fn = lambda e: UniPCMultistepScheduler.multistep_uni_p_bh_update(self, e[0], sample=e[0], order=order)  # noqa: E731
+        return self._dc_probe_with(j, fn, B + 1)
+
+
+class DCDPMSolverScheduler(_DynamicCompensation, DPMSolverMultistepScheduler):
+    """DPM-Solver(++) multistep with dynamic compensation: DC as a plug-in for a predictor-only solver.
+
+    Same DC config keys as ``DCSolverScheduler`` (``dc_ratios``, ``dc_order``, ``cpr_coefficients``,
+    ``cpr_guidance_scale``).  ODE variants only (``algorithm_type`` ``dpmsolver++`` or ``dpmsolver``).
+    Without a corrector the buffered outputs are already aligned with the samples; compensation here
+    acts as a searched correction of the multistep extrapolation (the paper's plug-and-play claim).
+    """
+
+    def _init(self, *args, dc_ratios=None, dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.algorithm_type not in ("dpmsolver++", "dpmsolver"):
+            raise ValueError(
+                f"DCDPMSolverScheduler supports algorithm_type 'dpmsolver++' or 'dpmsolver' (ODE), got "
+                f"{self.config.algorithm_type!r}"
+            )
+        if self.config.variance_type is not None:
+            raise ValueError("DCDPMSolverScheduler needs variance_type=None (models that predict only the mean)")
+        self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
+
+    _init.__signature__ = _merged_signature(DPMSolverMultistepScheduler.__init__, _dc_config)
+    __init__ = register_to_config(_init)
+    del _init
+
+    _dc_data_prediction = property(lambda self: self.config.algorithm_type == "dpmsolver++")
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+    ):
+        """DPM-Solver's ``set_timesteps`` (``sigmas`` is not supported by it)."""
+        if sigmas is not None:
+            raise ValueError("DCDPMSolverScheduler.set_timesteps does not take `sigmas`; pass num_inference_steps or timesteps")
+        super().set_timesteps(num_inference_steps, device=None, mu=mu, timesteps=timesteps)
+        self._dc_after_set_timesteps(device)
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
+        """One DPM-Solver multistep step with dynamic compensation (``generator`` unused: ODE only)."""
+        prev = self._dc_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _dc_orders(self, start: int):
+        """DPM-Solver's order per step (warm-up, lower-order final steps); it has no corrector."""
+        n, p, cfg = len(self._dc_times), self.config.solver_order, self.config
+        orders, correct = {}, {}
+        for j in range(start, n):
+            lower_final = j == n - 1 and (
+                cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+            )
+            lower_second = j == n - 2 and cfg.lower_order_final and n < 15
+            done = min(j - start, p)  # lower_order_nums
+            if p == 1 or done < 1 or lower_final:
+                orders[j] = 1
+            elif p == 2 or done < 2 or lower_second:
+                orders[j] = 2
+            else:
+                orders[j] = 3
+            correct[j] = False
+        return orders, correct
+
+    def _dc_probe(self, j: int, order: int, corrector: bool) -> tuple[float, ...]:
+        B = self._dc_buffer_size
+        updates = {
+            1: lambda e: DPMSolverMultistepScheduler.dpm_solver_first_order_update(self, e[B], sample=e[0]),
+            2: lambda e: DPMSolverMultistepScheduler.multistep_dpm_solver_second_order_update(self, e[1 : B + 1], sample=e[0]),
+            3: lambda e: DPMSolverMultistepScheduler.multistep_dpm_solver_third_order_update(self, e[1 : B + 1], sample=e[0]),
+        }
+        return self._dc_probe_with(j, updates[order], B + 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratio search (Sec. 3.3)
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def reference_trajectory(model_fn: ModelFn, scheduler, noise: torch.Tensor, steps: int = 200) -> list[torch.Tensor]:
+    """Ground truth at *exactly* the solver's points: a fine DDIM (eta = 0) run from ``noise``.
+
+    ``scheduler`` is a DC scheduler after ``set_timesteps``; returns ``[x_{t_0}, ..., x_{t_N}]`` (float32),
+    ``x_{t_N}`` at the schedule's final noise level.  About ``steps`` model calls in total, split over the
+    solver's intervals in proportion to their length in time, with the solver's own noise levels at its
+    points and ``predictions.noise_levels`` in between.  ``model_fn(x, t)`` returns the model's output
+    (the scheduler's prediction type) for the model input ``x`` at timestep ``t``.
+    """
+    ptype = _PREDICTION[scheduler.config.prediction_type]
+    times = [float(t) for t in scheduler._dc_times]
+    N = len(times)
+    a_knot, s_knot = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas.float())
+    knots = [(scheduler.timesteps[j], float(a_knot[j]), float(s_knot[j])) for j in range(N)]
+    knots.append((None, float(a_knot[N]), float(s_knot[N])))
+    lengths = [times[j] - (times[j + 1] if j + 1 < N else 0.0) for j in range(N)]
+    total = sum(lengths)
+    subdiv = [max(1, round(steps * length / total)) for length in lengths]
+
+    x = (noise * scheduler.init_noise_sigma).float()
+    out = [x]
+    for j in range(N):
+        t_a, t_b = times[j], times[j + 1] if j + 1 < N else 0.0
+        cur = knots[j]
+        for k in range(1, subdiv[j] + 1):
+            if k < subdiv[j]:
+                u = torch.tensor(t_a + (t_b - t_a) * k / subdiv[j], device=x.device)
+                a_u, s_u = noise_levels(scheduler, u.reshape(1))
+                nxt = (u, float(a_u), float(s_u))
+            else:
+                nxt = knots[j + 1]
+            x0, eps = split(model_fn(x, cur[0]).float(), x, cur[1], cur[2], ptype)
+            x = nxt[1] * x0 + nxt[2] * eps  # DDIM, eta = 0
+            cur = nxt
+        out.append(x)
+    return out
+
+
+@dataclass
+class SearchResult:
+    ratios: list[float]  # one per step, ready for the ``dc_ratios`` config key
+    losses_initial: list[float] = field(default_factory=list)  # per-step MSE to the reference at rho = 1
+    losses_searched: list[float] = field(default_factory=list)  # per-step MSE at the chosen rho
+    final_mse: float = float("nan")  # MSE of the sampler's result (searched ratios) to the reference
+
+    def scheduler(self, scheduler):
+        """A copy of the DC ``scheduler`` with these ratios in its config (``save_pretrained`` keeps them)."""
+        return type(scheduler).from_config(scheduler.config, dc_ratios=list(self.ratios))
+
+
+def search_ratios(
+    model_fn: ModelFn,
+    scheduler,
+    noise: torch.Tensor,
+    num_inference_steps: int | None = None,
+    *,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    mu: float | None = None,
+    reference: list[torch.Tensor] | None = None,
+    reference_steps: int = 200,
+    iters: int = 20,
+    lr: float = 0.1,
+) -> SearchResult:
+    """Search the compensation ratios of a DC scheduler for one (model, guidance, NFE) setting.
+
+    ``model_fn(x, t)`` is the guided denoiser (e.g. CFG already applied) returning the scheduler's
+    prediction type; it is called without gradients.  ``noise`` is the batch of initial latents
+    (the paper: 10 prompts x 10 noises).  At each step ``i >= dc_order`` the scalar ``rho_i`` (init 1)
+    is optimised with AdamW(lr) for ``iters`` iterations on the MSE between the solver's next point —
+    compensated predictor, then the next step's corrector, which costs one model call per iteration —
+    and the reference trajectory at exactly that point (``reference_trajectory``, DDIM with
+    ``reference_steps`` steps, unless ``reference`` is given).  Only the solver algebra is
+    differentiated.  The best ``rho`` seen (``rho = 1`` included) is frozen and the real step taken.
+    """
+    if not isinstance(scheduler, _DynamicCompensation):
+        raise TypeError("search_ratios needs a DCSolverScheduler or DCDPMSolverScheduler (from_config your scheduler)")
+    sched = type(scheduler).from_config(scheduler.config, dc_ratios=None)
+    sched.set_timesteps(num_inference_steps, device=noise.device, timesteps=timesteps, sigmas=sigmas, mu=mu)
+    N = len(sched.timesteps)
+    ref = reference_trajectory(model_fn, sched, noise, reference_steps) if reference is None else reference
+    if len(ref) != N + 1:
+        raise ValueError(f"reference must hold N + 1 = {N + 1} latents (one per solver point), got {len(ref)}")
+
+    result = SearchResult(ratios=[1.0] * N)
+    x = (noise * sched.init_noise_sigma).float()
+    with torch.no_grad():
+        for i in range(N):
+            t = sched.timesteps[i]
+            out = model_fn(sched.scale_model_input(x, t), t).float()
+            if sched.step_index is not None and i - sched._dc_start >= sched.config.dc_order:
+                rho, l0, l1 = _search_step(sched, i, out, x, ref[i + 1], model_fn, iters, lr)
+                sched._dc_ratios[i] = result.ratios[i] = rho
+                result.losses_initial.append(l0)
+                result.losses_searched.append(l1)
+            x = sched.step(out, t, x).prev_sample
+    result.final_mse = float(torch.mean((x - ref[-1]) ** 2))
+    return result
+
+
+def _search_step(sched, i, model_output, sample, target, model_fn, iters, lr):
+    """Optimise rho_i; returns ``(rho, loss at rho=1, loss at rho)``."""
+    x_c, buffer, start = sched._dc_trial(i, model_output, sample)
+    next_corrector = sched._dc_has_corrector(i + 1, start)
+    t_next = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else None
+
+    def loss_at(rho):
+        x_next, buf = sched._dc_predict(i, start, x_c, buffer, rho)
+        if next_corrector:  # the next UniC, with the network output at the predicted point held fixed
+            x_in = x_next.detach()
+            out_next = model_fn(sched.scale_model_input(x_in, t_next), t_next).float()
+            x_next = sched._dc_correct(i + 1, start, x_c, buf, out_next, x_in)
+        return torch.mean((x_next - target) ** 2)
+
+    rho = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64, device=sample.device))
+    opt = torch.optim.AdamW([rho], lr=lr)
+    tried = []
+    with torch.enable_grad():
+        for _ in range(iters):
+            opt.zero_grad()
+            loss = loss_at(rho)
+            tried.append((float(loss), float(rho)))  # host reads: the search is offline
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            tried.append((float(loss_at(rho.detach())), float(rho)))
+    best_loss, best_rho = min(tried)
+    return best_rho, tried[0][0], best_loss
