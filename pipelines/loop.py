@@ -26,7 +26,10 @@ ModelFn = Callable[..., torch.Tensor]  # model(x, t, **fields) -> prediction
 
 class Sampler(Protocol):
     """A sampler owns the step from ``x_t`` to ``x_{t-1}`` for the whole batch (e.g. SMC with
-    resampling). ``step`` receives the guided prediction and each condition's own prediction."""
+    resampling). ``step`` receives the guided prediction and each condition's own prediction.
+
+    Optional: ``begin(latents, timesteps, scheduler, guidance) -> latents``, called once before the
+    first step (reset per-run state, read the guidance's settings, adjust the initial latents)."""
 
     def step(
         self,
@@ -96,6 +99,8 @@ def denoise(
     batched = isinstance(guidance, Guidance)
     fields = list(conditions)
     n = len(timesteps)
+    if sampler is not None and hasattr(sampler, "begin"):
+        latents = sampler.begin(latents, timesteps, scheduler, guidance).float()
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         guidance.set_state(step=i, num_inference_steps=n, timestep=t)
