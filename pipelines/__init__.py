@@ -42,11 +42,16 @@ class GenerationOutput:
 class DiffplugPipeline:
     """A stock pipeline run through diffplug's loop; called like the original pipeline."""
 
-    def __init__(self, pipe, guidance=None, sampler: Sampler | None = None):
+    def __init__(self, pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool = False):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.guidance = guidance
         self.sampler = sampler
+        self.model = self.family.model
+        if cuda_graph:
+            from .graphs import CUDAGraphModel
+
+            self.model = CUDAGraphModel(self.family.model)
 
     def __getattr__(self, name):  # components, scheduler, config, ... are the pipeline's
         if name == "pipe":
@@ -114,7 +119,7 @@ class DiffplugPipeline:
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
 
         nfe = [0]
-        model = family.model
+        model = self.model
 
         def counted(x, t, **fields):
             nfe[0] += x.shape[0]
@@ -140,7 +145,9 @@ class DiffplugPipeline:
         return GenerationOutput(images, nsfw, nfe[0] // batch, getattr(self.sampler, "output", None))
 
 
-def from_pipe(pipe, guidance=None, sampler: Sampler | None = None) -> DiffplugPipeline:
+def from_pipe(pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool = False) -> DiffplugPipeline:
     """Wrap a stock diffusers pipeline so it runs ``guidance`` (a ``BaseGuidance``; default CFG)
-    and ``sampler`` (default: the pipeline's scheduler's own step) in diffplug's loop."""
-    return DiffplugPipeline(pipe, guidance=guidance, sampler=sampler)
+    and ``sampler`` (default: the pipeline's scheduler's own step) in diffplug's loop.
+
+    ``cuda_graph=True`` replays the denoiser from CUDA graphs (see ``graphs.py``)."""
+    return DiffplugPipeline(pipe, guidance=guidance, sampler=sampler, cuda_graph=cuda_graph)
