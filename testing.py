@@ -9,7 +9,8 @@ every code path (prompt encoding, latents, scheduler, decoding, guidance) is the
     pipe = tiny_pipeline("sd")                       # a StableDiffusionPipeline
     images = pipe("a cat", num_inference_steps=2).images
 
-``"flow"`` is a StableDiffusion3Pipeline (rectified flow, transformer denoiser, no T5).
+``"flow"`` is a StableDiffusion3Pipeline (rectified flow, transformer denoiser, no T5); ``"pixart"``
+a PixArtSigmaPipeline (DiT with a masked text encoder; call it with ``max_sequence_length=32``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "flow")
+FAMILIES = ("sd", "sdxl", "flow", "pixart")
 
 
 def byte_level_vocab() -> dict[str, int]:
@@ -110,7 +111,7 @@ def _unet(sdxl: bool, seed: int = 0):
 
 
 def tiny_pipeline(family: str = "sd", seed: int = 0):
-    """A stock diffusers pipeline of ``family`` ("sd", "sdxl" or "flow") with tiny random weights.
+    """A stock diffusers pipeline of ``family`` ("sd", "sdxl", "flow" or "pixart") with tiny random weights.
 
     Images are 32x32 (latents 4x16x16). ``seed`` fixes the weights.
     """
@@ -177,5 +178,31 @@ def tiny_pipeline(family: str = "sd", seed: int = 0):
             tokenizer_2=tiny_tokenizer(),
             tokenizer_3=None,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+    if family == "pixart":
+        from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+        torch.manual_seed(seed)
+        transformer = PixArtTransformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,  # learned sigma, as PixArt checkpoints
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=32,
+            norm_type="ada_norm_single",
+            use_additional_conditions=False,
+        ).eval()
+        return PixArtSigmaPipeline(
+            tokenizer=tiny_tokenizer(),
+            text_encoder=_clip_text(32, seed=seed),
+            vae=_vae(seed),
+            transformer=transformer,
+            scheduler=DDIMScheduler(
+                beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False, steps_offset=1
+            ),
         )
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

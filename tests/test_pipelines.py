@@ -24,7 +24,7 @@ NEGATIVE = ["blurry", ""]
 
 @pytest.fixture(scope="module")
 def pipes():
-    out = {f: tiny_pipeline(f) for f in ("sd", "sdxl", "flow")}
+    out = {f: tiny_pipeline(f) for f in ("sd", "sdxl", "flow", "pixart")}
     for p in out.values():
         p.set_progress_bar_config(disable=True)
     return out
@@ -47,10 +47,14 @@ class CallCounter:
         self.samples += x.shape[0]
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "flow"])
+FAMILY_KWARGS = {"pixart": dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flow", "pixart"])
 def test_cfg_reproduces_the_stock_pipeline(pipes, family):
     pipe = pipes[family]
     kw = dict(num_inference_steps=4, guidance_scale=5.0, negative_prompt=NEGATIVE, output_type="latent")
+    kw.update(FAMILY_KWARGS.get(family, {}))
     stock = pipe(PROMPTS, generator=_gen(), **kw).images
     ours = from_pipe(pipe)(PROMPTS, generator=_gen(), **kw).images
     assert ours.shape == stock.shape
