@@ -208,10 +208,13 @@ def _translate_flow_match(config):
     """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching."""
     if not isinstance(config, Mapping):
         return config
-    name = config.get("_class_name", "")
-    if not (isinstance(name, str) and name.startswith("FlowMatch")):
+    name = config.get("_class_name")
+    by_name = isinstance(name, str) and name.startswith("FlowMatch")
+    by_keys = name is None and "shift" in config and "beta_schedule" not in config and "use_flow_sigmas" not in config
+    if not (by_name or by_keys):
         return config
     cfg = dict(config)
+    cfg["_class_name"] = name or "FlowMatchEulerDiscreteScheduler"  # lets diffusers drop the FlowMatch-only keys
     cfg["use_flow_sigmas"] = True
     cfg["prediction_type"] = "flow_prediction"
     cfg["flow_shift"] = float(cfg.get("shift", 1.0))
@@ -674,7 +677,7 @@ def _search_step(sched, i, model_output, sample, target, model_fn, iters, lr):
         for _ in range(iters):
             opt.zero_grad()
             loss = loss_at(rho)
-            tried.append((float(loss), float(rho)))  # host reads: the search is offline
+            tried.append((float(loss.detach()), float(rho.detach())))  # host reads: the search is offline
             loss.backward()
             opt.step()
         with torch.no_grad():

@@ -1,0 +1,438 @@
+"""DC-Solver: equivalence with UniPC / DPM-Solver++, compensation semantics, CPR, config contract, search."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from diffplug.predictions import join, noise_levels, split
+from diffplug.samplers import DCDPMSolverScheduler, DCSolverScheduler
+from diffplug.samplers.dc_solver import (
+    compensation_weights,
+    cpr_ratios,
+    fit_cpr,
+    reference_trajectory,
+    sd21_cpr_coefficients,
+    search_ratios,
+)
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+PTYPE = {"epsilon": "epsilon", "v_prediction": "v_prediction", "flow_prediction": "flow"}
+
+# Gaussian data x0 ~ N(mu, s^2) per dimension: the denoiser is closed-form, and so is the PF-ODE
+# solution (the standardised value (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) is conserved).
+_g = torch.Generator().manual_seed(0)
+MU = torch.randn(16, generator=_g)
+S = 0.05 + 0.5 * torch.rand(16, generator=_g)
+MU_U, S_U = 0.3 * torch.randn(16, generator=_g), torch.ones(16)
+
+
+def _eps(x, a, s, mu, std):
+    return s * (x - a * mu) / (a**2 * std**2 + s**2)
+
+
+def gaussian_model(scheduler, guidance: float = 1.0):
+    """``model_fn(x, t)`` of the scheduler's prediction type; ``guidance`` != 1 mixes in CFG with a broad Gaussian."""
+    ptype = PTYPE[scheduler.config.prediction_type]
+
+    def model_fn(x, t):
+        a, s = noise_levels(scheduler, torch.as_tensor(t).reshape(1))
+        eps = _eps(x, a, s, MU, S)
+        if guidance != 1.0:
+            uncond = _eps(x, a, s, MU_U, S_U)
+            eps = uncond + guidance * (eps - uncond)
+        return join((x - s * eps) / a, eps, a, s, ptype)
+
+    return model_fn
+
+
+def exact_solution(scheduler, noise):
+    a, s = noise_levels(scheduler, scheduler.timesteps[:1])
+    return MU + S * (noise - a * MU) / torch.sqrt(a**2 * S**2 + s**2)
+
+
+def run(scheduler, model_fn, noise, steps=None):
+    """Sample the whole trajectory; returns every step's prev_sample."""
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    x, outs = noise.clone(), []
+    for t in scheduler.timesteps:
+        x = scheduler.step(model_fn(x, t), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+
+NOISE = torch.randn(8, 16, generator=_g)
+CLOSE = dict(rtol=1e-5, atol=1e-5)  # the two differ only in float32 rounding order
+
+UNIPC_CONFIGS = [
+    dict(SD),
+    dict(SD, prediction_type="v_prediction"),
+    dict(SD, solver_order=3),
+    dict(SD, disable_corrector=[0]),
+    dict(SD, use_karras_sigmas=True),
+    dict(SD, predict_x0=False, final_sigmas_type="sigma_min"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+]
+
+
+@pytest.mark.parametrize("config", UNIPC_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k not in SD))
+@pytest.mark.parametrize("ratios", ["null", "ones"])
+def test_unit_ratios_reproduce_unipc(config, ratios):
+    steps = 6
+    unipc = UniPCMultistepScheduler(**config)
+    dc = DCSolverScheduler(**config, dc_ratios=None if ratios == "null" else [1.0] * steps)
+    unipc.set_timesteps(steps)
+    dc.set_timesteps(steps)
+    model_fn = gaussian_model(unipc)
+    # step by step from the same inputs, then whole trajectories
+    x = NOISE.clone()
+    for t in unipc.timesteps:
+        out = model_fn(x, t)
+        a, b = unipc.step(out, t, x).prev_sample, dc.step(out, t, x).prev_sample
+        torch.testing.assert_close(b, a, **CLOSE)
+        x = a
+    for a, b in zip(run(unipc, model_fn, NOISE, steps), run(dc, model_fn, NOISE, steps)):
+        torch.testing.assert_close(b, a, **CLOSE)
+
+
+def test_equivalence_tolerance_detects_a_small_compensation():
+    """The tolerance above is tight enough to see a 1 % change of one ratio."""
+    unipc, dc = UniPCMultistepScheduler(**SD), DCSolverScheduler(**SD, dc_ratios=[1, 1, 1.01, 1, 1, 1])
+    model_fn = gaussian_model(unipc)
+    a, b = run(unipc, model_fn, NOISE, 6)[-1], run(dc, model_fn, NOISE, 6)[-1]
+    assert not torch.allclose(a, b, **CLOSE)
+
+
+class ReferenceDC(UniPCMultistepScheduler):
+    """The spec's DC written the slow, obvious way on top of diffusers' own UniPC functions."""
+
+    def __init__(self, ratios, **config):
+        super().__init__(**config)
+        self.ratios = ratios
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.model_outputs, self.timestep_list = [None] * 3, [None] * 3
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        m = self.convert_model_output(model_output, sample=sample)
+        if i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None:
+            sample = self.multistep_uni_c_bh_update(
+                this_model_output=m, last_sample=self.last_sample, this_sample=sample, order=self.this_order
+            )
+        self.model_outputs = self.model_outputs[1:] + [m]
+        self.timestep_list = self.timestep_list[1:] + [float(timestep)]
+        order = min(self.config.solver_order, len(self.timesteps) - i) if self.config.lower_order_final else 2
+        self.this_order = min(order, self.lower_order_nums + 1)
+        if i >= 2 and self.ratios[i] != 1:
+            t0, t1, t2 = self.timestep_list[::-1]
+            tau = t1 + self.ratios[i] * (t0 - t1)
+            m0, m1, m2 = self.model_outputs[::-1]
+            self.model_outputs[-1] = (
+                m0 * (tau - t1) * (tau - t2) / ((t0 - t1) * (t0 - t2))
+                + m1 * (tau - t0) * (tau - t2) / ((t1 - t0) * (t1 - t2))
+                + m2 * (tau - t0) * (tau - t1) / ((t2 - t0) * (t2 - t1))
+            )
+        self.last_sample = sample
+        prev = self.multistep_uni_p_bh_update(model_output, sample=sample, order=self.this_order)
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        self._step_index += 1
+        return (prev,)
+
+
+@pytest.mark.parametrize("config", [dict(SD), dict(SD, prediction_type="v_prediction", disable_corrector=[0])])
+def test_compensation_matches_the_spec(config):
+    ratios = [1.0, 1.0, 0.8, 1.2, 0.9, 1.1, 1.05]
+    ref, dc = ReferenceDC(ratios, **config), DCSolverScheduler(**config, dc_ratios=ratios)
+    ref.set_timesteps(7)
+    dc.set_timesteps(7)
+    model_fn = gaussian_model(dc, guidance=3.0)
+    x = NOISE.clone()
+    for t in dc.timesteps:
+        out = model_fn(x, t)
+        a, b = ref.step(out, t, x)[0], dc.step(out, t, x).prev_sample
+        torch.testing.assert_close(b, a, **CLOSE)
+        # the compensated output is what the buffer holds for the next corrector / compensations
+        torch.testing.assert_close(dc.model_outputs[-1], ref.model_outputs[-1], **CLOSE)
+        x = a
+    plain = run(UniPCMultistepScheduler(**config), model_fn, NOISE, 7)[-1]
+    assert (plain - x).abs().max() > 1e-3  # compensation did change the trajectory
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0, 0.37, 1.6, -0.5])
+def test_lagrange_compensation_exact_on_quadratics(ratio):
+    a, b, c = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    times = [401.0, 601.0, 801.0]  # t_i, t_{i-1}, t_{i-2}
+    m = [a + b * t + c * t * t for t in times]
+    w = compensation_weights(times, ratio)
+    tau = times[1] + ratio * (times[0] - times[1])
+    torch.testing.assert_close(sum(wk * mk for wk, mk in zip(w, m)), a + b * tau + c * tau * tau)
+    # K = 3 reproduces cubics; a linear-only interpolant would not reproduce the quadratic
+    d = torch.randn(4, 5, dtype=torch.float64)
+    times4 = [*times, 999.0]
+    m4 = [a + b * t + c * t * t + d * t**3 for t in times4]
+    w4 = compensation_weights(times4, ratio)
+    torch.testing.assert_close(sum(wk * mk for wk, mk in zip(w4, m4)), a + b * tau + c * tau**2 + d * tau**3)
+    if ratio not in (0.0, 1.0):
+        w2 = compensation_weights(times[:2], ratio)
+        assert not torch.allclose(w2[0] * m[0] + w2[1] * m[1], a + b * tau + c * tau * tau)
+
+
+def test_compensation_weights_differentiable():
+    rho = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    w = compensation_weights([400.0, 600.0, 800.0], rho)
+    sum(wk * v for wk, v in zip(w, (1.0, 3.0, 7.0))).backward()  # quadratic through (400,1),(600,3),(800,7)
+    # p(t) = 1 + (t-400)/100 + (t-400)(t-600)/40000 ; dp/drho = p'(tau) * (400 - 600)
+    tau = 600 + 0.7 * (400 - 600)
+    expected = (1 / 100 + (2 * tau - 1000) / 40000) * (400 - 600)
+    assert rho.grad.item() == pytest.approx(expected, rel=1e-10)
+
+
+# ---- CPR ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg, nfe, expected",
+    [
+        (7.5, 5, [1, 1, 1.0271, 0.7392, 1.2263]),
+        (6, 6, [1, 1, 1.1056, 0.9250, 0.6616, 1.3009]),
+        (4, 8, [1, 1, 0.7964, 1.0991, 1.0634, 0.9278, 0.9308, 1.3110]),
+    ],
+)
+def test_cpr_reproduces_published_sd21_vectors(cfg, nfe, expected):
+    assert len(sd21_cpr_coefficients()) == 36
+    np.testing.assert_allclose(cpr_ratios(cfg, nfe), expected, atol=5e-5)
+    sched = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg)
+    sched.set_timesteps(nfe)
+    np.testing.assert_allclose(sched.compensation_ratios, expected, atol=5e-5)
+
+
+def test_cpr_fit_recovers_the_predictions():
+    P = sd21_cpr_coefficients()
+    grid = [(g, n, cpr_ratios(g, n, P)) for g in (1.5, 3.0, 5.0, 7.5, 10.0) for n in (5, 6, 8, 10, 12, 15)]
+    fitted = fit_cpr(grid)
+    for g, n in [(4.0, 7), (9.0, 9), (2.0, 5)]:  # unseen configurations
+        np.testing.assert_allclose(cpr_ratios(g, n, fitted), cpr_ratios(g, n, P), atol=1e-6)
+    with pytest.raises(ValueError, match="entries"):
+        fit_cpr([(7.5, 5, [1.0, 1.0])])
+
+
+# ---- config contract -------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trips_ratios(tmp_path):
+    ratios = [1.0, 1.0, 0.93, 1.12, 0.81]
+    sched = DCSolverScheduler(**SD, prediction_type="v_prediction", dc_ratios=ratios)
+    sched.save_pretrained(tmp_path / "searched")
+    saved = json.loads((tmp_path / "searched" / "scheduler_config.json").read_text())
+    assert saved["dc_ratios"] == ratios and saved["_class_name"] == "DCSolverScheduler"
+    loaded = DCSolverScheduler.from_pretrained(tmp_path / "searched")
+    assert loaded.config.dc_ratios == ratios and loaded.config.prediction_type == "v_prediction"
+    loaded.set_timesteps(5)
+    assert loaded.compensation_ratios == ratios
+    cpr = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=7.5)
+    cpr.save_pretrained(tmp_path / "cpr")
+    again = DCSolverScheduler.from_pretrained(tmp_path / "cpr")
+    again.set_timesteps(5)
+    np.testing.assert_allclose(again.compensation_ratios, [1, 1, 1.0271, 0.7392, 1.2263], atol=5e-5)
+    dpm = DCDPMSolverScheduler(**SD, dc_ratios=ratios)
+    dpm.save_pretrained(tmp_path / "dpm")
+    assert DCDPMSolverScheduler.from_pretrained(tmp_path / "dpm").config.dc_ratios == ratios
+
+
+@pytest.mark.parametrize(
+    "cls", [DDIMScheduler, DDPMScheduler, PNDMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler]
+)
+def test_from_config_swaps_both_ways(cls):
+    original = cls(**SD, prediction_type="v_prediction", num_train_timesteps=1000)
+    dc = DCSolverScheduler.from_config(original.config, dc_ratios=[1.0, 1.0, 0.9, 1.1])
+    assert dc.config.prediction_type == "v_prediction" and dc.config.beta_schedule == "scaled_linear"
+    assert dc.config.beta_end == 0.012 and dc.config.dc_ratios == [1.0, 1.0, 0.9, 1.1]
+    torch.testing.assert_close(dc.alphas_cumprod, original.alphas_cumprod)
+    back = cls.from_config(dc.config)
+    assert type(back) is cls and back.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(back.alphas_cumprod, original.alphas_cumprod)
+    dc.set_timesteps(4)
+    assert len(dc.timesteps) == 4
+    assert type(DCDPMSolverScheduler.from_config(original.config)) is DCDPMSolverScheduler
+
+
+def test_from_flow_match_config():
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    dc = DCSolverScheduler.from_config(flow.config)
+    assert dc.config.use_flow_sigmas and dc.config.prediction_type == "flow_prediction"
+    assert dc.config.flow_shift == 3.0
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    model_fn = gaussian_model(unipc)
+    for a, b in zip(run(unipc, model_fn, NOISE, 5), run(dc, model_fn, NOISE, 5)):
+        torch.testing.assert_close(b, a, **CLOSE)
+    back = FlowMatchEulerDiscreteScheduler.from_config(dc.config, shift=dc.config.flow_shift)
+    assert type(back) is FlowMatchEulerDiscreteScheduler and back.config.shift == 3.0
+
+
+def test_set_timesteps_contract():
+    params = inspect.signature(DCSolverScheduler.set_timesteps).parameters
+    assert list(params)[1:] == ["num_inference_steps", "device", "timesteps", "sigmas", "mu"]
+    default = DCSolverScheduler(**SD)
+    default.set_timesteps(5)
+    custom = DCSolverScheduler(**SD)
+    custom.set_timesteps(timesteps=default.timesteps.tolist())
+    torch.testing.assert_close(custom.timesteps, default.timesteps)
+    torch.testing.assert_close(custom.sigmas, default.sigmas)
+    custom.set_timesteps(timesteps=[999, 750, 500, 250, 100, 20])
+    assert custom.timesteps.tolist() == [999, 750, 500, 250, 100, 20] and custom.sigmas[-1] == 0
+    x = run(custom, gaussian_model(custom), NOISE)[-1]
+    assert torch.isfinite(x).all()
+    # flow: explicit sigmas, and mu with dynamic shifting, as UniPC
+    flow_cfg = dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
+    unipc, dc = UniPCMultistepScheduler(**flow_cfg), DCSolverScheduler(**flow_cfg)
+    for s in (unipc, dc):
+        s.set_timesteps(sigmas=np.linspace(1.0, 0.1, 6), mu=0.8)
+    torch.testing.assert_close(dc.sigmas, unipc.sigmas)
+    torch.testing.assert_close(dc.timesteps, unipc.timesteps)
+    with pytest.raises(ValueError, match="mu"):
+        DCSolverScheduler(**flow_cfg).set_timesteps(5)
+    with pytest.raises(ValueError, match="decreasing"):
+        DCSolverScheduler(**SD).set_timesteps(timesteps=[100, 500])
+
+
+def test_bad_configuration_is_explained():
+    with pytest.raises(ValueError, match="search ratios for num_inference_steps=6"):
+        DCSolverScheduler(**SD, dc_ratios=[1.0] * 5).set_timesteps(6)
+    with pytest.raises(ValueError, match="cpr_guidance_scale"):
+        DCSolverScheduler(**SD, dc_ratios="cpr")
+    with pytest.raises(ValueError, match="'cpr'"):
+        DCSolverScheduler(**SD, dc_ratios="searched")
+    with pytest.raises(ValueError, match="36"):
+        DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=3.0, cpr_coefficients=[1.0] * 35)
+    with pytest.raises(ValueError, match="dc_order"):
+        DCSolverScheduler(**SD, dc_order=0)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        DCDPMSolverScheduler(**SD, algorithm_type="sde-dpmsolver++")
+
+
+def test_begin_index_and_fp16_inputs():
+    unipc, dc = UniPCMultistepScheduler(**SD), DCSolverScheduler(**SD)
+    for s in (unipc, dc):
+        s.set_timesteps(8)
+        s.set_begin_index(3)
+    model_fn = gaussian_model(unipc)
+    x_u = x_d = NOISE.clone()
+    for t in unipc.timesteps[3:]:
+        x_u = unipc.step(model_fn(x_u, t), t, x_u).prev_sample
+        x_d = dc.step(model_fn(x_d, t), t, x_d).prev_sample
+    torch.testing.assert_close(x_d, x_u, **CLOSE)
+    # half-precision inputs: the result comes back in half, computed in float32
+    half, full = DCSolverScheduler(**SD, dc_ratios=[1, 1, 0.9, 1.1, 1]), DCSolverScheduler(**SD, dc_ratios=[1, 1, 0.9, 1.1, 1])
+    half.set_timesteps(5)
+    full.set_timesteps(5)
+    x = NOISE.half()
+    for t in half.timesteps:
+        out = model_fn(x.float(), t).half()
+        y_half, y_full = half.step(out, t, x).prev_sample, full.step(out.float(), t, x.float()).prev_sample
+        assert y_half.dtype == torch.float16
+        torch.testing.assert_close(y_half, y_full.half())
+        x = y_half
+
+
+def test_step_never_reads_device_values(monkeypatch):
+    """After the first step (which locates the start index) a step does no host-device sync."""
+    dc = DCSolverScheduler(**SD, dc_ratios=[1, 1, 0.9, 1.1, 1.2, 0.95])
+    dc.set_timesteps(6)
+    model_fn = gaussian_model(dc)
+    outs = [model_fn(NOISE, t) for t in dc.timesteps]
+    x = dc.step(outs[0], dc.timesteps[0], NOISE).prev_sample
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host-device sync inside step()")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for i in range(1, 6):
+        x = dc.step(outs[i], dc.timesteps[i], x).prev_sample
+    monkeypatch.undo()
+    assert torch.isfinite(x).all()
+
+
+# ---- DC for a predictor-only solver ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [dict(SD), dict(SD, solver_order=3, prediction_type="v_prediction")])
+def test_dc_dpm_solver(config):
+    dpm, dc = DPMSolverMultistepScheduler(**config), DCDPMSolverScheduler(**config)
+    model_fn = gaussian_model(dpm)
+    for a, b in zip(run(dpm, model_fn, NOISE, 7), run(dc, model_fn, NOISE, 7)):
+        torch.testing.assert_close(b, a, **CLOSE)
+    ratios = [1, 1, 1.3, 1.2, 1.1, 1.0, 0.9]
+    comp = DCDPMSolverScheduler(**config, dc_ratios=ratios)
+    comp.set_timesteps(7)
+    times = comp.timesteps.tolist()
+    x = NOISE.clone()
+    for i, t in enumerate(comp.timesteps):
+        out = model_fn(x, t)
+        before = list(comp.model_outputs)
+        a, s = comp._sigma_to_alpha_sigma_t(comp.sigmas[i])
+        x0 = split(out, x, a, s, PTYPE[comp.config.prediction_type])[0]
+        x = comp.step(out, t, x).prev_sample
+        if i >= 2:  # the buffer holds the Lagrange-compensated x0 prediction
+            w = compensation_weights([times[i], times[i - 1], times[i - 2]], ratios[i])
+            expected = w[0] * x0 + w[1] * before[-1] + w[2] * before[-2]
+            torch.testing.assert_close(comp.model_outputs[-1], expected, **CLOSE)
+    assert (x - run(dpm, model_fn, NOISE, 7)[-1]).abs().max() > 1e-3
+
+
+# ---- ratio search ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [DCSolverScheduler, DCDPMSolverScheduler])
+def test_search_reduces_error_to_the_exact_solution(cls):
+    sched = cls(**SD)
+    sched.set_timesteps(5)
+    model_fn = gaussian_model(sched)
+    exact = exact_solution(sched, NOISE)
+    reference = reference_trajectory(model_fn, sched, NOISE, 200)
+    assert torch.mean((reference[-1] - exact) ** 2) < 1e-3  # the 200-step DDIM ground truth is close to exact
+    result = search_ratios(model_fn, sched, NOISE, 5, reference=reference)
+    assert len(result.ratios) == 5 and result.ratios[:2] == [1.0, 1.0]
+    assert all(b <= a for a, b in zip(result.losses_initial, result.losses_searched))
+    searched = result.scheduler(sched)
+    assert searched.config.dc_ratios == result.ratios
+    plain_err = torch.mean((run(sched, model_fn, NOISE, 5)[-1] - exact) ** 2)
+    dc_err = torch.mean((run(searched, model_fn, NOISE, 5)[-1] - exact) ** 2)
+    assert dc_err < 0.5 * plain_err, (dc_err, plain_err)
+
+
+def test_search_builds_its_own_reference_and_checks_input():
+    sched = DCSolverScheduler(**SD, prediction_type="v_prediction")
+    model_fn = gaussian_model(sched, guidance=3.0)
+    result = search_ratios(model_fn, sched, NOISE[:4], 6, reference_steps=60, iters=5)
+    assert len(result.ratios) == 6 and np.isfinite(result.final_mse)
+    with pytest.raises(TypeError, match="DCSolverScheduler"):
+        search_ratios(model_fn, UniPCMultistepScheduler(**SD), NOISE, 5)
+    with pytest.raises(ValueError, match="N \\+ 1"):
+        search_ratios(model_fn, sched, NOISE, 5, reference=[NOISE])
+
+
+def test_first_steps_cannot_be_compensated():
+    """Steps with fewer than dc_order + 1 buffered outputs ignore their ratio (the spec's guard)."""
+    unipc, dc = UniPCMultistepScheduler(**SD), DCSolverScheduler(**SD, dc_ratios=[0.5, 1.7, 1, 1, 1])
+    model_fn = gaussian_model(unipc)
+    for a, b in zip(run(unipc, model_fn, NOISE, 5), run(dc, model_fn, NOISE, 5)):
+        torch.testing.assert_close(b, a, **CLOSE)
