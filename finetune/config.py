@@ -1,0 +1,265 @@
+"""Training configuration: a dataclass per method, a YAML file, and ``--key value`` overrides.
+
+Every method's config subclasses :class:`TrainConfig` (the trainer's keys) and adds its own.
+Values are resolved in this order: dataclass defaults < YAML file < command-line overrides, then
+checked up front (:meth:`TrainConfig.validate`); every error names the key and what to do.
+
+    cfg = load_config(DPOConfig, "cfg.yaml", {"max_steps": "100", "beta": "2500"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def choice(default, choices: tuple, help: str = ""):
+    """A field restricted to ``choices`` (checked by ``validate``)."""
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+def opt(default, help: str = "", **metadata):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """Keys every method shares: model, optimisation, precision, checkpoints, logging."""
+
+    # -- run ------------------------------------------------------------------------------------
+    output_dir: str = opt("", "where checkpoints, logs and final weights go (required)")
+    model: str = opt(
+        "testbed",
+        "'testbed' (the project's reference pipeline), 'tiny:sd' / 'tiny:sdxl' (random test pipelines), "
+        "a local diffusers folder or a Hugging Face hub id (SD1.x or SDXL)",
+    )
+    seed: int = opt(0, "seeds LoRA init, data order and every per-sample noise draw")
+    max_steps: int = opt(1000, "optimiser steps to train for")
+    resume: str = opt("", "'latest' or a checkpoint folder to continue from; empty = a new run")
+    # -- batch ------------------------------------------------------------------------------------
+    train_batch_size: int = opt(1, "samples per device per micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimiser step")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes")
+    # -- optimiser ----------------------------------------------------------------------------------
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    scale_lr: bool = opt(False, "multiply learning_rate by the global batch size (Diffusion-DPO's --scale_lr)")
+    lr_scheduler: str = choice(
+        "constant_with_warmup",
+        ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        "diffusers.optimization.get_scheduler name",
+    )
+    lr_warmup_steps: int = opt(0, "warm-up optimiser steps")
+    optimizer: str = choice("adamw", ("adamw", "adafactor", "sgd"), "optimiser")
+    adam_beta1: float = opt(0.9)
+    adam_beta2: float = opt(0.999)
+    adam_weight_decay: float = opt(1e-2)
+    adam_epsilon: float = opt(1e-8)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
+    # -- model ------------------------------------------------------------------------------------
+    mixed_precision: str = choice("no", ("no", "fp16", "bf16"), "autocast precision; frozen parts are stored in it")
+    use_lora: bool = opt(True, "train LoRA adapters (reference = adapters disabled); false = full fine-tuning")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = same as lora_rank")
+    lora_init: str = choice("gaussian", ("gaussian", "default"), "peft init_lora_weights ('default' = kaiming)")
+    lora_target_modules: list = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names to adapt")
+    gradient_checkpointing: bool = opt(False, "UNet gradient checkpointing (saves memory)")
+    ema_decay: float = opt(0.0, "EMA of the trained weights (e.g. 0.999); 0 = off. Final weights are the EMA's")
+    resolution: int = opt(0, "training image size in pixels; 0 = the model's default")
+    # -- checkpoints and logs --------------------------------------------------------------------------
+    checkpoint_every: int = opt(500, "save output_dir/checkpoint-N every this many steps; 0 = only at the end")
+    checkpoints_total_limit: int = opt(0, "keep at most this many checkpoints (oldest removed); 0 = keep all")
+    log_every: int = opt(10, "steps between JSONL / TensorBoard records")
+    tensorboard: bool = opt(True, "also write TensorBoard events when tensorboard is installed")
+    sample_every: int = opt(0, "steps between sample grids in output_dir/samples; 0 = off")
+    sample_prompts: list = opt(["a photo of a sneaker", "a photo of a dress"], "prompts of the sample grids")
+    sample_steps: int = opt(20, "denoising steps of the sample grids")
+    guidance_scale: float = opt(5.0, "CFG scale of the sample grids (and of rollouts, where a method samples)")
+
+    # ------------------------------------------------------------------------------------------
+    method: typing.ClassVar[str] = "base"
+
+    def validate(self) -> None:
+        """Check every value; raise :class:`ConfigError` naming the key. Subclasses extend this."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: must be one of {', '.join(map(str, choices))}; got {getattr(self, f.name)!r}")
+        if not self.output_dir:
+            raise ConfigError("output_dir: required; pass --output_dir DIR")
+        positive = ["max_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
+        nonneg = [
+            "checkpoint_every", "checkpoints_total_limit", "lr_warmup_steps", "dataloader_num_workers",
+            "max_grad_norm", "lora_alpha", "resolution", "sample_every", "adam_weight_decay",
+        ]
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0; got {getattr(self, key)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate: must be > 0; got {self.learning_rate}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA); got {self.ema_decay}")
+        if self.resolution and self.resolution % 8:
+            raise ConfigError(f"resolution: must be a multiple of 8 (the VAE's factor); got {self.resolution}")
+        if self.use_lora and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules: empty; name at least one UNet module (e.g. to_q)")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _base_type(tp):
+    """The concrete type of a field annotation (``int``, ``float``, ``bool``, ``str``, ``list``)."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(tp.split("[")[0], str)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or tp
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is list:
+            if isinstance(value, str):
+                text = value.strip()
+                if text.startswith("["):
+                    value = yaml.safe_load(text)
+                else:
+                    value = [v.strip() for v in text.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        name = getattr(base, "__name__", str(base))
+        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+    return value
+
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+def _unknown(cls, key: str) -> ConfigError:
+    names = list(_fields(cls))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(names))}"
+    return ConfigError(f"{key}: unknown config key for `{cls.method}`{hint}")
+
+
+def build_config(cls, values: dict) -> TrainConfig:
+    """``cls`` from a dict of raw values (YAML or strings), type-checked and validated."""
+    types_ = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in types_:
+            raise _unknown(cls, key)
+        kwargs[key] = _coerce(key, value, types_[key])
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """``["--key", "value", "--flag", "--k=v"]`` -> ``{"key": "value", "flag": "true", "k": "v"}``."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"{arg}: expected --key value (config keys are given as --key value)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value, i = "true", i + 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def load_config(cls, config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < YAML ``config_file`` < ``overrides``; validated."""
+    values = read_yaml(config_file) if config_file else {}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update(overrides or {})
+    return build_config(cls, values)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    data = {"method": cfg.method, **cfg.to_dict()}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def describe(cls) -> str:
+    """One line per key: ``--key (type, default): help`` -- the CLI's epilog."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" one of {{{', '.join(f.metadata['choices'])}}}" if f.metadata.get("choices") else ""
+        tp = _base_type(_fields(cls)[f.name])
+        lines.append(f"  --{f.name} ({getattr(tp, '__name__', tp)}, default {default!r}){extra}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

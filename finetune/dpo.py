@@ -1,0 +1,115 @@
+"""Diffusion-DPO (Wallace et al., *Diffusion Model Alignment Using Direct Preference
+Optimization*, CVPR 2024, arXiv:2311.12908).
+
+For a prompt ``c`` with preferred / rejected latents ``x^w_0, x^l_0``, one timestep ``t`` and one
+noise ``eps`` shared by the pair, ``x^*_t = alpha_t x^*_0 + sigma_t eps``, and the per-sample
+denoising errors (mean over C,H,W)
+
+    e_theta(x) = ||target - f_theta(x_t, t, c)||^2,   e_ref(x) likewise for the frozen initial model,
+
+    Delta = [e_theta(x^w) - e_ref(x^w)] - [e_theta(x^l) - e_ref(x^l)]
+    L     = -log sigmoid(-(beta/2) * Delta)                       (Eq. 14, beta T omega(lambda_t) -> beta)
+
+``target`` is the model's own regression target (epsilon, v or x0). ``beta = 5000`` with the 1/2
+factor is the official code's ``beta_dpo``; diffusers' research script writes the same loss as
+``-logsigmoid(beta' (ref_diff - model_diff))`` with ``beta' = beta/2 = 2500``. Options: ``hinge``
+(``relu(1 - inside)``) and ``ipo`` (``(-Delta - 1/beta)^2``, i.e. diffusers' ``(logits - 1/(2 beta'))^2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .config import ConfigError, choice, opt
+from .pairs import PairDataConfig, PreferencePairs, pair_dataset
+from .trainer import Method
+
+@dataclass
+class DPOConfig(PairDataConfig):
+    beta: float = opt(5000.0, "beta of Eq. 14 (official beta_dpo; the loss scale is beta/2)")
+    loss_type: str = choice("sigmoid", ("sigmoid", "hinge", "ipo"), "DPO loss; the paper's is sigmoid")
+    random_flip: bool = opt(True, "flip each pair (both images together) horizontally with p = 0.5")
+    timestep_subset: list = opt([], "train only on these timesteps (e.g. SDXL-Turbo: 249, 499, 749, 999)")
+
+    method = "dpo"
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta > 0:
+            raise ConfigError(f"beta: must be > 0; got {self.beta}")
+        for t in self.timestep_subset:
+            if not isinstance(t, int) and not str(t).isdigit():
+                raise ConfigError(f"timestep_subset: must hold integer timesteps; got {t!r}")
+
+
+def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta: float, loss_type: str = "sigmoid"):
+    """Per-sample errors -> ``(loss per sample, inside)`` with ``inside = -(beta/2) Delta``."""
+    delta = (model_err_w - ref_err_w) - (model_err_l - ref_err_l)
+    inside = -0.5 * beta * delta
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(inside)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - inside)
+    elif loss_type == "ipo":
+        losses = (-delta - 1.0 / beta) ** 2
+    else:
+        raise ValueError(f"loss_type must be sigmoid, hinge or ipo; got {loss_type!r}")
+    return losses, inside
+
+
+class DiffusionDPO(Method):
+    name = "dpo"
+    Config = DPOConfig
+
+    def setup(self, trainer):
+        cfg = self.config
+        dataset = pair_dataset(trainer, cfg)
+        self.timesteps = torch.tensor([int(t) for t in cfg.timestep_subset], dtype=torch.long)
+        if len(self.timesteps) and (self.timesteps.min() < 0 or self.timesteps.max() >= trainer.model.num_train_timesteps):
+            raise ConfigError(f"timestep_subset: timesteps must be in [0, {trainer.model.num_train_timesteps})")
+        return dataset, PreferencePairs.collate
+
+    def loss(self, trainer, batch):
+        cfg, model, device = self.config, trainer.model, trainer.device
+        n = len(batch["captions"])
+        gens = trainer.generators(batch["positions"])
+        # Per-pair draws, in a fixed order from the pair's own generator: flip, posterior noise, t, eps.
+        image_w, image_l = batch["image_w"], batch["image_l"]
+        if cfg.random_flip:
+            flip = D.rand(gens) < 0.5
+            image_w = torch.where(flip.view(-1, 1, 1, 1), image_w.flip(-1), image_w)
+            image_l = torch.where(flip.view(-1, 1, 1, 1), image_l.flip(-1), image_l)
+        shape = model.latent_shape(trainer.resolution)
+        post = D.randn(gens, (2, *shape))
+        x0 = model.encode_images(
+            torch.cat([image_w, image_l]).to(device), torch.cat([post[:, 0], post[:, 1]]).to(device)
+        )
+        if len(self.timesteps):
+            t = self.timesteps[D.randint(gens, 0, len(self.timesteps))]
+        else:
+            t = D.randint(gens, 0, model.num_train_timesteps)
+        eps = D.randn(gens, shape).to(device)
+        t2, eps2 = torch.cat([t, t]).to(device), torch.cat([eps, eps])  # shared by winner and loser
+        x_t, target = model.noisy(x0, eps2, t2)
+        cond = model.encode_prompts(batch["captions"], trainer.resolution)
+        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+
+        pred = trainer.predict(trainer.unet, x_t, t2, cond)
+        model_err = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        with trainer.reference() as ref:
+            ref_err = (trainer.predict(ref, x_t, t2, cond) - target).pow(2).mean(dim=(1, 2, 3))
+        losses, inside = dpo_loss(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.loss_type)
+        logs = {
+            "implicit_acc": (inside > 0).float().mean().detach(),
+            "model_mse_w": model_err[:n].mean().detach(),
+            "model_mse_l": model_err[n:].mean().detach(),
+            "model_minus_ref_mse": (model_err - ref_err).mean().detach(),
+        }
+        return losses.mean(), logs
+
+
+__all__ = ["DPOConfig", "DiffusionDPO", "dpo_loss"]

@@ -1,0 +1,315 @@
+"""Preference pairs ``(caption, preferred image, rejected image)`` from local files or from a reward.
+
+Accepted sources (``--data``):
+
+* a ``.jsonl`` file, one pair per line;
+* a ``.parquet`` file (needs ``pyarrow``);
+* a folder holding ``pairs.jsonl`` or ``metadata.jsonl`` (image paths relative to the folder);
+* a folder written by ``datasets.Dataset.save_to_disk`` (needs ``datasets``; a ``DatasetDict``'s
+  ``train`` split is used);
+* ``generate``: pairs made on the fly from a reward (sample N images per prompt, score them, keep
+  the best and the worst), cached in ``output_dir/pairs/``.
+
+Row layouts: Pick-a-Pic's ``caption, jpg_0, jpg_1, label_0`` (ties ``label_0 = 0.5`` dropped,
+the winner put first), or ``caption|prompt`` with ``chosen/rejected`` or ``image_w/image_l``. Images
+are paths, encoded bytes (``{"bytes": ...}`` as ``datasets`` stores them), or PIL images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig, opt
+
+FASHION_PROMPTS = [
+    f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}"
+    for c in ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+]
+
+
+@dataclass
+class PairDataConfig(TrainConfig):
+    """Keys of methods trained on preference pairs (Diffusion-DPO, the SPM)."""
+
+    data: str = opt("generate", "preference pairs: a .jsonl/.parquet file, a folder, or 'generate' (from --reward)")
+    reward: str = opt("testbed", "reward for data=generate: a diffplug.evals reward name or module:function")
+    prompts: list = opt(list(FASHION_PROMPTS), "prompts for data=generate: a list or a .txt/.json file")
+    num_per_prompt: int = opt(4, "samples per prompt for data=generate (best and worst become a pair)")
+    generate_repeats: int = opt(8, "rounds over the prompts for data=generate (pairs = rounds x prompts)")
+    generate_steps: int = opt(20, "denoising steps for data=generate")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data:
+            raise ConfigError("data: required; a .jsonl/.parquet file, a folder, or 'generate'")
+        for key in ("num_per_prompt", "generate_repeats", "generate_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
+
+
+def pair_dataset(trainer, cfg: PairDataConfig, reward=None) -> "PreferencePairs":
+    """The dataset of ``cfg.data``; for 'generate', made once by the main process into output_dir/pairs."""
+    if cfg.data != "generate":
+        return load_pairs(cfg.data, trainer.resolution)
+    folder = trainer.out / "pairs"
+    acc = trainer.accelerator
+    if acc.is_main_process and not (folder / "pairs.jsonl").is_file():
+        prompts = read_prompts(cfg.prompts) * cfg.generate_repeats
+        trainer._print(f"generating preference pairs: {len(prompts)} prompts x {cfg.num_per_prompt} samples")
+        generate_pairs(trainer, prompts, cfg.num_per_prompt, reward or cfg.reward, cfg.generate_steps, folder)
+    acc.wait_for_everyone()
+    return load_pairs(str(folder), trainer.resolution)
+
+CAPTION_KEYS = ("caption", "prompt", "text")
+PAIR_KEYS = (("jpg_0", "jpg_1"), ("image_w", "image_l"), ("chosen", "rejected"))
+
+
+def normalise_row(row: dict, where: str) -> tuple[str, object, object] | None:
+    """A raw row -> ``(caption, winner, loser)``; None for a tie."""
+    caption = next((row[k] for k in CAPTION_KEYS if k in row), None)
+    if caption is None:
+        raise ConfigError(f"data: {where} has no caption column (one of {CAPTION_KEYS}); columns: {sorted(row)}")
+    for a, b in PAIR_KEYS:
+        if a in row and b in row:
+            if a == "jpg_0":  # Pick-a-Pic: label_0 = 1 -> image 0 preferred, 0.5 -> tie
+                if "label_0" not in row:
+                    raise ConfigError(f"data: {where} has jpg_0/jpg_1 but no label_0 (the Pick-a-Pic preference label)")
+                label = float(row["label_0"])
+                if label == 0.5:
+                    return None
+                return (str(caption), row[a], row[b]) if label > 0.5 else (str(caption), row[b], row[a])
+            return str(caption), row[a], row[b]
+    raise ConfigError(
+        f"data: {where} has no image pair; expected columns jpg_0, jpg_1, label_0 (Pick-a-Pic), image_w/image_l "
+        f"or chosen/rejected; columns: {sorted(row)}"
+    )
+
+
+def load_image(value, root: Path | None = None):
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and root is not None:
+            path = root / path
+        if not path.is_file():
+            raise FileNotFoundError(f"data: image {str(path)!r} does not exist")
+        return Image.open(path).convert("RGB")
+    raise TypeError(f"data: cannot read an image from {type(value).__name__}")
+
+
+def to_tensor(image, size: int) -> torch.Tensor:
+    """PIL -> (3, size, size) in [-1, 1]: resize the short side (bilinear), centre crop."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return x
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Items ``{"caption": str, "image_w": (3,H,W), "image_l": (3,H,W)}`` in [-1, 1]."""
+
+    def __init__(self, rows: list, size: int, root: Path | None = None, where: str = "data"):
+        self.pairs = []
+        for i, row in enumerate(rows):
+            pair = normalise_row(row, f"{where} row {i}")
+            if pair is not None:
+                self.pairs.append(pair)
+        if not self.pairs:
+            raise ConfigError(f"data: {where} holds no usable (non-tie) preference pairs")
+        self.size, self.root = size, root
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        caption, w, l = self.pairs[i]
+        return {
+            "caption": caption,
+            "image_w": to_tensor(load_image(w, self.root), self.size),
+            "image_l": to_tensor(load_image(l, self.root), self.size),
+        }
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return {
+            "captions": [it["caption"] for it in items],
+            "image_w": torch.stack([it["image_w"] for it in items]),
+            "image_l": torch.stack([it["image_l"] for it in items]),
+        }
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"data: {path} line {n} is not JSON: {e}") from None
+    return rows
+
+
+class _Rows:
+    """A lazy row view of a ``datasets``/arrow table: rows are materialised on access."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __iter__(self):
+        for i in range(len(self.table)):
+            yield self.table[i]
+
+
+def read_rows(source: str) -> tuple[list, Path | None]:
+    """``source`` -> (rows, folder that relative image paths refer to)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data: {source!r} does not exist (a .jsonl/.parquet file, a folder, or 'generate')")
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path), path.parent
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ConfigError("data: reading .parquet needs pyarrow: pip install pyarrow") from None
+            return pq.read_table(str(path)).to_pylist(), path.parent
+        raise ConfigError(f"data: {source!r}: unknown file type {path.suffix!r}; use .jsonl or .parquet")
+    for name in ("pairs.jsonl", "metadata.jsonl"):
+        if (path / name).is_file():
+            return _read_jsonl(path / name), path
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(
+                f"data: {source!r} is a `datasets.save_to_disk` folder; reading it needs the datasets package: "
+                "pip install datasets"
+            ) from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ConfigError(f"data: {source!r} is a DatasetDict without a 'train' split (splits: {list(ds)})")
+            ds = ds["train"]
+        return list(_Rows(ds)), path
+    raise ConfigError(
+        f"data: folder {source!r} holds neither pairs.jsonl/metadata.jsonl nor a datasets.save_to_disk dataset"
+    )
+
+
+def load_pairs(source: str, size: int) -> PreferencePairs:
+    rows, root = read_rows(source)
+    return PreferencePairs(rows, size, root, where=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs generated from a reward
+
+
+def resolve_reward(name):
+    """A reward ``score(images [0,1] (B,3,H,W), prompts) -> (B,)``: a callable, a name of
+    ``diffplug.evals.get_reward`` or ``package.module:attribute``."""
+    if callable(name):
+        return name
+    if ":" in name:
+        import importlib
+
+        module, attr = name.split(":", 1)
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"reward: cannot import {name!r}: {e}") from None
+    else:
+        try:
+            from ..evals import get_reward
+        except ImportError:
+            raise ConfigError(
+                f"reward: diffplug.evals.get_reward is not available to resolve {name!r}; pass module:function"
+            ) from None
+        try:
+            obj = get_reward(name)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"reward: {e}") from None
+    fn = getattr(obj, "score", obj)
+    if not callable(fn):
+        raise ConfigError(f"reward: {name!r} is neither callable nor has a score(images, prompts) method")
+    return fn
+
+
+@torch.no_grad()
+def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, steps: int, folder: Path) -> None:
+    """Sample ``per_prompt`` images per prompt with the initial model, score them with ``reward``,
+    keep (best, worst) per prompt; write PNGs and ``pairs.jsonl`` into ``folder`` (atomically)."""
+    import shutil
+
+    from torchvision.utils import save_image
+
+    from ..guidance.base import CFG
+    from ..pipelines import from_pipe
+
+    if per_prompt < 2:
+        raise ConfigError(f"num_per_prompt: need at least 2 samples per prompt to form a pair; got {per_prompt}")
+    score = resolve_reward(reward)
+    cfg, model = trainer.config, trainer.model
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    run = from_pipe(model.pipe, guidance=CFG(cfg.guidance_scale))
+    rows = []
+    with model.reference(model.unet):  # the initial model (LoRA adapters off)
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + i)
+            images = run(
+                prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=g,
+                height=trainer.resolution, width=trainer.resolution, output_type="pt",
+            ).images.float().cpu()
+            scores = torch.as_tensor(score(images, [prompt] * per_prompt)).float().flatten().cpu()
+            best, worst = int(scores.argmax()), int(scores.argmin())
+            if scores[best] == scores[worst]:
+                continue
+            save_image(images[best], str(tmp / f"{i:05d}_w.png"))
+            save_image(images[worst], str(tmp / f"{i:05d}_l.png"))
+            rows.append({"caption": prompt, "image_w": f"{i:05d}_w.png", "image_l": f"{i:05d}_l.png",
+                         "score_w": float(scores[best]), "score_l": float(scores[worst])})
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(folder)
+
+
+def read_prompts(spec) -> list[str]:
+    """A list of prompts, or a path to a .txt (one per line) / .json (a list) file."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) == 1 and Path(str(spec[0])).suffix in (".txt", ".json") and Path(str(spec[0])).is_file():
+            spec = spec[0]
+        else:
+            return [str(p) for p in spec]
+    path = Path(str(spec))
+    if not path.is_file():
+        raise ConfigError(f"prompts: {spec!r} is not a file; pass a list of prompts or a .txt/.json file")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ConfigError(f"prompts: {path} must hold a JSON list of strings")
+        return [str(p) for p in data]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

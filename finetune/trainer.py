@@ -1,0 +1,437 @@
+"""The trainer, written once: every fine-tuning method of diffplug is a Config + a loss (+ its data).
+
+    trainer = Trainer(DPO(config))
+    trainer.train()
+
+A method (:class:`Method`) gives the trainer a dataset, optionally expands a batch into micro-batches
+(online methods roll out samples there), and computes a loss; the trainer does the rest:
+accelerate (DDP, FSDP/DeepSpeed through ``accelerate launch --config_file``), mixed precision,
+gradient accumulation, LoRA or full fine-tuning with the reference model, EMA, seeded data order,
+atomic checkpoints and exact resumption, logs (tqdm, JSONL, TensorBoard), sample grids and the
+final weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, save_config
+from .data import SeededOrder, generators, loader
+from .model import DiffusionModel, load_pipeline
+
+
+class Method:
+    """What a fine-tuning method supplies. Subclasses set ``name`` and ``Config``."""
+
+    name = "base"
+    Config = TrainConfig
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def setup(self, trainer: "Trainer"):
+        """Called on every process once the model is ready -> ``(dataset, collate)``; ``collate``
+        maps a list of dataset items to a batch dict."""
+        raise NotImplementedError
+
+    def prepare(self, trainer: "Trainer", batch: dict) -> list[dict]:
+        """Expand one batch into micro-batches (each gets its own backward). Online methods sample
+        here. The losses of the returned micro-batches must *sum* to this process's batch loss; at
+        least one must be returned (zero-weighted if there is nothing to learn from), so that every
+        process takes part in each gradient synchronisation."""
+        return [batch]
+
+    def loss(self, trainer: "Trainer", batch: dict) -> tuple[torch.Tensor, dict]:
+        """-> ``(loss, logs)``; logs are floats or 0-d tensors, averaged over the logging window."""
+        raise NotImplementedError
+
+    def trainable(self, trainer: "Trainer"):
+        """The module to train, or None for the diffusion model's UNet (LoRA or full, per config).
+        A method that trains another module (e.g. a reward model) returns it here and may define
+        ``save_final(trainer, module, folder)``."""
+        return None
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (Polyak); checkpointed with the run."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Inside: the parameters hold the EMA weights."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(saved, self.params):
+                    p.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+
+
+def _check_output_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {str(out)!r} exists and is not a folder")
+    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"output_dir: {str(out)!r} is not empty; pass --resume latest to continue that run, "
+            "or choose a new --output_dir (diffplug never overwrites a previous run)"
+        )
+
+
+def _make_optimizer(cfg: TrainConfig, params, lr: float):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.adam_weight_decay)
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:  # pragma: no cover
+        raise ConfigError("optimizer: adafactor needs transformers") from None
+    return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.adam_weight_decay)
+
+
+class Trainer:
+    """Runs ``method`` under its config. Methods use: ``config``, ``accelerator``, ``device``,
+    ``model`` (:class:`DiffusionModel`), ``unet`` (the prepared, trainable UNet), ``resolution``,
+    :meth:`generators` and :meth:`reference`."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.config = method.config
+        self.config.validate()
+        self.out = Path(self.config.output_dir)
+
+    # -- helpers for methods ---------------------------------------------------------------------
+    def generators(self, positions, salt: int = 0) -> list[torch.Generator]:
+        """Per-sample generators keyed by the run's seed and each sample's stream position."""
+        return generators(self.config.seed, positions, salt)
+
+    def reference(self):
+        """Context manager yielding the frozen initial model (call it like ``self.unet``)."""
+        return self.model.reference(self.unet)
+
+    def predict(self, unet, x, t, cond) -> torch.Tensor:
+        return self.model.predict(unet, x, t, cond)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        _check_output_dir(cfg)
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.device = acc.device
+        resume_dir = ckpt.resolve(cfg.resume, self.out)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_stale(self.out)
+            self._check_resumed_config(resume_dir)
+            save_config(cfg, self.out / "config.yaml")
+        acc.wait_for_everyone()
+
+        set_seed(cfg.seed)  # the same LoRA initialisation on every process
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.model = model = DiffusionModel(load_pipeline(cfg.model))
+        self.resolution = cfg.resolution or model.default_resolution()
+        model.freeze_encoders(self.device, weight_dtype)
+        module = self.method.trainable(self)
+        if module is not None:  # the method trains its own module; the diffusion model stays frozen
+            model.unet.requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+            trained, params = module, [p for p in module.parameters() if p.requires_grad]
+        elif cfg.use_lora:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_init)
+            model.unet.to(self.device, dtype=weight_dtype)
+            for p in model.trainable_parameters():  # adapters train in float32
+                p.data = p.data.float()
+            trained, params = model.unet, model.trainable_parameters()
+        else:
+            model.make_full_trainable(weight_dtype)
+            model.unet.to(self.device)
+            model.reference_copy.to(self.device)
+            trained, params = model.unet, model.trainable_parameters()
+        if cfg.gradient_checkpointing and module is None:
+            model.unet.enable_gradient_checkpointing()
+        self.custom_module = module is not None
+
+        self.dataset, self.collate = self.method.setup(self)
+
+        self.global_batch = cfg.train_batch_size * acc.num_processes
+        lr = cfg.learning_rate * (self.global_batch * cfg.gradient_accumulation_steps if cfg.scale_lr else 1)
+        optimizer = _make_optimizer(cfg, params, lr)
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+        )
+        # The LR schedule is not `prepare`d: accelerate would step it once per process.
+        # `self.unet` is the prepared (DDP/FSDP-wrapped) trained module: the UNet, or the method's own.
+        self.unet, self.optimizer = acc.prepare(trained, optimizer)
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.params = params
+        self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        if cfg.use_lora and not self.custom_module and acc.distributed_type.value in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+            self._checkpoint_trainable_only()
+
+        self.start_step = 0
+        if resume_dir is not None:
+            acc.load_state(str(resume_dir))
+            state = ckpt.read_state(resume_dir)
+            if state.get("num_processes", acc.num_processes) != acc.num_processes:
+                raise ConfigError(
+                    f"resume: {resume_dir} was written by {state['num_processes']} processes, this run has "
+                    f"{acc.num_processes}; resume with the same number of processes"
+                )
+            self.start_step = state["step"]
+            self._print(f"resumed from {resume_dir} at step {self.start_step}")
+        elif cfg.resume:
+            self._print(f"resume: no checkpoint in {self.out} yet; starting a new run")
+
+    def _checkpoint_trainable_only(self) -> None:
+        """LoRA runs: checkpoints hold only the trained parameters (safetensors), not the base UNet."""
+        from safetensors.torch import load_file, save_file
+
+        acc = self.accelerator
+        named = {n: p for n, p in acc.unwrap_model(self.unet).named_parameters() if p.requires_grad}
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                save_file({n: p.detach().float().cpu().contiguous() for n, p in named.items()}, str(Path(output_dir) / "trainable.safetensors"))
+            weights.clear()  # accelerate then skips the full model file
+
+        def load_hook(models, input_dir):
+            state = load_file(str(Path(input_dir) / "trainable.safetensors"))
+            missing = set(named) - set(state)
+            if missing:
+                raise RuntimeError(f"resume: checkpoint {input_dir} lacks {len(missing)} trained tensors, e.g. {sorted(missing)[0]}")
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(state[n])
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _check_resumed_config(self, resume_dir) -> None:
+        saved = self.out / "config.yaml"
+        if resume_dir is None or not saved.is_file():
+            return
+        import yaml
+
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = self.config.to_dict()
+        volatile = {"resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "log_every", "sample_every"}
+        changed = [k for k in new if k not in volatile and k in old and old[k] != new[k]]
+        if old.get("method", self.config.method) != self.config.method:
+            raise ConfigError(f"resume: {self.out} holds a `{old.get('method')}` run, not `{self.config.method}`")
+        if changed:
+            self._print(f"warning: resuming with changed config keys {changed} (saved config: {saved})")
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[diffplug finetune {self.method.name}] {msg}")
+
+    def _open_logs(self):
+        self.tb = None
+        if not self.is_main:
+            return
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+        self.jsonl = open(self.out / "logs.jsonl", "a")
+
+    def _log(self, step: int, sums: dict, count: int) -> dict:
+        acc = self.accelerator
+        keys = sorted(sums)
+        values = torch.tensor([float(sums[k]) / max(count, 1) for k in keys], device=self.device, dtype=torch.float64)
+        if acc.num_processes > 1:
+            values = acc.reduce(values, reduction="mean")
+        record = {"step": step, **{k: float(v) for k, v in zip(keys, values.tolist())}}
+        record["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if self.is_main:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        self.tb.add_scalar(k, v, step)
+        return record
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Atomically write ``output_dir/checkpoint-{step}`` (see ``checkpoint.py``)."""
+        acc = self.accelerator
+        tmp, final = ckpt.tmp_path(self.out, step), self.out / f"checkpoint-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "num_processes": acc.num_processes, "method": self.method.name, "time": time.time()}
+            save_config(self.config, tmp / "config.yaml")
+            ckpt.commit(tmp, final, state)
+            for p in ckpt.prune(self.out, self.config.checkpoints_total_limit):
+                self._print(f"removed old checkpoint {p.name}")
+        acc.wait_for_everyone()
+        return final
+
+    def save_final(self) -> Path:
+        acc = self.accelerator
+        final = self.out / "final"
+        acc.wait_for_everyone()
+        unet = acc.unwrap_model(self.unet)
+        state_ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with state_ctx:
+            if acc.is_main_process:
+                tmp = self.out / ".tmp-final"
+                shutil.rmtree(tmp, ignore_errors=True)
+                if hasattr(self.method, "save_final"):
+                    self.method.save_final(self, unet, tmp)
+                else:
+                    self.model.save_final(unet, tmp)
+                save_config(self.config, tmp / "config.yaml")
+                old = self.out / ".old-final"
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    # -- samples -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, step: int) -> None:
+        from ..guidance.base import CFG
+        from ..pipelines import from_pipe
+
+        cfg = self.config
+        if not self.is_main:
+            return
+        unet = self.accelerator.unwrap_model(self.unet)
+        unet.eval()
+        ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with ctx, self.accelerator.autocast():
+            g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+            images = from_pipe(self.model.pipe, guidance=CFG(cfg.guidance_scale))(
+                list(cfg.sample_prompts), num_inference_steps=cfg.sample_steps, generator=g,
+                height=self.resolution, width=self.resolution, output_type="pt",
+            ).images
+        unet.train()
+        from torchvision.utils import save_image
+
+        (self.out / "samples").mkdir(exist_ok=True)
+        save_image(images.float().cpu(), str(self.out / "samples" / f"step-{step:06d}.png"), nrow=len(images))
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        from tqdm.auto import tqdm
+
+        self._setup()
+        cfg, acc = self.config, self.accelerator
+        accum = cfg.gradient_accumulation_steps
+        order = SeededOrder(len(self.dataset), self.global_batch, cfg.seed)
+        batches = iter(
+            loader(
+                self.dataset, self.collate, order, acc.process_index, cfg.train_batch_size,
+                self.start_step * accum, cfg.max_steps * accum, cfg.dataloader_num_workers,
+            )
+        )
+        self._open_logs()
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.is_main, desc=f"finetune {self.method.name}")
+        sums, count, record = {}, 0, {}
+        self.unet.train()
+        for step in range(self.start_step, cfg.max_steps):
+            self.step = step
+            for micro in range(accum):
+                batch = next(batches)
+                parts = self.method.prepare(self, batch)
+                if not parts:
+                    raise RuntimeError(f"{type(self.method).__name__}.prepare returned no micro-batches")
+                for j, part in enumerate(parts):
+                    last = micro == accum - 1 and j == len(parts) - 1
+                    with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                        with acc.autocast():
+                            loss, logs = self.method.loss(self, part)
+                        acc.backward(loss / accum)
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / (accum * len(parts))
+                if hasattr(self.method, "batch_logs"):
+                    for k, v in self.method.batch_logs.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / accum
+            if cfg.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
+            count += 1
+            done = step + 1
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"loss is {sums['loss']} at step {done}; lower learning_rate or beta")
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                record = self._log(done, sums, count)
+                sums, count = {}, 0
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc", "lr")})
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                self.save_checkpoint(done)
+            if cfg.sample_every and done % cfg.sample_every == 0 and not self.custom_module:
+                self.sample_grid(done)
+            bar.update(1)
+        bar.close()
+        self.step = cfg.max_steps
+        if self.start_step < cfg.max_steps or not ckpt.latest(self.out):
+            self.save_checkpoint(cfg.max_steps)
+        final = self.save_final()
+        if self.is_main:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+        self._print(f"done: final weights in {final}")
+        self.last_record = record
+        return final
