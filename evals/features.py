@@ -9,6 +9,8 @@ features and carries a ``name`` (used in cache keys and in the JSON output) and 
   imported lazily).
 * ``"clip:<dir>"`` -- a local transformers CLIP's image embeddings (``CLIPModel`` folder).
 * ``"dinov2:<dir>"`` -- a local transformers DINOv2 (CLS token).
+* ``"py:<module>:<attr>"`` -- an importable callable ``images -> features`` (or a zero-argument
+  factory returning one when ``<attr>`` ends with ``()``), handy from the command line.
 * any callable ``images -> features`` (wrapped in :class:`CallableFeatures`).
 """
 
@@ -54,6 +56,11 @@ class InceptionFeatures(nn.Module):
         self.channels_last = channels_last
         self.name = "inception-2015-12-05"
 
+    def precision_tag(self, device) -> str:
+        """Part of the reference-cache key: fp16 autocast features differ from float32 ones (~1e-3)."""
+        on = self.autocast if self.autocast is not None else torch.device(device).type == "cuda"
+        return "amp" if on else "fp32"
+
     def describe(self) -> dict:
         return {"feature_network": self.name, "weights": getattr(self.net, "source", "?"),
                 "resize_protocol": self.protocol, "resize": DESCRIPTIONS[self.protocol],
@@ -79,6 +86,11 @@ class CallableFeatures(nn.Module):
             self.module = fn  # so .to(device) moves it
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         self.num_features = num_features or getattr(fn, "num_features", None)
+
+    def precision_tag(self, device) -> str:
+        """Part of the reference-cache key: fp16 autocast features differ from float32 ones (~1e-3)."""
+        on = self.autocast if self.autocast is not None else torch.device(device).type == "cuda"
+        return "amp" if on else "fp32"
 
     def describe(self) -> dict:
         return {"feature_network": self.name, "resize_protocol": "network's own"}
@@ -121,6 +133,11 @@ class _HFImageFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    def precision_tag(self, device) -> str:
+        """Part of the reference-cache key: fp16 autocast features differ from float32 ones (~1e-3)."""
+        on = self.autocast if self.autocast is not None else torch.device(device).type == "cuda"
+        return "amp" if on else "fp32"
+
     def describe(self) -> dict:
         return {"feature_network": self.name, "resize_protocol": f"bicubic antialias to {self.size}"}
 
@@ -155,6 +172,16 @@ def get_feature_network(features="inception", protocol: str = "clean", **kw) -> 
             raise RuntimeError("features='testbed' needs diffplug.testbed.load_feature_network() "
                                f"(not available: {e})") from e
         return CallableFeatures(fn, name=getattr(fn, "name", "testbed-classifier"))
+    if features.startswith("py:"):
+        import importlib
+
+        mod, _, attr = features[3:].partition(":")
+        call = attr.endswith("()")
+        try:
+            fn = getattr(importlib.import_module(mod), attr[:-2] if call else attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"features={features!r}: cannot import ({e})") from e
+        return CallableFeatures(fn() if call else fn, name=features[3:])
     kind, _, path = features.partition(":")
     if kind in ("clip", "dinov2") and path:
         return _HFImageFeatures(kind, path)

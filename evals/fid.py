@@ -30,9 +30,19 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
 
 
 def trace_sqrt_product(sigma1, sigma2) -> torch.Tensor:
-    """Tr((S_1 S_2)^{1/2}) for PSD S_1, S_2, in float64."""
-    s1h = _sqrt_psd(_as64(sigma1))
-    m = s1h @ _as64(sigma2).to(s1h.device) @ s1h
+    """Tr((S_1 S_2)^{1/2}) for PSD S_1, S_2, in float64.
+
+    With S_1 = L L^T (Cholesky, when S_1 is positive definite) the symmetric L^T S_2 L has the
+    eigenvalues of S_1 S_2; a singular S_1 (fewer samples than dimensions) uses S_1^{1/2} instead.
+    """
+    sigma1 = _as64(sigma1)
+    sigma2 = _as64(sigma2).to(sigma1.device)
+    chol, info = torch.linalg.cholesky_ex(sigma1)
+    if int(info) == 0:
+        m = chol.T @ sigma2 @ chol
+    else:
+        s1h = _sqrt_psd(sigma1)
+        m = s1h @ sigma2 @ s1h
     m = (m + m.T) / 2
     return torch.linalg.eigvalsh(m).clamp(min=0).sqrt().sum()
 

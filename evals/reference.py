@@ -54,6 +54,10 @@ def reference_stats(source: str, feature_net, need_features: bool = False, batch
         return load_stats_file(source, feature_net, need_features)
     loader, dataset_id = image_loader(source, batch_size, num_workers, limit)
     protocol = getattr(feature_net, "protocol", "native")
+    tag = getattr(feature_net, "precision_tag", None)
+    if tag is not None:
+        dev = device if device is not None else next(feature_net.parameters()).device
+        protocol = f"{protocol}-{tag(dev)}"
     path = cache_path(dataset_id, feature_net.name, protocol)
     if use_cache and path.is_file():
         st = load_stats_file(path, feature_net, need_features, strict=False)
@@ -79,7 +83,8 @@ def load_stats_file(path, feature_net, need_features: bool, strict: bool = True)
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("diffplug_eval_stats", "{}"))
     want = (feature_net.name, getattr(feature_net, "protocol", "native"))
-    have = (meta.get("feature_network"), meta.get("protocol"))
+    have = (meta.get("feature_network"), str(meta.get("protocol", "")).rsplit("-", 1)[0]
+            if meta.get("protocol", "").endswith(("-amp", "-fp32")) else meta.get("protocol"))
     if have != want:
         if strict:
             raise ValueError(f"{path}: statistics were made with network/protocol {have}, this run uses {want}")
