@@ -1,0 +1,256 @@
+"""The fine-tuning trainer and Diffusion-DPO on tiny offline pipelines (CPU).
+
+One uninterrupted reference run (4 steps, checkpoints every 2) is shared by the resume, kill,
+LoRA-loading and 2-process tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffplug.finetune import ConfigError, Trainer, load_config
+from diffplug.finetune import checkpoint as ckpt
+from diffplug.finetune.config import parse_overrides
+from diffplug.finetune.dpo import DiffusionDPO, DPOConfig, dpo_loss
+
+torch.set_num_threads(1)
+
+
+def make_pairs(folder: Path, n: int = 4) -> Path:
+    """Pick-a-Pic layout: jpg_0 dark, jpg_1 bright, label_0 = 0 (bright preferred); one tie row."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        for name, mu in (("d", 60), ("b", 190)):
+            arr = np.clip(rng.normal(mu, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"{i}_{name}.png")
+        rows.append({"caption": f"a photo {i}", "jpg_0": f"{i}_d.png", "jpg_1": f"{i}_b.png", "label_0": 0})
+    rows.append({"caption": "tie", "jpg_0": "0_d.png", "jpg_1": "0_b.png", "label_0": 0.5})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def dpo_config(out, data, **kw) -> DPOConfig:
+    base = dict(
+        output_dir=str(out), model="tiny:sd", data=str(data), max_steps=4, checkpoint_every=2, log_every=1,
+        train_batch_size=2, learning_rate=1e-3, lr_scheduler="constant", beta=500.0, tensorboard=False, seed=3,
+    )
+    base.update(kw)
+    return load_config(DPOConfig, None, {k: v for k, v in base.items()})
+
+
+def lora_state(run: Path) -> dict:
+    return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, pairs):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    Trainer(DiffusionDPO(dpo_config(out, pairs))).train()
+    return out
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"learning_rat: unknown config key .*did you mean 'learning_rate'"):
+        load_config(DPOConfig, None, {"output_dir": "x", "learning_rat": "1e-4"})
+    with pytest.raises(ConfigError, match=r"max_steps: expected int, got 'ten'"):
+        load_config(DPOConfig, None, {"output_dir": "x", "max_steps": "ten"})
+    with pytest.raises(ConfigError, match=r"loss_type: must be one of sigmoid, hinge, ipo"):
+        load_config(DPOConfig, None, {"output_dir": "x", "loss_type": "hinged"})
+    with pytest.raises(ConfigError, match=r"output_dir: required"):
+        load_config(DPOConfig, None, {})
+    with pytest.raises(ConfigError, match=r"beta: must be > 0"):
+        load_config(DPOConfig, None, {"output_dir": "x", "beta": "-1"})
+    with pytest.raises(ConfigError, match=r"use_lora: expected bool"):
+        load_config(DPOConfig, None, {"output_dir": "x", "use_lora": "maybe"})
+    # YAML < overrides; YAML keys are checked too
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("max_steps: 7\nbeta: 2500\nlora_target_modules: [to_q, to_v]\n")
+    cfg = load_config(DPOConfig, str(cfg_file), parse_overrides(["--output_dir", "o", "--beta=100", "--use_lora", "false"]))
+    assert (cfg.max_steps, cfg.beta, cfg.use_lora, cfg.lora_target_modules) == (7, 100.0, False, ["to_q", "to_v"])
+    cfg_file.write_text("betta: 3\n")
+    with pytest.raises(ConfigError, match=r"betta: unknown config key .*'beta'"):
+        load_config(DPOConfig, str(cfg_file), {"output_dir": "o"})
+
+
+def test_refuses_non_empty_output_dir(tmp_path, pairs):
+    (tmp_path / "precious.txt").write_text("user data")
+    with pytest.raises(ConfigError, match=r"output_dir: .* is not empty; pass --resume latest"):
+        Trainer(DiffusionDPO(dpo_config(tmp_path, pairs))).train()
+    assert (tmp_path / "precious.txt").read_text() == "user data"
+
+
+def test_cli_reports_bad_key(tmp_path, capsys):
+    from diffplug.finetune.cli import main
+
+    assert main(["dpo", "--output_dir", str(tmp_path / "o"), "--max_step", "3"]) == 2
+    assert "max_step: unknown config key for `dpo`; did you mean 'max_steps'?" in capsys.readouterr().err
+
+
+# -- the DPO loss -----------------------------------------------------------------------------------
+
+
+def test_dpo_loss_identities():
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(4, 8, generator=g)
+    # theta = ref -> log 2
+    losses, inside = dpo_loss(e[0], e[1], e[0], e[1], beta=5000.0)
+    assert torch.allclose(losses, torch.full_like(losses, np.log(2.0)))
+    # swapping winner and loser flips `inside`
+    _, a = dpo_loss(e[0], e[1], e[2], e[3], 5000.0)
+    _, b = dpo_loss(e[1], e[0], e[3], e[2], 5000.0)
+    assert torch.allclose(a, -b)
+    # official beta/2 form == diffusers' research form -logsigmoid(beta' (ref_diff - model_diff)), beta' = 2500
+    official, _ = dpo_loss(e[0], e[1], e[2], e[3], 5000.0)
+    diffusers_form = -torch.nn.functional.logsigmoid(2500.0 * ((e[2] - e[3]) - (e[0] - e[1])))
+    assert torch.allclose(official, diffusers_form)
+    # gradient sign: lowering the winner's error lowers the loss
+    w = e[0].clone().requires_grad_(True)
+    dpo_loss(w, e[1], e[2], e[3], 50.0)[0].sum().backward()
+    assert (w.grad > 0).all()
+    # hinge / ipo at theta = ref: 1 and (1/beta)^2
+    assert torch.allclose(dpo_loss(e[0], e[1], e[0], e[1], 10.0, "hinge")[0], torch.ones(8))
+    assert torch.allclose(dpo_loss(e[0], e[1], e[0], e[1], 10.0, "ipo")[0], torch.full((8,), 0.01))
+
+
+def test_pick_a_pic_layout_drops_ties_and_orders_pairs(pairs):
+    from diffplug.finetune.pairs import load_pairs
+
+    ds = load_pairs(str(pairs), 32)
+    assert len(ds) == 4  # the tie row is gone
+    item = ds[0]
+    assert item["image_w"].mean() > item["image_l"].mean()  # bright (jpg_1, label_0 = 0) comes first
+    assert item["image_w"].shape == (3, 32, 32) and -1 <= item["image_w"].min() <= item["image_w"].max() <= 1
+
+
+def test_loss_decreases_on_fixed_batch(tmp_path, pairs):
+    cfg = dpo_config(tmp_path / "run", pairs, learning_rate=3e-3, random_flip=False)
+    method = DiffusionDPO(cfg)
+    trainer = Trainer(method)
+    trainer._setup()
+    batch = method_batch = trainer.collate([trainer.dataset[i] for i in range(2)])
+    method_batch["positions"] = torch.tensor([0, 1])  # fixed noise and timesteps
+    losses = []
+    for _ in range(6):
+        loss, logs = method.loss(trainer, batch)
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        losses.append(float(loss))
+    assert abs(losses[0] - np.log(2)) < 1e-5  # LoRA starts at the reference (B = 0)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+# -- checkpoints, resume, final weights ---------------------------------------------------------------
+
+
+def test_run_layout(reference_run):
+    names = sorted(p.name for p in reference_run.iterdir())
+    assert {"checkpoint-2", "checkpoint-4", "final", "config.yaml", "logs.jsonl"} <= set(names)
+    assert not [n for n in names if n.startswith(".tmp")]
+    logs = [json.loads(line) for line in (reference_run / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and all("implicit_acc" in r for r in logs)
+    assert ckpt.read_state(reference_run / "checkpoint-2")["step"] == 2
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, reference_run, pairs):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(reference_run / "checkpoint-2", out / "checkpoint-2")
+    Trainer(DiffusionDPO(dpo_config(out, pairs, resume="latest"))).train()
+    a, b = lora_state(reference_run), lora_state(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # and it really trained from step 2: the weights moved away from checkpoint-2's
+    mid = load_file(str(reference_run / "checkpoint-2" / "trainable.safetensors"))
+    assert any(not torch.equal(v, load_file(str(out / "checkpoint-4" / "trainable.safetensors"))[k]) for k, v in mid.items())
+
+
+def test_killed_save_keeps_previous_checkpoint(tmp_path, pairs, monkeypatch):
+    import accelerate
+
+    out = tmp_path / "killed"
+    real = accelerate.Accelerator.save_state
+    calls = []
+
+    def dying_save(self, output_dir=None, **kw):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second save dies half-way
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"trunc")
+            raise KeyboardInterrupt("killed during save")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(DiffusionDPO(dpo_config(out, pairs))).train()
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", real)
+    assert ckpt.latest(out).name == "checkpoint-2"
+    assert (out / ".tmp-checkpoint-4").exists() and not (out / "checkpoint-4").exists()
+    # the previous checkpoint is loadable: resuming from it completes the run and cleans the leftovers
+    Trainer(DiffusionDPO(dpo_config(out, pairs, resume="latest"))).train()
+    assert not (out / ".tmp-checkpoint-4").exists()
+    assert ckpt.read_state(out / "checkpoint-4")["step"] == 4
+
+
+def test_checkpoint_total_limit(tmp_path, pairs):
+    out = tmp_path / "limited"
+    Trainer(DiffusionDPO(dpo_config(out, pairs, max_steps=3, checkpoint_every=1, checkpoints_total_limit=2))).train()
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_final_lora_loads_into_stock_pipeline(reference_run, pairs):
+    from diffplug.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = pipe.encode_prompt(["a photo 0"], "cpu", 1, False)[0]
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        pipe.load_lora_weights(str(reference_run / "final"))
+        after = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    assert (after - before).abs().max() > 1e-6  # the adapter is active and trained
+    # and it is the trained adapter: the same numbers as the trainer's own model at the end
+    trained = lora_state(reference_run)
+    assert len(trained) > 0 and all(k.startswith("unet.") for k in trained)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_processes_equal_one(tmp_path, reference_run, pairs):
+    out = tmp_path / "ddp"
+    cmd = [
+        "torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+        "-m", "diffplug.finetune", "dpo", "--model", "tiny:sd", "--data", str(pairs), "--output_dir", str(out),
+        "--max_steps", "4", "--checkpoint_every", "0", "--train_batch_size", "1", "--learning_rate", "1e-3",
+        "--lr_scheduler", "constant", "--beta", "500", "--tensorboard", "false", "--seed", "3", "--log_every", "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = lora_state(reference_run), lora_state(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert ckpt.read_state(out / "checkpoint-4")["num_processes"] == 2
