@@ -118,7 +118,7 @@ class AdaptiveGuidance(Guidance):
     # -- per-generation state ----------------------------------------------------------------------
     def reset(self) -> None:
         self._converged: list[bool] | None = None  # host flags, one per sample
-        self.switch_steps: list[int | None] = []
+        self._switch_steps: list[int | None] = []
         self._pending = None  # (step, rows, γ) of the last CFG step, read at the next set_state
         self._history: list[tuple[int, list[int] | None, torch.Tensor]] = []
         self._rows: list[int] | None = None
@@ -137,12 +137,18 @@ class AdaptiveGuidance(Guidance):
         for r, hit in zip(rows if rows is not None else range(len(flags)), flags):
             if hit and not self._converged[r]:
                 self._converged[r] = True
-                self.switch_steps[r] = step
+                self._switch_steps[r] = step
+
+    @property
+    def switch_steps(self) -> list[int | None]:
+        """Per sample, the step k at which γ_k > γ̄ first held in the last generation (None: never)."""
+        self._absorb()
+        return list(self._switch_steps)
 
     def _ensure(self, batch: int) -> None:
         if self._converged is None or len(self._converged) != batch:
             self._converged = [False] * batch
-            self.switch_steps = [None] * batch
+            self._switch_steps = [None] * batch
 
     def _cfg_mode(self) -> bool:
         return self.is_active() and not (self._converged is not None and all(self._converged))
