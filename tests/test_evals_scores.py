@@ -1,0 +1,233 @@
+"""CLIP score (tiny random CLIP built offline), pixel statistics, sampler accuracy, rewards."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffplug.evals import (CLIPScore, GrayContrast, SamplerAccuracy, Saturation, clip_score, get_reward,
+                            gray_contrast, list_rewards, psnr, saturation, trajectory_error)
+from diffplug.evals.clip_score import TransformersCLIP, clip_preprocess
+
+
+def _byte_chars():
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialised CLIPModel + a byte-level CLIPTokenizer (no merges), saved locally."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("tinyclip")
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    eos = vocab["<|endoftext|>"]
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=24, eos_token_id=eos,
+                         bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return str(d / "model")
+
+
+def _imgs(n, size=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g)
+
+
+def test_transformers_clip_cosine_is_the_models_own(tiny_clip):
+    import transformers
+
+    scorer = TransformersCLIP(tiny_clip)
+    images, prompts = _imgs(3), ["a cat", "a red dress", "shoe"]
+    cos = scorer(images, prompts)
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        out = model(**tok(prompts, padding=True, return_tensors="pt"), pixel_values=clip_preprocess(images, 32))
+    # CLIPModel's logits are logit_scale * cosine
+    ref = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    torch.testing.assert_close(cos, ref, rtol=1e-4, atol=1e-5)
+    s = clip_score(images, prompts, scorer)
+    torch.testing.assert_close(s, 100 * cos.clamp(min=0))
+
+
+def test_long_prompts_truncate_keeping_end_token_or_error(tiny_clip):
+    scorer = TransformersCLIP(tiny_clip)
+    long = "a very long prompt " * 10
+    with pytest.warns(UserWarning, match="1 prompt"):
+        ids = scorer.tokenize(["short", long])["input_ids"]
+    assert ids.shape[1] == 24
+    eos = scorer.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert ids[1, -1].item() == eos  # the end token survives truncation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer.tokenize(["short"])  # no warning for prompts that fit
+    strict = TransformersCLIP(tiny_clip, long_prompts="error")
+    with pytest.raises(ValueError, match="context of 24"):
+        strict(_imgs(1), [long])
+
+
+def test_clip_score_metric_and_callable_scorer():
+    fixed = torch.tensor([0.3, -0.2, 0.5, 0.1])
+    scorer = lambda images, prompts: fixed[: len(images)]  # noqa: E731  (the testbed's scorer has this shape)
+    m = CLIPScore(scorer=scorer)
+    m.update(_imgs(2), ["a", "b"])
+    m.update(_imgs(2), "same prompt for all")
+    expected = 100 * (0.3 + 0.0 + 0.3 + 0.0) / 4  # second update sees fixed[:2] again; negatives clamp to 0
+    assert m.compute().item() == pytest.approx(expected, rel=1e-6)
+    assert m.mean_cosine.item() == pytest.approx((0.3 - 0.2 + 0.3 - 0.2) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="prompts"):
+        clip_score(_imgs(2), ["only one"], scorer)
+
+
+def test_clip_backends_fail_clearly_without_local_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path="):
+        TransformersCLIP(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="pretrained="):
+        CLIPScore(scorer="open_clip", model_name="ViT-B-32", path=str(tmp_path / "w.bin"))
+    with pytest.raises(ValueError, match="model_name"):
+        CLIPScore(scorer="open_clip")
+
+
+def test_open_clip_backend_on_a_tiny_model(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    from diffplug.evals.clip_score import OpenCLIP
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                            "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    scorer = OpenCLIP("tiny-test", str(tmp_path / "w.safetensors"))
+    images, prompts = _imgs(2, 32), ["a cat", "a dog"]
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(clip_preprocess(images, 32, scorer.mean, scorer.std))
+        txt = model.encode_text(open_clip.get_tokenizer("tiny-test")(prompts))
+    torch.testing.assert_close(scorer(images, prompts), F.cosine_similarity(img, txt, dim=-1), rtol=1e-4, atol=1e-5)
+    with pytest.warns(UserWarning, match="exceed"):
+        scorer(images[:1], ["word " * 100])
+
+
+def test_saturation_definition():
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0] = 1.0
+    gray = torch.full((1, 3, 4, 4), 0.5)
+    half = torch.zeros(1, 3, 4, 4)
+    half[:, 0], half[:, 1], half[:, 2] = 1.0, 0.5, 0.5  # (1 - 0.5) / 1
+    black = torch.zeros(1, 3, 4, 4)
+    s = saturation(torch.cat([red, gray, half, black]))
+    torch.testing.assert_close(s, torch.tensor([1.0, 0.0, 0.5, 0.0]))
+    assert saturation((red * 255).to(torch.uint8)).item() == pytest.approx(1.0)
+    m = Saturation()
+    m.update(torch.cat([red, gray]))
+    m.update(half)
+    assert m.compute().item() == pytest.approx(0.5)
+    # against PIL's HSV conversion on random colours
+    from PIL import Image
+    x = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
+    hsv = Image.fromarray(x[0].permute(1, 2, 0).numpy()).convert("HSV")
+    pil_s = torch.tensor(list(hsv.getdata()), dtype=torch.float32)[:, 1].mean() / 255
+    assert saturation(x).item() == pytest.approx(pil_s.item(), abs=3e-3)  # PIL rounds S to 8 bits
+    with pytest.raises(ValueError, match="colour"):
+        saturation(torch.zeros(1, 1, 4, 4))
+
+
+def test_gray_contrast_and_clipping():
+    x = torch.zeros(2, 1, 2, 2)
+    x[0] = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    x[1] = 0.5
+    out = gray_contrast(x)
+    torch.testing.assert_close(out["clip_black"], torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(out["clip_white"], torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(out["contrast"], torch.tensor([math.sqrt(0.125), 0.0]))
+    m = GrayContrast()
+    m.update(x)
+    assert m.compute()["clip_black"].item() == pytest.approx(0.125)
+    # RGB gray input reduces to the same luma
+    torch.testing.assert_close(gray_contrast(x.expand(-1, 3, -1, -1))["contrast"], out["contrast"])
+
+
+def test_sampler_accuracy():
+    ref = torch.zeros(2, 4, 8, 8)
+    x = ref.clone()
+    x[0] += 0.1
+    x[1] += 0.2
+    e = trajectory_error(x, ref, data_range=1.0)
+    assert e["mse"].item() == pytest.approx((0.01 + 0.04) / 2)
+    assert e["psnr"].item() == pytest.approx((20 + 10 * math.log10(1 / 0.04)) / 2)
+    torch.testing.assert_close(psnr(x, ref), torch.tensor([20.0, 10 * math.log10(25)], dtype=torch.float64))
+    m = SamplerAccuracy(data_range=2.0)
+    m.update(x[:1], ref[:1])
+    m.update(x[1:], ref[1:])
+    assert m.compute()["mse"].item() == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="same noise"):
+        trajectory_error(x, ref[:1])
+
+
+def test_rewards_registry_and_jpeg():
+    assert {"jpeg_compressibility", "pickscore", "hpsv2", "aesthetic", "imagereward", "testbed",
+            "clip_score"} <= set(list_rewards())
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noisy = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    r = get_reward("jpeg_compressibility")
+    s = r(torch.cat([flat, noisy]), ["", ""])
+    assert s.shape == (2,) and s[0] > s[1]  # flat compresses better -> higher reward
+    assert torch.equal(get_reward("jpeg_incompressibility")(noisy, [""]), -r(noisy, [""]))
+    with pytest.raises(ValueError, match="registered"):
+        get_reward("nope")
+    custom = get_reward(lambda images, prompts: images.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(custom(flat, None), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("name,kw,arg", [("pickscore", {}, "path="), ("hpsv2", {}, "path="),
+                                         ("aesthetic", {}, "path="), ("imagereward", {}, "path="),
+                                         ("hpsv2", {"path": "/no/such.pt"}, "path=")])
+def test_local_weight_rewards_name_what_is_missing(name, kw, arg):
+    with pytest.raises(FileNotFoundError, match=arg):
+        get_reward(name, **kw)
+
+
+def test_aesthetic_and_pickscore_on_tiny_clip(tiny_clip, tmp_path):
+    import transformers
+    from safetensors.torch import save_file
+
+    from diffplug.evals.rewards import AestheticMLP
+
+    torch.manual_seed(1)
+    head = AestheticMLP(16)
+    save_file(head.state_dict(), str(tmp_path / "head.safetensors"))
+    r = get_reward("aesthetic", path=str(tmp_path / "head.safetensors"), clip_path=tiny_clip)
+    images = _imgs(2, 32)
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=clip_preprocess(images, 32))
+        emb = emb if torch.is_tensor(emb) else emb.pooler_output
+        ref = head.eval()(F.normalize(emb, dim=-1))
+    torch.testing.assert_close(r(images, None), ref, rtol=1e-4, atol=1e-5)
+
+    ps = get_reward("pickscore", path=tiny_clip)
+    cos = TransformersCLIP(tiny_clip)(images, ["a", "b"])
+    torch.testing.assert_close(ps(images, ["a", "b"]), model.logit_scale.exp().detach() * cos, rtol=1e-4, atol=1e-5)
