@@ -60,6 +60,9 @@ def ddim_step_with_logprob(
     alpha_prev, sigma_prev = (v.view(shape) for v in _levels(scheduler, previous_timestep(scheduler, t, num_inference_steps), sample.device))
 
     x0, eps = split(model_output.float(), sample.float(), alpha_t, sigma_t, prediction_type)
+    if getattr(scheduler.config, "clip_sample", False):  # as DDIMScheduler.step: clip x0, keep eps
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
     std = eta * (sigma_prev / sigma_t) * (1 - alpha_t**2 / alpha_prev**2).clamp(min=0).sqrt()  # Eq. 16
     mean = alpha_prev * x0 + (sigma_prev**2 - std**2).clamp(min=0).sqrt() * eps  # Eq. 12
     if prev_sample is None:

@@ -250,7 +250,7 @@ def resolve_reward(name):
             ) from None
         try:
             obj = get_reward(name)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
             raise ConfigError(f"reward: {e}") from None
     fn = getattr(obj, "score", obj)
     if not callable(fn):

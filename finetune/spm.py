@@ -11,8 +11,9 @@ The modulation starts at zero, so an untrained SPM *is* the backbone scorer at e
 
 Backbones (``--backbone``): ``testbed`` (``diffplug.testbed.load_scorer()``), ``clip:<folder>`` (a
 local transformers CLIP folder, e.g. PickScore_v1), ``module:function`` (returns a backbone).
-A backbone has ``encode_image(images in [0,1]) -> (B, D)``, ``encode_text(prompts) -> (B, D)`` and
-optionally ``logit_scale`` (a scalar; 100 if absent, as CLIP/PickScore's exp(logit_scale)).
+A backbone has ``encode_image(images in [0,1]) -> (B, D)`` and ``encode_text(prompts) -> (B, D)``
+(or the testbed scorer's ``embed_images`` / ``embed_text``), and optionally ``logit_scale`` (a scalar,
+or ``image_tower.logit_scale`` holding its log as in the testbed scorer; 100 if absent, as CLIP's).
 
 ``diffplug finetune spo-pm`` trains it on preference pairs labelled by the backbone on the clean
 images (Sec. 3.2: pairs noised with the same noise at a random t, denoised in one step by the frozen
@@ -111,25 +112,36 @@ class StepAwarePreferenceModel(nn.Module):
     @classmethod
     def from_backbone(cls, spec: str, freq_dim: int = 256) -> "StepAwarePreferenceModel":
         backbone = load_backbone(spec)
+        model = cls(backbone, 1, freq_dim, backbone_spec=spec)
         with torch.no_grad():
-            dim = backbone.encode_text(["a"]).shape[-1]
+            dim = model._encode_text(["a"]).shape[-1]
         return cls(backbone, dim, freq_dim, backbone_spec=spec)
 
     def logit_scale(self) -> torch.Tensor:
         scale = getattr(self.backbone, "logit_scale", None)
+        if scale is None and hasattr(getattr(self.backbone, "image_tower", None), "logit_scale"):
+            return self.backbone.image_tower.logit_scale.exp().float()  # stored as a log (CLIP style)
         if scale is None:
             return torch.tensor(100.0)
         return torch.as_tensor(scale() if callable(scale) else scale).float()
 
+    def _encode_image(self, images):
+        fn = getattr(self.backbone, "encode_image", None) or self.backbone.embed_images
+        return fn(images)
+
+    def _encode_text(self, prompts):
+        fn = getattr(self.backbone, "encode_text", None) or self.backbone.embed_text
+        return fn(list(prompts))
+
     def image_features(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        f = self.backbone.encode_image(images).float()
+        f = self._encode_image(images).float()
         shift, scale, gate = self.t_mlp(timestep_embedding(timesteps.to(f.device), self.freq_dim)).chunk(3, dim=-1)
         f = f + gate * self.mlp(self.norm(f) * (1 + scale) + shift)
         return F.normalize(f, dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=images.device).reshape(-1).expand(images.shape[0])
-        text = F.normalize(self.backbone.encode_text(list(prompts)).float(), dim=-1)
+        text = F.normalize(self._encode_text(prompts).float().to(images.device), dim=-1)
         return self.logit_scale().to(images.device) * (text * self.image_features(images, t)).sum(-1)
 
     score = forward

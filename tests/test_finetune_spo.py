@@ -1,0 +1,176 @@
+"""SPO: the stochastic DDIM step with log-prob, the compare function, the clipped pairwise loss, the
+step-wise resampler, the step-aware preference model, and both commands end to end (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from diffplug.finetune import Trainer, load_config
+from diffplug.finetune.logprob import ddim_step_with_logprob
+from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel, pickscore_loss
+from diffplug.finetune.spo import SPO, SPOConfig, StepwiseResampler, compare, spo_loss
+
+torch.set_num_threads(1)
+
+
+class BrightnessScorer(nn.Module):
+    """A tiny image-text backbone whose score rises with image brightness (text ignored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(10.0))
+
+    def encode_image(self, images):
+        b = images.float().mean(dim=(1, 2, 3)) - 0.5
+        return torch.stack([self.gain * b, torch.full_like(b, 0.5)], -1)
+
+    def encode_text(self, prompts):
+        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), 2)
+
+
+@pytest.fixture(autouse=True)
+def scorer_module(monkeypatch):
+    mod = types.ModuleType("finetune_test_scorers")
+    mod.bright = BrightnessScorer
+    monkeypatch.setitem(sys.modules, "finetune_test_scorers", mod)
+
+
+def ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False)
+
+
+def test_ddim_logprob_is_the_analytic_gaussian():
+    sched = ddim()
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, eps_hat = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = sched.timesteps[3]
+    prev, logp = ddim_step_with_logprob(sched, eps_hat, t, x, 10, eta=1.0, noise=torch.randn(3, 4, 8, 8, generator=g))
+    # the same mean and variance as diffusers' DDIMScheduler.step with eta = 1 (variance_noise = 0 -> mean)
+    mean = sched.step(eps_hat, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+    std = (sched._get_variance(t, t - 100)) ** 0.5
+    ref = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(logp, ref, rtol=1e-4, atol=1e-4)
+    # scoring a given transition gives the same number; a far-away sample is less likely
+    _, again = ddim_step_with_logprob(sched, eps_hat, t, x, 10, prev_sample=prev)
+    torch.testing.assert_close(again, logp)
+    _, far = ddim_step_with_logprob(sched, eps_hat, t, x, 10, prev_sample=prev + 3 * std)
+    assert (far < logp).all()
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        ddim_step_with_logprob(sched, eps_hat, t, x, 10, eta=0.0)
+
+
+def test_compare_respects_order_and_rejects_ties():
+    scores = torch.tensor([[1.0, 5.0, 3.0], [2.0, 2.0, 2.0], [0.0, 0.1, 0.05]])
+    win, lose, valid = compare(scores, threshold=0.3)
+    assert win.tolist()[0] == 1 and lose.tolist()[0] == 0
+    assert valid.tolist() == [True, False, False]  # a tie, and a gap below the threshold
+
+
+def test_spo_loss_log2_at_reference_and_clipping():
+    lp = torch.randn(5)
+    losses, clipped = spo_loss(lp, lp + 0.3, lp, lp + 0.3, beta=10.0, eps=0.1)
+    torch.testing.assert_close(losses, torch.full((5,), math.log(2.0)))
+    assert not clipped.any()
+    # inside [1-eps, 1+eps]: raising the winner's log-prob lowers the loss
+    w = torch.zeros(3, requires_grad=True)
+    spo_loss(w, torch.zeros(3), torch.zeros(3), torch.zeros(3), 10.0, 0.1)[0].sum().backward()
+    assert (w.grad < 0).all()
+    # outside it the clamp has zero gradient (the trust region of the spec)
+    w = torch.full((3,), 0.5, requires_grad=True)
+    losses, clipped = spo_loss(w, torch.zeros(3), torch.zeros(3), torch.zeros(3), 10.0, 0.1)
+    losses.sum().backward()
+    assert clipped[0].all() and (w.grad == 0).all()
+
+
+def test_spm_starts_as_its_backbone_and_pickscore_loss():
+    spm = StepAwarePreferenceModel.from_backbone("finetune_test_scorers:bright")
+    images = torch.rand(4, 3, 16, 16)
+    prompts = ["a"] * 4
+    backbone = spm.backbone
+    f = nn.functional.normalize(backbone.encode_image(images), dim=-1)
+    expected = 100.0 * (f * torch.tensor([1.0, 0.0])).sum(-1)
+    for t in (0, 500, 999):
+        torch.testing.assert_close(spm(images, prompts, t), expected)
+    s = torch.tensor([3.0, -1.0])
+    torch.testing.assert_close(pickscore_loss(s[:1], s[1:]), -torch.log_softmax(s, 0)[:1])
+
+
+def spo_config(out, **kw):
+    base = dict(
+        output_dir=str(out), model="tiny:sd", preference_model="finetune_test_scorers:bright", num_steps=4,
+        divert_start_step=1, num_sample_each_step=3, threshold=0.0, train_batch_size=2, max_steps=2,
+        checkpoint_every=0, log_every=1, tensorboard=False, prompts=["a", "b", "c", "d"], learning_rate=1e-3,
+    )
+    base.update(kw)
+    return load_config(SPOConfig, None, base)
+
+
+def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
+    method = SPO(spo_config(tmp_path / "o"))
+    trainer = Trainer(method)
+    trainer._setup()
+    gens = trainer.generators(torch.tensor([0, 1]))
+    tr = method.resampler(trainer.unet, ["a", "b"], gens, trainer.resolution, trainer.device)
+    n_steps = method.config.num_steps - method.config.divert_start_step
+    assert tr["x_t"].shape[0] == n_steps * 2 and tr["final"].shape[0] == 2  # one path per prompt
+    assert torch.equal(tr["prompt"], torch.arange(2).repeat(n_steps))
+    # each step branches from a new parent, and the pair is two distinct candidates of that parent
+    parents = tr["x_t"].view(n_steps, 2, -1)
+    assert all(not torch.equal(parents[s], parents[s + 1]) for s in range(n_steps - 1))
+    assert all(not torch.equal(w, l) for w, l in zip(tr["x_w"], tr["x_l"]))
+    # winners score higher: the scorer prefers brightness, so the winner's predicted image is brighter
+    assert (tr["scores"].max(1).values >= tr["scores"].min(1).values).all()
+    # the same generators reproduce the same rollout (seeded per sample)
+    again = method.resampler(trainer.unet, ["a", "b"], trainer.generators(torch.tensor([0, 1])), trainer.resolution, trainer.device)
+    torch.testing.assert_close(again["x_w"], tr["x_w"])
+
+
+def test_spo_command_runs_and_starts_at_log2(tmp_path):
+    from diffplug.finetune.cli import main
+
+    out = tmp_path / "spo"
+    args = ["spo", "--output_dir", str(out), "--model", "tiny:sd", "--preference_model", "finetune_test_scorers:bright",
+            "--num_steps", "3", "--divert_start_step", "1", "--num_sample_each_step", "2", "--threshold", "0",
+            "--max_steps", "2", "--train_batch_size", "1", "--checkpoint_every", "1", "--log_every", "1",
+            "--tensorboard", "false", "--prompts", "a,b"]
+    assert main(args) == 0
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert abs(logs[0]["loss"] - math.log(2)) < 1e-5  # theta = ref at step 1 (LoRA B = 0)
+    assert 0 <= logs[0]["valid_pair_fraction"] <= 1 and "clipped_fraction" in logs[0]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (out / "checkpoint-2").is_dir()
+
+
+def test_spo_pm_trains_and_reloads(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = []
+    for i in range(2):
+        Image.new("RGB", (32, 32), (220, 220, 220)).save(data / f"{i}w.png")
+        Image.new("RGB", (32, 32), (30, 30, 30)).save(data / f"{i}l.png")
+        rows.append({"prompt": "x", "chosen": f"{i}w.png", "rejected": f"{i}l.png"})
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(SPMConfig, None, dict(
+        output_dir=str(tmp_path / "pm"), model="tiny:sd", backbone="finetune_test_scorers:bright", data=str(data),
+        max_steps=2, train_batch_size=2, checkpoint_every=0, tensorboard=False, learning_rate=1e-2, log_every=1,
+    ))
+    final = Trainer(SPMTraining(cfg)).train()
+    spm = StepAwarePreferenceModel.load(final)
+    assert spm.backbone_spec == "finetune_test_scorers:bright"
+    assert any(p.abs().sum() > 0 for p in spm.t_mlp[-1].parameters())  # time conditioning was trained
+    # and SPO accepts the trained folder as its preference model
+    from diffplug.finetune.spm import load_preference_model
+
+    assert isinstance(load_preference_model(str(tmp_path / "pm")), StepAwarePreferenceModel)
