@@ -106,8 +106,14 @@ class DiffplugPipeline:
         guidance = self._guidance_for(guidance_scale)
 
         conditions = family.encode(
-            prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds,
-            height=height, width=width, **family_kwargs,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=height,
+            width=width,
+            **family_kwargs,
         )
         batch = conditions["encoder_hidden_states"][0].shape[0]
         latents = family.prepare_latents(batch, height, width, generator, latents)

@@ -41,18 +41,24 @@ class Family:
                 "call the stock pipeline directly"
             )
 
-    def encode(self, prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds, **kw):
-        """-> conditions ``{model keyword: (cond, uncond)}``."""
-        cond, uncond = self.pipe.encode_prompt(
-            prompt,
-            self.device,
-            num_images_per_prompt,
-            True,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            clip_skip=kw.get("clip_skip"),
+    def encode(self, **call) -> dict:
+        """The pipeline's own ``encode_prompt`` -> conditions ``{model keyword: (cond, uncond)}``.
+
+        ``call`` holds the user's call arguments; each pipeline's ``encode_prompt`` takes the ones it
+        names (``prompt_2``, ``clip_skip``, ``max_sequence_length``, ...). ``None`` keeps its default.
+        """
+        params = inspect.signature(self.pipe.encode_prompt).parameters
+        call = {**call, "device": self.device, "do_classifier_free_guidance": True}
+        required = {
+            k for k, p in params.items()
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+        encoded = self.pipe.encode_prompt(
+            **{k: call.get(k) for k in params if k in required or call.get(k) is not None}
         )
+        return self.conditions(*encoded, **call)
+
+    def conditions(self, cond, uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond)}
 
     def timesteps(self, num_inference_steps, timesteps=None, sigmas=None, latents=None, **kw):
@@ -90,44 +96,24 @@ class SDXLFamily(Family):
 
     name = "sdxl"
 
-    def encode(
+    def conditions(
         self,
-        prompt,
-        negative_prompt,
-        num_images_per_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
+        cond,
+        uncond,
+        pooled,
+        pooled_uncond,
         *,
         height,
         width,
-        prompt_2=None,
-        negative_prompt_2=None,
-        pooled_prompt_embeds=None,
-        negative_pooled_prompt_embeds=None,
         original_size=None,
         crops_coords_top_left=(0, 0),
         target_size=None,
         negative_original_size=None,
         negative_crops_coords_top_left=(0, 0),
         negative_target_size=None,
-        clip_skip=None,
-        **kw,
+        **call,
     ):
         pipe = self.pipe
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=prompt_2,
-            device=self.device,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip,
-        )
         projection = (
             int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         )
@@ -177,41 +163,7 @@ class SD3Family(Family):
     def check(self, **call) -> None:
         pass
 
-    def encode(
-        self,
-        prompt,
-        negative_prompt,
-        num_images_per_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        *,
-        prompt_2=None,
-        prompt_3=None,
-        negative_prompt_2=None,
-        negative_prompt_3=None,
-        pooled_prompt_embeds=None,
-        negative_pooled_prompt_embeds=None,
-        max_sequence_length=256,
-        clip_skip=None,
-        **kw,
-    ):
-        cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=prompt_2,
-            prompt_3=prompt_3,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=True,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            device=self.device,
-            clip_skip=clip_skip,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-        )
+    def conditions(self, cond, uncond, pooled, pooled_uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond), "pooled_projections": (pooled, pooled_uncond)}
 
     def timesteps(self, num_inference_steps, timesteps=None, sigmas=None, latents=None, mu=None, **kw):
@@ -261,36 +213,7 @@ class PixArtFamily(Family):
     def check(self, **call) -> None:
         pass
 
-    def encode(
-        self,
-        prompt,
-        negative_prompt,
-        num_images_per_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        *,
-        prompt_attention_mask=None,
-        negative_prompt_attention_mask=None,
-        clean_caption=False,
-        max_sequence_length=None,
-        **kw,
-    ):
-        extra = {}
-        if max_sequence_length is not None:
-            extra["max_sequence_length"] = max_sequence_length
-        cond, mask, uncond, mask_uncond = self.pipe.encode_prompt(
-            prompt,
-            True,
-            negative_prompt=negative_prompt or "",
-            num_images_per_prompt=num_images_per_prompt,
-            device=self.device,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            negative_prompt_attention_mask=negative_prompt_attention_mask,
-            clean_caption=clean_caption,
-            **extra,
-        )
+    def conditions(self, cond, mask, uncond, mask_uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond), "encoder_attention_mask": (mask, mask_uncond)}
 
     def model(self, x, t, encoder_hidden_states, encoder_attention_mask):
