@@ -53,6 +53,7 @@ __all__ = [
     "fit_cpr",
     "reference_trajectory",
     "search_ratios",
+    "search_ratios_for_pipe",
     "sd21_cpr_coefficients",
 ]
 
@@ -204,8 +205,12 @@ def _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scal
         raise ValueError(f"cpr_guidance_scale must be positive, got {cpr_guidance_scale!r}")
 
 
-def _translate_flow_match(config):
-    """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching."""
+def _translate_flow_match(cls, config):
+    """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching.
+
+    FlowMatch-only keys (``shift``, ``base_shift``, ...) are dropped; going back needs
+    ``FlowMatchEulerDiscreteScheduler.from_config(config, shift=config.flow_shift)``.
+    """
     if not isinstance(config, Mapping):
         return config
     name = config.get("_class_name")
@@ -213,11 +218,11 @@ def _translate_flow_match(config):
     by_keys = name is None and "shift" in config and "beta_schedule" not in config and "use_flow_sigmas" not in config
     if not (by_name or by_keys):
         return config
-    cfg = dict(config)
-    cfg["_class_name"] = name or "FlowMatchEulerDiscreteScheduler"  # lets diffusers drop the FlowMatch-only keys
+    keep = cls._get_init_keys(cls)
+    cfg = {k: v for k, v in config.items() if k in keep or k.startswith("_")}
     cfg["use_flow_sigmas"] = True
     cfg["prediction_type"] = "flow_prediction"
-    cfg["flow_shift"] = float(cfg.get("shift", 1.0))
+    cfg["flow_shift"] = float(config.get("shift", 1.0))
     return cfg
 
 
@@ -245,7 +250,7 @@ class _DynamicCompensation:
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """As ``ConfigMixin.from_config``; FlowMatch* configs are translated to ``use_flow_sigmas``."""
-        return super().from_config(_translate_flow_match(config), return_unused_kwargs, **kwargs)
+        return super().from_config(_translate_flow_match(cls, config), return_unused_kwargs, **kwargs)
 
     # ---- schedule ------------------------------------------------------------------------------
 
@@ -684,3 +689,84 @@ def _search_step(sched, i, model_output, sample, target, model_fn, iters, lr):
             tried.append((float(loss_at(rho.detach())), float(rho)))
     best_loss, best_rho = min(tried)
     return best_rho, tried[0][0], best_loss
+
+
+@torch.no_grad()
+def search_ratios_for_pipe(
+    pipe,
+    prompts: Sequence[str],
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 5,
+    *,
+    guidance=None,
+    latents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    reference_steps: int = 200,
+    iters: int = 20,
+    lr: float = 0.1,
+    **family_kwargs,
+) -> SearchResult:
+    """``search_ratios`` on a diffusers pipeline: one noise per prompt, CFG at ``guidance_scale``.
+
+    The pipeline's own prompt encoding, latent preparation, schedule arguments (``sigmas``, ``mu``) and
+    denoiser call come from ``diffplug.pipelines``' family adapter; ``guidance`` (default
+    ``CFG(guidance_scale)``) combines the passes as in ``from_pipe``.  ``pipe.scheduler`` is the
+    scheduler searched for: a DC scheduler, or any scheduler whose config a ``DCSolverScheduler`` is
+    made from.  ``result.scheduler(...)`` gives the scheduler to sample with.
+    """
+    import functools
+
+    from ..guidance.base import CFG, Guidance
+    from ..pipelines import evaluate, family_of
+    from ..predictions import StepContext, prediction_type_of
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("search_ratios_for_pipe needs at least one prompt (the paper uses 10)")
+    base = pipe.scheduler
+    sched = base if isinstance(base, _DynamicCompensation) else DCSolverScheduler.from_config(base.config)
+    family = family_of(pipe)
+    default_h, default_w = family.default_size()
+    height, width = height or default_h, width or default_w
+    conditions = family.encode(
+        prompt=prompts, negative_prompt=None, num_images_per_prompt=1, prompt_embeds=None,
+        negative_prompt_embeds=None, height=height, width=width, **family_kwargs,
+    )  # fmt: skip
+    x_T = family.prepare_latents(len(prompts), height, width, generator, latents)
+
+    # the schedule exactly as the pipeline would set it (sigmas for flow models, mu for dynamic shifting)
+    probe = type(sched).from_config(sched.config, dc_ratios=None)
+    calls = []
+
+    @functools.wraps(probe.set_timesteps)
+    def record(*args, **kwargs):
+        calls.append(inspect.signature(probe.set_timesteps).bind(*args, **kwargs).arguments)
+        return type(probe).set_timesteps(probe, *args, **kwargs)
+
+    probe.set_timesteps = record
+    try:
+        pipe.scheduler = probe
+        family.timesteps(num_inference_steps, latents=x_T, **family_kwargs)
+    finally:
+        pipe.scheduler = base
+    schedule = {k: v for k, v in calls[-1].items() if k != "device"}
+
+    guidance = CFG(guidance_scale) if guidance is None else guidance
+    fields = list(conditions)
+    ptype = prediction_type_of(sched)
+
+    def model_fn(x, t):
+        guidance.set_state(step=0, num_inference_steps=num_inference_steps, timestep=t)
+        if isinstance(guidance, Guidance):
+            alpha, sigma = noise_levels(sched, torch.as_tensor(t, device=x.device).reshape(1))
+            guidance.set_context(StepContext(x, alpha[0], sigma[0], ptype))
+        batches = guidance.prepare_inputs(conditions)
+        for batch, pred in zip(batches, evaluate(family.model, x, t, batches, fields)):
+            batch.noise_pred = pred
+        return guidance(batches).pred.float()
+
+    return search_ratios(
+        model_fn, sched, x_T, reference_steps=reference_steps, iters=iters, lr=lr, **schedule
+    )

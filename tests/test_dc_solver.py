@@ -436,3 +436,27 @@ def test_first_steps_cannot_be_compensated():
     model_fn = gaussian_model(unipc)
     for a, b in zip(run(unipc, model_fn, NOISE, 5), run(dc, model_fn, NOISE, 5)):
         torch.testing.assert_close(b, a, **CLOSE)
+
+
+def test_search_on_a_pipeline_and_cli(tmp_path):
+    from diffplug.cli import main
+    from diffplug.testing import tiny_pipeline
+    from diffplug.samplers.dc_solver import search_ratios_for_pipe
+
+    pipe = tiny_pipeline("flow")
+    result = search_ratios_for_pipe(
+        pipe, ["a red square"], 5.0, 4, generator=torch.Generator().manual_seed(0), reference_steps=12, iters=2
+    )
+    assert len(result.ratios) == 4 and result.losses_searched[0] <= result.losses_initial[0]
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler  # the pipeline's scheduler is left alone
+    sched = result.scheduler(DCSolverScheduler.from_config(pipe.scheduler.config))
+    assert sched.config.use_flow_sigmas and sched.config.dc_ratios == result.ratios
+
+    args = ["bench", "dc-search", "--model", "tiny-flow", "--device", "cpu", "--steps", "4", "--prompt", "a cat",
+            "--reference-steps", "8", "--iters", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    loaded = DCSolverScheduler.from_pretrained(tmp_path)
+    assert len(loaded.config.dc_ratios) == 4 and loaded.config.prediction_type == "flow_prediction"
+    summary = json.loads((tmp_path / "dc_search.json").read_text())
+    assert summary["results"][0]["ratios"] == loaded.config.dc_ratios
+    assert main(args) == 2  # refuses to overwrite without --force
