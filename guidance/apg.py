@@ -96,7 +96,7 @@ def apg_step(
     if norm_threshold > 0:
         norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
         limit = norm_threshold * (abs(slope) if isinstance(slope, float) else slope.abs())
-        d = d * (limit / norm.clamp_min(1e-30)).clamp(max=1.0)
+        d = d * (limit / norm).clamp(max=1.0)  # ‖Δ‖ = 0 gives inf -> 1: no division guard needed
     # projection onto D_c, inner products in float64: Δ⊥ + η Δ∥ = Δ + (η − 1) (⟨Δ, D_c⟩ / ‖D_c‖²) D_c
     if eta != 1.0:
         d64, c64 = d.double(), c.double()
@@ -161,8 +161,7 @@ class APG(Guidance):
             return pred_cond, 1.0
         if ctx.prediction_type == "epsilon":
             ctx = type(ctx)(ctx.sample, ctx.alpha.clamp_min(_MIN_ALPHA), ctx.sigma, ctx.prediction_type)
-        one = torch.ones((), dtype=pred_cond.dtype, device=pred_cond.device)
-        slope = ctx.from_x0(one, sample=torch.zeros_like(one))  # k: d(model output) / d(x0)
+        slope = ctx.from_x0(1.0, sample=0.0)  # k = d(model output) / d(x0), a 0-d tensor
         return ctx.to_x0(pred_cond), slope
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
@@ -179,5 +178,5 @@ class APG(Guidance):
         g, self._running = apg_step(delta, d_cond, self.eta, self.norm_threshold, self.momentum, running, slope)
         # D̃ = D_c + (w − 1) g  written as  CFG + (w − 1)(g − Δ): exactly CFG when APG changes nothing
         w = self.guidance_scale
-        guided = (out_u + w * delta) + (w - 1.0) * (g - delta)
+        guided = torch.add(out_u + w * delta, g - delta, alpha=w - 1.0)
         return self.output(guided.to(dtype), pred_cond, pred_uncond)

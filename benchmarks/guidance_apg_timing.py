@@ -1,0 +1,92 @@
+"""Time APG's per-step maths: diffplug.guidance.APG vs diffusers' AdaptiveProjectedGuidance.
+
+Only the guidance combine is timed (no network): ``guider(batches)`` on random predictions of the
+given shape, with momentum, rescaling and projection on. Also counts the ATen operators one step
+dispatches (a proxy for GPU kernel launches, which is what bounds the time at this size on a GPU).
+
+    python benchmarks/guidance_apg_timing.py --device cpu --shape 2 4 64 64 --iters 2000
+    python benchmarks/guidance_apg_timing.py --device cuda       # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from diffusers import AdaptiveProjectedGuidance
+from diffusers.modular_pipelines.modular_pipeline import BlockState
+from torch.profiler import ProfilerActivity, profile
+
+from diffplug.guidance import APG, CFG
+from diffplug.predictions import StepContext
+
+
+def make_guiders(w: float, r: float, beta: float):
+    return {
+        "CFG (diffplug, reference floor)": (CFG(w), None),
+        "APG diffplug, x0 space (paper)": (APG(w, eta=0.0, norm_threshold=r, momentum=beta), "context"),
+        "APG diffplug, model-output space": (APG(w, eta=0.0, norm_threshold=r, momentum=beta, space="model_output"), None),
+        "APG diffusers 0.42 (same settings)": (
+            AdaptiveProjectedGuidance(guidance_scale=w - 1, adaptive_projected_guidance_momentum=beta,
+                                      adaptive_projected_guidance_rescale=r, eta=0.0, use_original_formulation=True),
+            None,
+        ),
+    }
+
+
+def step(guider, context, cond, uncond, i, n):
+    guider.set_state(step=i, num_inference_steps=n, timestep=torch.tensor(500))
+    if context is not None:
+        guider.set_context(context)
+    batches = [BlockState(noise_pred=cond, prediction="pred_cond"), BlockState(noise_pred=uncond, prediction="pred_uncond")]
+    for b, name in zip(batches, ("pred_cond", "pred_uncond")):
+        setattr(b, guider._identifier_key, name)
+    return guider(batches).pred
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shape", type=int, nargs="+", default=[2, 4, 64, 64])
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="append a markdown table to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, sample = (torch.randn(args.shape, generator=g).to(dev) for _ in range(3))
+    context = StepContext(sample, torch.tensor(0.6, device=dev), torch.tensor(0.8, device=dev), "epsilon")
+    rows = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for name, (guider, ctx) in make_guiders(7.5, 15.0, -0.5).items():
+        ctx = context if ctx == "context" else None
+        n = args.iters
+        for i in range(20):  # warm-up (and the momentum buffer's first step)
+            step(guider, ctx, cond, uncond, i, n + 20)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(guider, ctx, cond, uncond, 20 + i, n + 20)
+        sync()
+        ms = (time.perf_counter() - t0) / n * 1e3
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(guider, ctx, cond, uncond, 25, n + 20)
+        ops = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        rows.append((name, ms, len(ops)))
+    header = (f"APG maths per step, shape {tuple(args.shape)}, device {args.device} "
+              f"({platform.processor() or platform.machine()}, {args.threads} thread(s)), {args.iters} iterations, "
+              f"torch {torch.__version__}")
+    lines = [header, "", "| guider | ms / step | top-level ATen ops / step |", "|---|---:|---:|"]
+    lines += [f"| {name} | {ms:.3f} | {ops} |" for name, ms, ops in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
