@@ -92,7 +92,7 @@ def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool
     feats, grid = [], []
     with tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress) as bar:
         for batch in iterate_batches(loader):
-            if sum(len(g) for g in grid) < GRID_N:
+            if sum(len(g) for g in grid) < GRID_N and (not grid or batch.shape[1:] == grid[0].shape[1:]):
                 grid.append(batch[:GRID_N])
             if stats is not None:
                 stats.add(batch)

@@ -87,11 +87,6 @@ class CallableFeatures(nn.Module):
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         self.num_features = num_features or getattr(fn, "num_features", None)
 
-    def precision_tag(self, device) -> str:
-        """Part of the reference-cache key: fp16 autocast features differ from float32 ones (~1e-3)."""
-        on = self.autocast if self.autocast is not None else torch.device(device).type == "cuda"
-        return "amp" if on else "fp32"
-
     def describe(self) -> dict:
         return {"feature_network": self.name, "resize_protocol": "network's own"}
 
@@ -132,11 +127,6 @@ class _HFImageFeatures(nn.Module):
             else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def precision_tag(self, device) -> str:
-        """Part of the reference-cache key: fp16 autocast features differ from float32 ones (~1e-3)."""
-        on = self.autocast if self.autocast is not None else torch.device(device).type == "cuda"
-        return "amp" if on else "fp32"
 
     def describe(self) -> dict:
         return {"feature_network": self.name, "resize_protocol": f"bicubic antialias to {self.size}"}

@@ -1,0 +1,113 @@
+"""`diffplug eval` folder mode end to end, with a cheap feature network passed as py:<module>:<attr>."""
+
+import argparse
+import json
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+from diffplug.evals import fid_from_features, kernel_inception_distance, precision_recall
+from diffplug.evals.cli import register
+from diffplug.evals.data import FASHION_MNIST_DIR, ImageFolder
+
+FEATURES = textwrap.dedent("""
+    import torch
+    def tiny_features(images):
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # 48-d, any input size
+    tiny_features.num_features = 48
+""")
+
+
+def _write_pngs(folder, n, seed, shift=0.0, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        a = (torch.rand(size, size, 3, generator=g) * 0.6 + shift).clamp(0, 1)
+        Image.fromarray((a * 255).round().to(torch.uint8).numpy()).save(folder / f"{i:03d}.png")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="diffplug")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    return parser.parse_args(["eval", *argv])
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    (tmp_path / "featmod.py").write_text(FEATURES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DIFFPLUG_CACHE", str(tmp_path / "cache"))
+    _write_pngs(tmp_path / "gen", 30, 0, shift=0.3)
+    _write_pngs(tmp_path / "gen" / "sub", 3, 1, shift=0.3, size=40)  # a second size: grouped per size
+    _write_pngs(tmp_path / "ref", 40, 2)
+    return tmp_path
+
+
+def _features_of(folder):
+    from featmod import tiny_features
+
+    return torch.cat([tiny_features(ImageFolder(folder)[i][None]) for i in range(len(ImageFolder(folder)))])
+
+
+def test_folder_mode_writes_metrics_and_report(setup):
+    tmp = setup
+    argv = ["--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--features", "py:featmod:tiny_features",
+            "--metrics", "fid,kid,precision,recall,saturation", "--out", str(tmp / "out"), "--num-workers", "2",
+            "--batch-size", "8", "--no-progress", "--kid-subsets", "10"]
+    args = _parse(argv)
+    args.func(args)
+    m = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert {"fid", "kid", "precision", "recall", "protocol", "saturation", "reference_saturation"} <= set(m)
+    assert m["n_generated"] == 33 and m["n_reference"] == 40
+    gen, ref = _features_of(tmp / "gen"), _features_of(tmp / "ref")
+    assert m["fid"] == pytest.approx(fid_from_features(ref, gen).item(), rel=1e-6)
+    kid, _ = kernel_inception_distance(gen, ref, subsets=10, subset_size=33)
+    assert m["kid"] == pytest.approx(kid.item(), rel=1e-6)
+    p, r = precision_recall(ref, gen)
+    assert (m["precision"], m["recall"]) == pytest.approx((p.item(), r.item()))
+    assert m["protocol"]["kid"]["subset_size"] == 33 and m["protocol"]["precision_recall"]["k"] == 3
+    assert m["saturation"] != pytest.approx(m["reference_saturation"])
+    html = (tmp / "out" / "report.html").read_text()
+    assert "data:image/png;base64" in html and html.count("<svg") >= 2 and "Feature PCA" in html
+
+    # never overwrite silently; --overwrite reuses the cached reference features
+    with pytest.raises(SystemExit, match="--overwrite"):
+        _parse(argv).func(_parse(argv))
+    cache = m["reference_cache"]
+    assert cache and (tmp / "cache") in __import__("pathlib").Path(cache).parents
+    args = _parse(argv + ["--overwrite"])
+    m2 = args.func(args)
+    assert m2["fid"] == pytest.approx(m["fid"], rel=1e-12) and m2["reference_cache"] == cache
+
+
+def test_bad_arguments_fail_clearly(setup):
+    tmp = setup
+    with pytest.raises(SystemExit, match="unknown"):
+        a = _parse(["--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--metrics", "fid,lpips",
+                    "--out", str(tmp / "o")])
+        a.func(a)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        a = _parse(["--generated", str(tmp / "nope"), "--reference", str(tmp / "ref"), "--features",
+                    "py:featmod:tiny_features", "--out", str(tmp / "o2"), "--no-progress"])
+        a.func(a)
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_reference(setup):
+    from diffplug.evals.data import fashion_mnist
+
+    tmp = setup
+    x = fashion_mnist("test", 5)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.uint8
+    assert (x[:, :, :2] == 0).all() and torch.equal(x[:, 0], x[:, 2])  # zero padding, gray as RGB
+    a = _parse(["--generated", str(tmp / "gen"), "--reference", "fashion-mnist:test", "--reference-limit", "50",
+                "--features", "py:featmod:tiny_features", "--metrics", "fid,precision,recall,contrast",
+                "--out", str(tmp / "fm"), "--no-progress"])
+    m = a.func(a)
+    assert m["n_reference"] == 50 and m["reference"].startswith("fashion-mnist-test")
+    assert m["reference_clip_black"] > 0.3  # Fashion-MNIST's black background
