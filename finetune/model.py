@@ -61,6 +61,8 @@ class DiffusionModel:
         from ..pipelines import family_of
 
         self.pipe = pipe
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)  # the trainer has its own bar
         self.family = family_of(pipe)
         if self.family.name not in SUPPORTED:
             raise ConfigError(

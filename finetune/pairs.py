@@ -125,23 +125,29 @@ def to_tensor(image, size: int) -> torch.Tensor:
 
 
 class PreferencePairs(torch.utils.data.Dataset):
-    """Items ``{"caption": str, "image_w": (3,H,W), "image_l": (3,H,W)}`` in [-1, 1]."""
+    """Items ``{"caption": str, "image_w": (3,H,W), "image_l": (3,H,W)}`` in [-1, 1].
 
-    def __init__(self, rows: list, size: int, root: Path | None = None, where: str = "data"):
-        self.pairs = []
-        for i, row in enumerate(rows):
-            pair = normalise_row(row, f"{where} row {i}")
-            if pair is not None:
-                self.pairs.append(pair)
-        if not self.pairs:
+    ``rows``: a list of dicts, or a ``datasets.Dataset`` (rows are read, and images decoded, only
+    when an item is fetched; ties are found from the ``label_0`` column alone)."""
+
+    def __init__(self, rows, size: int, root: Path | None = None, where: str = "data"):
+        self.rows, self.size, self.root, self.where = rows, size, root, where
+        columns = getattr(rows, "column_names", None)
+        if columns is not None:  # a datasets.Dataset: check the layout on the first row only
+            if len(rows):
+                normalise_row(rows[0], f"{where} row 0")
+            labels = rows["label_0"] if "label_0" in columns else None
+            self.index = [i for i in range(len(rows)) if labels is None or float(labels[i]) != 0.5]
+        else:
+            self.index = [i for i, row in enumerate(rows) if normalise_row(row, f"{where} row {i}") is not None]
+        if not self.index:
             raise ConfigError(f"data: {where} holds no usable (non-tie) preference pairs")
-        self.size, self.root = size, root
 
     def __len__(self):
-        return len(self.pairs)
+        return len(self.index)
 
     def __getitem__(self, i):
-        caption, w, l = self.pairs[i]
+        caption, w, l = normalise_row(self.rows[self.index[i]], f"{self.where} row {self.index[i]}")
         return {
             "caption": caption,
             "image_w": to_tensor(load_image(w, self.root), self.size),
@@ -166,20 +172,6 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"data: {path} line {n} is not JSON: {e}") from None
     return rows
-
-
-class _Rows:
-    """A lazy row view of a ``datasets``/arrow table: rows are materialised on access."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def __len__(self):
-        return len(self.table)
-
-    def __iter__(self):
-        for i in range(len(self.table)):
-            yield self.table[i]
 
 
 def read_rows(source: str) -> tuple[list, Path | None]:
@@ -213,7 +205,10 @@ def read_rows(source: str) -> tuple[list, Path | None]:
             if "train" not in ds:
                 raise ConfigError(f"data: {source!r} is a DatasetDict without a 'train' split (splits: {list(ds)})")
             ds = ds["train"]
-        return list(_Rows(ds)), path
+        for column, feature in ds.features.items():  # keep images encoded until an item is fetched
+            if isinstance(feature, datasets.Image):
+                ds = ds.cast_column(column, datasets.Image(decode=False))
+        return ds, path
     raise ConfigError(
         f"data: folder {source!r} holds neither pairs.jsonl/metadata.jsonl nor a datasets.save_to_disk dataset"
     )

@@ -254,3 +254,77 @@ def test_two_processes_equal_one(tmp_path, reference_run, pairs):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert ckpt.read_state(out / "checkpoint-4")["num_processes"] == 2
+
+
+# -- data sources -------------------------------------------------------------------------------------
+
+
+def _png(colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PICKAPIC = {
+    "caption": ["x", "y", "tie"],
+    "jpg_0": [_png((0, 0, 0)), _png((255, 255, 255)), _png((9, 9, 9))],
+    "jpg_1": [_png((255, 255, 255)), _png((0, 0, 0)), _png((9, 9, 9))],
+    "label_0": [0.0, 1.0, 0.5],
+}
+
+
+def _check_white_wins(ds):
+    assert len(ds) == 2
+    for i in range(2):
+        assert ds[i]["image_w"].mean() == 1.0 and ds[i]["image_l"].mean() == -1.0  # resized + cropped to 32
+
+
+def test_parquet_pick_a_pic(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from diffplug.finetune.pairs import load_pairs
+
+    pq.write_table(pa.table(PICKAPIC), str(tmp_path / "p.parquet"))
+    _check_white_wins(load_pairs(str(tmp_path / "p.parquet"), 32))
+
+
+def test_save_to_disk_folders(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from diffplug.finetune.pairs import load_pairs
+
+    ds = datasets.Dataset.from_dict(PICKAPIC)
+    ds = ds.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    _check_white_wins(load_pairs(str(tmp_path / "flat"), 32))
+    _check_white_wins(load_pairs(str(tmp_path / "dict"), 32))
+
+
+def test_bad_data_sources_name_the_key(tmp_path):
+    from diffplug.finetune.pairs import load_pairs
+
+    with pytest.raises(ConfigError, match=r"data: .* does not exist"):
+        load_pairs(str(tmp_path / "nope.jsonl"), 32)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "a", "jpg_0": "x.png"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data: .* no image pair; expected columns jpg_0, jpg_1, label_0"):
+        load_pairs(str(tmp_path / "bad.jsonl"), 32)
+
+
+def test_pairs_generated_from_a_reward(tmp_path, monkeypatch):
+    import types
+
+    mod = types.ModuleType("finetune_test_rewards")
+    mod.brightness = lambda images, prompts: images.float().mean(dim=(1, 2, 3))
+    monkeypatch.setitem(sys.modules, "finetune_test_rewards", mod)
+    out = tmp_path / "gen"
+    cfg = dpo_config(out, "generate", reward="finetune_test_rewards:brightness", prompts=["a", "b"], num_per_prompt=3,
+                     generate_repeats=1, generate_steps=2, max_steps=1, checkpoint_every=0)
+    Trainer(DiffusionDPO(cfg)).train()
+    rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["score_w"] > r["score_l"] for r in rows)
+    assert (out / "pairs" / rows[0]["image_w"]).is_file()
