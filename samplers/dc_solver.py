@@ -54,6 +54,8 @@ __all__ = [
     "reference_trajectory",
     "search_ratios",
     "search_ratios_for_pipe",
+    "guided_denoiser",
+    "pipeline_schedule",
     "sd21_cpr_coefficients",
 ]
 
@@ -710,23 +712,50 @@ def search_ratios_for_pipe(
 ) -> SearchResult:
     """``search_ratios`` on a diffusers pipeline: one noise per prompt, CFG at ``guidance_scale``.
 
-    The pipeline's own prompt encoding, latent preparation, schedule arguments (``sigmas``, ``mu``) and
-    denoiser call come from ``diffplug.pipelines``' family adapter; ``guidance`` (default
-    ``CFG(guidance_scale)``) combines the passes as in ``from_pipe``.  ``pipe.scheduler`` is the
-    scheduler searched for: a DC scheduler, or any scheduler whose config a ``DCSolverScheduler`` is
-    made from.  ``result.scheduler(...)`` gives the scheduler to sample with.
+    ``pipe.scheduler`` is the scheduler searched for: a DC scheduler, or any scheduler a
+    ``DCSolverScheduler`` is made from (``from_config``); it is left in place.  The pipeline's prompt
+    encoding, latents, schedule arguments and denoiser call come from ``diffplug.pipelines``' family
+    adapter (``guided_denoiser``, ``pipeline_schedule``).  ``result.scheduler(...)`` gives the
+    scheduler to sample with.
     """
-    import functools
+    sched = pipe.scheduler
+    if not isinstance(sched, _DynamicCompensation):
+        sched = DCSolverScheduler.from_config(sched.config)
+    model_fn, x_T = guided_denoiser(
+        pipe, prompts, guidance_scale, guidance=guidance, latents=latents, generator=generator,
+        height=height, width=width, scheduler=sched, **family_kwargs,
+    )  # fmt: skip
+    schedule = pipeline_schedule(pipe, sched, num_inference_steps, x_T, **family_kwargs)
+    return search_ratios(model_fn, sched, x_T, reference_steps=reference_steps, iters=iters, lr=lr, **schedule)
 
+
+def guided_denoiser(
+    pipe,
+    prompts: Sequence[str],
+    guidance_scale: float = 7.5,
+    *,
+    guidance=None,
+    latents: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler=None,
+    **family_kwargs,
+):
+    """``(model_fn, x_T)`` for a pipeline: the guided prediction ``model_fn(x, t)`` and one noise per prompt.
+
+    Prompts, latents and the denoiser call go through ``diffplug.pipelines``' family adapter, the
+    passes are combined by ``guidance`` (default ``CFG(guidance_scale)``), as in ``from_pipe``.
+    ``scheduler`` (default ``pipe.scheduler``) gives the noise levels a guidance may ask for.
+    """
     from ..guidance.base import CFG, Guidance
     from ..pipelines import evaluate, family_of
     from ..predictions import StepContext, prediction_type_of
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
-        raise ValueError("search_ratios_for_pipe needs at least one prompt (the paper uses 10)")
-    base = pipe.scheduler
-    sched = base if isinstance(base, _DynamicCompensation) else DCSolverScheduler.from_config(base.config)
+        raise ValueError("at least one prompt is needed (the paper searches on 10)")
+    scheduler = pipe.scheduler if scheduler is None else scheduler
     family = family_of(pipe)
     default_h, default_w = family.default_size()
     height, width = height or default_h, width or default_w
@@ -735,9 +764,33 @@ def search_ratios_for_pipe(
         negative_prompt_embeds=None, height=height, width=width, **family_kwargs,
     )  # fmt: skip
     x_T = family.prepare_latents(len(prompts), height, width, generator, latents)
+    guidance = CFG(guidance_scale) if guidance is None else guidance
+    fields = list(conditions)
+    ptype = prediction_type_of(scheduler)
 
-    # the schedule exactly as the pipeline would set it (sigmas for flow models, mu for dynamic shifting)
-    probe = type(sched).from_config(sched.config, dc_ratios=None)
+    @torch.no_grad()
+    def model_fn(x, t):
+        guidance.set_state(step=0, num_inference_steps=1, timestep=t)
+        if isinstance(guidance, Guidance):
+            alpha, sigma = noise_levels(scheduler, torch.as_tensor(t, device=x.device).reshape(1))
+            guidance.set_context(StepContext(x, alpha[0], sigma[0], ptype))
+        batches = guidance.prepare_inputs(conditions)
+        for batch, pred in zip(batches, evaluate(family.model, x, t, batches, fields)):
+            batch.noise_pred = pred
+        return guidance(batches).pred.float()
+
+    return model_fn, x_T
+
+
+def pipeline_schedule(pipe, scheduler, num_inference_steps: int, latents: torch.Tensor, **family_kwargs) -> dict:
+    """The ``set_timesteps`` arguments the pipeline would pass ``scheduler`` (``sigmas`` for flow models,
+    ``mu`` for dynamic shifting, ...), found by letting its family adapter set a throw-away copy."""
+    import functools
+
+    from ..pipelines import family_of
+
+    reset = {"dc_ratios": None} if isinstance(scheduler, _DynamicCompensation) else {}
+    probe = type(scheduler).from_config(scheduler.config, **reset)
     calls = []
 
     @functools.wraps(probe.set_timesteps)
@@ -746,27 +799,10 @@ def search_ratios_for_pipe(
         return type(probe).set_timesteps(probe, *args, **kwargs)
 
     probe.set_timesteps = record
+    original = pipe.scheduler
     try:
         pipe.scheduler = probe
-        family.timesteps(num_inference_steps, latents=x_T, **family_kwargs)
+        family_of(pipe).timesteps(num_inference_steps, latents=latents, **family_kwargs)
     finally:
-        pipe.scheduler = base
-    schedule = {k: v for k, v in calls[-1].items() if k != "device"}
-
-    guidance = CFG(guidance_scale) if guidance is None else guidance
-    fields = list(conditions)
-    ptype = prediction_type_of(sched)
-
-    def model_fn(x, t):
-        guidance.set_state(step=0, num_inference_steps=num_inference_steps, timestep=t)
-        if isinstance(guidance, Guidance):
-            alpha, sigma = noise_levels(sched, torch.as_tensor(t, device=x.device).reshape(1))
-            guidance.set_context(StepContext(x, alpha[0], sigma[0], ptype))
-        batches = guidance.prepare_inputs(conditions)
-        for batch, pred in zip(batches, evaluate(family.model, x, t, batches, fields)):
-            batch.noise_pred = pred
-        return guidance(batches).pred.float()
-
-    return search_ratios(
-        model_fn, sched, x_T, reference_steps=reference_steps, iters=iters, lr=lr, **schedule
-    )
+        pipe.scheduler = original
+    return {k: v for k, v in calls[-1].items() if k != "device"}
