@@ -109,6 +109,13 @@ class StepAwarePreferenceModel(nn.Module):
         nn.init.zeros_(self.t_mlp[-1].weight)  # adaLN-Zero: the SPM starts as the backbone
         nn.init.zeros_(self.t_mlp[-1].bias)
 
+    def train(self, mode: bool = True):
+        """The backbone stays in eval mode (its normalisation statistics are frozen); only the
+        gradients flow. Small preference batches would otherwise wreck BatchNorm statistics."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     @classmethod
     def from_backbone(cls, spec: str, freq_dim: int = 256) -> "StepAwarePreferenceModel":
         backbone = load_backbone(spec)

@@ -387,7 +387,8 @@ class Trainer:
             self.step = step
             for micro in range(accum):
                 batch = next(batches)
-                parts = self.method.prepare(self, batch)
+                with acc.autocast():
+                    parts = self.method.prepare(self, batch)
                 if not parts:
                     raise RuntimeError(f"{type(self.method).__name__}.prepare returned no micro-batches")
                 for j, part in enumerate(parts):

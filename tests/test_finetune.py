@@ -328,3 +328,26 @@ def test_pairs_generated_from_a_reward(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["score_w"] > r["score_l"] for r in rows)
     assert (out / "pairs" / rows[0]["image_w"]).is_file()
+
+
+def test_sdxl_full_finetune_with_ema(tmp_path, pairs):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "xl"
+    cfg = dpo_config(out, pairs, model="tiny:sdxl", use_lora=False, ema_decay=0.5, max_steps=2, checkpoint_every=0,
+                     sample_every=2, sample_prompts=["a"], sample_steps=2)
+    trainer = Trainer(DiffusionDPO(cfg))
+    trainer.train()
+    unet = UNet2DConditionModel.from_pretrained(str(out / "final"), subfolder="unet")
+    ema = trainer.ema.shadow
+    trained = [p for p in unet.parameters()]
+    assert len(trained) == len(ema)
+    for s, p in zip(ema, trained):  # the final weights are the EMA's
+        torch.testing.assert_close(p.float(), s.float())
+    assert (out / "samples" / "step-000002.png").is_file()
+    # the frozen reference copy did not move
+    from diffplug.testing import tiny_pipeline
+
+    base = tiny_pipeline("sdxl").unet.state_dict()
+    ref = trainer.model.reference_copy.state_dict()
+    assert all(torch.equal(base[k], ref[k]) for k in base)
