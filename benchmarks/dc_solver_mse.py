@@ -1,0 +1,174 @@
+"""DC-Solver vs DDIM / DPM-Solver++ / UniPC: latent MSE to a 200-step DDIM ground truth at low NFE.
+
+    python benchmarks/dc_solver_mse.py --model toy                       # analytic guided Gaussian, seconds
+    python benchmarks/dc_solver_mse.py --model testbed --num-prompts 4   # the project's testbed SD model
+
+For every guidance scale g and NFE n: the ground truth is a 200-step DDIM (eta = 0) from t = T to sigma = 0
+from the same noise.  Solvers, all with diffusers' defaults on the model's own schedule config and the
+same final sigma (0):
+
+* DDIM: ``DPMSolverMultistepScheduler(solver_order=1)`` (first-order data prediction = DDIM),
+* DPM-Solver++: ``DPMSolverMultistepScheduler`` (2M),
+* UniPC: ``UniPCMultistepScheduler`` (bh2, order 2),
+* DC (searched): ``DCSolverScheduler`` with ratios searched by ``search_ratios`` on a *separate*
+  search set (other prompts and noises: ``--search-prompts``, seed + 1),
+* DC (CPR): ratios predicted by a CPR fitted (least squares) on the searched ratios of every *other*
+  (g, n) of the grid (leave-one-out), so each prediction is for an unseen configuration.
+
+Prints a markdown table (MSE x 1e3 for pipelines) and writes every number to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from diffplug.predictions import noise_levels
+from diffplug.samplers.dc_solver import (
+    DCSolverScheduler,
+    cpr_ratios,
+    fit_cpr,
+    reference_trajectory,
+    search_ratios,
+)
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def toy_problem(guidance_scale: float, batch: int, seed: int):
+    """An analytic guided Gaussian at SD's schedule: (model_fn, noise, scheduler config)."""
+    g = torch.Generator().manual_seed(1234)  # the "model" is the same for every seed
+    shape = (4, 16, 16)
+    mu_c, mu_u = torch.randn(shape, generator=g), 0.3 * torch.randn(shape, generator=g)
+    s_c = 0.2 + 0.5 * torch.rand(shape, generator=g)
+    config = DCSolverScheduler(**SD).config
+
+    def eps(x, a, s, mu, std):
+        return s * (x - a * mu) / (a**2 * std**2 + s**2)
+
+    sched = DCSolverScheduler(**SD)
+
+    def model_fn(x, t):
+        a, s = noise_levels(sched, torch.as_tensor(t).reshape(1))
+        a, s = a.view(1, 1, 1, 1), s.view(1, 1, 1, 1)
+        uncond = eps(x, a, s, mu_u, 1.0)
+        return uncond + guidance_scale * (eps(x, a, s, mu_c, s_c) - uncond)  # CFG on epsilon
+
+    noise = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
+    return model_fn, noise, config
+
+
+def pipe_problem(pipe, prompts, guidance_scale: float, seed: int, height=None, width=None):
+    from diffplug.samplers.dc_solver import guided_denoiser
+
+    model_fn, noise = guided_denoiser(
+        pipe, prompts, guidance_scale, generator=torch.Generator().manual_seed(seed), height=height, width=width
+    )
+    return model_fn, noise, pipe.scheduler.config
+
+
+@torch.no_grad()
+def sample(scheduler, model_fn, noise, nfe):
+    scheduler.set_timesteps(nfe, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model_fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x.float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", help="toy, testbed, tiny-sd, a local folder or a hub id")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
+    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[1.5, 3.0, 7.5])
+    parser.add_argument("--num-prompts", type=int, default=8, help="evaluation samples (prompts x 1 noise)")
+    parser.add_argument("--search-prompts", type=int, default=8, help="search samples (other prompts/noises)")
+    parser.add_argument("--reference-steps", type=int, default=200)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/dc_solver_mse.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+
+    if args.model == "toy":
+        make = lambda g, n, seed: toy_problem(g, n, seed)  # noqa: E731
+    else:
+        from diffplug.pipelines.registry import load_pipeline
+        from diffplug.testbed.data import FASHION_CLASSES, prompt_for_class
+
+        pipe = load_pipeline(args.model, args.device)
+        names = [prompt_for_class(c) for c in FASHION_CLASSES]
+        eval_prompts = [names[i % len(names)] for i in range(args.num_prompts)]
+        search_prompts = [names[(i + 5) % len(names)] for i in range(args.search_prompts)]
+
+        def make(g, n, seed):
+            return pipe_problem(pipe, eval_prompts if seed == args.seed else search_prompts, g, seed)
+
+    rows, searched = [], {}
+    for g in args.guidance_scale:
+        model_fn, noise, config = make(g, args.num_prompts, args.seed)
+        search_fn, search_noise, _ = make(g, args.search_prompts, args.seed + 1)
+        gt_sched = DCSolverScheduler.from_config(config)
+        gt_sched.set_timesteps(1, device=noise.device)  # one interval T -> 0: a plain 200-step DDIM
+        truth = reference_trajectory(model_fn, gt_sched, noise, args.reference_steps)[-1]
+        for n in args.nfe:
+            dc = DCSolverScheduler.from_config(config)
+            result = search_ratios(
+                search_fn, dc, search_noise, n, reference_steps=args.reference_steps, iters=args.iters
+            )
+            searched[(g, n)] = result.ratios
+            plain = {k: v for k, v in config.items() if not k.startswith(("dc_", "cpr_"))}
+            solvers = {
+                "DDIM": DPMSolverMultistepScheduler.from_config(plain, solver_order=1),
+                "DPM-Solver++": DPMSolverMultistepScheduler.from_config(plain),
+                "UniPC": UniPCMultistepScheduler.from_config(plain),
+                "DC (searched)": DCSolverScheduler.from_config(config, dc_ratios=result.ratios),
+            }
+            row = {"guidance_scale": g, "nfe": n, "ratios_searched": result.ratios}
+            for name, sched in solvers.items():
+                row[name] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
+            rows.append(row)
+            print(f"g={g} n={n}: " + ", ".join(f"{k} {row[k]:.4g}" for k in solvers), flush=True)
+    # DC (CPR): leave-one-out fits over the searched grid
+    for row in rows:
+        g, n = row["guidance_scale"], row["nfe"]
+        others = [(gg, nn, r) for (gg, nn), r in searched.items() if (gg, nn) != (g, n)]
+        if len(others) < 2:
+            continue
+        ratios = cpr_ratios(g, n, fit_cpr(others))
+        model_fn, noise, config = make(g, args.num_prompts, args.seed)
+        gt_sched = DCSolverScheduler.from_config(config)
+        gt_sched.set_timesteps(1, device=noise.device)
+        truth = reference_trajectory(model_fn, gt_sched, noise, args.reference_steps)[-1]
+        sched = DCSolverScheduler.from_config(config, dc_ratios=ratios)
+        row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
+        row["ratios_cpr"] = ratios
+
+    names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)"]
+    print(f"\nmodel {args.model}, device {args.device} ({platform.machine()}), torch {torch.__version__}, "
+          f"{args.num_prompts} eval / {args.search_prompts} search samples, {time.time() - started:.0f} s\n")
+    print("| guidance | NFE | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if k in row else "-" for k in names]
+        best = min((row[k], k) for k in names if k in row)[1]
+        cells = [f"**{c}**" if k == best else c for c, k in zip(cells, names)]
+        print(f"| {row['guidance_scale']} | {row['nfe']} | " + " | ".join(cells) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
