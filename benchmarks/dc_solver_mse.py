@@ -12,6 +12,7 @@ same final sigma (0):
 * UniPC: ``UniPCMultistepScheduler`` (bh2, order 2),
 * DC (searched): ``DCSolverScheduler`` with ratios searched by ``search_ratios`` on a *separate*
   search set (other prompts and noises: ``--search-prompts``, seed + 1),
+* DC-DPM++ (searched): ``DCDPMSolverScheduler``, DC on DPM-Solver++ (predictor only), searched likewise,
 * DC (CPR): ratios predicted by a CPR fitted (least squares) on the searched ratios of every *other*
   (g, n) of the grid (leave-one-out), so each prediction is for an unseen configuration.
 
@@ -31,6 +32,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from diffplug.predictions import noise_levels
 from diffplug.samplers.dc_solver import (
+    DCDPMSolverScheduler,
     DCSolverScheduler,
     cpr_ratios,
     fit_cpr,
@@ -127,12 +129,17 @@ def main() -> None:
                 search_fn, dc, search_noise, n, reference_steps=args.reference_steps, iters=args.iters
             )
             searched[(g, n)] = result.ratios
+            dpm = DCDPMSolverScheduler.from_config(config)
+            dpm_ratios = search_ratios(
+                search_fn, dpm, search_noise, n, reference_steps=args.reference_steps, iters=args.iters
+            ).ratios
             plain = {k: v for k, v in config.items() if not k.startswith(("dc_", "cpr_"))}
             solvers = {
                 "DDIM": DPMSolverMultistepScheduler.from_config(plain, solver_order=1),
                 "DPM-Solver++": DPMSolverMultistepScheduler.from_config(plain),
                 "UniPC": UniPCMultistepScheduler.from_config(plain),
                 "DC (searched)": DCSolverScheduler.from_config(config, dc_ratios=result.ratios),
+                "DC-DPM++ (searched)": DCDPMSolverScheduler.from_config(config, dc_ratios=dpm_ratios),
             }
             row = {"guidance_scale": g, "nfe": n, "ratios_searched": result.ratios}
             for name, sched in solvers.items():
@@ -154,14 +161,14 @@ def main() -> None:
         row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
         row["ratios_cpr"] = ratios
 
-    names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)"]
+    names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)", "DC-DPM++ (searched)"]
     print(f"\nmodel {args.model}, device {args.device} ({platform.machine()}), torch {torch.__version__}, "
           f"{args.num_prompts} eval / {args.search_prompts} search samples, {time.time() - started:.0f} s\n")
     print("| guidance | NFE | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for row in rows:
         cells = [f"{row[k]:.4g}" if k in row else "-" for k in names]
-        best = min((row[k], k) for k in names if k in row)[1]
+        best = min((row[k], k) for k in names if k in row and k != "DC-DPM++ (searched)")[1]
         cells = [f"**{c}**" if k == best else c for c, k in zip(cells, names)]
         print(f"| {row['guidance_scale']} | {row['nfe']} | " + " | ".join(cells) + " |")
     out = Path(args.out)
