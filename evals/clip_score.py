@@ -152,6 +152,22 @@ class OpenCLIP(torch.nn.Module):
         return F.cosine_similarity(img.float(), txt.float(), dim=-1)
 
 
+def testbed_scorer(**kw) -> Callable:
+    """The testbed's LiT-style scorer (``diffplug.testbed.load_scorer``), fed float [0, 1] images."""
+    try:
+        from diffplug import testbed
+        s = testbed.load_scorer(**kw)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"scorer='testbed' needs diffplug.testbed.load_scorer() (not available: {e})") from e
+
+    def score(images, prompts):
+        dev = next(s.parameters()).device
+        return s(to_pixels(images.to(dev), quantize=False) / 255, list(prompts))
+
+    score.name = "testbed-lit-scorer"
+    return score
+
+
 def get_clip_scorer(scorer="transformers", path: str | None = None, model_name: str | None = None,
                     **kw) -> Callable:
     """``"transformers"`` + ``path`` | ``"open_clip"`` + ``model_name`` + ``path`` | ``"testbed"`` | callable."""
@@ -166,11 +182,7 @@ def get_clip_scorer(scorer="transformers", path: str | None = None, model_name: 
             raise ValueError("scorer='open_clip' needs model_name= (e.g. 'ViT-B-32') and path=<weights.safetensors>")
         return OpenCLIP(model_name, path, **kw)
     if scorer == "testbed":
-        try:
-            from diffplug import testbed
-            return testbed.load_scorer(**kw)
-        except (ImportError, AttributeError) as e:
-            raise RuntimeError(f"scorer='testbed' needs diffplug.testbed.load_scorer() (not available: {e})") from e
+        return testbed_scorer(**kw)
     raise ValueError(f"scorer={scorer!r}: use 'transformers', 'open_clip', 'testbed' or a callable "
                      "(images, prompts) -> cosine")
 

@@ -5,8 +5,8 @@ features and carries a ``name`` (used in cache keys and in the JSON output) and 
 :func:`get_feature_network` builds one from a name or wraps any callable:
 
 * ``"inception"`` -- the standard FID Inception with a resize ``protocol`` (default ``"clean"``).
-* ``"testbed"`` -- the testbed's classifier features (``diffplug.testbed.load_feature_network()``,
-  imported lazily).
+* ``"testbed"`` -- the testbed classifier's penultimate features (global-pooled conv features,
+  128-d; ``diffplug.testbed.load_classifier()``, imported lazily).
 * ``"clip:<dir>"`` -- a local transformers CLIP's image embeddings (``CLIPModel`` folder).
 * ``"dinov2:<dir>"`` -- a local transformers DINOv2 (CLS token).
 * ``"py:<module>:<attr>"`` -- an importable callable ``images -> features`` (or a zero-argument
@@ -100,6 +100,34 @@ class CallableFeatures(nn.Module):
         return f.float()
 
 
+class TestbedFeatures(nn.Module):
+    """Penultimate (pooled conv) features of the testbed classifier, trained on the testbed's data:
+    a FID-like distance that knows Fashion-MNIST and emoji better than ImageNet's Inception."""
+
+    def __init__(self, device=None, weights=None):
+        super().__init__()
+        try:
+            from diffplug import testbed
+        except ImportError as e:
+            raise RuntimeError(f"features='testbed' needs diffplug.testbed ({e})") from e
+        self.classifier = testbed.load_classifier(device=device, weights=weights).eval().requires_grad_(False)
+        net = self.classifier.net
+        self.num_features = net.head.in_features
+        self.name = "testbed-classifier-pool"
+
+    def describe(self) -> dict:
+        return {"feature_network": self.name,
+                "resize_protocol": f"bilinear antialias to {self.classifier.size} (the classifier's own)"}
+
+    @torch.no_grad()
+    def forward(self, images):
+        from diffplug.testbed.models import _resize
+
+        dev = self.classifier.net.head.weight.device
+        x = _resize(to_pixels(images.to(dev), quantize=True) / 255, self.classifier.size)
+        return self.classifier.net.features(2.0 * x - 1.0).mean(dim=(2, 3)).float()
+
+
 class _HFImageFeatures(nn.Module):
     """Image embeddings of a local transformers CLIP or DINOv2 (folder with config + safetensors)."""
 
@@ -155,13 +183,7 @@ def get_feature_network(features="inception", protocol: str = "clean", **kw) -> 
     if features == "inception":
         return InceptionFeatures(protocol=protocol, **kw)
     if features == "testbed":
-        try:
-            from diffplug import testbed
-            fn = testbed.load_feature_network()
-        except (ImportError, AttributeError) as e:
-            raise RuntimeError("features='testbed' needs diffplug.testbed.load_feature_network() "
-                               f"(not available: {e})") from e
-        return CallableFeatures(fn, name=getattr(fn, "name", "testbed-classifier"))
+        return TestbedFeatures(**kw)
     if features.startswith("py:"):
         import importlib
 

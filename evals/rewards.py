@@ -121,11 +121,9 @@ def _clip(scorer="transformers", path=None, model_name=None, **kw):
 
 @register_reward("testbed")
 def _testbed(**kw):
-    try:
-        from diffplug import testbed
-        s = testbed.load_scorer(**kw)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"reward 'testbed' needs diffplug.testbed.load_scorer() (not available: {e})") from e
+    from .clip_score import testbed_scorer
+
+    s = testbed_scorer(**kw)
     return FunctionReward(lambda im, p: s(im, list(p)), "testbed")
 
 

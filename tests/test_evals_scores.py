@@ -231,3 +231,35 @@ def test_aesthetic_and_pickscore_on_tiny_clip(tiny_clip, tmp_path):
     ps = get_reward("pickscore", path=tiny_clip)
     cos = TransformersCLIP(tiny_clip)(images, ["a", "b"])
     torch.testing.assert_close(ps(images, ["a", "b"]), model.logit_scale.exp().detach() * cos, rtol=1e-4, atol=1e-5)
+
+
+def test_testbed_features_and_scorer_wiring(monkeypatch):
+    """The testbed hooks, with randomly initialised testbed models standing in for trained weights."""
+    from diffplug import testbed
+    from diffplug.evals import get_feature_network
+    from diffplug.testbed.models import Classifier, ImageTower, Scorer
+
+    torch.manual_seed(0)
+    clf = Classifier().eval()
+    monkeypatch.setattr(testbed, "load_classifier", lambda device=None, weights=None: clf)
+    feats = get_feature_network("testbed")
+    x = (torch.rand(3, 3, 32, 32) * 255).round().to(torch.uint8)
+    f = feats(x)
+    assert f.shape == (3, feats.num_features) == (3, 128)
+    with torch.no_grad():
+        ref = clf.net.features(2 * (x.float() / 255) - 1).mean(dim=(2, 3))
+    torch.testing.assert_close(f, ref)
+
+    class FakeText(torch.nn.Module):
+        def forward(self, prompts):
+            return F.normalize(torch.stack([torch.arange(384.0).roll(len(p)) for p in prompts]), dim=-1)
+
+    scorer = Scorer(ImageTower(), FakeText()).eval()
+    monkeypatch.setattr(testbed, "load_scorer", lambda **kw: scorer)
+    r = get_reward("testbed")
+    prompts = ["a photo of a bag", "an emoji of red apple", "x"]
+    with torch.no_grad():
+        torch.testing.assert_close(r(x, prompts), scorer(x.float() / 255, prompts))
+    m = CLIPScore(scorer="testbed")
+    m.update(x, prompts)
+    assert 0 <= m.compute().item() <= 100
