@@ -32,7 +32,10 @@ def load_pipeline(spec: str):
                 f"model: the diffplug testbed is not available here ({e}); pass --model with a local "
                 "diffusers folder or a hub id, or --model tiny:sd for a random test pipeline"
             ) from None
-        return loader(name)
+        try:
+            return loader(name)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model: the testbed cannot be loaded ({e}); or pass --model with another pipeline") from None
     if spec.startswith("tiny:"):
         from ..testing import tiny_pipeline
 
@@ -112,7 +115,9 @@ class DiffusionModel:
         self.lora = True
 
     def make_full_trainable(self, ref_dtype) -> None:
-        self.reference_copy = copy.deepcopy(self.unet).requires_grad_(False).eval().to(dtype=ref_dtype)
+        self.reference_copy = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if ref_dtype != torch.float32:
+            self.reference_copy.to(dtype=ref_dtype)
         self.unet.requires_grad_(True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -171,11 +171,15 @@ class Trainer:
         model.freeze_encoders(self.device, weight_dtype)
         module = self.method.trainable(self)
         if module is not None:  # the method trains its own module; the diffusion model stays frozen
-            model.unet.requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+            model.unet.requires_grad_(False).eval().to(self.device)
+            if weight_dtype != torch.float32:
+                model.unet.to(dtype=weight_dtype)
             trained, params = module, [p for p in module.parameters() if p.requires_grad]
         elif cfg.use_lora:
             model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_init)
-            model.unet.to(self.device, dtype=weight_dtype)
+            model.unet.to(self.device)
+            if weight_dtype != torch.float32:  # frozen base in the autocast dtype
+                model.unet.to(dtype=weight_dtype)
             for p in model.trainable_parameters():  # adapters train in float32
                 p.data = p.data.float()
             trained, params = model.unet, model.trainable_parameters()

@@ -127,7 +127,12 @@ def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
     # each step branches from a new parent, and the pair is two distinct candidates of that parent
     parents = tr["x_t"].view(n_steps, 2, -1)
     assert all(not torch.equal(parents[s], parents[s + 1]) for s in range(n_steps - 1))
-    assert all(not torch.equal(w, l) for w, l in zip(tr["x_w"], tr["x_l"]))
+    # a kept pair is two distinct candidates; identical ones (the deterministic last DDIM step into
+    # abar = 1 of this scheduler) tie and are rejected
+    for w, l, v in zip(tr["x_w"], tr["x_l"], tr["valid"]):
+        assert not torch.equal(w, l) if v else True
+    assert tr["valid"][: 2 * (n_steps - 1)].all()
+    assert not tr["valid"][-2:].any()
     # winners score higher: the scorer prefers brightness, so the winner's predicted image is brighter
     assert (tr["scores"].max(1).values >= tr["scores"].min(1).values).all()
     # the same generators reproduce the same rollout (seeded per sample)
