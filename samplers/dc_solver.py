@@ -1,5 +1,18 @@
 """DC-Solver: dynamic compensation for multistep diffusion solvers.
 
+Usage::
+
+    from diffplug.samplers import DCSolverScheduler
+    from diffplug.samplers.dc_solver import search_ratios_for_pipe
+
+    # ratios predicted by the cascade polynomial regression (the authors' SD-2.1 fit by default)
+    pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios="cpr", cpr_guidance_scale=7.5)
+    # or searched for this model, CFG scale and NFE (10 prompts, 200-step DDIM ground truth), then kept
+    result = search_ratios_for_pipe(pipe, prompts, guidance_scale=7.5, num_inference_steps=5)
+    pipe.scheduler = result.scheduler()
+    pipe.scheduler.save_pretrained("dc-solver-cfg7.5-nfe5")  # DCSolverScheduler.from_pretrained(...) later
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # and back
+
 W. Zhao, H. Wang, J. Zhou, J. Lu, *DC-Solver: Improving Predictor-Corrector Diffusion Sampler via
 Dynamic Compensation*, ECCV 2024, arXiv:2409.03755.
 
@@ -607,10 +620,11 @@ class SearchResult:
     losses_initial: list[float] = field(default_factory=list)  # per-step MSE to the reference at rho = 1
     losses_searched: list[float] = field(default_factory=list)  # per-step MSE at the chosen rho
     final_mse: float = float("nan")  # MSE of the sampler's result (searched ratios) to the reference
+    searched_with: object = None  # the DC scheduler the ratios were searched for
 
-    def scheduler(self, scheduler):
-        """A copy of the DC ``scheduler`` with these ratios in its config (``save_pretrained`` keeps them)."""
-        return type(scheduler).from_config(scheduler.config, dc_ratios=list(self.ratios))
+    def scheduler(self):
+        """The searched DC scheduler with these ratios in its config (``save_pretrained`` keeps them)."""
+        return type(self.searched_with).from_config(self.searched_with.config, dc_ratios=list(self.ratios))
 
 
 def search_ratios(
@@ -647,7 +661,7 @@ def search_ratios(
     if len(ref) != N + 1:
         raise ValueError(f"reference must hold N + 1 = {N + 1} latents (one per solver point), got {len(ref)}")
 
-    result = SearchResult(ratios=[1.0] * N)
+    result = SearchResult(ratios=[1.0] * N, searched_with=type(sched).from_config(sched.config))
     x = (noise * sched.init_noise_sigma).float()
     with torch.no_grad():
         for i in range(N):
@@ -715,7 +729,7 @@ def search_ratios_for_pipe(
     ``pipe.scheduler`` is the scheduler searched for: a DC scheduler, or any scheduler a
     ``DCSolverScheduler`` is made from (``from_config``); it is left in place.  The pipeline's prompt
     encoding, latents, schedule arguments and denoiser call come from ``diffplug.pipelines``' family
-    adapter (``guided_denoiser``, ``pipeline_schedule``).  ``result.scheduler(...)`` gives the
+    adapter (``guided_denoiser``, ``pipeline_schedule``).  ``result.scheduler()`` gives the
     scheduler to sample with.
     """
     sched = pipe.scheduler
