@@ -345,18 +345,14 @@ class _DynamicCompensation:
             self._init_step_index(timestep)
             self._dc_start = self.step_index
         i, start = self.step_index, self._dc_start
-        row = self._dc_rows_for(start)[i]
-        x = sample.float()
-        m = self._dc_convert(row, model_output.float(), x)
-        if row.corrector is not None:  # UniC: correct x_{t_i} with the new output
-            x = _lincomb(row.corrector, [self.last_sample, *self.model_outputs, m])
-        self.model_outputs = [*self.model_outputs[1:], m]
+        x, self.model_outputs, _ = self._dc_trial(i, model_output, sample)  # corrector, then the push
         self.timestep_list = [*self.timestep_list[1:], timestep]
         w = self._dc_compensation(i, start)
         if w is not None:  # dynamic compensation, written back into the buffer
             K = len(w) - 1
             self.model_outputs[-1] = _lincomb(w, self.model_outputs[::-1][: K + 1])
         self.last_sample = x
+        row = self._dc_rows_for(start)[i]
         prev = _lincomb(row.predictor, [x, *self.model_outputs])
         self.this_order = row.order
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
@@ -366,15 +362,15 @@ class _DynamicCompensation:
     # ---- the solver algebra as functions of rho (for the search) ------------------------------
 
     def _dc_trial(self, i: int, model_output: torch.Tensor, sample: torch.Tensor):
-        """State of step ``i`` up to the compensation: ``(x, buffer)`` after corrector and push.
+        """Step ``i`` up to the compensation: ``(x, buffer, start)`` after the corrector and the push.
 
-        Pure: the scheduler is not modified.  Call before ``step`` of step ``i``.
+        Pure (the scheduler is not modified); ``step`` and the search both start from it.
         """
         start = self._dc_start if self.step_index is not None else i
         row = self._dc_rows_for(start)[i]
         x = sample.float()
         m = self._dc_convert(row, model_output.float(), x)
-        if row.corrector is not None:
+        if row.corrector is not None:  # UniC: correct x_{t_i} with the output evaluated at it
             x = _lincomb(row.corrector, [self.last_sample, *self.model_outputs, m])
         return x, [*self.model_outputs[1:], m], start
 
