@@ -116,23 +116,27 @@ def main() -> None:
         def make(g, n, seed):
             return pipe_problem(pipe, eval_prompts if seed == args.seed else search_prompts, g, seed)
 
-    rows, searched = [], {}
+    rows, searched, problems = [], {}, {}
     for g in args.guidance_scale:
         model_fn, noise, config = make(g, args.num_prompts, args.seed)
         search_fn, search_noise, _ = make(g, args.search_prompts, args.seed + 1)
         gt_sched = DCSolverScheduler.from_config(config)
         gt_sched.set_timesteps(1, device=noise.device)  # one interval T -> 0: a plain 200-step DDIM
         truth = reference_trajectory(model_fn, gt_sched, noise, args.reference_steps)[-1]
+        problems[g] = (model_fn, noise, config, truth)
         for n in args.nfe:
             dc = DCSolverScheduler.from_config(config)
-            result = search_ratios(
-                search_fn, dc, search_noise, n, reference_steps=args.reference_steps, iters=args.iters
-            )
+            dc.set_timesteps(n, device=search_noise.device)
+            ref = reference_trajectory(search_fn, dc, search_noise, args.reference_steps)  # search ground truth
+            result = search_ratios(search_fn, dc, search_noise, n, reference=ref, iters=args.iters)
             searched[(g, n)] = result.ratios
             dpm = DCDPMSolverScheduler.from_config(config)
+            dpm.set_timesteps(n)
+            same = torch.equal(dpm.timesteps.cpu(), dc.timesteps.cpu()) and torch.equal(dpm.sigmas, dc.sigmas)
             dpm_ratios = search_ratios(
-                search_fn, dpm, search_noise, n, reference_steps=args.reference_steps, iters=args.iters
-            ).ratios
+                search_fn, dpm, search_noise, n, reference=ref if same else None,
+                reference_steps=args.reference_steps, iters=args.iters,
+            ).ratios  # fmt: skip
             plain = {k: v for k, v in config.items() if not k.startswith(("dc_", "cpr_"))}
             solvers = {
                 "DDIM": DPMSolverMultistepScheduler.from_config(plain, solver_order=1),
@@ -153,10 +157,7 @@ def main() -> None:
         if len(others) < 2:
             continue
         ratios = cpr_ratios(g, n, fit_cpr(others))
-        model_fn, noise, config = make(g, args.num_prompts, args.seed)
-        gt_sched = DCSolverScheduler.from_config(config)
-        gt_sched.set_timesteps(1, device=noise.device)
-        truth = reference_trajectory(model_fn, gt_sched, noise, args.reference_steps)[-1]
+        model_fn, noise, config, truth = problems[g]
         sched = DCSolverScheduler.from_config(config, dc_ratios=ratios)
         row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
         row["ratios_cpr"] = ratios
