@@ -273,21 +273,26 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     tmp.mkdir(parents=True)
     run = from_pipe(model.pipe, guidance=CFG(cfg.guidance_scale))
     rows = []
+    chunk = max(1, 32 // per_prompt)  # prompts per sampling call
     with model.reference(model.unet):  # the initial model (LoRA adapters off)
-        for i, prompt in enumerate(prompts):
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + i)
+        for start in range(0, len(prompts), chunk):
+            batch = prompts[start : start + chunk]
+            gens = [torch.Generator().manual_seed((cfg.seed * 7919 + start + i) * 64 + j) for i in range(len(batch)) for j in range(per_prompt)]
             images = run(
-                prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=g,
+                batch, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=gens,
                 height=trainer.resolution, width=trainer.resolution, output_type="pt",
             ).images.float().cpu()
-            scores = torch.as_tensor(score(images, [prompt] * per_prompt)).float().flatten().cpu()
-            best, worst = int(scores.argmax()), int(scores.argmin())
-            if scores[best] == scores[worst]:
-                continue
-            save_image(images[best], str(tmp / f"{i:05d}_w.png"))
-            save_image(images[worst], str(tmp / f"{i:05d}_l.png"))
-            rows.append({"caption": prompt, "image_w": f"{i:05d}_w.png", "image_l": f"{i:05d}_l.png",
-                         "score_w": float(scores[best]), "score_l": float(scores[worst])})
+            all_scores = torch.as_tensor(score(images, [p for p in batch for _ in range(per_prompt)])).float().flatten().cpu()
+            for i, prompt in enumerate(batch):
+                n = start + i
+                scores, imgs = all_scores[i * per_prompt : (i + 1) * per_prompt], images[i * per_prompt : (i + 1) * per_prompt]
+                best, worst = int(scores.argmax()), int(scores.argmin())
+                if scores[best] == scores[worst]:
+                    continue
+                save_image(imgs[best], str(tmp / f"{n:05d}_w.png"))
+                save_image(imgs[worst], str(tmp / f"{n:05d}_l.png"))
+                rows.append({"caption": prompt, "image_w": f"{n:05d}_w.png", "image_l": f"{n:05d}_l.png",
+                             "score_w": float(scores[best]), "score_l": float(scores[worst])})
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.rename(folder)
 
