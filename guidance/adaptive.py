@@ -61,10 +61,10 @@ POLICIES = ("all", "per_sample")
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample cosine similarity over all non-batch dims, float64, clamped to [-1, 1]: γ_t."""
-    a64, b64 = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
-    num = _dot(a64, b64).squeeze(1)
-    den = (_dot(a64, a64) * _dot(b64, b64)).sqrt().squeeze(1)
+    """Per-sample cosine similarity over all non-batch dims (sums in float64), clamped to [-1, 1]: γ_t."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    num = _dot(a, b).squeeze(1)
+    den = (_dot(a, a) * _dot(b, b)).sqrt().squeeze(1)
     return (num / den.clamp_min(1e-300)).clamp(-1.0, 1.0)
 
 

@@ -60,8 +60,9 @@ _MIN_ALPHA = 1e-4
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample inner product of two (B, N) tensors as (B, 1), one batched matmul."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+    """Per-sample inner product of two (B, N) tensors as (B, 1) float64 (products in the inputs'
+    precision, the sum accumulated in float64)."""
+    return torch.sum(a * b, dim=1, keepdim=True, dtype=torch.float64)
 
 
 def apg_step(
@@ -91,16 +92,15 @@ def apg_step(
     # reverse momentum: M_t = Δ_t + β M_{t−1}   (here k M_t = k Δ_t + β k M_{t−1})
     if running is not None and momentum != 0.0:
         d = torch.add(d, running, alpha=momentum) if isinstance(slope, float) else d + (momentum * slope) * running
-    m = None if momentum == 0.0 else (d if isinstance(slope, float) else d / slope)
+    m = None if momentum == 0.0 else (d if isinstance(slope, float) else d * slope.reciprocal())
     # norm rescaling: Δ ← Δ · min(1, r / ‖Δ‖)   (‖Δ‖ = ‖k Δ‖ / |k|)
     if norm_threshold > 0:
         norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
         limit = norm_threshold * (abs(slope) if isinstance(slope, float) else slope.abs())
         d = d * (limit / norm).clamp(max=1.0)  # ‖Δ‖ = 0 gives inf -> 1: no division guard needed
-    # projection onto D_c, inner products in float64: Δ⊥ + η Δ∥ = Δ + (η − 1) (⟨Δ, D_c⟩ / ‖D_c‖²) D_c
+    # projection onto D_c, inner products accumulated in float64: Δ⊥ + η Δ∥ = Δ + (η − 1) (⟨Δ, D_c⟩ / ‖D_c‖²) D_c
     if eta != 1.0:
-        d64, c64 = d.double(), c.double()
-        coef = _dot(d64, c64) / _dot(c64, c64).clamp_min(1e-300)
+        coef = _dot(d, c) / _dot(c, c).clamp_min(1e-300)
         d = torch.addcmul(d, ((eta - 1.0) * coef).to(d.dtype), c)
     return d.reshape(shape), m
 
