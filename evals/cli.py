@@ -28,8 +28,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="FID/KID/precision/recall (and pixel statistics) of generated images",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generated", required=True, help="folder of generated images (png/jpg/webp, recursive)")
-    p.add_argument("--reference", required=True,
+    p.add_argument("--generated", help="folder of generated images (png/jpg/webp, recursive)")
+    p.add_argument("--spec", help="generation spec (YAML/JSON): generate a sweep, then score it "
+                                  "(see diffplug.evals.spec); replaces --generated")
+    p.add_argument("--reference",
                    help="folder of real images, 'fashion-mnist:test' / 'fashion-mnist:train', or a cached "
                         "statistics .safetensors file")
     p.add_argument("--metrics", default="fid,kid,precision,recall",
@@ -112,6 +114,10 @@ def run(args) -> dict:
     from .reference import reference_stats
     from .report import image_grid_uri, pca_2d, svg_histograms, svg_scatter, write_report
 
+    if args.spec:
+        return _run_spec(args)
+    if not args.generated or not args.reference:
+        raise SystemExit("diffplug eval: give --generated DIR and --reference DIR|fashion-mnist:test, or --spec FILE")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in metrics if m not in ALL_METRICS]
     if bad:
@@ -234,6 +240,23 @@ def run(args) -> dict:
                  info, grids, plots, notes)
     if progress:
         print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))
+    return result
+
+
+def _run_spec(args) -> dict:
+    from .spec import load_spec, run_spec
+
+    spec = load_spec(args.spec)
+    if args.reference:
+        spec["reference"] = args.reference
+    out = Path(args.out)
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise SystemExit(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_spec(spec, out, _device(args.device), progress=not args.no_progress, base=Path(args.spec).parent)
+    if not args.no_progress:
+        for r in result["runs"]:
+            print(json.dumps({k: v for k, v in r.items() if k != "options"}))
     return result
 
 

@@ -111,3 +111,27 @@ def test_fashion_mnist_reference(setup):
     m = a.func(a)
     assert m["n_reference"] == 50 and m["reference"].startswith("fashion-mnist-test")
     assert m["reference_clip_black"] > 0.3  # Fashion-MNIST's black background
+
+
+def test_spec_mode_sweeps_guidance_from_the_same_noise(setup):
+    pytest.importorskip("diffplug.testing")
+    tmp = setup
+    spec = {"model": "tiny-sd", "steps": 1, "prompts": ["a photo of a bag", "a sneaker"], "images_per_prompt": 2,
+            "methods": [{"name": "CFG", "guidance": "cfg"}], "sweep": {"guidance_scale": [1.0, 4.0]},
+            "reference": str(tmp / "ref"), "features": "py:featmod:tiny_features",
+            "metrics": ["fid", "kid", "precision", "recall", "saturation"], "batch_size": 2}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    a = _parse(["--spec", str(tmp / "spec.json"), "--out", str(tmp / "sweep"), "--device", "cpu", "--no-progress"])
+    res = a.func(a)
+    runs = res["runs"]
+    assert [r["guidance_scale"] for r in runs] == [1.0, 4.0]
+    assert all({"fid", "kid", "precision", "recall", "saturation"} <= set(r) for r in runs)
+    pngs = sorted((tmp / "sweep" / "images" / "CFG").rglob("*.png"))
+    assert len(pngs) == 8
+    # the scores are those of the saved images
+    gen = _features_of(tmp / "sweep" / "images" / "CFG" / "guidance_scale=4.0")
+    ref = _features_of(tmp / "ref")
+    assert runs[1]["fid"] == pytest.approx(fid_from_features(ref, gen).item(), rel=1e-6)
+    html = (tmp / "sweep" / "report.html").read_text()
+    assert "fid vs guidance_scale" in html and "<polyline" in html
+    assert json.loads((tmp / "sweep" / "metrics.json").read_text())["protocol"]["sweep"] == "guidance_scale"
