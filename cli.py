@@ -5,37 +5,43 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
-# subcommand modules, each exposing ``register(subparsers)``; a module that is not there yet
-# (its feature has not landed) simply contributes no subcommand.
-SUBCOMMANDS = (
-    "diffplug.pipelines.cli",  # sample
-    "diffplug.evals.cli",  # eval
-    "diffplug.finetune.cli",  # finetune <method>
-    "diffplug.samplers.cli",  # bench ...
-    "diffplug.testbed.cli",  # testbed export
-)
+# command -> (the folder whose cli.py registers it, one-line help). A folder's cli.py is imported
+# only when its command runs, so `diffplug --help` stays instant (no torch/diffusers import).
+SUBCOMMANDS = {
+    "sample": ("pipelines", "generate images through diffplug's loop"),
+    "eval": ("evals", "FID/KID, precision/recall, CLIP score ... of image folders or a generation spec"),
+    "finetune": ("finetune", "fine-tune a diffusion model (dpo, spo, ...)"),
+    "bench": ("samplers", "sampler benchmarks and searches (dc-search)"),
+    "testbed": ("testbed", "the built-in reference models (export)"),
+}
+ROOT = Path(__file__).resolve().parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def available() -> dict:
+    return {name: entry for name, entry in SUBCOMMANDS.items() if (ROOT / entry[0] / "cli.py").is_file()}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (``"*"``: every module)."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="diffplug", description=__doc__)
+    parser = argparse.ArgumentParser(prog="diffplug", description="Sampling, guidance and fine-tuning plugins for diffusers.")
     parser.add_argument("--version", action="version", version=f"diffplug {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency inside the module: say so
-                raise
-            continue
-        module.register(subparsers)
+    for name, (folder, help_text) in available().items():
+        if name == command or command == "*":
+            importlib.import_module(f"diffplug.{folder}.cli").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -41,6 +41,20 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert parse_options(["eta=0.5", "space=x0", "stop=1"]) == {"eta": 0.5, "space": "x0", "stop": 1}
 
 
-def test_module_entry_point():
+def test_module_entry_point_and_light_help():
     done = subprocess.run([sys.executable, "-m", "diffplug", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "sample" in done.stdout
+    # `diffplug --help` lists the commands without importing torch or diffusers
+    code = "import sys; from diffplug.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_every_subcommand_registers():
+    import argparse
+
+    from diffplug.cli import available, build_parser
+
+    parser = build_parser("*")
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in available():
+        assert choices[name].add_help, f"{name}: its module did not register a real parser"
