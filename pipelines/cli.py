@@ -7,7 +7,8 @@ import math
 import time
 from pathlib import Path
 
-from .registry import BUILTIN_MODELS, GUIDANCE, SAMPLERS, SCHEDULERS
+from ..guidance import GUIDANCE
+from .registry import BUILTIN_MODELS, SAMPLERS, SCHEDULERS
 
 OUTPUTS = ("grid.png", "settings.json")
 

@@ -1,7 +1,8 @@
 """Names the command line (and generation specs) use for models, schedulers, guidance and samplers.
 
-One table each, mapping a short name to ``"module:attribute"``; shared by ``diffplug sample``,
-``diffplug eval`` and the benchmarks so a name means the same thing everywhere.
+Shared by ``diffplug sample``, ``diffplug eval`` and the benchmarks so a name means the same thing
+everywhere. Schedulers and samplers: a table mapping a short name to ``"module:attribute"``;
+guidance names live with the guidance (``diffplug.guidance.GUIDANCE``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,6 @@ SCHEDULERS = {
     "unipc": "diffusers:UniPCMultistepScheduler",
     "flow-euler": "diffusers:FlowMatchEulerDiscreteScheduler",
     "dc-solver": "diffplug.samplers:DCSolverScheduler",
-}
-GUIDANCE = {
-    "cfg": "diffplug.guidance:CFG",
-    "apg": "diffplug.guidance:APG",
-    "ag": "diffplug.guidance:AdaptiveGuidance",
-    "linear-ag": "diffplug.guidance:LinearAG",
 }
 SAMPLERS = {
     "fkc": "diffplug.samplers:FKCSampler",
@@ -65,7 +60,10 @@ def make_scheduler(name: str, pipe, **options):
 
 
 def make_guidance(name: str, **options):
-    return _resolve(GUIDANCE, "guidance", name)(**options)
+    """Guidance by CLI name; ``diffplug.guidance.get_guidance`` holds the names and option parsing."""
+    from diffplug.guidance import get_guidance
+
+    return get_guidance(name, **options)
 
 
 def make_sampler(name: str, **options):
