@@ -41,8 +41,9 @@ Choices made here (the paper is silent or the spec asked us to decide):
   from the paper's SDXL setting (Table 10) — r is in latent units of the space APG runs in and must
   be re-tuned per model family and resolution (see benchmarks/guidance_results.md for the testbed).
 
-The maths is a handful of fused tensor ops, no Python loop over samples and no host sync
-(``apg_step`` below); benchmarks/guidance_apg_timing.py times it against diffusers' guider.
+The maths is a few dozen tensor ops on the whole batch, no Python loop over samples and no host
+sync (``apg_step`` below); benchmarks/guidance_apg_timing.py times it against diffusers' guider.
+The paper's equation numbers could not be checked offline, so comments name Algorithm 1's steps.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def apg_step(
     ``delta`` is the model-output difference ``out_c − out_u``; ``pred_cond`` is D_c, the vector the
     update is projected against; ``slope`` is k, with ``Δ_x0 = delta / k`` (1 in model-output space);
     ``running`` is M_{t−1} in x0 units (None at the first step). Every step is linear in Δ except the
-    norm test, so the update is formed in output units — ``k M_t`` and ``r |k|`` — and nothing is
-    divided by k and multiplied back. ``M_t`` comes back flat,
-    (B, N), for the next step (None when β = 0).
+    norm test, so the update is formed in output units (``k M_t`` and the bound ``r |k|``); only the
+    momentum state is kept in x0 units, because k changes from step to step. ``M_t`` comes back
+    flattened to (B, N) for the next step (None when β = 0).
     """
     shape, batch = delta.shape, delta.shape[0]
     d = delta.reshape(batch, -1)  # k Δ_t
