@@ -15,8 +15,9 @@ Metrics (all from ``diffplug.evals`` / ``diffplug.testbed``):
 * saturation: mean HSV saturation (evals.saturation) over the emoji images, and the real emoji's;
 * gray clip: fraction of luma pixels at white/black (evals.gray_contrast) over the Fashion images;
 * align: testbed classifier accuracy on the prompt's class (alignment);
-* FID: Inception FID against the real test images of the same prompts (``--fid``; tiny sample
-  sizes make it biased upwards: compare rows, not with published values);
+* FID, precision, recall (k = 3): against the real test images of the same prompts, on the testbed
+  classifier's pooled features (``--features testbed``, default) or the Inception (``inception``);
+  small samples bias FID upwards: compare rows, not with published values;
 * NFE/img (network evaluations per image, the loop's count), CPU s (whole run, shared
   machine, so CPU seconds of this process with 1 thread rather than wall time), PSNR to the CFG image from the same seed (dB, images in [0, 1]).
 """
@@ -95,30 +96,27 @@ def render(pipe, guidance, prompts, steps, seed, batch):
 
 
 class Scorer:
-    def __init__(self, items, classifier, fid: bool):
+    def __init__(self, items, classifier, features: str):
         self.labels = torch.tensor([lab for _, lab, _ in items])
         self.is_emoji = self.labels >= 10
         self.classifier = classifier
         self.real = None
         if all(r is not None for _, _, r in items):
             self.real = torch.stack([r for _, _, r in items]).float() / 255
-        self.fid = None
-        if fid and self.real is not None:
+        self.net = None
+        if features != "none" and self.real is not None:
             try:
-                from diffplug.evals import FID
+                from diffplug.evals import get_feature_network
 
-                self.fid = FID
-                self.real_stats = None
+                self.net = get_feature_network(features)
+                self.real_features = self.featurise(self.real)
             except Exception as err:  # noqa: BLE001
-                print(f"FID unavailable: {err}", file=sys.stderr)
+                print(f"features {features!r} unavailable ({err}); no FID/recall", file=sys.stderr)
+                self.net = None
 
-    def fid_of(self, images):
-        if self.fid is None:
-            return float("nan")
-        metric = self.fid()
-        metric.update(self.real, real=True)
-        metric.update(images, real=False)
-        return float(metric.compute())
+    @torch.no_grad()
+    def featurise(self, images):
+        return torch.cat([self.net(images[i : i + 64]) for i in range(0, len(images), 64)]).double()
 
     def __call__(self, images, ref=None):
         row = {}
@@ -135,7 +133,12 @@ class Scorer:
         if ref is not None:
             p = psnr(images, ref)
             row["psnr"] = float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else math.inf
-        row["fid"] = self.fid_of(images)
+        if self.net is not None:
+            from diffplug.evals import fid_from_features, precision_recall
+
+            fake = self.featurise(images)
+            row["fid"] = float(fid_from_features(self.real_features, fake))
+            row["precision"], row["recall"] = (float(v) for v in precision_recall(self.real_features, fake))
         return row
 
 
@@ -176,7 +179,8 @@ def main(argv=None):
     p.add_argument("--scales", type=float, nargs="+", default=[3.0, 7.5, 12.0, 20.0])
     p.add_argument("--ag-scale", type=float, default=7.5)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.995, 0.999])
-    p.add_argument("--fid", action="store_true", help="Inception FID against the real test images (slow on CPU)")
+    p.add_argument("--features", default="testbed", help="feature network for FID/precision/recall: testbed "
+                   "(the testbed classifier's pooled features, cheap), inception (slow on CPU) or none")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -187,7 +191,7 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
     items = prompt_set(args.images, args.seed)
     prompts = [q for q, _, _ in items]
-    score = Scorer(items, classifier, args.fid)
+    score = Scorer(items, classifier, args.features)
     lines = [
         f"## Guidance on {model_name}",
         "",
@@ -200,8 +204,10 @@ def main(argv=None):
         "",
     ]
     if score.real is not None:
-        lines.append(f"Real test images of the same prompts: saturation {fmt(score(score.real).get('sat'))}, "
-                     f"gray clip {fmt(score(score.real).get('clip'))}, align {fmt(score(score.real).get('align'))}.")
+        real = score(score.real)
+        lines.append(f"Real test images of the same prompts: saturation {fmt(real.get('sat'))}, "
+                     f"gray clip {fmt(real.get('clip'))}, align {fmt(real.get('align'))}. "
+                     f"FID features: {args.features}.")
         lines.append("")
 
     # -- APG vs CFG -----------------------------------------------------------------------------
@@ -213,8 +219,8 @@ def main(argv=None):
         "prompts; the paper tunes r per model). `APG model-output` is the same settings applied to ε, as "
         "diffusers' guider does.",
         "",
-        "| w | method | saturation (emoji) | gray clip (fashion) | align | FID | NFE/img | CPU s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| w | method | saturation (emoji) | gray clip (fashion) | align | FID | precision | recall | NFE/img | CPU s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in args.scales:
         for name, guidance in (
@@ -225,7 +231,8 @@ def main(argv=None):
             images, nfe, wall = render(pipe, guidance, prompts, args.steps, args.seed, args.batch)
             row = score(images)
             lines.append(f"| {w:g} | {name} | {fmt(row.get('sat'))} | {fmt(row.get('clip'))} | {fmt(row.get('align'))} | "
-                         f"{fmt(row['fid'], 1)} | {nfe:g} | {wall:.1f} |")
+                         f"{fmt(row.get('fid'), 2)} | {fmt(row.get('precision'), 2)} | {fmt(row.get('recall'), 2)} | "
+                         f"{nfe:g} | {wall:.1f} |")
             print(lines[-1], flush=True)
 
     # -- AG / LinearAG / cut-off vs CFG -----------------------------------------------------------
@@ -264,7 +271,7 @@ def main(argv=None):
             images, nfe, wall = render(pipe, guidance, prompts, n, args.seed, args.batch)
             row = score(images, ref_images)
         lines.append(f"| {name} | {nfe:g} | {wall:.1f} | {fmt(row.get('psnr'), 1)} | {fmt(row.get('sat'))} | "
-                     f"{fmt(row.get('clip'))} | {fmt(row.get('align'))} | {fmt(row['fid'], 1)} |")
+                     f"{fmt(row.get('clip'))} | {fmt(row.get('align'))} | {fmt(row.get('fid'), 2)} |")
         print(lines[-1], flush=True)
     res = ", ".join(f"step {i}: {v:.3f}" for i, v in sorted(lag.fit_residuals.items()))
     lines += ["", f"LinearAG least-squares fit on {len(fit_prompts)} other prompts; relative residual "
