@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -77,12 +78,16 @@ def main() -> None:
     parser.add_argument("--spo_steps", type=int, default=10)
     parser.add_argument("--train_spm", type=int, default=0, help="spo-pm steps before SPO (0 = untrained SPM)")
     parser.add_argument("--eval_per_prompt", type=int, default=8)
+    parser.add_argument("--fid_features", default="testbed", help="FID feature network (diffplug.evals): testbed | inception")
+    parser.add_argument("--fid_real", type=int, default=1000, help="held-out Fashion-MNIST test images for the FID reference")
     parser.add_argument("--results", default=str(HERE / "finetune_results.md"))
     args = parser.parse_args()
 
     from diffplug import testbed
     from diffplug.finetune.pairs import FASHION_PROMPTS
 
+    # One thread per process: on shared CPUs, oversubscribed OpenMP threads are 20x slower.
+    torch.set_num_threads(int(os.environ.get("DIFFPLUG_THREADS", "1")))
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +112,13 @@ def main() -> None:
     cost["spo"] = (t, args.spo_steps * 2 * 4 * (20 - 4))
 
     scorer, classifier = testbed.load_scorer(), testbed.load_classifier()
+    from diffplug.evals import FID
+    from diffplug.testbed.data import fashion_mnist
+
+    fid = FID(features=args.fid_features, reset_real_features=False)
+    real = fashion_mnist("test").floats()[: args.fid_real]
+    for chunk in real.split(250):
+        fid.update(chunk, real=True)
     prompts = list(FASHION_PROMPTS)
     labels = torch.arange(len(prompts)).repeat_interleave(args.eval_per_prompt)
     results, base_images, base_reward = {}, None, None
@@ -116,6 +128,9 @@ def main() -> None:
         with torch.no_grad():
             reward = scorer(images, [p for p in prompts for _ in range(args.eval_per_prompt)]).float()
             accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
+        fid.reset()
+        fid.update(images, real=False)
+        fid_value = float(fid.compute())
         if base_images is None:
             base_images, base_reward = images, reward
         results[name] = {
@@ -124,6 +139,7 @@ def main() -> None:
             "win_rate_vs_base": (reward > base_reward).float().mean().item() if name != "base" else float("nan"),
             "alignment": accuracy,
             "drift": (images - base_images).abs().mean().item(),
+            "fid": fid_value,
             "train_seconds": cost[name][0],
             "train_samples": cost[name][1],
             "eval_seconds": time.time() - t0,
@@ -141,16 +157,18 @@ def main() -> None:
         f"Held-out evaluation: the 10 Fashion-MNIST class prompts x {args.eval_per_prompt} seeds, DDIM 20 steps, CFG 5, "
         "the same seeds for every model. Reward = the testbed image-text scorer (cosine; the objective both methods optimise); "
         "win-rate = share of seeds whose reward beats the base model's sample of the same seed; alignment = the testbed "
-        "classifier's top-1 accuracy on the prompted class; drift = mean |pixel change| vs the base sample (0..1 scale).",
+        "classifier's top-1 accuracy on the prompted class; drift = mean |pixel change| vs the base sample (0..1 scale); "
+        f"FID ({args.fid_features} features) of the samples vs {args.fid_real} held-out Fashion-MNIST test images "
+        "(small samples: compare the rows, not with published FIDs).",
         "",
-        "| model | reward (± s.e.) | win-rate vs base | alignment | drift | train wall time | samples generated for training |",
-        "|---|---|---|---|---|---|---|",
+        "| model | reward (± s.e.) | win-rate vs base | alignment | FID | drift | train wall time | samples generated for training |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         win = "–" if name == "base" else f"{100 * r['win_rate_vs_base']:.0f} %"
         lines.append(
             f"| {name} | {r['reward']:.4f} ± {r['reward_sem']:.4f} | {win} | {100 * r['alignment']:.1f} % | "
-            f"{r['drift']:.4f} | {r['train_seconds']:.0f} s | {r['train_samples']} |"
+            f"{r['fid']:.2f} | {r['drift']:.4f} | {r['train_seconds']:.0f} s | {r['train_samples']} |"
         )
     lines += ["", "Training settings:", "", f"* dpo: `{json.dumps(dpo)}`", f"* spo: `{json.dumps(spo)}`", ""]
     Path(args.results).write_text("\n".join(lines))
