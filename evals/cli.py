@@ -57,9 +57,27 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _maybe_init_distributed() -> tuple[int, int]:
+    """Under ``torchrun``/``accelerate launch`` (WORLD_SIZE > 1): join the process group so each
+    process scores a shard and the features are gathered. NCCL on GPUs, gloo on CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    from .data import dist_info
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist_info()
+
+
 def _device(name: str) -> torch.device:
+    import os
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -106,7 +124,7 @@ def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool
 
 
 def run(args) -> dict:
-    from .data import image_loader
+    from .data import gather_rows, image_loader
     from .features import get_feature_network
     from .fid import FrechetInceptionDistance
     from .kid import kernel_inception_distance
@@ -125,9 +143,11 @@ def run(args) -> dict:
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
         raise SystemExit(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _maybe_init_distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     device = _device(args.device)
-    progress = not args.no_progress
+    progress = not args.no_progress and rank == 0
     need_net = any(m in metrics for m in ("fid", "kid", "precision", "recall"))
     need_vectors = any(m in metrics for m in ("kid", "precision", "recall"))
     t0 = time.perf_counter()
@@ -135,11 +155,15 @@ def run(args) -> dict:
     fkw = {"weights": args.inception_weights} if args.features == "inception" and args.inception_weights else {}
     net = get_feature_network(args.features, args.protocol, **fkw).to(device) if need_net else None
 
-    gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit)
+    gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit,
+                                      shard=(rank, world))
     stats_gen = _PixelStats("saturation" in metrics, "contrast" in metrics)
     gen_feats, gen_grid = _scan(gen_loader, net, device, stats_gen, progress, "generated", want_features=need_net)
+    if world > 1:  # every process scored its shard: gather features and per-image statistics
+        gen_feats = gather_rows(gen_feats) if gen_feats is not None else None
+        stats_gen.values = {k: [gather_rows(torch.cat(v).to(device)).cpu()] for k, v in stats_gen.values.items()}
     t_gen = time.perf_counter() - t0
-    n_gen = len(gen_loader.dataset)
+    n_gen = len(gen_feats) if gen_feats is not None else len(gen_loader.dataset) * world
 
     result: dict = {}
     ref = None
@@ -160,7 +184,9 @@ def run(args) -> dict:
 
     protocol = dict(net.describe()) if net is not None else {}
     if "fid" in metrics:
-        fid = FrechetInceptionDistance(features=None, num_features=gen_feats.shape[1]).to(device)
+        # features are already gathered from every process: no second sync in compute()
+        fid = FrechetInceptionDistance(features=None, num_features=gen_feats.shape[1],
+                                       sync_on_compute=False).to(device)
         fid.load_reference(ref["sum"].to(device) / int(ref["n"]),
                            *_sigma_n(ref, device))
         fid.update(features=gen_feats, real=False)
@@ -208,6 +234,9 @@ def run(args) -> dict:
     if n_gen:
         result["generated_images_per_second"] = round(n_gen / max(t_gen, 1e-9), 2)
 
+    result["processes"] = world
+    if rank != 0:
+        return result
     with open(out / "metrics.json", "w") as f:
         json.dump(result, f, indent=2)
 

@@ -38,8 +38,8 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
 class ImageFolder(Dataset):
     """uint8 ``(3, H, W)`` RGB tensors from an image folder (recursive, sorted)."""
 
-    def __init__(self, folder, limit: int | None = None):
-        self.files = list_images(folder)[:limit]
+    def __init__(self, folder, limit: int | None = None, shard: tuple[int, int] = (0, 1)):
+        self.files = list_images(folder)[:limit][shard[0]::shard[1]]
 
     def __len__(self):
         return len(self.files)
@@ -79,16 +79,19 @@ def _collate(batch):
 
 
 def image_loader(source: str, batch_size: int = 64, num_workers: int | None = None,
-                 limit: int | None = None) -> tuple[DataLoader, str]:
-    """DataLoader over ``source`` (a folder or ``fashion-mnist:test|train``) and its cache identity."""
+                 limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, str]:
+    """DataLoader over ``source`` (a folder or ``fashion-mnist:test|train``) and its cache identity.
+
+    ``shard=(rank, world)`` keeps every world-th image from the rank-th (multi-process runs); the
+    identity always names the whole source."""
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     if source.startswith("fashion-mnist:"):
         split = source.split(":", 1)[1]
-        ds = TensorDataset(fashion_mnist(split, limit))
+        ds = TensorDataset(fashion_mnist(split, limit)[shard[0]::shard[1]])
         loader = DataLoader(ds, batch_size=batch_size, collate_fn=lambda b: torch.stack([t[0] for t in b]))
         return loader, f"fashion-mnist-{split}-pad32-rgb" + (f"-first{limit}" if limit else "")
-    ds = ImageFolder(source, limit)
+    ds = ImageFolder(source, limit, shard)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         prefetch_factor=4 if num_workers > 0 else None)
@@ -107,3 +110,21 @@ def iterate_batches(loader):
                 yield torch.stack(g)
         else:
             yield b
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (N_r, ...) tensor from every rank, rank by rank (uneven N_r allowed)."""
+    if dist_info()[1] == 1:
+        return x
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(x.contiguous()))

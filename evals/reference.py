@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import image_loader, iterate_batches
+from .data import dist_info, gather_rows, image_loader, iterate_batches
 from .inception import _save_atomic, cache_dir
 
 
@@ -64,10 +64,14 @@ def reference_stats(source: str, feature_net, need_features: bool = False, batch
         if st is not None:
             st["dataset"] = dataset_id
             return st
-    feats = featurize(loader, feature_net, device, progress, desc=f"reference {dataset_id}")
+    rank, world = dist_info()
+    if world > 1:  # each process featurises its shard; everyone gets all features, rank 0 writes the cache
+        loader, _ = image_loader(source, batch_size, num_workers, limit, shard=(rank, world))
+    feats = gather_rows(featurize(loader, feature_net, device, progress and rank == 0,
+                                  desc=f"reference {dataset_id}"))
     f64 = feats.double()
     st = {"sum": f64.sum(0), "outer": f64.T @ f64, "n": torch.tensor(len(feats)), "features": feats}
-    if use_cache:
+    if use_cache and rank == 0:
         meta = {"dataset": dataset_id, "feature_network": feature_net.name, "protocol": protocol,
                 "n": str(len(feats))}
         _save_atomic({k: v.cpu() for k, v in st.items()}, path, {"diffplug_eval_stats": json.dumps(meta)})

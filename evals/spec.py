@@ -140,7 +140,8 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         if need_net:
             feats = torch.cat([net(images[i:i + batch].to(device)) for i in range(0, len(images), batch)])
             if "fid" in metrics:
-                fid = FrechetInceptionDistance(features=None, num_features=feats.shape[1]).to(device)
+                fid = FrechetInceptionDistance(features=None, num_features=feats.shape[1],
+                                               sync_on_compute=False).to(device)
                 fid.load_reference(ref_mu, ref_sigma, int(ref["n"]))
                 fid.update(features=feats, real=False)
                 rec["fid"] = float(fid.compute())

@@ -38,6 +38,17 @@ WORKER = textwrap.dedent("""
            "clip": clip.compute().item(), "sat": sat.compute().item()}
     with fid.sync_context():  # the synced (summed) states themselves
         out.update(real_sum=fid.real_sum.tolist(), real_n=int(fid.real_n), fake_n=int(fid.fake_n))
+    # the CLI in the same process group: each process decodes and scores a shard of each folder
+    import argparse
+    from diffplug.evals.cli import register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    d = sys.argv[2]
+    args = parser.parse_args(["eval", "--generated", d + "/gen", "--reference", d + "/ref", "--features",
+                              "py:data_for_dist:pool_features", "--metrics", "fid,kid,precision,recall,saturation",
+                              "--out", d + "/cli_dist", "--no-progress", "--num-workers", "0", "--no-cache",
+                              "--kid-subsets", "5"])
+    args.func(args)
     if rank == 0:
         json.dump(out, open(sys.argv[1], "w"))
     dist.destroy_process_group()
@@ -52,12 +63,24 @@ DATA = textwrap.dedent("""
         images = torch.rand(9, 3, 8, 8, generator=g)
         cos = torch.rand(9, generator=g) - 0.3
         return real, fake, images, cos
+
+    def pool_features(images):
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+    pool_features.num_features = 12
 """)
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "data_for_dist.py").write_text(DATA)
+    from PIL import Image
+    g = torch.Generator().manual_seed(1)
+    for name, n, shift in (("gen", 23, 0.2), ("ref", 30, 0.0)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            a = ((torch.rand(16, 16, 3, generator=g) * 0.7 + shift) * 255).round().clamp(0, 255).to(torch.uint8)
+            Image.fromarray(a.numpy()).save(tmp_path / name / f"{i:02d}.png")
     out = tmp_path / "out.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "worker.py"), str(out), str(tmp_path)]
@@ -92,3 +115,22 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     sat = Saturation()
     sat.update(images)
     assert got["sat"] == pytest.approx(sat.compute().item(), rel=1e-9)
+
+    # CLI: 2 processes == 1 process (features are gathered rank by rank: same set, other order)
+    from diffplug.evals.cli import register as reg
+    import argparse
+    parser = argparse.ArgumentParser()
+    reg(parser.add_subparsers())
+    sys.path.insert(0, str(tmp_path))
+    try:
+        args = parser.parse_args(["eval", "--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"),
+                                  "--features", "py:data_for_dist:pool_features", "--metrics",
+                                  "fid,kid,precision,recall,saturation", "--out", str(tmp_path / "cli_one"),
+                                  "--no-progress", "--num-workers", "0", "--no-cache", "--kid-subsets", "5"])
+        one = args.func(args)
+    finally:
+        sys.path.remove(str(tmp_path))
+    two = json.loads((tmp_path / "cli_dist" / "metrics.json").read_text())
+    assert two["processes"] == 2 and two["n_generated"] == 23 and two["n_reference"] == 30
+    for key in ("fid", "precision", "recall", "saturation"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
