@@ -1,11 +1,11 @@
 """Time APG's per-step maths: diffplug.guidance.APG vs diffusers' AdaptiveProjectedGuidance.
 
-Only the guidance combine is timed (``set_state`` + ``guider(batches)``, as a loop calls it) (no network): ``guider(batches)`` on random predictions of the
-given shape, with momentum, rescaling and projection on. Also counts the ATen operators one step
+Only the guidance combine is timed, no network: ``set_state`` + ``guider(batches)`` as a loop
+calls them, on random predictions of the given shape, with momentum, rescaling and projection on. Also counts the ATen operators one step
 dispatches (a proxy for GPU kernel launches, which is what bounds the time at this size on a GPU).
 
     python benchmarks/guidance_apg_timing.py --device cpu --shape 2 4 64 64 --iters 2000
-    python benchmarks/guidance_apg_timing.py --device cuda       # on a GPU machine
+    python benchmarks/guidance_apg_timing.py --device cuda --compile  # on a GPU machine
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from diffplug.guidance import APG, CFG
 from diffplug.predictions import StepContext
 
 
-def make_guiders(w: float, r: float, beta: float):
-    return {
+def make_guiders(w: float, r: float, beta: float, compiled: bool = False):
+    guiders = {
         "CFG (diffplug, reference floor)": (CFG(w), None),
         "APG diffplug, x0 space (paper)": (APG(w, eta=0.0, norm_threshold=r, momentum=beta), "context"),
         "APG diffplug, model-output space": (APG(w, eta=0.0, norm_threshold=r, momentum=beta, space="model_output"), None),
@@ -34,6 +34,10 @@ def make_guiders(w: float, r: float, beta: float):
             None,
         ),
     }
+    if compiled:
+        guiders["APG diffplug, x0 space, compile=True"] = (
+            APG(w, eta=0.0, norm_threshold=r, momentum=beta, compile=True), "context")
+    return guiders
 
 
 def step(guider, context, cond, uncond, i, n):
@@ -53,6 +57,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds; the best round counts")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="add a row for APG(compile=True) (torch.compile)")
     p.add_argument("--out", default=None, help="append a markdown table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -62,7 +67,7 @@ def main(argv=None):
     context = StepContext(sample, torch.tensor(0.6, device=dev), torch.tensor(0.8, device=dev), "epsilon")
     rows = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    guiders = {name: (g, context if c == "context" else None) for name, (g, c) in make_guiders(7.5, 15.0, -0.5).items()}
+    guiders = {name: (g, context if c == "context" else None) for name, (g, c) in make_guiders(7.5, 15.0, -0.5, args.compile).items()}
     per_round = max(1, args.iters // args.rounds)
     best = {name: float("inf") for name in guiders}
     count = 0

@@ -1,6 +1,7 @@
 """APG (diffplug.guidance.APG): identities the paper's update must satisfy, parity with diffusers."""
 
 import math
+import os
 import warnings
 
 import pytest
@@ -242,3 +243,17 @@ def test_get_guidance_parses_cli_strings():
         get_guidance("apg", beta="0.5")
     with pytest.raises(ValueError, match="unknown guidance"):
         get_guidance("pag")
+
+
+@pytest.mark.skipif(not os.environ.get("DIFFPLUG_SLOW_TESTS"), reason="torch.compile takes ~1 min on CPU; set DIFFPLUG_SLOW_TESTS=1")
+def test_compiled_update_matches_eager():
+    ctx = _context("epsilon")
+    eager, compiled = APG(12.0, norm_threshold=0.5), APG(12.0, norm_threshold=0.5, compile=True)
+    for step in range(3):
+        cond, uncond = _preds(seed=30 + step)
+        outs = []
+        for guider in (eager, compiled):
+            guider.set_state(step, 3, torch.tensor(999))
+            guider.set_context(ctx)
+            outs.append(guider.forward(cond, uncond).pred)
+        assert torch.allclose(outs[0], outs[1], atol=1e-5)
