@@ -11,6 +11,9 @@ step-wise resampler (Sec. 3.3):
 4. a uniformly random candidate continues; branch ``k`` new ones from it; repeat to the end (the
    final candidates are scored on their decoded images at t = 0).
 
+SPO-SDXL (``num_inner_step = m > 1``): each candidate runs ``m`` steps before the comparison, and the
+j-th transitions of the winning and the losing chain form a pair (their parents then differ).
+
 Loss per recorded transition (Sec. 3.4), with the frozen initial model as reference and the DDIM
 log-density averaged over latent elements (``logprob.ddim_step_with_logprob``):
 
@@ -51,6 +54,7 @@ class SPOConfig(TrainConfig):
     eta: float = opt(1.0, "DDIM eta of the rollouts (1 = DDPM variance)")
     divert_start_step: int = opt(4, "plain denoising steps before the resampler starts branching")
     num_sample_each_step: int = opt(4, "k: candidates per step (SD-1.5: 4, SDXL: 2)")
+    num_inner_step: int = opt(1, "steps each candidate runs before the comparison (SD-1.5: 1, SDXL: 3)")
     threshold: float = opt(0.3, "keep a pair only if softmax([s_win, s_lose]) differs by more (SD-1.5: 0.3)")
     beta: float = opt(10.0, "beta of the pairwise loss")
     eps: float = opt(0.1, "ratio clipping: r is clamped to [1 - eps, 1 + eps]")
@@ -70,6 +74,8 @@ class SPOConfig(TrainConfig):
             raise ConfigError(f"num_steps: must be >= 2; got {self.num_steps}")
         if not 0 <= self.divert_start_step < self.num_steps:
             raise ConfigError(f"divert_start_step: must be in [0, num_steps={self.num_steps}); got {self.divert_start_step}")
+        if self.num_inner_step < 1:
+            raise ConfigError(f"num_inner_step: must be >= 1; got {self.num_inner_step}")
         if self.num_sample_each_step < 2:
             raise ConfigError(f"num_sample_each_step: need >= 2 candidates to form a pair; got {self.num_sample_each_step}")
         if not self.eta > 0:
@@ -109,66 +115,79 @@ class StepwiseResampler:
         self.model, self.scheduler, self.spm, self.cfg = model, scheduler, preference_model, cfg
 
     def _x0_images(self, pred, x, t):
+        """Predicted clean images (decoded, [0, 1]) of ``x`` at ``t``."""
         alpha, sigma = noise_levels(self.scheduler, torch.as_tensor(t).reshape(-1).cpu())
         x0 = split(pred, x, alpha.to(x.device).view(-1, 1, 1, 1), sigma.to(x.device).view(-1, 1, 1, 1), self.model.prediction_type)[0]
         return self.model.decode(x0)
 
     @torch.no_grad()
     def __call__(self, unet, prompts: list[str], gens: list[torch.Generator], size: int, device) -> dict:
-        """-> transitions ``{"x_t", "x_w", "x_l", "t", "prompt", "valid", "scores"}`` (one row per step
-        and prompt after the divert step)."""
+        """-> transitions ``{"x_t_w", "x_w", "x_t_l", "x_l", "t", "prompt", "valid", "scores"}``: one row per
+        prompt and denoising step after the divert step. With ``num_inner_step = 1`` the winner and the
+        loser share their parent (``x_t_w == x_t_l``); with m > 1 (SPO-SDXL) each candidate runs m
+        steps before the comparison and the j-th transitions of the two chains form a pair."""
         cfg, model, sched = self.cfg, self.model, self.scheduler
-        b, k, n = len(prompts), cfg.num_sample_each_step, cfg.num_steps
+        b, k, n, m = len(prompts), cfg.num_sample_each_step, cfg.num_steps, cfg.num_inner_step
         sched.set_timesteps(n)
         steps = sched.timesteps
         conditions = model.encode_prompts(prompts, size, uncond=True)
         cond_k = {key: (c.repeat_interleave(k, 0), u.repeat_interleave(k, 0)) for key, (c, u) in conditions.items()}
         shape = model.latent_shape(size)
-        x = D.randn(gens, shape, device) * sched.init_noise_sigma
-
-        def step(pred, t, x_cur):
-            return ddim_step_with_logprob(sched, pred, t, x_cur, n, cfg.eta, noise=D.randn(gens, shape, device))[0]
-
-        def branch(pred, t, x_cur):  # k candidates per prompt: (B, k, C, H, W)
-            return torch.stack([step(pred, t, x_cur) for _ in range(k)], dim=1)
-
-        rec = {key: [] for key in ("x_t", "x_w", "x_l", "t", "prompt", "valid", "scores")}
+        prompts_k = [p for p in prompts for _ in range(k)]
         rows = torch.arange(b, device=device)
 
-        def record(parent, parent_t, cands, scores):
-            win, lose, valid = compare(scores, cfg.threshold)
-            rec["x_t"].append(parent)
-            rec["x_w"].append(cands[rows, win])
-            rec["x_l"].append(cands[rows, lose])
-            rec["t"].append(torch.full((b,), int(parent_t), dtype=torch.long))
-            rec["prompt"].append(torch.arange(b))
-            rec["valid"].append(valid.cpu())
-            rec["scores"].append(scores.float().cpu())
+        def step(pred, t, x_cur, gen_rows):
+            return ddim_step_with_logprob(sched, pred, t, x_cur, n, cfg.eta, noise=D.randn(gen_rows, shape, device))[0]
 
-        prompts_k = [p for p in prompts for _ in range(k)]
-        cands = parent = parent_t = None
-        for i, t in enumerate(steps):
-            if i < cfg.divert_start_step:
-                x = step(guided_prediction(model, unet, x, t, conditions, cfg.guidance_scale), t, x)
-                continue
-            if i == cfg.divert_start_step:
-                parent, parent_t = x, t
-                cands = branch(guided_prediction(model, unet, x, t, conditions, cfg.guidance_scale), t, x)
-                continue
+        gens_k = [g for g in gens for _ in range(k)]  # candidate j of prompt i draws from prompt i's generator
+        x = D.randn(gens, shape, device) * sched.init_noise_sigma
+        for i in range(cfg.divert_start_step):  # 1. plain denoising
+            x = step(guided_prediction(model, unet, x, steps[i], conditions, cfg.guidance_scale), steps[i], x, gens)
+
+        rec = {key: [] for key in ("x_t_w", "x_w", "x_t_l", "x_l", "t", "prompt", "valid", "scores")}
+        i = cfg.divert_start_step
+        pred_x = guided_prediction(model, unet, x, steps[i], conditions, cfg.guidance_scale)
+        while i < n:
+            # 2. branch k candidates from x; each runs up to m steps (chain[s]: (B, k, ...) latents)
+            chain, times = [x[:, None].expand(b, k, *shape)], []
+            cands = torch.stack([step(pred_x, steps[i], x, gens) for _ in range(k)], dim=1)
+            chain.append(cands)
+            times.append(int(steps[i]))
+            i += 1
+            for _ in range(m - 1):
+                if i >= n:
+                    break
+                flat = cands.flatten(0, 1)
+                pred = guided_prediction(model, unet, flat, steps[i], cond_k, cfg.guidance_scale)
+                cands = step(pred, steps[i], flat, gens_k).view(b, k, *shape)
+                chain.append(cands)
+                times.append(int(steps[i]))
+                i += 1
+            # 3. judge the chain ends with the SPM at their timestep (the final ones at t = 0, decoded)
             flat = cands.flatten(0, 1)
-            pred = guided_prediction(model, unet, flat, t, cond_k, cfg.guidance_scale)
-            scores = self.spm(self._x0_images(pred, flat, t), prompts_k, torch.full((b * k,), float(t))).view(b, k)
-            record(parent, parent_t, cands, scores)
-            choice = D.randint(gens, 0, k, device)  # one candidate continues, uniformly at random
+            if i < n:
+                pred_end = guided_prediction(model, unet, flat, steps[i], cond_k, cfg.guidance_scale)
+                scores = self.spm(self._x0_images(pred_end, flat, steps[i]), prompts_k, torch.full((b * k,), float(steps[i])))
+            else:
+                scores = self.spm(model.decode(flat), prompts_k, torch.zeros(b * k))
+            scores = scores.view(b, k)
+            win, lose, valid = compare(scores, cfg.threshold)
+            for s_, t_ in enumerate(times):
+                rec["x_t_w"].append(chain[s_][rows, win])
+                rec["x_w"].append(chain[s_ + 1][rows, win])
+                rec["x_t_l"].append(chain[s_][rows, lose])
+                rec["x_l"].append(chain[s_ + 1][rows, lose])
+                rec["t"].append(torch.full((b,), t_, dtype=torch.long))
+                rec["prompt"].append(torch.arange(b))
+                rec["valid"].append(valid.cpu())
+                rec["scores"].append(scores.float().cpu())
+            # 4. one candidate, uniformly at random, continues
+            choice = D.randint(gens, 0, k, device)
             x = cands[rows, choice]
-            pred_x = pred.view(b, k, *shape)[rows, choice]
-            parent, parent_t = x, t
-            cands = branch(pred_x, t, x)
-        flat = cands.flatten(0, 1)  # final candidates: clean latents, scored at t = 0
-        scores = self.spm(model.decode(flat), prompts_k, torch.zeros(b * k)).view(b, k)
-        record(parent, parent_t, cands, scores)
+            if i < n:
+                pred_x = pred_end.view(b, k, *shape)[rows, choice]
         out = {key: torch.cat(v) for key, v in rec.items()}
-        out["final"] = cands[rows, D.randint(gens, 0, k, device)]
+        out["final"] = x
         return out
 
 
@@ -206,23 +225,29 @@ class SPO(Method):
         parts = []
         for sel in idx.split(chunk):
             p = tr["prompt"][sel].to(trainer.device)
-            parts.append({
-                "x_t": tr["x_t"][sel.to(tr["x_t"].device)], "x_w": tr["x_w"][sel.to(tr["x_w"].device)],
-                "x_l": tr["x_l"][sel.to(tr["x_l"].device)], "t": tr["t"][sel],
-                "conditions": {k: (c[p], u[p]) for k, (c, u) in conditions.items()}, "weight": weight,
-            })
+            part = {key: tr[key][sel.to(tr[key].device)] for key in ("x_t_w", "x_w", "x_t_l", "x_l")}
+            part.update(t=tr["t"][sel], weight=weight, conditions={k: (c[p], u[p]) for k, (c, u) in conditions.items()})
+            parts.append(part)
         return parts
 
     def loss(self, trainer, part):
         cfg, model, sched = self.config, trainer.model, self.scheduler
         scale = cfg.guidance_scale if cfg.train_cfg else 1.0
-        x_t, t = part["x_t"], part["t"].to(part["x_t"].device)
-        pred = guided_prediction(model, trainer.unet, x_t, t, part["conditions"], scale)
+        t, cond = part["t"].to(part["x_w"].device), part["conditions"]
+        shared = torch.equal(part["x_t_w"], part["x_t_l"])  # num_inner_step = 1: one parent, one forward
+        x_t = part["x_t_w"] if shared else torch.cat([part["x_t_w"], part["x_t_l"]])
+        t_in = t if shared else torch.cat([t, t])
+        cond_in = cond if shared else {k: (torch.cat([c, c]), torch.cat([u, u])) for k, (c, u) in cond.items()}
+        pred = guided_prediction(model, trainer.unet, x_t, t_in, cond_in, scale)
         with trainer.reference() as ref:
-            ref_pred = guided_prediction(model, ref, x_t, t, part["conditions"], scale)
+            ref_pred = guided_prediction(model, ref, x_t, t_in, cond_in, scale)
+        if shared:
+            preds, ref_preds, parents = (pred, pred), (ref_pred, ref_pred), (x_t, x_t)
+        else:
+            preds, ref_preds, parents = pred.chunk(2), ref_pred.chunk(2), x_t.chunk(2)
         n = cfg.num_steps
-        logp = [ddim_step_with_logprob(sched, pred, t, x_t, n, cfg.eta, prev_sample=part[k])[1] for k in ("x_w", "x_l")]
-        ref_logp = [ddim_step_with_logprob(sched, ref_pred, t, x_t, n, cfg.eta, prev_sample=part[k])[1] for k in ("x_w", "x_l")]
+        logp = [ddim_step_with_logprob(sched, preds[j], t, parents[j], n, cfg.eta, prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
+        ref_logp = [ddim_step_with_logprob(sched, ref_preds[j], t, parents[j], n, cfg.eta, prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
         losses, clipped = spo_loss(logp[0], logp[1], ref_logp[0], ref_logp[1], cfg.beta, cfg.eps)
         logs = {"clipped_fraction": clipped.float().mean().detach(),
                 "log_ratio_win": (logp[0] - ref_logp[0]).mean().detach(),

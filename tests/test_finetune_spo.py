@@ -122,10 +122,11 @@ def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
     gens = trainer.generators(torch.tensor([0, 1]))
     tr = method.resampler(trainer.unet, ["a", "b"], gens, trainer.resolution, trainer.device)
     n_steps = method.config.num_steps - method.config.divert_start_step
-    assert tr["x_t"].shape[0] == n_steps * 2 and tr["final"].shape[0] == 2  # one path per prompt
+    assert tr["x_t_w"].shape[0] == n_steps * 2 and tr["final"].shape[0] == 2  # one path per prompt
+    assert torch.equal(tr["x_t_w"], tr["x_t_l"])  # num_inner_step = 1: winner and loser share the parent
     assert torch.equal(tr["prompt"], torch.arange(2).repeat(n_steps))
     # each step branches from a new parent, and the pair is two distinct candidates of that parent
-    parents = tr["x_t"].view(n_steps, 2, -1)
+    parents = tr["x_t_w"].view(n_steps, 2, -1)
     assert all(not torch.equal(parents[s], parents[s + 1]) for s in range(n_steps - 1))
     # a kept pair is two distinct candidates; identical ones (the deterministic last DDIM step into
     # abar = 1 of this scheduler) tie and are rejected
@@ -138,6 +139,17 @@ def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
     # the same generators reproduce the same rollout (seeded per sample)
     again = method.resampler(trainer.unet, ["a", "b"], trainer.generators(torch.tensor([0, 1])), trainer.resolution, trainer.device)
     torch.testing.assert_close(again["x_w"], tr["x_w"])
+
+    # SPO-SDXL: chains of m = 2 steps before each comparison; pairs of j-th transitions
+    method.config.num_inner_step = 2
+    tr = method.resampler(trainer.unet, ["a", "b"], trainer.generators(torch.tensor([0, 1])), trainer.resolution, trainer.device)
+    assert tr["x_t_w"].shape[0] == n_steps * 2  # still one transition per step after the divert step
+    assert torch.equal(tr["x_t_w"][:2], tr["x_t_l"][:2])  # the first transition of a segment: shared parent
+    assert torch.equal(tr["x_t_w"][2:4], tr["x_w"][:2]) and torch.equal(tr["x_t_l"][2:4], tr["x_l"][:2])  # chains
+    assert tr["t"][:2].tolist() != tr["t"][2:4].tolist()
+    parts = method.prepare(trainer, {"prompts": ["a", "b"], "positions": torch.tensor([0, 1])})
+    loss, logs = method.loss(trainer, parts[0])
+    assert abs(float(loss) - math.log(2)) < 1e-5  # theta = ref, separate parents
 
 
 def test_spo_command_runs_and_starts_at_log2(tmp_path):
