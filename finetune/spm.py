@@ -54,7 +54,7 @@ class _CLIPBackbone(nn.Module):
         from transformers import CLIPModel, CLIPProcessor
 
         if not Path(folder).is_dir():
-            raise ConfigError(f"backbone: clip:{folder} -- no such folder (PickScore/CLIP weights must be local)")
+            raise ConfigError(f"backbone: {folder!r} -- no such folder (PickScore/CLIP weights must be local)")
         self.model = CLIPModel.from_pretrained(folder)
         self.processor = CLIPProcessor.from_pretrained(folder)
         size = self.processor.image_processor.crop_size
@@ -84,8 +84,8 @@ def load_backbone(spec: str) -> nn.Module:
         except ImportError as e:
             raise ConfigError(f"backbone: the testbed scorer is not available ({e}); pass --backbone clip:<folder> or module:function") from None
         return load_scorer()
-    if spec.startswith("clip:"):
-        return _CLIPBackbone(spec[5:])
+    if spec.startswith(("clip:", "pickscore:")):  # PickScore_v1 is a transformers CLIP folder
+        return _CLIPBackbone(spec.split(":", 1)[1])
     if ":" in spec:
         import importlib
 
@@ -94,7 +94,7 @@ def load_backbone(spec: str) -> nn.Module:
             return getattr(importlib.import_module(module), attr)()
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"backbone: cannot import {spec!r}: {e}") from None
-    raise ConfigError(f"backbone: {spec!r}: expected 'testbed', 'clip:<folder>' or 'module:function'")
+    raise ConfigError(f"backbone: {spec!r}: expected 'testbed', 'clip:<folder>', 'pickscore:<folder>' or 'module:function'")
 
 
 class StepAwarePreferenceModel(nn.Module):
