@@ -53,8 +53,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metrics.json")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
     return p
+
+
+def command(args) -> int:
+    """The ``diffplug eval`` entry: run and return the exit status (0)."""
+    run(args)
+    return 0
 
 
 def _maybe_init_distributed() -> tuple[int, int]:
@@ -135,14 +141,14 @@ def run(args) -> dict:
     if args.spec:
         return _run_spec(args)
     if not args.generated or not args.reference:
-        raise SystemExit("diffplug eval: give --generated DIR and --reference DIR|fashion-mnist:test, or --spec FILE")
+        raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test, or --spec FILE")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in metrics if m not in ALL_METRICS]
     if bad:
-        raise SystemExit(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
+        raise ValueError(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
-        raise SystemExit(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
+        raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
     rank, world = _maybe_init_distributed()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +286,7 @@ def _run_spec(args) -> dict:
         spec["reference"] = args.reference
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
-        raise SystemExit(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
+        raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
     out.mkdir(parents=True, exist_ok=True)
     result = run_spec(spec, out, _device(args.device), progress=not args.no_progress, base=Path(args.spec).parent)
     if not args.no_progress:
@@ -303,7 +309,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["eval", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
+    return run(args)
 
 
 if __name__ == "__main__":

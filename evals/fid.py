@@ -136,6 +136,7 @@ class FrechetInceptionDistance(FeatureMetric, Metric):
         self.real_outer = sigma * (n - 1) + n * torch.outer(mu, mu)
         self.real_n = torch.tensor(int(n), device=self.real_sum.device)
         self.reset_real_features = False
+        self._computed = None  # torchmetrics caches compute(); the states just changed
 
     def stats(self, real: bool) -> tuple[torch.Tensor, torch.Tensor]:
         side = "real" if real else "fake"

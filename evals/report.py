@@ -155,6 +155,16 @@ def pca_2d(*feature_sets: torch.Tensor) -> list[torch.Tensor]:
     return [((f.double().cpu() - mu) @ v).float() for f in feature_sets]
 
 
+CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 16px;min-width:110px}
+.k{color:#666;font-size:12px} .v{font-size:22px;font-weight:bold}
+figure{display:inline-block;margin:8px;vertical-align:top}
+figcaption{text-align:center;color:#555;font-size:13px} img{image-rendering:pixelated;max-width:560px}
+table{border-collapse:collapse} td{border-bottom:1px solid #eee;padding:3px 10px;font-size:13px}
+pre{background:#f6f6f6;padding:10px;overflow:auto}"""
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.5g}"
@@ -172,11 +182,7 @@ def write_report(path, title: str, metrics: dict, info: dict, grids: dict | None
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in info.items())
     note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}}
-.cards{{display:flex;flex-wrap:wrap;gap:12px}}.card{{border:1px solid #ddd;border-radius:8px;padding:10px 16px;min-width:110px}}
-.k{{color:#666;font-size:12px}}.v{{font-size:22px;font-weight:bold}}figure{{display:inline-block;margin:8px;vertical-align:top}}
-figcaption{{text-align:center;color:#555;font-size:13px}}img{{image-rendering:pixelated;max-width:560px}}
-table{{border-collapse:collapse}}td{{border-bottom:1px solid #eee;padding:3px 10px;font-size:13px}}pre{{background:#f6f6f6;padding:10px;overflow:auto}}</style>
+<style>{CSS}</style>
 </head><body><h1>{html.escape(title)}</h1><div class="cards">{cards}</div>
 <h2>Samples</h2>{grid_html}<h2>Plots</h2>{plot_html}
 <h2>Protocol</h2><table>{rows}</table><ul>{note_html}</ul>

@@ -54,7 +54,8 @@ def load_spec(path: str | Path) -> dict:
 def _prompts(spec: dict, base: Path) -> list[str]:
     prompts = list(spec.get("prompts") or [])
     if spec.get("prompts_file"):
-        f = (base / spec["prompts_file"]) if not Path(spec["prompts_file"]).is_absolute() else Path(spec["prompts_file"])
+        f = Path(spec["prompts_file"])
+        f = f if f.is_absolute() else base / f
         prompts += [line.strip() for line in f.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("spec: give 'prompts' (a list) or 'prompts_file'")
@@ -183,7 +184,8 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
             series[r["method"]][1].append(float(r[key]))
         plots.append((f"{key} vs {param}", svg_lines(series, key, param, key)))
     info = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in protocol.items() if v is not None}
-    info.update({"model": spec.get("model", "testbed"), "prompts": len(prompts), "images per run": len(prompts) * per_prompt})
+    info.update({"model": spec.get("model", "testbed"), "prompts": len(prompts),
+                 "images per run": len(prompts) * per_prompt})
     best = {}
     for key, better in (("fid", min), ("clip", max)):
         vals = [r[key] for r in runs if key in r]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from diffplug.evals import fid_from_features, kernel_inception_distance, precision_recall
-from diffplug.evals.cli import register
+from diffplug.evals.cli import register, run
 from diffplug.evals.data import FASHION_MNIST_DIR, ImageFolder
 
 FEATURES = textwrap.dedent("""
@@ -59,7 +59,7 @@ def test_folder_mode_writes_metrics_and_report(setup):
             "--metrics", "fid,kid,precision,recall,saturation", "--out", str(tmp / "out"), "--num-workers", "2",
             "--batch-size", "8", "--no-progress", "--kid-subsets", "10"]
     args = _parse(argv)
-    args.func(args)
+    run(args)
     m = json.loads((tmp / "out" / "metrics.json").read_text())
     assert {"fid", "kid", "precision", "recall", "protocol", "saturation", "reference_saturation"} <= set(m)
     assert m["n_generated"] == 33 and m["n_reference"] == 40
@@ -75,25 +75,27 @@ def test_folder_mode_writes_metrics_and_report(setup):
     assert "data:image/png;base64" in html and html.count("<svg") >= 2 and "Feature PCA" in html
 
     # never overwrite silently; --overwrite reuses the cached reference features
-    with pytest.raises(SystemExit, match="--overwrite"):
-        _parse(argv).func(_parse(argv))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(_parse(argv))
+    a = _parse(argv + ["--overwrite"])
+    assert a.func(a) == 0  # what `diffplug eval` returns as its exit status
     cache = m["reference_cache"]
     assert cache and (tmp / "cache") in __import__("pathlib").Path(cache).parents
     args = _parse(argv + ["--overwrite"])
-    m2 = args.func(args)
+    m2 = run(args)
     assert m2["fid"] == pytest.approx(m["fid"], rel=1e-12) and m2["reference_cache"] == cache
 
 
 def test_bad_arguments_fail_clearly(setup):
     tmp = setup
-    with pytest.raises(SystemExit, match="unknown"):
+    with pytest.raises(ValueError, match="unknown"):
         a = _parse(["--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--metrics", "fid,lpips",
                     "--out", str(tmp / "o")])
-        a.func(a)
+        run(a)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         a = _parse(["--generated", str(tmp / "nope"), "--reference", str(tmp / "ref"), "--features",
                     "py:featmod:tiny_features", "--out", str(tmp / "o2"), "--no-progress"])
-        a.func(a)
+        run(a)
 
 
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
@@ -108,7 +110,7 @@ def test_fashion_mnist_reference(setup):
     a = _parse(["--generated", str(tmp / "gen"), "--reference", "fashion-mnist:test", "--reference-limit", "50",
                 "--features", "py:featmod:tiny_features", "--metrics", "fid,precision,recall,contrast",
                 "--out", str(tmp / "fm"), "--no-progress"])
-    m = a.func(a)
+    m = run(a)
     assert m["n_reference"] == 50 and m["reference"].startswith("fashion-mnist-test")
     assert m["reference_clip_black"] > 0.3  # Fashion-MNIST's black background
 
@@ -122,7 +124,7 @@ def test_spec_mode_sweeps_guidance_from_the_same_noise(setup):
             "metrics": ["fid", "kid", "precision", "recall", "saturation"], "batch_size": 2}
     (tmp / "spec.json").write_text(json.dumps(spec))
     a = _parse(["--spec", str(tmp / "spec.json"), "--out", str(tmp / "sweep"), "--device", "cpu", "--no-progress"])
-    res = a.func(a)
+    res = run(a)
     runs = res["runs"]
     assert [r["guidance_scale"] for r in runs] == [1.0, 4.0]
     assert all({"fid", "kid", "precision", "recall", "saturation"} <= set(r) for r in runs)

@@ -40,7 +40,7 @@ WORKER = textwrap.dedent("""
         out.update(real_sum=fid.real_sum.tolist(), real_n=int(fid.real_n), fake_n=int(fid.fake_n))
     # the CLI in the same process group: each process decodes and scores a shard of each folder
     import argparse
-    from diffplug.evals.cli import register
+    from diffplug.evals.cli import register, run
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     d = sys.argv[2]
@@ -48,7 +48,7 @@ WORKER = textwrap.dedent("""
                               "py:data_for_dist:pool_features", "--metrics", "fid,kid,precision,recall,saturation",
                               "--out", d + "/cli_dist", "--no-progress", "--num-workers", "0", "--no-cache",
                               "--kid-subsets", "5"])
-    args.func(args)
+    run(args)
     if rank == 0:
         json.dump(out, open(sys.argv[1], "w"))
     dist.destroy_process_group()
@@ -117,7 +117,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert got["sat"] == pytest.approx(sat.compute().item(), rel=1e-9)
 
     # CLI: 2 processes == 1 process (features are gathered rank by rank: same set, other order)
-    from diffplug.evals.cli import register as reg
+    from diffplug.evals.cli import register as reg, run as run_cli
     import argparse
     parser = argparse.ArgumentParser()
     reg(parser.add_subparsers())
@@ -127,7 +127,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
                                   "--features", "py:data_for_dist:pool_features", "--metrics",
                                   "fid,kid,precision,recall,saturation", "--out", str(tmp_path / "cli_one"),
                                   "--no-progress", "--num-workers", "0", "--no-cache", "--kid-subsets", "5"])
-        one = args.func(args)
+        one = run_cli(args)
     finally:
         sys.path.remove(str(tmp_path))
     two = json.loads((tmp_path / "cli_dist" / "metrics.json").read_text())

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffplug.evals.inception import (convert_fid_helper_torchscript, find_fid_helper_weights, load_inception,
-                                      load_inception_state_dict)
+from diffplug.evals.inception import find_fid_helper_weights, load_inception, load_inception_state_dict
 from diffplug.evals.resize import resize_for_inception, to_pixels
 
 needs_weights = pytest.mark.skipif(find_fid_helper_weights() is None,

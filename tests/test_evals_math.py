@@ -1,6 +1,5 @@
 """FID / KID / precision-recall maths against torchmetrics and torch-fidelity on identical features."""
 
-import numpy as np
 import pytest
 import torch
 
