@@ -46,6 +46,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def _projected(out) -> torch.Tensor:
+    """transformers < 5 returns the projected embedding; 5.x an output whose pooler_output holds it."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 class _CLIPBackbone(nn.Module):
     """A local transformers CLIP folder (CLIP, PickScore_v1) as a scorer backbone."""
 
@@ -58,7 +63,7 @@ class _CLIPBackbone(nn.Module):
         self.model = CLIPModel.from_pretrained(folder)
         self.processor = CLIPProcessor.from_pretrained(folder)
         size = self.processor.image_processor.crop_size
-        self.size = size["height"] if isinstance(size, dict) else size
+        self.size = int(getattr(size, "height", None) or (size["height"] if isinstance(size, dict) else size))
         self.register_buffer("mean", torch.tensor(self.processor.image_processor.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.processor.image_processor.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -69,12 +74,12 @@ class _CLIPBackbone(nn.Module):
     def encode_image(self, images):
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = (x - self.mean.to(x)) / self.std.to(x)
-        return F.normalize(self.model.get_image_features(pixel_values=x), dim=-1)
+        return F.normalize(_projected(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     def encode_text(self, prompts):
         tok = self.processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
         tok = {k: v.to(self.model.device) for k, v in tok.items()}
-        return F.normalize(self.model.get_text_features(**tok), dim=-1)
+        return F.normalize(_projected(self.model.get_text_features(**tok)), dim=-1)
 
 
 def load_backbone(spec: str) -> nn.Module:

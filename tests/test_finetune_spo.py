@@ -191,3 +191,23 @@ def test_spo_pm_trains_and_reloads(tmp_path):
     from diffplug.finetune.spm import load_preference_model
 
     assert isinstance(load_preference_model(str(tmp_path / "pm")), StepAwarePreferenceModel)
+
+
+def test_spm_on_a_local_clip_folder(tmp_path):
+    """The PickScore path: a local transformers CLIP folder (here tiny and random) as the backbone."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffplug.testing import byte_level_vocab, tiny_tokenizer
+
+    text = dict(vocab_size=len(byte_level_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(str(tmp_path))
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tiny_tokenizer()).save_pretrained(str(tmp_path))
+    spm = StepAwarePreferenceModel.from_backbone(f"pickscore:{tmp_path}")
+    scores = spm(torch.rand(3, 3, 32, 32), ["a cat", "a dog", "x"], 250)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert abs(float(spm.logit_scale()) - float(spm.backbone.model.logit_scale.exp())) < 1e-6
+    with pytest.raises(Exception, match="backbone: .* no such folder"):
+        StepAwarePreferenceModel.from_backbone(f"clip:{tmp_path / 'missing'}")
