@@ -263,3 +263,23 @@ def test_testbed_features_and_scorer_wiring(monkeypatch):
     m = CLIPScore(scorer="testbed")
     m.update(x, prompts)
     assert 0 <= m.compute().item() <= 100
+
+
+def test_clip_image_features_as_a_feature_network(tiny_clip):
+    import transformers
+
+    from diffplug.evals import FID, get_feature_network
+
+    net = get_feature_network(f"clip:{tiny_clip}")
+    images = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).round().to(torch.uint8)
+    f = net(images)
+    assert f.shape == (4, net.num_features) == (4, 16)
+    model = transformers.CLIPModel.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=clip_preprocess(images, 32))
+    torch.testing.assert_close(f, ref if torch.is_tensor(ref) else ref.pooler_output, rtol=1e-4, atol=1e-5)
+    m = FID(features=net)  # any feature network plugs into the metrics
+    m.update(images, real=True)
+    assert int(m.real_n) == 4
+    with pytest.raises(FileNotFoundError, match="clip:"):
+        get_feature_network("clip:/no/such/dir")
