@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 def train(method: str, out: Path, args, extra: dict) -> tuple[Path, float]:
     from diffplug.finetune.cli import main
 
-    argv = [method, "--output_dir", str(out), "--seed", str(args.seed), "--log_every", "5", "--checkpoint_every", "0"]
+    argv = [method, "--output_dir", str(out), "--model", args.model, "--seed", str(args.seed), "--log_every", "5", "--checkpoint_every", "0"]
     for k, v in extra.items():
         argv += [f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
     t0 = time.time()
@@ -52,12 +52,12 @@ def train(method: str, out: Path, args, extra: dict) -> tuple[Path, float]:
 
 
 @torch.no_grad()
-def sample(lora: Path | None, prompts: list[str], per_prompt: int, seed: int) -> torch.Tensor:
-    from diffplug import testbed
+def sample(model: str, lora: Path | None, prompts: list[str], per_prompt: int, seed: int) -> torch.Tensor:
+    from diffplug.finetune.model import load_pipeline
     from diffplug.guidance.base import CFG
     from diffplug.pipelines import from_pipe
 
-    pipe = testbed.load("sd")
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
@@ -73,9 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/finetune_bench")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="testbed", help="the base pipeline (tiny:sd for a dry run of this script)")
     parser.add_argument("--dpo_steps", type=int, default=60)
     parser.add_argument("--dpo_repeats", type=int, default=6, help="rounds over the 10 prompts when generating pairs")
     parser.add_argument("--spo_steps", type=int, default=10)
+    parser.add_argument("--spo_threshold", type=float, default=0.3, help="SPO compare threshold (paper: 0.3 with PickScore's logit scale 100)")
+    parser.add_argument("--spo_lr", type=float, default=6e-5)
+    parser.add_argument("--dpo_lr", type=float, default=1e-4)
     parser.add_argument("--train_spm", type=int, default=0, help="spo-pm steps before SPO (0 = untrained SPM)")
     parser.add_argument("--eval_per_prompt", type=int, default=8)
     parser.add_argument("--fid_features", default="testbed", help="FID feature network (diffplug.evals): testbed | inception")
@@ -93,7 +97,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs, cost = {"base": None}, {"base": (0.0, 0)}
 
-    dpo = dict(max_steps=args.dpo_steps, train_batch_size=4, learning_rate=1e-4, beta=5000, reward="testbed",
+    dpo = dict(max_steps=args.dpo_steps, train_batch_size=4, learning_rate=args.dpo_lr, beta=5000, reward="testbed",
                num_per_prompt=4, generate_repeats=args.dpo_repeats, generate_steps=20, lora_rank=8, lr_warmup_steps=0)
     runs["dpo"], t = train("dpo", out / "dpo", args, dpo)
     # samples: the generated images (N per prompt per round) + none online
@@ -106,7 +110,7 @@ def main() -> None:
         pm_final, t_pm = train("spo-pm", out / "spo-pm", args, spm)
         pm = str(pm_final)
     spo = dict(max_steps=args.spo_steps, train_batch_size=2, preference_model=pm, num_steps=20, num_sample_each_step=4,
-               divert_start_step=4, threshold=0.3, learning_rate=6e-5)
+               divert_start_step=4, threshold=args.spo_threshold, learning_rate=args.spo_lr)
     runs["spo"], t = train("spo", out / "spo", args, spo)
     # samples: per prompt, k candidates at every step after the divert step
     cost["spo"] = (t, args.spo_steps * 2 * 4 * (20 - 4))
@@ -124,7 +128,7 @@ def main() -> None:
     results, base_images, base_reward = {}, None, None
     for name, lora in runs.items():
         t0 = time.time()
-        images = sample(lora, prompts, args.eval_per_prompt, args.seed + 12345)
+        images = sample(args.model, lora, prompts, args.eval_per_prompt, args.seed + 12345)
         with torch.no_grad():
             reward = scorer(images, [p for p in prompts for _ in range(args.eval_per_prompt)]).float()
             accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
@@ -170,6 +174,23 @@ def main() -> None:
             f"| {name} | {r['reward']:.4f} ± {r['reward_sem']:.4f} | {win} | {100 * r['alignment']:.1f} % | "
             f"{r['fid']:.2f} | {r['drift']:.4f} | {r['train_seconds']:.0f} s | {r['train_samples']} |"
         )
+    def logs(name):
+        path = out / name / "logs.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def mean(records, key):
+        values = [r[key] for r in records if key in r]
+        return sum(values) / max(len(values), 1)
+
+    d, p, m = logs("dpo"), logs("spo"), logs("spo-pm")
+    lines += ["", "Training diagnostics (from each run's logs.jsonl):", ""]
+    if d:
+        lines.append(f"* dpo: loss {d[0]['loss']:.4f} -> {d[-1]['loss']:.4f}, implicit accuracy (last window) {d[-1]['implicit_acc']:.2f}")
+    if m:
+        lines.append(f"* spo-pm: pairwise accuracy on noisy predictions, first/last window {m[0]['accuracy']:.2f} / {m[-1]['accuracy']:.2f}")
+    if p:
+        lines.append(f"* spo: valid-pair fraction {mean(p, 'valid_pair_fraction'):.2f}, clipped-ratio fraction {mean(p, 'clipped_fraction'):.3f}, "
+                     f"loss {p[0]['loss']:.4f} -> {p[-1]['loss']:.4f}")
     lines += ["", "Training settings:", "", f"* dpo: `{json.dumps(dpo)}`", f"* spo: `{json.dumps(spo)}`", ""]
     Path(args.results).write_text("\n".join(lines))
     print(f"wrote {args.results}")

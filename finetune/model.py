@@ -188,6 +188,9 @@ class DiffusionModel:
             if self.reference_copy is not None:
                 yield self.reference_copy
                 return
+            if not self.lora:  # the UNet is not trained (a method trains another module): it is the reference
+                yield self.unet
+                return
             self.unet.disable_adapters()
             try:
                 yield unet
