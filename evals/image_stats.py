@@ -77,7 +77,7 @@ class Saturation(_MeanOf):
     """Mean HSV saturation over all images seen (see :func:`saturation`)."""
 
     keys = ("saturation",)
-    higher_is_better = False
+    higher_is_better = None  # compare with the reference data: neither direction is "better"
 
     def update(self, images: torch.Tensor) -> None:
         self._add({"saturation": saturation(images)})
