@@ -2,7 +2,9 @@
 
 The denoiser is replaced by a free stand-in (returns a cheap function of its input) so that only
 loop machinery is timed: guidance bookkeeping, batching, scheduler maths, callbacks. Both loops run
-the same pipeline, scheduler and prompts; the minimum over repeats is reported.
+the same pipeline, scheduler and prompts; the minimum over repeats is reported. On a shared CPU
+the process's own CPU time (one thread) is timed, which other load barely disturbs; on CUDA, wall
+time after a synchronize.
 
     python benchmarks/loop_overhead.py [--steps 50] [--repeats 5] [--device cpu]
 """
@@ -35,14 +37,16 @@ class FreeUNet(torch.nn.Module):
         return (sample * 0.5,)
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, cuda=False):
+    clock = time.perf_counter if cuda else time.process_time
+    fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -53,6 +57,9 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(1)
 
     rows = []
     for scheduler in ("ddim", "dpm++", "unipc"):
@@ -64,8 +71,8 @@ def main():
         pipe.unet = FreeUNet(pipe.unet)
         prompts = ["a photo of a sneaker"] * args.batch
         kw = dict(num_inference_steps=args.steps, guidance_scale=5.0, output_type="latent")
-        stock = timed(lambda: pipe(prompts, **kw), args.repeats)
-        ours = timed(lambda: from_pipe(pipe)(prompts, **kw), args.repeats)
+        stock = timed(lambda: pipe(prompts, **kw), args.repeats, cuda)
+        ours = timed(lambda: from_pipe(pipe)(prompts, **kw), args.repeats, cuda)
         rows.append(
             {
                 "scheduler": scheduler,
