@@ -70,10 +70,12 @@ __all__ = [
     "guided_denoiser",
     "pipeline_schedule",
     "sd21_cpr_coefficients",
+    "shipped_cpr_coefficients",
 ]
 
 _PREDICTION = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction", "flow_prediction": "flow"}
-_CPR_SD21 = Path(__file__).with_name("dc_solver_cpr_sd21.json")
+# CPR fits shipped with the package, by name (``cpr_coefficients="sd2.1"``): JSON files next to this module.
+CPR_FITS = {"sd2.1": "dc_solver_cpr_sd21.json", "testbed": "dc_solver_cpr_testbed.json"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +110,19 @@ def compensation_weights(times: Sequence[float], ratio):
 # b_kj = sum_m P_kjm n^(2-m), with c = CFG / 12, n = NFE / 50, x = step / NFE; linear in the 36 P_kjm.
 
 
+def shipped_cpr_coefficients(name: str) -> list[float]:
+    """The 36 CPR coefficients of a shipped fit: ``"sd2.1"`` (the paper's authors) or ``"testbed"``."""
+    if name not in CPR_FITS:
+        raise ValueError(f"unknown CPR fit {name!r}; shipped fits: {', '.join(CPR_FITS)} (or pass 36 numbers)")
+    path = Path(__file__).with_name(CPR_FITS[name])
+    if not path.is_file():
+        raise ValueError(f"the {name!r} CPR fit is not in this install ({path.name} missing)")
+    return list(json.loads(path.read_text())["coefficients"])
+
+
 def sd21_cpr_coefficients() -> list[float]:
     """The 36 CPR coefficients the paper's authors fitted for Stable Diffusion 2.1 (see the JSON file)."""
-    return list(json.loads(_CPR_SD21.read_text())["coefficients"])
+    return shipped_cpr_coefficients("sd2.1")
 
 
 def cpr_features(guidance_scale: float, num_inference_steps: int, step: int) -> np.ndarray:
@@ -123,13 +135,19 @@ def cpr_features(guidance_scale: float, num_inference_steps: int, step: int) -> 
 
 
 def cpr_ratios(
-    guidance_scale: float, num_inference_steps: int, coefficients: Sequence[float] | None = None, dc_order: int = 2
+    guidance_scale: float,
+    num_inference_steps: int,
+    coefficients: Sequence[float] | str | None = None,
+    dc_order: int = 2,
 ) -> list[float]:
-    """Compensation ratios for steps 1..NFE predicted by CPR (default: the published SD-2.1 fit).
+    """Compensation ratios for steps 1..NFE predicted by CPR.
 
+    ``coefficients``: 36 numbers, or the name of a shipped fit (``CPR_FITS``); default ``"sd2.1"``.
     Steps that cannot be compensated (``step <= dc_order``, too few buffered outputs) get ratio 1.
     """
-    P = np.asarray(sd21_cpr_coefficients() if coefficients is None else coefficients, dtype=np.float64)
+    if coefficients is None or isinstance(coefficients, str):
+        coefficients = shipped_cpr_coefficients(coefficients or "sd2.1")
+    P = np.asarray(coefficients, dtype=np.float64)
     if P.shape != (36,):
         raise ValueError(f"cpr_coefficients must be 36 numbers (4 x 3 x 3), got shape {P.shape}")
     return [
@@ -193,7 +211,7 @@ def _merged_signature(base_init, extra: Callable) -> inspect.Signature:
 
 def _dc_config(
     *, dc_ratios: list[float] | str | None = None, dc_order: int = 2,
-    cpr_coefficients: list[float] | None = None, cpr_guidance_scale: float | None = None,
+    cpr_coefficients: list[float] | str | None = None, cpr_guidance_scale: float | None = None,
 ):  # fmt: skip
     """Signature holder for the config keys DC adds to its base scheduler."""
 
@@ -214,8 +232,11 @@ def _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scal
             isinstance(r, (int, float)) and math.isfinite(r) for r in dc_ratios
         ):
             raise ValueError(f"dc_ratios must be a list of finite floats (one per step), null or 'cpr', got {dc_ratios!r}")
-    if cpr_coefficients is not None and len(cpr_coefficients) != 36:
-        raise ValueError(f"cpr_coefficients must hold 36 numbers, got {len(cpr_coefficients)}")
+    if isinstance(cpr_coefficients, str):
+        if cpr_coefficients not in CPR_FITS:
+            raise ValueError(f"cpr_coefficients={cpr_coefficients!r}: name one of {', '.join(CPR_FITS)} or pass 36 numbers")
+    elif cpr_coefficients is not None and len(cpr_coefficients) != 36:
+        raise ValueError(f"cpr_coefficients must hold 36 numbers or name a shipped fit, got {len(cpr_coefficients)} numbers")
     if cpr_guidance_scale is not None and not cpr_guidance_scale > 0:
         raise ValueError(f"cpr_guidance_scale must be positive, got {cpr_guidance_scale!r}")
 
@@ -404,8 +425,8 @@ class DCSolverScheduler(_DynamicCompensation, UniPCMultistepScheduler):
 
     * ``dc_ratios``: one compensation ratio per step (a searched list, see ``search_ratios``), ``null``
       for plain UniPC, or ``"cpr"`` to predict them with the cascade polynomial regression from
-      ``cpr_coefficients`` (default: the authors' SD-2.1 fit) and ``cpr_guidance_scale`` (required:
-      the CFG scale you sample with).
+      ``cpr_coefficients`` (36 numbers, or a shipped fit by name: ``"sd2.1"``, the authors' fit and the
+      default, or ``"testbed"``) and ``cpr_guidance_scale`` (required: the CFG scale you sample with).
     * ``dc_order``: Lagrange order K of the compensation (K + 1 buffered outputs; paper: 2).
 
     Swap in with ``DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=...)``; FlowMatch

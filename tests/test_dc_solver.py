@@ -222,6 +222,11 @@ def test_cpr_reproduces_published_sd21_vectors(cfg, nfe, expected):
     sched = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg)
     sched.set_timesteps(nfe)
     np.testing.assert_allclose(sched.compensation_ratios, expected, atol=5e-5)
+    named = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg, cpr_coefficients="sd2.1")
+    named.set_timesteps(nfe)
+    assert named.compensation_ratios == sched.compensation_ratios
+    with pytest.raises(ValueError, match="sd2.1"):
+        DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg, cpr_coefficients="sdxl")
 
 
 def test_cpr_fit_recovers_the_predictions():
