@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--protocol", default="clean")
     ap.add_argument("--no-autocast", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the Inception")
     ap.add_argument("--only", default="tensors,folder,frechet")
     args = ap.parse_args()
 
@@ -122,7 +123,8 @@ def main():
     cuda = device.type == "cuda"
     n = args.n or (50000 if cuda else 200)
     batch = args.batch or (500 if cuda else 25)
-    feats = InceptionFeatures(protocol=args.protocol, autocast=False if args.no_autocast else None).to(device)
+    feats = InceptionFeatures(protocol=args.protocol, autocast=False if args.no_autocast else None,
+                              compile=args.compile).to(device)
     info = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "autocast": feats.precision_tag(device), "protocol": feats.protocol,

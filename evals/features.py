@@ -45,12 +45,15 @@ class InceptionFeatures(nn.Module):
     num_features = 2048
 
     def __init__(self, protocol: str = "clean", weights=None, autocast: bool | None = None,
-                 quantize: bool = True, channels_last: bool = True):
+                 quantize: bool = True, channels_last: bool = True, net: nn.Module | None = None,
+                 compile: bool = False):
         super().__init__()
         from .inception import load_inception
 
         self.protocol = canonical_protocol(protocol)
-        self.net = load_inception(weights)
+        self.net = net if net is not None else load_inception(weights)  # net: share one loaded network
+        if compile:  # torch.compile the network (GPU throughput); the first batch pays the compile time
+            self.net.forward = torch.compile(self.net.forward)
         self.autocast = autocast
         self.quantize = quantize
         self.channels_last = channels_last

@@ -101,6 +101,8 @@ def svg_lines(series: dict, title: str, xlabel: str, ylabel: str) -> str:
     """One polyline with markers per label: ``{label: (xs, ys)}``."""
     xs = [float(v) for s in series.values() for v in s[0]]
     ys = [float(v) for s in series.values() for v in s[1] if math.isfinite(float(v))]
+    if not xs or not ys:  # e.g. PSNR of identical runs is +inf everywhere
+        ys = [0.0]
     ax = _Axes(min(xs), max(xs), min(ys), max(ys), title, xlabel, ylabel)
     for i, (lab, (sx, sy)) in enumerate(series.items()):
         c = COLORS[i % len(COLORS)]

@@ -14,7 +14,8 @@ the same noise, then score every run against one reference. A spec (YAML or JSON
       - {name: APG, guidance: apg, options: {eta: 0.0}}
     sweep: {guidance_scale: [1.0, 3.0, 5.0, 7.5]}      # one parameter, passed to the guidance
     reference: fashion-mnist:test  # optional; needed for fid/kid/precision/recall
-    metrics: [fid, kid, precision, recall, clip, saturation, contrast]
+    metrics: [fid, kid, precision, recall, clip, saturation, contrast, accuracy]
+    accuracy_reference: {scheduler: ddim, steps: 200}   # "accuracy": MSE/PSNR to this run, same noise
     clip_scorer: testbed           # or {scorer: transformers, path: /local/clip}
     features: inception            # protocol: clean
     batch_size: 16
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast")
+SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "accuracy")
 
 
 def load_spec(path: str | Path) -> dict:
@@ -62,24 +63,31 @@ def _prompts(spec: dict, base: Path) -> list[str]:
     return prompts
 
 
+@torch.no_grad()
 def _generate(pipe, guidance, prompts, per_prompt, seed, steps, batch, height=None, width=None):
-    """uint8 (N, 3, H, W); image i of the run starts from the noise of ``seed + i``."""
+    """-> (uint8 images (N, 3, H, W), final latents, float images in [0, 1], flat prompts).
+
+    Image i of the run starts from the noise of ``seed + i``, whatever the method or scale."""
     from diffplug.pipelines import from_pipe
 
     run = from_pipe(pipe, guidance=guidance)
     flat = [p for p in prompts for _ in range(per_prompt)]
-    out = []
+    lat, img = [], []
     for i in range(0, len(flat), batch):
         chunk = flat[i:i + batch]
         gens = [torch.Generator(pipe.device).manual_seed(seed + i + j) for j in range(len(chunk))]
-        res = run(chunk, num_inference_steps=steps, generator=gens, output_type="pt", height=height, width=width)
-        out.append((res.images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-    return torch.cat(out), flat
+        res = run(chunk, num_inference_steps=steps, generator=gens, output_type="latent", height=height,
+                  width=width)
+        lat.append(res.images)
+        img.append(run.family.decode(res.images, "pt")[0].float().clamp(0, 1).cpu())
+    images = torch.cat(img)
+    return (images * 255).round().to(torch.uint8), torch.cat(lat), images, flat
 
 
 def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = Path(".")) -> dict:
     from diffplug.pipelines.registry import load_pipeline, make_guidance, make_scheduler
 
+    from .accuracy import trajectory_error
     from .clip_score import get_clip_scorer
     from .features import get_feature_network
     from .fid import FrechetInceptionDistance, stats_from_sums
@@ -115,6 +123,10 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         ref = reference_stats(spec["reference"], net, need_features=True, batch_size=batch,
                               limit=spec.get("reference_limit"), device=device, progress=progress)
         ref_mu, ref_sigma = stats_from_sums(ref["sum"].to(device), ref["outer"].to(device), int(ref["n"]))
+    if "accuracy" in metrics:
+        acc = spec.get("accuracy_reference") or {"scheduler": "ddim", "steps": 200}
+        acc_scheduler = make_scheduler(acc["scheduler"], pipe, **(acc.get("options") or {}))
+        acc_steps = int(acc["steps"])
     scorer = None
     if "clip" in metrics:
         cs = spec.get("clip_scorer", "testbed")
@@ -129,8 +141,8 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         options = {**(method.get("options") or {}), param: value}
         guidance = make_guidance(method["guidance"], **options)
         t0 = time.perf_counter()
-        images, flat = _generate(pipe, guidance, prompts, per_prompt, seed, steps, batch,
-                                 spec.get("height"), spec.get("width"))
+        images, latents, images_f, flat = _generate(pipe, guidance, prompts, per_prompt, seed, steps, batch,
+                                                    spec.get("height"), spec.get("width"))
         rec = {"method": name, "guidance": method["guidance"], param: value, "options": options,
                "n": len(images), "generate_seconds": round(time.perf_counter() - t0, 3)}
         folder = out / "images" / name / f"{param}={value}"
@@ -157,6 +169,17 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
                              for i in range(0, len(images), batch)])
             rec["clip"] = float((100 * cos.clamp(min=0)).mean())
             rec["clip_cosine"] = float(cos.mean())
+        if "accuracy" in metrics:  # the same guidance and noise through the reference sampler
+            own = pipe.scheduler
+            pipe.scheduler = acc_scheduler
+            try:
+                _, ref_lat, ref_img, _ = _generate(pipe, guidance, prompts, per_prompt, seed, acc_steps, batch,
+                                                   spec.get("height"), spec.get("width"))
+            finally:
+                pipe.scheduler = own
+            rec["latent_mse"] = float(trajectory_error(latents, ref_lat)["mse"])
+            err = trajectory_error(images_f, ref_img, data_range=1.0)
+            rec["image_mse"], rec["image_psnr"] = float(err["mse"]), float(err["psnr"])
         if "saturation" in metrics:
             rec["saturation"] = float(saturation(images).mean())
         if "contrast" in metrics:
@@ -166,7 +189,9 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
 
     protocol = {"sweep": param, "steps": steps, "seed": f"image i starts from seed {seed} + i in every run",
                 "clip": "100 * max(cos, 0) per image, averaged" if scorer is not None else None,
-                "saturation": "mean HSV saturation" if "saturation" in metrics else None}
+                "saturation": "mean HSV saturation" if "saturation" in metrics else None,
+                "accuracy": (f"MSE of final latents / MSE, PSNR of [0,1] images vs {acc['scheduler']} with "
+                             f"{acc_steps} steps, same guidance and noise") if "accuracy" in metrics else None}
     if net is not None:
         protocol.update(net.describe())
         protocol["reference"] = ref.get("dataset")
@@ -175,7 +200,8 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
 
     plots = []
-    for key in [m for m in ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "clip_white")
+    for key in [m for m in ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "clip_white",
+                            "latent_mse", "image_psnr")
                 if any(m in r for r in runs)]:
         series = {}
         for r in runs:

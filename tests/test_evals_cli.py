@@ -118,18 +118,21 @@ def test_fashion_mnist_reference(setup):
 def test_spec_mode_sweeps_guidance_from_the_same_noise(setup):
     pytest.importorskip("diffplug.testing")
     tmp = setup
-    spec = {"model": "tiny-sd", "steps": 1, "prompts": ["a photo of a bag", "a sneaker"], "images_per_prompt": 2,
+    spec = {"model": "tiny-sd", "steps": 1, "prompts": ["a photo of a bag"], "images_per_prompt": 2,
             "methods": [{"name": "CFG", "guidance": "cfg"}], "sweep": {"guidance_scale": [1.0, 4.0]},
             "reference": str(tmp / "ref"), "features": "py:featmod:tiny_features",
-            "metrics": ["fid", "kid", "precision", "recall", "saturation"], "batch_size": 2}
+            "metrics": ["fid", "kid", "saturation", "accuracy"], "batch_size": 2,
+            "accuracy_reference": {"scheduler": "ddim", "steps": 1}}  # = the runs' own sampler
     (tmp / "spec.json").write_text(json.dumps(spec))
     a = _parse(["--spec", str(tmp / "spec.json"), "--out", str(tmp / "sweep"), "--device", "cpu", "--no-progress"])
     res = run(a)
     runs = res["runs"]
     assert [r["guidance_scale"] for r in runs] == [1.0, 4.0]
-    assert all({"fid", "kid", "precision", "recall", "saturation"} <= set(r) for r in runs)
+    assert all({"fid", "kid", "saturation", "latent_mse", "image_psnr"} <= set(r) for r in runs)
+    # the reference run is the same sampler, guidance and noise: zero error (a different noise would not be)
+    assert all(r["latent_mse"] == 0 and r["image_psnr"] == float("inf") for r in runs)
     pngs = sorted((tmp / "sweep" / "images" / "CFG").rglob("*.png"))
-    assert len(pngs) == 8
+    assert len(pngs) == 4
     # the scores are those of the saved images
     gen = _features_of(tmp / "sweep" / "images" / "CFG" / "guidance_scale=4.0")
     ref = _features_of(tmp / "ref")

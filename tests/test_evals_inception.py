@@ -126,10 +126,10 @@ def test_legacy_pytorch_and_input_conversion():
 
 
 @needs_weights
-def test_inception_features_and_fid_metric_end_to_end():
+def test_inception_features_and_fid_metric_end_to_end(net):
     from diffplug.evals import FID, InceptionFeatures
 
-    feats = InceptionFeatures(protocol="clean")
+    feats = InceptionFeatures(protocol="clean", net=net)
     a, b = _images(2, 32, seed=5), _images(1, 32, seed=6)
     fa = feats(a)
     assert fa.shape == (2, 2048) and (fa >= 0).all()  # pool3 after ReLU
