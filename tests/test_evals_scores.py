@@ -283,3 +283,39 @@ def test_clip_image_features_as_a_feature_network(tiny_clip):
     assert int(m.real_n) == 4
     with pytest.raises(FileNotFoundError, match="clip:"):
         get_feature_network("clip:/no/such/dir")
+
+
+def _testbed_ready(*names):
+    from pathlib import Path
+
+    import diffplug.testbed as tb
+
+    return all((Path(tb.WEIGHTS_DIR) / f"{n}.safetensors").is_file() for n in names)
+
+
+@pytest.mark.skipif(not _testbed_ready("classifier", "scorer"), reason="testbed weights not trained yet")
+def test_testbed_metrics_on_real_fashion_mnist():
+    """Real data, real testbed models: the numbers move the right way."""
+    import gzip
+
+    from diffplug.evals import fid_from_features, get_feature_network
+    from diffplug.evals.data import FASHION_MNIST_DIR, fashion_mnist
+    from diffplug.testbed import prompt_for_class
+
+    if not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    test, train = fashion_mnist("test", 300), fashion_mnist("train", 300)
+    noisy = (train.float() + 60 * torch.randn(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    noisy = noisy.round().clamp(0, 255).to(torch.uint8)
+    feats = get_feature_network("testbed")
+    ft, fr, fn = feats(test), feats(train), feats(noisy)
+    assert fid_from_features(ft, fr).item() < 0.5 * fid_from_features(ft, fn).item()
+
+    with gzip.open(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = list(f.read()[8:8 + 100])
+    right = [prompt_for_class(k) for k in labels]
+    wrong = [prompt_for_class((k + 5) % 10) for k in labels]
+    m_right, m_wrong = CLIPScore(scorer="testbed"), CLIPScore(scorer="testbed")
+    m_right.update(test[:100], right)
+    m_wrong.update(test[:100], wrong)
+    assert m_right.compute().item() > m_wrong.compute().item() + 5
