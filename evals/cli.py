@@ -32,8 +32,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--spec", help="generation spec (YAML/JSON): generate a sweep, then score it "
                                   "(see diffplug.evals.spec); replaces --generated")
     p.add_argument("--reference",
-                   help="folder of real images, 'fashion-mnist:test' / 'fashion-mnist:train', or a cached "
-                        "statistics .safetensors file")
+                   help="folder of real images, 'fashion-mnist:test' / 'fashion-mnist:train', a testbed set "
+                        "('testbed:emoji:test'), or a cached statistics .safetensors file")
     p.add_argument("--metrics", default="fid,kid,precision,recall",
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for metrics.json and report.html")

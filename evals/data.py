@@ -48,6 +48,11 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                # transparent pixels are composited on white, as the testbed does for its emoji
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba)
             a = np.asarray(im.convert("RGB"))
         return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
@@ -86,6 +91,17 @@ def image_loader(source: str, batch_size: int = 64, num_workers: int | None = No
     identity always names the whole source."""
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
+    if source.startswith("testbed:"):  # any testbed dataset: testbed:emoji:test, testbed:fashion_mnist:train
+        try:
+            _, name, split = source.split(":")
+            from diffplug.testbed import data as tbdata
+            images = getattr(tbdata, name.replace("-", "_"))(split).images[:limit]
+        except (ValueError, AttributeError, ImportError) as e:
+            raise ValueError(f"reference {source!r}: use testbed:<dataset>:<split>, e.g. testbed:emoji:test "
+                             f"({e})") from e
+        ds = TensorDataset(images[shard[0]::shard[1]])
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=lambda b: torch.stack([t[0] for t in b]))
+        return loader, f"testbed-{name}-{split}" + (f"-first{limit}" if limit else "")
     if source.startswith("fashion-mnist:"):
         split = source.split(":", 1)[1]
         ds = TensorDataset(fashion_mnist(split, limit)[shard[0]::shard[1]])

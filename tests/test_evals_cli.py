@@ -140,3 +140,22 @@ def test_spec_mode_sweeps_guidance_from_the_same_noise(setup):
     html = (tmp / "sweep" / "report.html").read_text()
     assert "fid vs guidance_scale" in html and "<polyline" in html
     assert json.loads((tmp / "sweep" / "metrics.json").read_text())["protocol"]["sweep"] == "guidance_scale"
+
+
+def test_image_folder_composites_alpha_on_white_and_matches_testbed_data(tmp_path):
+    from diffplug.evals.data import fashion_mnist, image_loader
+
+    rgba = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    rgba[..., 0] = 255  # red, fully transparent except one opaque pixel
+    rgba[0, 0, 3] = 255
+    (tmp_path / "a").mkdir()
+    Image.fromarray(rgba.numpy(), mode="RGBA").save(tmp_path / "a" / "x.png")
+    x = ImageFolder(tmp_path / "a")[0]
+    assert x[:, 0, 0].tolist() == [255, 0, 0] and x[:, 1, 1].tolist() == [255, 255, 255]
+    try:
+        loader, ident = image_loader("testbed:fashion_mnist:test", 8, 0, limit=8)
+    except Exception as e:  # noqa: BLE001  (data not installed)
+        pytest.skip(f"testbed data unavailable: {e}")
+    assert torch.equal(next(iter(loader)), fashion_mnist("test", 8)) and ident == "testbed-fashion_mnist-test-first8"
+    with pytest.raises(ValueError, match="testbed:<dataset>:<split>"):
+        image_loader("testbed:nope", 8, 0)
