@@ -1,0 +1,235 @@
+"""FKC on the testbed (CPU): FKC-CFG vs CFG at the same guidance scale, and a product of two prompts
+vs summed guidance, with the cost in network evaluations (NFE) and wall time per output image.
+
+    python benchmarks/fkc_bench.py --out benchmarks/fkc_results.md
+
+Measures, per method, on ``diffplug.testbed.load("sd")`` (DDIM schedule, ``--steps`` steps):
+
+* CFG table, the ten Fashion-MNIST class prompts: classifier alignment (top-1 = the prompt's class),
+  the classifier's probability of that class, the scorer's cosine similarity to the prompt.
+  Methods: CFG (DDIM, eta 0; and with K x more steps, the same NFE as FKC), CFG ancestral (eta 1: FKC's move without weights), CFG best-of-K
+  (the scorer picks one of K ancestral samples: it selects with an evaluation metric, an upper
+  reference), FKC-CFG with K particles (unclamped, ESS-triggered systematic resampling) and the
+  official image code's setting (clamp 2, resampling every step).
+* Product table, pairs of class prompts A x B: summed guidance ``ε_u + w(ε_A − ε_u) + w(ε_B − ε_u)``
+  (DDIM eta 0 and ancestral) vs FKC on the geometric mixture ``q_u^{1−2w} q_A^w q_B^w``:
+  the classifier's mass on {A, B} and min(p_A, p_B), both prompts among the scorer's top 3 of the
+  ten class prompts, min of the two cosine similarities.
+
+FKC's chosen image per group is ``output.chosen`` (drawn ∝ final weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from diffplug import testbed
+from diffplug.guidance import CFG
+from diffplug.pipelines import from_pipe
+from diffplug.samplers import FKCSampler, ProductGuidance, encode_condition
+
+PAIRS = [("sneaker", "sandal"), ("t-shirt", "shirt"), ("pullover", "coat"), ("ankle boot", "sneaker"), ("dress", "coat")]
+
+
+def generate(pipe, prompt, guidance, sampler, count, steps, seed, eta):
+    """``count`` images for ``prompt`` (all particles when ``sampler`` is set) and the run's output."""
+    run = from_pipe(pipe, guidance=guidance, sampler=sampler)
+    out = run(
+        prompt, num_inference_steps=steps, num_images_per_prompt=count, eta=eta, output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return out.images.float().clamp(0, 1), out
+
+
+def cfg_metrics(images, class_index, prompt, classifier, scorer):
+    with torch.no_grad():
+        probs = classifier(images).softmax(-1)
+        sims = scorer(images, [prompt] * len(images))
+    return {
+        "align": (probs.argmax(-1) == class_index).float(),
+        "p_class": probs[:, class_index],
+        "sim": sims,
+    }
+
+
+def product_metrics(images, a, b, classifier, scorer, class_prompts):
+    ia, ib = testbed.FASHION_CLASSES.index(a), testbed.FASHION_CLASSES.index(b)
+    with torch.no_grad():
+        probs = classifier(images).softmax(-1)
+        sims = scorer.similarity_matrix(images, class_prompts)  # (N, 10)
+    top3 = sims.topk(3, dim=-1).indices
+    both_top3 = ((top3 == ia).any(-1) & (top3 == ib).any(-1)).float()
+    return {
+        "p_a_plus_b": probs[:, ia] + probs[:, ib],
+        "min_p": torch.minimum(probs[:, ia], probs[:, ib]),
+        "both_top3": both_top3,
+        "min_sim": torch.minimum(sims[:, ia], sims[:, ib]),
+    }
+
+
+def summarize(name, rows: list[dict], nfe, seconds, n_images, extra=None):
+    keys = rows[0].keys()
+    cat = {k: torch.cat([r[k] for r in rows]) for k in keys}
+    result = {"method": name, "images": n_images, "nfe_per_image": nfe, "seconds_per_image": seconds / n_images}
+    for k, v in cat.items():
+        result[k] = float(v.mean())
+        result[k + "_se"] = float(v.std() / max(1, len(v) - 1) ** 0.5)
+    result.update(extra or {})
+    return result
+
+
+def fkc_extra(outputs):
+    s = [o.sampler_output.summary() for o in outputs]
+    return {
+        "mean_ess": sum(sum(x["ess_trace"]) / len(x["ess_trace"]) for x in s) / len(s),
+        "resampling_steps": sum(x["resampling_steps"] for x in s) / len(s),
+        "clamped": sum(x["clamped_increments"] for x in s),
+    }
+
+
+def run_cfg_table(pipe, classifier, scorer, args):
+    w, steps, n, Ks = args.guidance_scale, args.steps, args.groups, args.particles
+    prompts = [testbed.prompt_for_class(c) for c in testbed.FASHION_CLASSES[: args.classes]]
+    results = []
+
+    def bench(name, make, count, eta, nfe, pick=None, num_steps=steps):
+        rows, outs, seconds, total = [], [], 0.0, 0
+        for k, prompt in enumerate(prompts):
+            guidance, sampler = make()
+            start = time.perf_counter()
+            images, out = generate(pipe, prompt, guidance, sampler, count, num_steps, args.seed + k, eta)
+            seconds += time.perf_counter() - start
+            if sampler is not None:
+                images = images[torch.as_tensor(out.sampler_output.chosen)]
+                outs.append(out)
+            if pick is not None:
+                images = pick(images, prompt)
+            rows.append(cfg_metrics(images, k, prompt, classifier, scorer))
+            total += len(images)
+        results.append(summarize(name, rows, nfe, seconds, total, fkc_extra(outs) if outs else None))
+        print(json.dumps(results[-1]), flush=True)
+
+    bench(f"CFG w={w} (DDIM eta=0)", lambda: (CFG(w), None), n, 0.0, 2 * steps)
+    K_max = max(Ks)
+    # Same NFE as FKC with K_max particles, spent on K_max x more DDIM steps instead.
+    bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
+    # Ancestral CFG: n groups of K_max samples; all of them measure plain ancestral CFG.
+    bench(f"CFG w={w} ancestral (eta=1)", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps)
+    for K in Ks:
+        def best_of(images, prompt, K=K):
+            groups = images[: n * K].view(n, K, *images.shape[1:])
+            with torch.no_grad():
+                s = scorer(groups.flatten(0, 1), [prompt] * (n * K)).view(n, K)
+            return groups[torch.arange(n), s.argmax(1)]
+
+        bench(f"CFG best-of-{K} by scorer (eta=1)", lambda: (CFG(w), None), n * K, 1.0, 2 * steps * K, best_of)
+    for K in Ks:
+        bench(f"FKC-CFG K={K}", lambda K=K: (CFG(w), FKCSampler(K, ess_threshold=0.5)), n * K, 1.0, 2 * steps * K)
+    K = K_max
+    bench(
+        f"FKC-CFG K={K}, clamp 2, resample every step (official)",
+        lambda: (CFG(w), FKCSampler(K, ess_threshold=1.0, clamp=2.0)), n * K, 1.0, 2 * steps * K,
+    )
+    return results
+
+
+def run_product_table(pipe, classifier, scorer, args):
+    w, steps, n, K = args.product_scale, args.steps, args.groups, max(args.particles)
+    class_prompts = [testbed.prompt_for_class(c) for c in testbed.FASHION_CLASSES]
+    results = []
+
+    def bench(name, make_sampler, count, eta, nfe):
+        rows, outs, seconds, total = [], [], 0.0, 0
+        for k, (a, b) in enumerate(PAIRS[: args.pairs]):
+            pa, pb = testbed.prompt_for_class(a), testbed.prompt_for_class(b)
+            guidance = ProductGuidance(encode_condition(pipe, pb, num_images_per_prompt=count), w, w)
+            sampler = make_sampler()
+            start = time.perf_counter()
+            images, out = generate(pipe, pa, guidance, sampler, count, steps, args.seed + k, eta)
+            seconds += time.perf_counter() - start
+            if sampler is not None:
+                images = images[torch.as_tensor(out.sampler_output.chosen)]
+                outs.append(out)
+            rows.append(product_metrics(images, a, b, classifier, scorer, class_prompts))
+            total += len(images)
+        results.append(summarize(name, rows, nfe, seconds, total, fkc_extra(outs) if outs else None))
+        print(json.dumps(results[-1]), flush=True)
+
+    bench(f"summed guidance w={w}+{w} (DDIM eta=0)", lambda: None, n, 0.0, 3 * steps)
+    bench(f"summed guidance w={w}+{w} ancestral (eta=1)", lambda: None, n * K, 1.0, 3 * steps)
+    bench(f"FKC product K={K}", lambda: FKCSampler(K, ess_threshold=0.5), n * K, 1.0, 3 * steps * K)
+    bench(f"FKC product K={K}, clamp 2, every step", lambda: FKCSampler(K, ess_threshold=1.0, clamp=2.0), n * K, 1.0, 3 * steps * K)
+    return results
+
+
+def table(results, cols):
+    head = "| method | images | NFE/image | s/image | " + " | ".join(c for c, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
+    for r in results:
+        cells = [f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for _, k in cols]
+        lines.append(f"| {r['method']} | {r['images']} | {r['nfe_per_image']} | {r['seconds_per_image']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--product-scale", type=float, default=2.0)
+    p.add_argument("--groups", type=int, default=4, help="output images per prompt")
+    p.add_argument("--particles", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--pairs", type=int, default=len(PAIRS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="write a markdown report here")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    pipe = testbed.load("sd")
+    pipe.set_progress_bar_config(disable=True)
+    classifier, scorer = testbed.load_classifier().eval(), testbed.load_scorer().eval()
+    start = time.perf_counter()
+    cfg = run_cfg_table(pipe, classifier, scorer, args)
+    product = run_product_table(pipe, classifier, scorer, args)
+    total = time.perf_counter() - start
+    if args.json:
+        args.json.write_text(json.dumps({"cfg": cfg, "product": product, "args": vars(args)}, indent=2, default=str))
+    if args.out:
+        command = "python benchmarks/fkc_bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        report = [
+            "# FKC (Feynman-Kac correctors) on the testbed",
+            "",
+            f"Device: CPU ({platform.processor() or platform.machine()}, {args.threads} threads); "
+            f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; total {total:.0f} s.",
+            f"Command: `{command.strip()}`",
+            f"Model: `diffplug.testbed.load(\"sd\")`, DDIM schedule, {args.steps} steps; mean ± standard error.",
+            "",
+            f"## FKC-CFG vs CFG (w = {args.guidance_scale}, {args.classes} class prompts, {args.groups} images each)",
+            "",
+            table(cfg, [("classifier top-1 = prompt", "align"), ("p(class)", "p_class"), ("scorer sim", "sim")]),
+            "",
+            f"## Product of two prompts vs summed guidance (w = {args.product_scale} each, {args.pairs} pairs)",
+            "",
+            table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")]),
+            "",
+            "FKC extras (mean ESS fraction over steps, resampling steps per run, clamped increments):",
+            "",
+        ]
+        for r in cfg + product:
+            if "mean_ess" in r:
+                report.append(f"- {r['method']}: mean ESS {r['mean_ess']:.3f}, {r['resampling_steps']:.1f} resampling steps, {r['clamped']} clamped")
+        args.out.write_text("\n".join(report) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
