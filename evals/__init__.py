@@ -7,7 +7,7 @@ Heavy pieces (the Inception weights, CLIP models) load lazily, only from local f
 
 from .accuracy import SamplerAccuracy, per_sample_mse, psnr, trajectory_error
 from .clip_score import CLIPScore, OpenCLIP, TransformersCLIP, clip_score, get_clip_scorer
-from .features import CallableFeatures, InceptionFeatures, get_feature_network
+from .features import CallableFeatures, InceptionFeatures, TestbedFeatures, get_feature_network
 from .fid import (FID, FrechetInceptionDistance, fid_from_features, frechet_distance, gaussian_stats,
                   stats_from_sums)
 from .image_stats import GrayContrast, Saturation, gray_contrast, saturation
@@ -21,6 +21,6 @@ __all__ = [
     "stats_from_sums", "KID", "KernelInceptionDistance", "kernel_inception_distance", "PrecisionRecall",
     "precision_recall", "CLIPScore", "clip_score", "TransformersCLIP", "OpenCLIP", "get_clip_scorer",
     "Saturation", "saturation", "GrayContrast", "gray_contrast", "SamplerAccuracy", "trajectory_error",
-    "per_sample_mse", "psnr", "InceptionFeatures", "CallableFeatures", "get_feature_network", "PROTOCOLS",
+    "per_sample_mse", "psnr", "InceptionFeatures", "CallableFeatures", "TestbedFeatures", "get_feature_network", "PROTOCOLS",
     "resize_for_inception", "get_reward", "list_rewards", "register_reward",
 ]
