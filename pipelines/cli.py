@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from ..guidance import GUIDANCE
-from .registry import BUILTIN_MODELS, SAMPLERS, SCHEDULERS
+from ..samplers import SAMPLERS
+from .registry import BUILTIN_MODELS, SCHEDULERS
 
 OUTPUTS = ("grid.png", "settings.json")
 
@@ -110,8 +111,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
 
     images = result.images
-    if sampler is not None and hasattr(result.sampler_output, "chosen"):
-        images = [images[i] for i in result.sampler_output.chosen]
+    if sampler is not None and hasattr(result.sampler_output, "select"):
+        images = result.sampler_output.select(images)  # one image per prompt: the sampler's choice
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(args.out / f"{i:03d}.png")

@@ -1,8 +1,8 @@
 """Names the command line (and generation specs) use for models, schedulers, guidance and samplers.
 
 Shared by ``diffplug sample``, ``diffplug eval`` and the benchmarks so a name means the same thing
-everywhere. Schedulers and samplers: a table mapping a short name to ``"module:attribute"``;
-guidance names live with the guidance (``diffplug.guidance.GUIDANCE``).
+everywhere. Schedulers: a table mapping a short name to ``"module:attribute"``; guidance and
+sampler names live with them (``diffplug.guidance.GUIDANCE``, ``diffplug.samplers.SAMPLERS``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ SCHEDULERS = {
     "unipc": "diffusers:UniPCMultistepScheduler",
     "flow-euler": "diffusers:FlowMatchEulerDiscreteScheduler",
     "dc-solver": "diffplug.samplers:DCSolverScheduler",
-}
-SAMPLERS = {
-    "fkc": "diffplug.samplers:FKCSampler",
 }
 # Models that need no download: the project's testbed and the tiny random test pipelines.
 BUILTIN_MODELS = ("testbed", "testbed-dit", "tiny-sd", "tiny-sdxl", "tiny-flow")
@@ -67,7 +64,10 @@ def make_guidance(name: str, **options):
 
 
 def make_sampler(name: str, **options):
-    return _resolve(SAMPLERS, "sampler", name)(**options)
+    """Sampler by CLI name; ``diffplug.samplers.get_sampler`` holds the names."""
+    from diffplug.samplers import get_sampler
+
+    return get_sampler(name, **options)
 
 
 def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None):
