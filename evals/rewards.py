@@ -73,7 +73,9 @@ class FunctionReward:
         self.fn, self.name, self.higher_is_better = fn, name, higher_is_better
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
-        return torch.as_tensor(self.fn(images, prompts)).float().reshape(len(images))
+        """Scores (N,) float32 on the images' device."""
+        out = torch.as_tensor(self.fn(images, prompts)).float().reshape(len(images))
+        return out.to(images.device) if torch.is_tensor(images) else out
 
     score = __call__
 
