@@ -319,3 +319,21 @@ def test_testbed_metrics_on_real_fashion_mnist():
     m_right.update(test[:100], right)
     m_wrong.update(test[:100], wrong)
     assert m_right.compute().item() > m_wrong.compute().item() + 5
+
+
+def test_saturation_rises_with_colour_enhancement_on_real_emoji():
+    import numpy as np
+    from PIL import Image, ImageEnhance
+
+    try:
+        from diffplug.testbed import data
+        images = data.emoji("test").images[:64]
+    except Exception as e:  # noqa: BLE001  (emoji tarball not installed)
+        pytest.skip(f"testbed emoji unavailable: {e}")
+
+    def enhance(x, factor):
+        return torch.stack([torch.from_numpy(np.asarray(ImageEnhance.Color(Image.fromarray(
+            a.permute(1, 2, 0).numpy())).enhance(factor)).copy()).permute(2, 0, 1) for a in x])
+
+    sats = [saturation(enhance(images, f)).mean().item() for f in (0.0, 0.5, 1.0, 2.0)]
+    assert sats[0] < 0.02 and sats == sorted(sats) and sats[3] > sats[2] + 0.03
