@@ -124,7 +124,7 @@ def test_ground_truth_cfg():
     conds = (code("c", n), code("u", n))
     sampler = FKCSampler(K)
     fkc = particles(run_toy(conds, CFG(w), sampler, n, STEPS), sampler.output.log_weights)
-    plain = particles(run_toy(conds, CFG(w), None, n, STEPS))  # plain CFG, DDIM eta = 1
+    plain = particles(run_toy(tuple(c[: n // 2] for c in conds), CFG(w), None, n // 2, STEPS))  # plain CFG, DDIM eta=1
     truth = target({"c": w, "u": 1 - w}, 0.0)
     _check(fkc, plain, truth, {"right": 0.04, "mean": 0.12, "std": 0.12})
     assert abs(plain["right"] - truth["right"]) > 0.15  # plain CFG over-weights the isolated mode
@@ -147,7 +147,8 @@ def test_ground_truth_annealing():
     conds = (code("a", n), code("u", n))
     sampler = FKCSampler(K, beta=beta)
     fkc = particles(run_toy(conds, CFG(1.0), sampler, n, STEPS), sampler.output.log_weights)
-    scaled = particles(run_toy(conds, CFG(1.0), FKCSampler(K, beta=beta, correct=False), n, STEPS))
+    half = tuple(c[: n // 2] for c in conds)
+    scaled = particles(run_toy(half, CFG(1.0), FKCSampler(K, beta=beta, correct=False), n // 2, STEPS))
     truth = target({"a": beta}, 0.0)
     _check(fkc, scaled, truth, {"right": 0.04, "mean": 0.12})
     assert sampler.output.exponents == {"pred_cond": beta}
@@ -257,7 +258,7 @@ def test_bad_settings_are_named():
 # -- pipelines ------------------------------------------------------------------------------------
 def test_tiny_sd_pipeline_through_from_pipe():
     pipe = tiny_pipeline("sd")
-    K, steps = 3, 4
+    K, steps = 2, 3
     sampler = get_sampler("fkc", particles=K, ess_threshold=1.0)
     out = from_pipe(pipe, sampler=sampler)(
         ["a cat", "a dog"], num_inference_steps=steps, guidance_scale=4.0, num_images_per_prompt=K,
@@ -290,11 +291,24 @@ def test_euler_ancestral_latents_and_step_index():
     pipe = tiny_pipeline("sd")
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     run = from_pipe(pipe, sampler=FKCSampler(2, correct=False))
-    call = dict(num_inference_steps=4, num_images_per_prompt=2, output_type="latent", guidance_scale=3.0)
+    call = dict(num_inference_steps=3, num_images_per_prompt=2, output_type="latent", guidance_scale=3.0)
     ours = run("a cat", generator=torch.Generator().manual_seed(0), **call).images
-    assert pipe.scheduler.step_index == 4
+    assert pipe.scheduler.step_index == 3
     stock = from_pipe(pipe)("a cat", generator=torch.Generator().manual_seed(0), **call).images
     assert torch.allclose(ours, stock, rtol=1e-3, atol=1e-3)
     sampler = FKCSampler(2)
     out = from_pipe(pipe, sampler=sampler)("a cat", generator=torch.Generator().manual_seed(0), **call)
-    assert torch.isfinite(out.images).all() and sampler.output.ess.shape == (4, 1)
+    assert torch.isfinite(out.images).all() and sampler.output.ess.shape == (3, 1)
+
+
+def test_cli_sample_with_fkc_writes_chosen_images_and_ess_trace(tmp_path):
+    from diffplug.cli import main
+
+    out = tmp_path / "fkc"
+    args = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
+            "--sampler", "fkc", "--particles", "3", "--guidance-scale", "3", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "grid.png"]  # one per prompt
+    sampler = json.loads((out / "settings.json").read_text())["sampler"]
+    assert sampler["num_particles"] == 3 and len(sampler["ess_trace"]) == 2
+    assert sampler["exponents"] == {"pred_cond": 3.0, "pred_uncond": -2.0}
