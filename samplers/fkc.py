@@ -35,6 +35,14 @@ The scheduler only supplies the timesteps and noise levels (``predictions.noise_
 single-noise-level schedule works (DDIM/DDPM, Euler, Euler-ancestral, flow matching); schedules that
 revisit a noise level (Heun, KDPM2) are refused.
 
+**Accuracy.** Both the left-point weights and the ancestral move are first order in the step.
+On the 1-D Gaussian-mixture toy (``tests/test_fkc.py``) 200 DDIM steps put the weighted moments
+within a few percent of the target; the error shrinks with the number of steps (checked up to
+1000 on an annealed Gaussian). An Euler-Maruyama move (noise ``ŝ_t² − ŝ_{t'}²`` instead of the
+posterior's ``ρ(ŝ_t² − ŝ_{t'}²)``) errs the other way by a similar amount; the ancestral move is
+kept because at Σβ' = 1 it is the scheduler's own DDIM η = 1 / Euler-ancestral step (tested).
+A guidance window (CFG ``start``/``stop``) changes the target mid-run and makes it inexact.
+
 **Initial particles.** At the start ``q^i_T ≈ N(0, σ_T²)`` for every model, so ``p_T`` is
 ``N(0, σ_T²/(beta Σβ))``: ``begin`` scales the initial latents by ``(beta Σβ)^{-1/2}`` (a no-op for
 CFG, where Σβ = 1; 1/√2 for a two-expert product, as in the official product notebook).
