@@ -99,8 +99,10 @@ def run_cfg_table(pipe, classifier, scorer, args):
     prompts = [testbed.prompt_for_class(c) for c in testbed.FASHION_CLASSES[: args.classes]]
     results = []
 
-    def bench(name, make, count, eta, nfe, pick=None, num_steps=steps):
-        rows, outs, seconds, total = [], [], 0.0, 0
+    def bench(name, make, count, eta, nfe, num_steps=steps, picks=()):
+        """One generation run per prompt; ``picks``: (name, nfe, fn) measured on the same images."""
+        names = [(name, nfe, None), *picks]
+        rows, outs, seconds, total = {m: [] for m, _, _ in names}, [], 0.0, {m: 0 for m, _, _ in names}
         for k, prompt in enumerate(prompts):
             guidance, sampler = make()
             start = time.perf_counter()
@@ -109,33 +111,37 @@ def run_cfg_table(pipe, classifier, scorer, args):
             if sampler is not None:
                 images = images[torch.as_tensor(out.sampler_output.chosen)]
                 outs.append(out)
-            if pick is not None:
-                images = pick(images, prompt)
-            rows.append(cfg_metrics(images, k, prompt, classifier, scorer))
-            total += len(images)
-        results.append(summarize(name, rows, nfe, seconds, total, fkc_extra(outs) if outs else None))
-        print(json.dumps(results[-1]), flush=True)
+            for m, _, fn in names:
+                picked = images if fn is None else fn(images, prompt)
+                rows[m].append(cfg_metrics(picked, k, prompt, classifier, scorer))
+                total[m] += len(picked)
+        for m, cost, _ in names:
+            # wall time: the generation run's, per image it yields (best-of-K: K samples per image)
+            per_image = seconds / total[name] * (cost / nfe)  # best-of-K: K samples' time per image
+            results.append(summarize(m, rows[m], cost, per_image * total[m], total[m], fkc_extra(outs) if outs else None))
+            print(json.dumps(results[-1]), flush=True)
 
-    bench(f"CFG w={w} (DDIM eta=0)", lambda: (CFG(w), None), n, 0.0, 2 * steps)
-    K_max = max(Ks)
-    # Same NFE as FKC with K_max particles, spent on K_max x more DDIM steps instead.
-    bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
-    # Ancestral CFG: n groups of K_max samples; all of them measure plain ancestral CFG.
-    bench(f"CFG w={w} ancestral (eta=1)", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps)
-    for K in Ks:
-        def best_of(images, prompt, K=K):
+    def best_of(K):
+        def pick(images, prompt):
             groups = images[: n * K].view(n, K, *images.shape[1:])
             with torch.no_grad():
                 s = scorer(groups.flatten(0, 1), [prompt] * (n * K)).view(n, K)
             return groups[torch.arange(n), s.argmax(1)]
 
-        bench(f"CFG best-of-{K} by scorer (eta=1)", lambda: (CFG(w), None), n * K, 1.0, 2 * steps * K, best_of)
+        return (f"CFG best-of-{K} by scorer (eta=1)", 2 * steps * K, pick)
+
+    K_max = max(Ks)
+    bench(f"CFG w={w} (DDIM eta=0)", lambda: (CFG(w), None), n, 0.0, 2 * steps)
+    # Same NFE as FKC with K_max particles, spent on K_max x more DDIM steps instead.
+    bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
+    # Ancestral CFG, n groups of K_max samples: all of them measure plain ancestral CFG; the scorer's
+    # best of the first K of each group gives best-of-K from the same samples.
+    bench(f"CFG w={w} ancestral (eta=1)", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps, picks=[best_of(K) for K in Ks])
     for K in Ks:
         bench(f"FKC-CFG K={K}", lambda K=K: (CFG(w), FKCSampler(K, ess_threshold=0.5)), n * K, 1.0, 2 * steps * K)
-    K = K_max
     bench(
-        f"FKC-CFG K={K}, clamp 2, resample every step (official)",
-        lambda: (CFG(w), FKCSampler(K, ess_threshold=1.0, clamp=2.0)), n * K, 1.0, 2 * steps * K,
+        f"FKC-CFG K={K_max}, clamp 2, resample every step (official)",
+        lambda: (CFG(w), FKCSampler(K_max, ess_threshold=1.0, clamp=2.0)), n * K_max, 1.0, 2 * steps * K_max,
     )
     return results
 
