@@ -57,6 +57,7 @@ class Run:
         torch.set_num_threads(args.threads)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.start, self.step, self.smoothed, self.log = time.time(), 0, None, []
+        self.used_autocast = False
 
     def minutes(self) -> float:
         return (time.time() - self.start) / 60.0
@@ -66,6 +67,7 @@ class Run:
         return M.load_state(module, self.name, self.folder).train() if self.args.resume else module
 
     def autocast(self):
+        self.used_autocast = self.args.bf16
         return torch.autocast(torch.device(self.args.device).type, dtype=torch.bfloat16, enabled=self.args.bf16)
 
     def running(self) -> bool:
@@ -103,7 +105,7 @@ class Run:
             record["resumed_from"] = [prev] + self.previous.get("resumed_from", [])
             record["total_minutes"] = round(record["minutes"] + sum(r.get("minutes", 0) for r in record["resumed_from"]), 2)
             record["total_steps"] = record["steps"] + sum(r.get("steps", 0) for r in record["resumed_from"])
-        record["autocast_bf16"] = self.args.bf16
+        record["autocast_bf16"] = self.used_autocast
         (self.folder / f"{self.name}.record.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}), flush=True)
 
@@ -456,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(M.WEIGHTS_DIR), help="weights folder (default: the package's)")
     p.add_argument("--force", action="store_true", help="overwrite existing weights")
     p.add_argument("--resume", action="store_true", help="start from the existing weights and extend their record")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for these small models on CPU)")
     return p
 
 
