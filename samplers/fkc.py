@@ -133,10 +133,11 @@ def fkc_log_weight_increment(eps: list[torch.Tensor], exponents: list[float], rh
     ``eps``: each model's ε prediction (any shape ``[B, ...]``); ``exponents``: β'_i; ``rho``:
     ``SNR_t / SNR_{t'}`` of the step. Zero when one exponent is 1 and the others 0 (plain sampling).
     """
+    eps = [e.double() for e in eps]  # the difference below cancels; float32 would lose it in high dims
     mixed = sum(b * e for b, e in zip(exponents, eps))
     dims = list(range(1, mixed.ndim))
     energy = mixed.square().sum(dims) - sum(b * e.square().sum(dims) for b, e in zip(exponents, eps))
-    return 0.5 * (1.0 - rho) * energy
+    return (0.5 * (1.0 - rho) * energy).float()
 
 
 # -- guidance exponents ----------------------------------------------------------------------------
@@ -296,8 +297,9 @@ class FKCSampler:
         self._guidance = guidance
         alphas, sigmas = noise_levels(scheduler, timesteps)
         # After the last step the sample is clean: alpha = 1, sigma = 0.
-        self._alphas = torch.cat([alphas, alphas.new_ones(1)]).double()
-        self._sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).double()
+        # Kept on the host: the per-step coefficients are Python floats (no device sync).
+        self._alphas = torch.cat([alphas, alphas.new_ones(1)]).double().cpu()
+        self._sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).double().cpu()
         log_snr = 2 * (self._alphas.log() - self._sigmas.log())  # +inf at the end, -inf at flow's sigma=1
         if not bool((log_snr[1:] > log_snr[:-1]).all()):
             raise ValueError(
