@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/guidance_quality.py --images 48 --steps 20 \
         --out benchmarks/guidance_results.md
 
-Model: ``diffplug.testbed.load("sd")`` (the reference text-to-image model trained on Fashion-MNIST
+Model: ``diffplug.testbed.load("sd")`` (``--model dit`` for the PixArt-style one; the reference text-to-image model trained on Fashion-MNIST
 and Google emoji, 32x32 RGB); if it cannot be loaded the script falls back to the tiny *random*
 pipeline of ``diffplug.testing`` and says so in the table header (numbers are then only a smoke test).
 
@@ -39,13 +39,15 @@ from diffplug.pipelines import from_pipe
 
 
 # ----------------------------------------------------------------------------------------- setup
-def load_model():
+def load_model(name: str = "sd"):
     try:
         import diffplug.testbed as testbed
 
-        pipe = testbed.load("sd")
+        if name == "tiny":
+            raise RuntimeError("--model tiny asked for")
+        pipe = testbed.load(name)
         classifier = testbed.load_classifier() if hasattr(testbed, "load_classifier") else None
-        return pipe, classifier, "testbed `sd` (diffplug.testbed.load('sd'))"
+        return pipe, classifier, f"testbed `{name}` (diffplug.testbed.load({name!r}))"
     except Exception as err:  # noqa: BLE001 - report and fall back
         from diffplug.testing import tiny_pipeline
 
@@ -172,6 +174,7 @@ def x0_norms(pipe, prompts, steps, scale, seed):
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd", choices=["sd", "dit", "tiny"], help="testbed model (tiny: random test pipeline)")
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
@@ -186,7 +189,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe, classifier, model_name = load_model()
+    pipe, classifier, model_name = load_model(args.model)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     items = prompt_set(args.images, args.seed)
@@ -237,31 +240,38 @@ def main(argv=None):
 
     # -- AG / LinearAG / cut-off vs CFG -----------------------------------------------------------
     w, n = args.ag_scale, args.steps
-    cal = calibrate(pipe, prompts, thresholds=args.thresholds, guidance_scale=w, num_inference_steps=n,
-                    seed=args.seed, batch_size=args.batch)
     lines += ["", f"### Adaptive Guidance vs CFG vs fixed cut-off (w = {w:g}, {n} steps)", "",
-              "Calibration (`diffplug.guidance.calibrate`, one CFG run): threshold → mean switch step, "
-              "images that never switch, NFE saving (per-sample policy).", "",
-              "| γ̄ | mean switch step | never switch | saving |", "|---:|---:|---:|---:|"]
-    for c in cal:
-        ks = [k for k in c.switch_steps if k is not None]
-        lines.append(f"| {c.threshold:g} | {fmt(sum(ks) / len(ks), 1) if ks else '–'} | "
-                     f"{sum(k is None for k in c.switch_steps)} | {100 * c.saving:.1f} % |")
-    gam = cal[0].gammas
-    lines += ["", "Mean γ_t (cosine of ε_c and ε_u) per step under CFG: "
-              + ", ".join(f"{v:.4f}" for v in gam.nanmean(1).tolist()), ""]
+              "Calibration (`diffplug.guidance.calibrate`, one CFG run per space): threshold → mean switch step, "
+              "images that never switch, NFE saving (per-sample policy). γ on the raw ε (`model_output`, the "
+              "paper's statistic) and on the denoised predictions (`x0`).", "",
+              "| space | γ̄ | mean switch step | never switch | saving |", "|---|---:|---:|---:|---:|"]
+    grid = sorted(set(args.thresholds) | {0.9, 0.95, 0.98, 0.99, 0.995, 0.999})
+    cals = {}
+    for space in ("model_output", "x0"):
+        cals[space] = calibrate(pipe, prompts, thresholds=grid, guidance_scale=w, num_inference_steps=n,
+                                seed=args.seed, batch_size=args.batch, space=space)
+        for c in cals[space]:
+            ks = [k for k in c.switch_steps if k is not None]
+            lines.append(f"| {space} | {c.threshold:g} | {fmt(sum(ks) / len(ks), 1) if ks else '–'} | "
+                         f"{sum(k is None for k in c.switch_steps)} | {100 * c.saving:.1f} % |")
+    for space in ("model_output", "x0"):
+        gam = cals[space][0].gammas
+        lines += ["", f"Mean γ_t per step under CFG ({space}): " + ", ".join(f"{v:.4f}" for v in gam.nanmean(1).tolist())]
+    lines.append("")
 
     ref_images, ref_nfe, ref_wall = render(pipe, CFG(w), prompts, n, args.seed, args.batch)
     ref_row = score(ref_images)
     fit_prompts = [q for q, _, _ in prompt_set(args.images, args.seed + 1)][: max(8, args.images // 2)]
+    near = lambda target: min(cals["x0"], key=lambda c: abs(c.saving - target))  # noqa: E731
+    picks = sorted({near(0.2).threshold, near(0.3).threshold})
     lag = LinearAG.fit_from_pipe(pipe, fit_prompts, guidance_scale=w, num_inference_steps=n, seed=args.seed + 100,
                                  batch_size=args.batch)
-    best = min(cal, key=lambda c: abs(c.saving - 0.25))
     configs = [("CFG", CFG(w))]
-    configs += [(f"AG γ̄={c.threshold:g} (per-sample)", AdaptiveGuidance(w, c.threshold, policy="per_sample")) for c in cal]
+    configs += [("AG ε-space γ̄=0.999 (paper statistic)", AdaptiveGuidance(w, 0.999, policy="per_sample"))]
+    configs += [(f"AG x0-space γ̄={t:g}", AdaptiveGuidance(w, t, policy="per_sample", space="x0")) for t in picks]
     configs += [(f"CFG cut-off stop={f:g}", CFG(w, stop=f)) for f in (0.5, 0.75)]
     configs += [("LinearAG (odd steps of 1st half)", lag),
-                (f"LinearAG + AG γ̄={best.threshold:g}", lag.new(threshold=best.threshold))]
+                (f"LinearAG + AG x0 γ̄={picks[-1]:g}", lag.new(threshold=picks[-1], space="x0"))]
     lines += ["| method | NFE/img | CPU s | PSNR to CFG (dB) | saturation | gray clip | align | FID |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, guidance in configs:

@@ -17,6 +17,10 @@ Choices made here:
 
 * γ is computed on the raw model outputs (ε for ε-models, as in the paper). For v- or flow-models the
   statistic is the same cosine on their outputs; γ̄ must be re-calibrated (:func:`calibrate`).
+  Measured caveat (benchmarks/guidance_results.md): for an ε-prediction model at high noise both
+  predictions are ≈ the noise in ``x_t``, so γ ≈ 1 from the first step and any γ̄ < 1 that saves work
+  switches at step 0 (plain conditional sampling). ``space="x0"`` measures γ on the denoised
+  predictions instead (as the third-party ComfyUI port does), where γ rises as the image settles.
 * ``threshold`` default 0.99: the paper sweeps γ̄ close to 1 and picks the point with ~25 % fewer
   evaluations; its exact value for our models is not transferable, so calibrate it.
 * Batches. γ is per sample; a converged sample always takes conditional-only steps, so the images
@@ -48,6 +52,7 @@ the config, so ``save_pretrained``/``from_pretrained`` round-trip them.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -58,6 +63,7 @@ from .apg import _dot
 from .base import CFG, Guidance
 
 POLICIES = ("all", "per_sample")
+SPACES = ("model_output", "x0")
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,6 +94,8 @@ class AdaptiveGuidance(Guidance):
         policy: ``"all"`` (skip the unconditional pass once every sample converged) or
             ``"per_sample"`` (skip it per sample via ``rows``; needs diffplug's loop to save work).
         start, stop: CFG mode runs inside ``[start, stop)`` only.
+        space: where γ is measured: ``"model_output"`` (the paper: ε for ε-models) or ``"x0"`` (the
+            denoised predictions, via diffplug's loop; see the module notes on ε-models).
 
     After a generation ``switch_steps`` holds each sample's switch step k (None: never) and
     ``gammas()`` the measured γ trajectory.
@@ -102,13 +110,18 @@ class AdaptiveGuidance(Guidance):
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,
+        space: str = "model_output",
     ):
         super().__init__(guidance_scale, start, stop, enabled)
-        self._setup(threshold, policy)
+        self._setup(threshold, policy, space)
 
-    def _setup(self, threshold: float, policy: str) -> None:
+    def _setup(self, threshold: float, policy: str, space: str = "model_output") -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.space = space
+        self._warned = False
         if not isinstance(threshold, (int, float)) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number (a cosine in [-1, 1]; >= 1 never switches), got {threshold!r}")
         self.threshold = float(threshold)
@@ -197,6 +210,14 @@ class AdaptiveGuidance(Guidance):
         return self.output(guided, pred_cond, pred_uncond)
 
     def _measure(self, cond: torch.Tensor, uncond: torch.Tensor, rows: list[int] | None) -> None:
+        ctx = self._context
+        if self.space == "x0" and ctx is None and not self._warned:
+            warnings.warn("AdaptiveGuidance(space='x0') got no StepContext (modular pipeline?): measuring γ on the "
+                          "raw model outputs instead", stacklevel=3)
+            self._warned = True
+        if self.space == "x0" and ctx is not None:
+            sample = ctx.sample if rows is None else ctx.sample[torch.tensor(rows, device=ctx.sample.device)]
+            cond, uncond = ctx.to_x0(cond.float(), sample), ctx.to_x0(uncond.float(), sample)
         gamma = cosine_similarity(cond, uncond)
         self._pending = (self._step, rows, gamma)
         self._history.append((self._step, rows, gamma))
@@ -254,20 +275,22 @@ def calibrate(
     num_inference_steps: int = 50,
     seed: int = 0,
     batch_size: int = 8,
+    space: str = "model_output",
     **call_kwargs,
 ) -> list[Calibration]:
     """Report, for each threshold, the switch step of every prompt and AG's saving in network evaluations.
 
     ``pipe``: a stock diffusers pipeline (or one from ``from_pipe``). Runs full CFG once over
     ``prompts`` (batches of ``batch_size``, generator seeded with ``seed + batch index``), records
-    γ_t at every step and derives every threshold's switch steps from that single run.
+    γ_t (in ``space``, as AdaptiveGuidance measures it) at every step and derives every threshold's
+    switch steps from that single run.
     """
     from ..pipelines import from_pipe
 
     stock = getattr(pipe, "pipe", pipe)
     columns = []
     for b in range(0, len(prompts), batch_size):
-        recorder = AdaptiveGuidance(guidance_scale, threshold=2.0)  # never switches: full CFG
+        recorder = AdaptiveGuidance(guidance_scale, threshold=2.0, space=space)  # never switches: full CFG
         run = from_pipe(stock, guidance=recorder, sampler=getattr(pipe, "sampler", None))
         run(list(prompts[b : b + batch_size]), num_inference_steps=num_inference_steps,
             generator=torch.Generator().manual_seed(seed + b // batch_size), output_type="latent", **call_kwargs)
@@ -294,7 +317,7 @@ class LinearAG(AdaptiveGuidance):
         coefficients: one entry per step (length N); ``None`` evaluates the unconditional pass,
             ``[a, b, c, d]`` replaces it by ``a ε_c(t_i) + b ε_c(t_{i−1}) + c ε_u(t_{i−1}) + d``.
             Obtain them with :meth:`fit` / :meth:`fit_from_pipe`.
-        threshold: AG's γ̄ for the conditional-only phase (``>= 1``: off).
+        threshold: AG's γ̄ for the conditional-only phase (``>= 1``: off); ``space`` as in AdaptiveGuidance.
 
     Runs with ``num_inference_steps == len(coefficients)`` only (they are per schedule).
     """
@@ -308,6 +331,7 @@ class LinearAG(AdaptiveGuidance):
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,
+        space: str = "model_output",
     ):
         coefficients = [None if c is None else [float(x) for x in c] for c in (coefficients or [])]
         for i, c in enumerate(coefficients):
@@ -317,7 +341,7 @@ class LinearAG(AdaptiveGuidance):
             raise ValueError("coefficients[0] must be None: the first step has no past predictions to extrapolate")
         self.coefficients = coefficients
         Guidance.__init__(self, guidance_scale, start, stop, enabled)  # not AdaptiveGuidance's: one config
-        self._setup(threshold, "all")
+        self._setup(threshold, "all", space)
 
     def reset(self) -> None:
         super().reset()

@@ -261,3 +261,23 @@ def test_bad_arguments_are_named():
         LinearAG(5.0, coefficients=[None, [1, 0]])
     ag = get_guidance("ag", guidance_scale="7", threshold="0.995", policy="per_sample")
     assert isinstance(ag, AdaptiveGuidance) and ag.threshold == 0.995 and ag.policy == "per_sample"
+
+
+def test_gamma_in_x0_space_uses_the_denoised_predictions():
+    from diffplug.guidance.adaptive import cosine_similarity
+    from diffplug.predictions import StepContext
+
+    g = torch.Generator().manual_seed(0)
+    sample, cond, uncond = (torch.randn(3, *LATENT, generator=g) for _ in range(3))
+    ctx = StepContext(sample, torch.tensor(0.3), torch.tensor(0.91**0.5), "epsilon")
+    gam = {}
+    for space in ("model_output", "x0"):
+        ag = AdaptiveGuidance(5.0, threshold=2.0, space=space)
+        ag.set_state(0, 4, torch.tensor(999))
+        ag.set_context(ctx)
+        ag.prepare_inputs({"encoder_hidden_states": (torch.zeros(3, 2, 3), torch.zeros(3, 2, 3))})
+        ag.forward(cond, uncond)
+        gam[space] = ag.gammas()[0]
+    assert torch.allclose(gam["model_output"], cosine_similarity(cond, uncond))
+    assert torch.allclose(gam["x0"], cosine_similarity(ctx.to_x0(cond), ctx.to_x0(uncond)))
+    assert (gam["x0"] - gam["model_output"]).abs().max() > 1e-3
