@@ -186,6 +186,7 @@ def table(results, cols):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["sd", "dit"], default="sd", help="testbed pipeline")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--product-scale", type=float, default=2.0)
@@ -200,7 +201,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe = testbed.load("sd")
+    pipe = testbed.load(args.model)
     pipe.set_progress_bar_config(disable=True)
     classifier, scorer = testbed.load_classifier().eval(), testbed.load_scorer().eval()
     start = time.perf_counter()
@@ -217,7 +218,7 @@ def main(argv=None):
             f"Device: CPU ({platform.processor() or platform.machine()}, {args.threads} threads); "
             f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; total {total:.0f} s.",
             f"Command: `{command.strip()}`",
-            f"Model: `diffplug.testbed.load(\"sd\")`, DDIM schedule, {args.steps} steps; mean ± standard error.",
+            f"Model: `diffplug.testbed.load(\"{args.model}\")`, DDIM schedule, {args.steps} steps; mean ± standard error.",
             "",
             f"## FKC-CFG vs CFG (w = {args.guidance_scale}, {args.classes} class prompts, {args.groups} images each)",
             "",
