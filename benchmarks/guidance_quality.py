@@ -245,7 +245,7 @@ def main(argv=None):
               "images that never switch, NFE saving (per-sample policy). γ on the raw ε (`model_output`, the "
               "paper's statistic) and on the denoised predictions (`x0`).", "",
               "| space | γ̄ | mean switch step | never switch | saving |", "|---|---:|---:|---:|---:|"]
-    grid = sorted(set(args.thresholds) | {0.9, 0.95, 0.98, 0.99, 0.995, 0.999})
+    grid = sorted(set(args.thresholds) | {0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999})
     cals = {}
     for space in ("model_output", "x0"):
         cals[space] = calibrate(pipe, prompts, thresholds=grid, guidance_scale=w, num_inference_steps=n,
