@@ -4,8 +4,8 @@
     python benchmarks/dc_solver_mse.py --model testbed --num-prompts 4   # the project's testbed SD model
 
 For every guidance scale g and NFE n: the ground truth is a 200-step DDIM (eta = 0) from t = T to sigma = 0
-from the same noise.  Solvers, all with diffusers' defaults on the model's own schedule config and the
-same final sigma (0):
+from the same noise.  Solvers, all with diffusers' defaults on the model's own schedule config, with
+"linspace" timestep spacing (all start at t = T - 1) and the same final sigma (0):
 
 * DDIM: ``DPMSolverMultistepScheduler(solver_order=1)`` (first-order data prediction = DDIM),
 * DPM-Solver++: ``DPMSolverMultistepScheduler`` (2M),
@@ -73,7 +73,9 @@ def pipe_problem(pipe, prompts, guidance_scale: float, seed: int, height=None, w
     model_fn, noise = guided_denoiser(
         pipe, prompts, guidance_scale, generator=torch.Generator().manual_seed(seed), height=height, width=width
     )
-    return model_fn, noise, pipe.scheduler.config
+    # "linspace" spacing: every solver and the ground truth start at t = T - 1 (with SD's "leading"
+    # spacing each NFE would start from noise at a different, lower t and solve a different problem)
+    return model_fn, noise, {**pipe.scheduler.config, "timestep_spacing": "linspace", "steps_offset": 0}
 
 
 @torch.no_grad()
