@@ -458,3 +458,8 @@ def test_search_on_a_pipeline_and_cli(tmp_path):
     assert record["ratios"] == loaded.config.dc_ratios and len(record["ratios"]) == 4
     assert record["step_mse_searched"][0] <= record["step_mse_initial"][0]
     assert main(args) == 2  # refuses to overwrite without --force
+
+
+def test_shipped_testbed_cpr_fit_loads():
+    ratios = cpr_ratios(7.5, 5, "testbed")
+    assert len(ratios) == 5 and ratios[:2] == [1.0, 1.0] and all(0.3 < r < 3 for r in ratios[2:])
