@@ -100,25 +100,25 @@ def run_cfg_table(pipe, classifier, scorer, args):
     results = []
 
     def bench(name, make, count, eta, nfe, num_steps=steps, picks=()):
-        """One generation run per prompt; ``picks``: (name, nfe, fn) measured on the same images."""
+        """One generation run for all prompts; ``picks``: (name, nfe, fn) measured on the same images."""
         names = [(name, nfe, None), *picks]
-        rows, outs, seconds, total = {m: [] for m, _, _ in names}, [], 0.0, {m: 0 for m, _, _ in names}
-        for k, prompt in enumerate(prompts):
-            guidance, sampler = make()
-            start = time.perf_counter()
-            images, out = generate(pipe, prompt, guidance, sampler, count, num_steps, args.seed + k, eta)
-            seconds += time.perf_counter() - start
-            if sampler is not None:
-                images = images[torch.as_tensor(out.sampler_output.chosen)]
-                outs.append(out)
-            for m, _, fn in names:
-                picked = images if fn is None else fn(images, prompt)
-                rows[m].append(cfg_metrics(picked, k, prompt, classifier, scorer))
-                total[m] += len(picked)
-        for m, cost, _ in names:
-            # wall time: the generation run's, per image it yields (best-of-K: K samples per image)
-            per_image = seconds / total[name] * (cost / nfe)  # best-of-K: K samples' time per image
-            results.append(summarize(m, rows[m], cost, per_image * total[m], total[m], fkc_extra(outs) if outs else None))
+        guidance, sampler = make()
+        start = time.perf_counter()
+        images, out = generate(pipe, prompts, guidance, sampler, count, num_steps, args.seed, eta)
+        seconds = time.perf_counter() - start
+        per_prompt = count
+        if sampler is not None:
+            images = images[torch.as_tensor(out.sampler_output.chosen)]
+            per_prompt = count // sampler.num_particles
+        for m, cost, fn in names:
+            rows = []
+            for k, prompt in enumerate(prompts):
+                mine = images[k * per_prompt : (k + 1) * per_prompt]
+                rows.append(cfg_metrics(mine if fn is None else fn(mine, prompt), k, prompt, classifier, scorer))
+            n_images = sum(len(r["sim"]) for r in rows)
+            per_image = seconds / len(images) * (cost / nfe)  # best-of-K: K samples' time per image
+            extra = fkc_extra([out]) if sampler is not None else None
+            results.append(summarize(m, rows, cost, per_image * n_images, n_images, extra))
             print(json.dumps(results[-1]), flush=True)
 
     def best_of(K):
@@ -133,13 +133,15 @@ def run_cfg_table(pipe, classifier, scorer, args):
     K_max = max(Ks)
     bench(f"CFG w={w} (DDIM eta=0)", lambda: (CFG(w), None), n, 0.0, 2 * steps)
     # Same NFE as FKC with K_max particles, spent on K_max x more DDIM steps instead.
-    bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
+    if args.extras:
+        bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
     # Ancestral CFG, n groups of K_max samples: all of them measure plain ancestral CFG; the scorer's
     # best of the first K of each group gives best-of-K from the same samples.
     bench(f"CFG w={w} ancestral (eta=1)", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps, picks=[best_of(K) for K in Ks])
     for K in Ks:
         bench(f"FKC-CFG K={K}", lambda K=K: (CFG(w), FKCSampler(K, ess_threshold=0.5)), n * K, 1.0, 2 * steps * K)
-    bench(
+    if args.extras:
+        bench(
         f"FKC-CFG K={K_max}, clamp 2, resample every step (official)",
         lambda: (CFG(w), FKCSampler(K_max, ess_threshold=1.0, clamp=2.0)), n * K_max, 1.0, 2 * steps * K_max,
     )
@@ -152,26 +154,30 @@ def run_product_table(pipe, classifier, scorer, args):
     results = []
 
     def bench(name, make_sampler, count, eta, nfe):
-        rows, outs, seconds, total = [], [], 0.0, 0
-        for k, (a, b) in enumerate(PAIRS[: args.pairs]):
-            pa, pb = testbed.prompt_for_class(a), testbed.prompt_for_class(b)
-            guidance = ProductGuidance(encode_condition(pipe, pb, num_images_per_prompt=count), w, w)
-            sampler = make_sampler()
-            start = time.perf_counter()
-            images, out = generate(pipe, pa, guidance, sampler, count, steps, args.seed + k, eta)
-            seconds += time.perf_counter() - start
-            if sampler is not None:
-                images = images[torch.as_tensor(out.sampler_output.chosen)]
-                outs.append(out)
-            rows.append(product_metrics(images, a, b, classifier, scorer, class_prompts))
-            total += len(images)
-        results.append(summarize(name, rows, nfe, seconds, total, fkc_extra(outs) if outs else None))
+        pairs = PAIRS[: args.pairs]
+        firsts = [testbed.prompt_for_class(a) for a, _ in pairs]
+        seconds_ = [testbed.prompt_for_class(b) for _, b in pairs]
+        guidance = ProductGuidance(encode_condition(pipe, seconds_, num_images_per_prompt=count), w, w)
+        sampler = make_sampler()
+        start = time.perf_counter()
+        images, out = generate(pipe, firsts, guidance, sampler, count, steps, args.seed, eta)
+        seconds = time.perf_counter() - start
+        per_prompt = count
+        if sampler is not None:
+            images = images[torch.as_tensor(out.sampler_output.chosen)]
+            per_prompt = count // sampler.num_particles
+        rows = [
+            product_metrics(images[k * per_prompt : (k + 1) * per_prompt], a, b, classifier, scorer, class_prompts)
+            for k, (a, b) in enumerate(pairs)
+        ]
+        results.append(summarize(name, rows, nfe, seconds, len(images), fkc_extra([out]) if sampler is not None else None))
         print(json.dumps(results[-1]), flush=True)
 
     bench(f"summed guidance w={w}+{w} (DDIM eta=0)", lambda: None, n, 0.0, 3 * steps)
     bench(f"summed guidance w={w}+{w} ancestral (eta=1)", lambda: None, n * K, 1.0, 3 * steps)
     bench(f"FKC product K={K}", lambda: FKCSampler(K, ess_threshold=0.5), n * K, 1.0, 3 * steps * K)
-    bench(f"FKC product K={K}, clamp 2, every step", lambda: FKCSampler(K, ess_threshold=1.0, clamp=2.0), n * K, 1.0, 3 * steps * K)
+    if args.extras:
+        bench(f"FKC product K={K}, clamp 2, every step", lambda: FKCSampler(K, ess_threshold=1.0, clamp=2.0), n * K, 1.0, 3 * steps * K)
     return results
 
 
@@ -195,6 +201,8 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--pairs", type=int, default=len(PAIRS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-extras", dest="extras", action="store_false",
+                   help="skip CFG with K x steps and the clamped every-step FKC variants")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     p.add_argument("--json", type=Path, default=None)
