@@ -37,6 +37,10 @@ def test_wheel_contains_every_subpackage(tmp_path):
     for name in SUBPACKAGES:
         assert f"diffplug/{name}/__init__.py" in names, name
     assert "diffplug/pipelines/loop.py" in names and "diffplug/cli.py" in names
+    assert "diffplug/samplers/dc_solver_cpr_sd21.json" in names  # data the code loads
+    shipped = {n for n in names if n.startswith("diffplug/testbed/weights/")}
+    tracked = {f"diffplug/{f}" for f in files if f.startswith("testbed/weights/") and not f.endswith(".md")}
+    assert tracked <= shipped
     assert not any(n.startswith(("guidance/", "pipelines/", "tests/")) for n in names), "no top-level shadowing packages"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "diffplug = diffplug.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
