@@ -15,12 +15,15 @@ from .trainer import EMA, Method, Trainer
 
 
 def __getattr__(name):  # methods import lazily (they pull in diffusers pipelines)
-    from . import dpo, spm, spo
+    import importlib
 
-    for module in (dpo, spo, spm):
+    if name.startswith("__") or name in ("dpo", "spo", "spm"):
+        raise AttributeError(name)  # let the import system load submodules itself
+    for sub in ("dpo", "spo", "spm"):
+        module = importlib.import_module(f"{__name__}.{sub}")
         if hasattr(module, name):
             return getattr(module, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "EMA", "Method", "Trainer",
