@@ -14,6 +14,7 @@ preparation and decoding; only the denoising loop is diffplug's (see ``loop.py``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,10 @@ class DiffplugPipeline:
         return getattr(self.pipe, name)
 
     def _guidance_for(self, guidance_scale):
-        if self.guidance is None:
-            return CFG(7.5 if guidance_scale is None else guidance_scale)
+        if self.guidance is None:  # the stock pipeline's own default scale (SD 7.5, SDXL 5, SD3 7, PixArt 4.5)
+            default = inspect.signature(type(self.pipe).__call__).parameters.get("guidance_scale")
+            default = 7.5 if default is None or default.default is inspect.Parameter.empty else default.default
+            return CFG(default if guidance_scale is None else guidance_scale)
         if guidance_scale is None or not hasattr(self.guidance, "new"):
             return self.guidance
         return self.guidance.new(guidance_scale=guidance_scale)
@@ -90,7 +93,8 @@ class DiffplugPipeline:
     ):
         """Generate as ``pipe(...)`` would.
 
-        ``guidance_scale``: with no guidance object, CFG at this scale (7.5 if omitted, as diffusers);
+        ``guidance_scale``: with no guidance object, CFG at this scale (if omitted, the stock
+        pipeline's default);
         with one, a copy of it at this scale (omit it to keep the object's own scale).
         Family-specific arguments (``prompt_2``, ``original_size``, ``mu``, ``max_sequence_length``...)
         pass through to the pipeline's own encoding.

@@ -81,12 +81,16 @@ class Family:
         )[0].float()
 
     def decode(self, latents, output_type, generator=None):
-        """-> (images, nsfw flags or None)."""
+        """-> (images, nsfw flags or None): the VAE, the pipeline's safety checker if it has one, its
+        image processor."""
         if output_type == "latent":
             return latents, None
         vae = self.pipe.vae
-        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False, generator=generator)[0]
-        image, nsfw = self.pipe.run_safety_checker(image, self.device, image.dtype)
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        image = vae.decode(latents.to(vae.dtype), return_dict=False, generator=generator)[0]
+        nsfw = None
+        if hasattr(self.pipe, "run_safety_checker"):
+            image, nsfw = self.pipe.run_safety_checker(image, self.device, image.dtype)
         denormalize = None if nsfw is None else [not flag for flag in nsfw]
         return self.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw
 
@@ -160,9 +164,6 @@ class SD3Family(Family):
     name = "sd3"
     denoiser_attr = "transformer"
 
-    def check(self, **call) -> None:
-        pass
-
     def conditions(self, cond, uncond, pooled, pooled_uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond), "pooled_projections": (pooled, pooled_uncond)}
 
@@ -195,23 +196,12 @@ class SD3Family(Family):
             return_dict=False,
         )[0].float()
 
-    def decode(self, latents, output_type, generator=None):
-        if output_type == "latent":
-            return latents, None
-        vae = self.pipe.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type=output_type), None
-
 
 class PixArtFamily(Family):
     """``PixArtSigmaPipeline`` / ``PixArtAlphaPipeline``: DiT with a T5-style (masked) text encoder."""
 
     name = "pixart"
     denoiser_attr = "transformer"
-
-    def check(self, **call) -> None:
-        pass
 
     def conditions(self, cond, mask, uncond, mask_uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond), "encoder_attention_mask": (mask, mask_uncond)}
@@ -229,13 +219,6 @@ class PixArtFamily(Family):
         if transformer.config.out_channels // 2 == x.shape[1]:  # learned sigma: keep the mean part
             out = out.chunk(2, dim=1)[0]
         return out
-
-    def decode(self, latents, output_type, generator=None):
-        if output_type == "latent":
-            return latents, None
-        vae = self.pipe.vae
-        image = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type=output_type), None
 
 
 # Most specific first: SDXL pipelines also have `unet`, PixArt and SD3 both have `transformer`.

@@ -78,13 +78,16 @@ def test_swapped_scheduler_reproduces_the_stock_pipeline_and_swaps_back(pipes, s
         pipe.scheduler = original
 
 
-def test_decoded_images_match_the_stock_pipeline(pipes):
-    pipe = pipes["sd"]
-    stock = pipe(PROMPTS[0], num_inference_steps=3, generator=_gen(), output_type="np").images
-    ours = from_pipe(pipe)(PROMPTS[0], num_inference_steps=3, generator=_gen(), output_type="np").images
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flow", "pixart"])
+def test_decoded_images_match_the_stock_pipeline(pipes, family):
+    pipe = pipes[family]
+    kw = dict(num_inference_steps=3, output_type="np", **FAMILY_KWARGS.get(family, {}))
+    stock = pipe(PROMPTS[0], generator=_gen(), **kw).images
+    ours = from_pipe(pipe)(PROMPTS[0], generator=_gen(), **kw).images
     assert ours.shape == stock.shape == (1, 32, 32, 3)
     assert abs(ours - stock).max() <= 1e-5
-    pil = from_pipe(pipe)(PROMPTS[0], num_inference_steps=2, generator=_gen()).images
+    kw["output_type"] = "pil"
+    pil = from_pipe(pipe)(PROMPTS[0], generator=_gen(), **kw).images
     assert pil[0].size == (32, 32)
 
 
