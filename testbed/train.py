@@ -73,6 +73,21 @@ class Run:
     def running(self) -> bool:
         return self.step < self.args.steps and self.minutes() < self.args.minutes
 
+    def optimize(self, opt, loss: torch.Tensor, clip: nn.Module | None = None, cosine: bool = False) -> None:
+        """One optimiser step: warm-up learning rate (times a cosine over the time budget when
+        ``cosine``), backward, optional grad-norm clip of ``clip``'s parameters at 1, then ``update``."""
+        lr = lr_at(self.step, self.args.lr)
+        if cosine:
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, self.minutes() / self.args.minutes)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        self.update(loss.item())
+
     def update(self, loss: float) -> None:
         self.step += 1
         self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
@@ -158,12 +173,7 @@ def train_vae(args) -> None:
         # reconstruction (L1 + L2) plus a small per-element KL keeping latents near N(0, s^2 I)
         kl = posterior.kl().float().mean() / z[0].numel()
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + args.kl_weight * kl
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.update(loss.item())
+        run.optimize(opt, loss)
     vae.eval()
     with torch.no_grad():  # scaling_factor = 1 / std of the latents, measured on held-out images
         test = training_set("test").images
@@ -300,14 +310,8 @@ def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
         with run.autocast():
             pred = forward(model, zt, t, emb, mask).float()
         loss = (pred - noise).pow(2).mean()  # epsilon prediction
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        run.optimize(opt, loss, clip=model)
         ema.update(model)
-        run.update(loss.item())
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     run.finish(ema.model, config, ema_decay=args.ema, prompt_dropout=batches.drop, schedule=M.SCHEDULE)
 
@@ -359,12 +363,7 @@ def train_classifier(args) -> None:
         idx = torch.randint(0, len(data), (args.batch_size,), generator=run.generator)
         x = _augment(data.images[idx].float() / 255.0, run.generator)
         loss = nn.functional.cross_entropy(model(x), data.labels[idx], label_smoothing=0.05)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, args.lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, run.minutes() / args.minutes)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.update(loss.item())
+        run.optimize(opt, loss, cosine=True)
     model.eval()
     acc = {}
     for split_name, held in (("fashion_mnist_test", D.fashion_mnist("test")), ("emoji_test", D.emoji("test"))):
@@ -399,12 +398,7 @@ def train_scorer(args) -> None:
         loss = 0.5 * (
             nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)
         )
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, args.lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, run.minutes() / args.minutes)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.update(loss.item())
+        run.optimize(opt, loss, cosine=True)
     model.eval()
     acc = heldout_retrieval(model, text_of=lambda caps: _pooled(caps, unique, text))
     config = {"width": 32, "dim": 384, "size": 32, "logit_scale": round(model.logit_scale.exp().item(), 4)}
