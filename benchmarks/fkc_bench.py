@@ -85,6 +85,26 @@ def summarize(name, rows: list[dict], nfe, seconds, n_images, extra=None):
     return result
 
 
+class FID:
+    """FID (testbed classifier features) of a set of images against the first ``n_real`` held-out
+    Fashion-MNIST test images; the reference is featurised once (and cached by diffplug.evals)."""
+
+    def __init__(self, n_real: int):
+        from diffplug.evals import FrechetInceptionDistance, get_feature_network, stats_from_sums
+        from diffplug.evals.reference import reference_stats
+
+        self.net = get_feature_network("testbed")
+        ref = reference_stats("fashion-mnist:test", self.net, limit=n_real, progress=False)
+        self.mu, self.sigma = stats_from_sums(ref["sum"], ref["outer"], int(ref["n"]))
+        self.n, self.make = int(ref["n"]), lambda: FrechetInceptionDistance(features=None, num_features=self.net.num_features)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        metric = self.make()
+        metric.load_reference(self.mu, self.sigma, self.n)
+        metric.update(features=self.net(images), real=False)
+        return float(metric.compute())
+
+
 def fkc_extra(outputs):
     s = [o.sampler_output.summary() for o in outputs]
     return {
@@ -96,6 +116,7 @@ def fkc_extra(outputs):
 
 def run_cfg_table(pipe, classifier, scorer, args):
     w, steps, n, Ks = args.guidance_scale, args.steps, args.groups, args.particles
+    fid = FID(args.fid_reference) if args.fid_reference else None
     prompts = [testbed.prompt_for_class(c) for c in testbed.FASHION_CLASSES[: args.classes]]
     results = []
 
@@ -111,13 +132,17 @@ def run_cfg_table(pipe, classifier, scorer, args):
             images = images[torch.as_tensor(out.sampler_output.chosen)]
             per_prompt = count // sampler.num_particles
         for m, cost, fn in names:
-            rows = []
+            rows, first_n = [], []
             for k, prompt in enumerate(prompts):
                 mine = images[k * per_prompt : (k + 1) * per_prompt]
-                rows.append(cfg_metrics(mine if fn is None else fn(mine, prompt), k, prompt, classifier, scorer))
+                mine = mine if fn is None else fn(mine, prompt)
+                rows.append(cfg_metrics(mine, k, prompt, classifier, scorer))
+                first_n.append(mine[:n])  # FID on the same number of images (n per prompt) for every row
             n_images = sum(len(r["sim"]) for r in rows)
             per_image = seconds / len(images) * (cost / nfe)  # best-of-K: K samples' time per image
-            extra = fkc_extra([out]) if sampler is not None else None
+            extra = fkc_extra([out]) if sampler is not None else {}
+            if fid is not None:
+                extra["fid"] = fid(torch.cat(first_n))
             results.append(summarize(m, rows, cost, per_image * n_images, n_images, extra))
             print(json.dumps(results[-1]), flush=True)
 
@@ -182,10 +207,11 @@ def run_product_table(pipe, classifier, scorer, args):
 
 
 def table(results, cols):
-    head = "| method | images | NFE/image | s/image | " + " | ".join(c for c, _ in cols) + " |"
-    lines = [head, "|" + "---|" * (4 + len(cols))]
+    fid = all("fid" in r for r in results)
+    head = "| method | images | NFE/image | s/image | " + " | ".join(c for c, _ in cols) + (" | FID |" if fid else " |")
+    lines = [head, "|" + "---|" * (4 + len(cols) + fid)]
     for r in results:
-        cells = [f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for _, k in cols]
+        cells = [f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for _, k in cols] + ([f"{r['fid']:.2f}"] if fid else [])
         lines.append(f"| {r['method']} | {r['images']} | {r['nfe_per_image']} | {r['seconds_per_image']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -203,6 +229,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-extras", dest="extras", action="store_false",
                    help="skip CFG with K x steps and the clamped every-step FKC variants")
+    p.add_argument("--fid-reference", type=int, default=2000,
+                   help="held-out Fashion-MNIST images for the CFG table's FID column (testbed features); 0: no FID")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write a markdown report here")
     p.add_argument("--json", type=Path, default=None)
@@ -232,6 +260,10 @@ def main(argv=None):
             "",
             table(cfg, [("classifier top-1 = prompt", "align"), ("p(class)", "p_class"), ("scorer sim", "sim")]),
             "",
+            *([f"FID: testbed classifier features (diffplug.evals `features=\"testbed\"`) of the first {args.groups} "
+               f"images per prompt of each row ({args.groups * args.classes} images) vs the first {args.fid_reference} "
+               "Fashion-MNIST test images; small samples, so compare rows, not with other tables.", ""]
+              if args.fid_reference else []),
             f"## Product of two prompts vs summed guidance (w = {args.product_scale} each, {args.pairs} pairs)",
             "",
             table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")]),

@@ -17,6 +17,8 @@ features and carries a ``name`` (used in cache keys and in the JSON output) and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -116,7 +118,10 @@ class TestbedFeatures(nn.Module):
         self.classifier = testbed.load_classifier(device=device, weights=weights).eval().requires_grad_(False)
         net = self.classifier.net
         self.num_features = net.head.in_features
-        self.name = "testbed-classifier-pool"
+        # the weights' digest is part of the name, so cached reference statistics of an older
+        # classifier are never reused after it is retrained
+        file = (Path(weights) if weights is not None else testbed.WEIGHTS_DIR) / "classifier.safetensors"
+        self.name = f"testbed-classifier-pool-{hashlib.sha256(file.read_bytes()).hexdigest()[:10]}"
 
     def describe(self) -> dict:
         return {"feature_network": self.name,

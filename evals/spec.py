@@ -12,7 +12,9 @@ the same noise, then score every run against one reference. A spec (YAML or JSON
     methods:                       # one curve per method in the report
       - {name: CFG, guidance: cfg}
       - {name: APG, guidance: apg, options: {eta: 0.0}}
-    sweep: {guidance_scale: [1.0, 3.0, 5.0, 7.5]}      # one parameter, passed to the guidance
+      - {name: DC, guidance: cfg, scheduler: dc-solver, scheduler_options: {dc_ratios: cpr}}
+    sweep: {guidance_scale: [1.0, 3.0, 5.0, 7.5]}      # one parameter, passed to the guidance;
+                                   # or {steps: [5, 10]} to sweep the number of inference steps
     reference: fashion-mnist:test  # optional; needed for fid/kid/precision/recall
     metrics: [fid, kid, precision, recall, clip, saturation, contrast, accuracy]
     accuracy_reference: {scheduler: ddim, steps: 200}   # "accuracy": MSE/PSNR to this run, same noise
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+METHOD_KEYS = {"name", "guidance", "options", "scheduler", "scheduler_options"}
 SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "accuracy")
 
 
@@ -108,6 +111,10 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
     per_prompt, seed = int(spec.get("images_per_prompt", 4)), int(spec.get("seed", 0))
     steps, batch = int(spec.get("steps", 30)), int(spec.get("batch_size", 16))
     methods = spec.get("methods") or [{"name": "cfg", "guidance": "cfg"}]
+    for m in methods:
+        unknown = set(m) - METHOD_KEYS
+        if unknown:
+            raise ValueError(f"spec methods: unknown key(s) {sorted(unknown)} in {m}; allowed: {sorted(METHOD_KEYS)}")
     sweep = spec.get("sweep") or {"guidance_scale": [spec.get("guidance_scale", 7.5)]}
     if len(sweep) != 1:
         raise ValueError(f"spec sweep: one parameter at a time, got {list(sweep)}")
@@ -135,15 +142,26 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
     runs, grids = [], {}
     from tqdm.auto import tqdm
 
+    base_scheduler = pipe.scheduler
     todo = [(m, v) for m in methods for v in values]
     for method, value in tqdm(todo, desc="runs", disable=not progress):
-        name = method.get("name", method["guidance"])
-        options = {**(method.get("options") or {}), param: value}
-        guidance = make_guidance(method["guidance"], **options)
+        guidance_name = method.get("guidance", "cfg")
+        name = method.get("name", method.get("scheduler", guidance_name))
+        options = dict(method.get("options") or {})
+        run_steps = steps
+        if param == "steps":  # the sweep is over the number of inference steps, not a guidance option
+            run_steps = int(value)
+        else:
+            options[param] = value
+        guidance = make_guidance(guidance_name, **options)
+        pipe.scheduler = base_scheduler
+        if method.get("scheduler"):  # a per-method scheduler, swapped from the run's own config
+            pipe.scheduler = make_scheduler(method["scheduler"], pipe, **(method.get("scheduler_options") or {}))
         t0 = time.perf_counter()
-        images, latents, images_f, flat = _generate(pipe, guidance, prompts, per_prompt, seed, steps, batch,
+        images, latents, images_f, flat = _generate(pipe, guidance, prompts, per_prompt, seed, run_steps, batch,
                                                     spec.get("height"), spec.get("width"))
-        rec = {"method": name, "guidance": method["guidance"], param: value, "options": options,
+        rec = {"method": name, "guidance": guidance_name, param: value, "options": options,
+               "scheduler": type(pipe.scheduler).__name__, "steps": run_steps,
                "n": len(images), "generate_seconds": round(time.perf_counter() - t0, 3)}
         folder = out / "images" / name / f"{param}={value}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,9 +203,10 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         if "contrast" in metrics:
             rec.update({k: float(v.mean()) for k, v in gray_contrast(images).items()})
         runs.append(rec)
+        pipe.scheduler = base_scheduler
         grids[f"{name}, {param}={value}"] = image_grid_uri(images[:16], nrow=8)
 
-    protocol = {"sweep": param, "steps": steps, "seed": f"image i starts from seed {seed} + i in every run",
+    protocol = {"sweep": param, "steps": steps if param != "steps" else values, "seed": f"image i starts from seed {seed} + i in every run",
                 "clip": "100 * max(cos, 0) per image, averaged" if scorer is not None else None,
                 "saturation": "mean HSV saturation" if "saturation" in metrics else None,
                 "accuracy": (f"MSE of final latents / MSE, PSNR of [0,1] images vs {acc['scheduler']} with "

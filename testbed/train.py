@@ -173,7 +173,7 @@ def train_vae(args) -> None:
         # reconstruction (L1 + L2) plus a small per-element KL keeping latents near N(0, s^2 I)
         kl = posterior.kl().float().mean() / z[0].numel()
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + args.kl_weight * kl
-        run.optimize(opt, loss)
+        run.optimize(opt, loss, cosine=True)
     vae.eval()
     with torch.no_grad():  # scaling_factor = 1 / std of the latents, measured on held-out images
         test = training_set("test").images
@@ -310,7 +310,7 @@ def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
         with run.autocast():
             pred = forward(model, zt, t, emb, mask).float()
         loss = (pred - noise).pow(2).mean()  # epsilon prediction
-        run.optimize(opt, loss, clip=model)
+        run.optimize(opt, loss, clip=model, cosine=True)
         ema.update(model)
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     run.finish(ema.model, config, ema_decay=args.ema, prompt_dropout=batches.drop, schedule=M.SCHEDULE)

@@ -142,6 +142,27 @@ def test_spec_mode_sweeps_guidance_from_the_same_noise(setup):
     assert json.loads((tmp / "sweep" / "metrics.json").read_text())["protocol"]["sweep"] == "guidance_scale"
 
 
+def test_spec_mode_sweeps_steps_with_a_scheduler_per_method(setup):
+    pytest.importorskip("diffplug.testing")
+    tmp = setup
+    spec = {"model": "tiny-sd", "prompts": ["a photo of a bag"], "images_per_prompt": 1,
+            "methods": [{"name": "DDIM", "scheduler": "ddim"},
+                        {"name": "UniPC", "scheduler": "unipc", "scheduler_options": {"solver_order": 1}}],
+            "sweep": {"steps": [1, 2]}, "metrics": ["accuracy"], "batch_size": 1,
+            "accuracy_reference": {"scheduler": "ddim", "steps": 2}}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    res = run(_parse(["--spec", str(tmp / "spec.json"), "--out", str(tmp / "steps"), "--device", "cpu", "--no-progress"]))
+    runs = {(r["method"], r["steps"]): r for r in res["runs"]}
+    assert runs[("DDIM", 2)]["scheduler"] == "DDIMScheduler" and runs[("UniPC", 1)]["scheduler"] == "UniPCMultistepScheduler"
+    assert runs[("DDIM", 2)]["latent_mse"] == 0  # the reference run itself
+    assert runs[("DDIM", 1)]["latent_mse"] > 0 and runs[("UniPC", 2)]["latent_mse"] > 0
+    assert res["protocol"]["sweep"] == "steps" and "steps" not in runs[("DDIM", 1)]["options"]
+    bad = dict(spec, methods=[{"name": "x", "schedular": "ddim"}])
+    (tmp / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="schedular"):
+        run(_parse(["--spec", str(tmp / "bad.json"), "--out", str(tmp / "bad"), "--device", "cpu", "--no-progress"]))
+
+
 def test_image_folder_composites_alpha_on_white_and_matches_testbed_data(tmp_path):
     from diffplug.evals.data import fashion_mnist, image_loader
 
