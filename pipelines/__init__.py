@@ -40,6 +40,20 @@ class GenerationOutput:
         return (self.images, self.nsfw_content_detected)[index]
 
 
+class _Counted:
+    """The model, counting network evaluations in samples (a second model's too, via ``count``)."""
+
+    def __init__(self, model):
+        self.model, self.n = model, 0
+
+    def count(self, samples: int) -> None:
+        self.n += samples
+
+    def __call__(self, x, t, **fields):
+        self.count(x.shape[0])
+        return self.model(x, t, **fields)
+
+
 class DiffplugPipeline:
     """A stock pipeline run through diffplug's loop; called like the original pipeline."""
 
@@ -128,12 +142,7 @@ class DiffplugPipeline:
             pipe.scheduler.set_begin_index(0)
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
 
-        nfe = [0]
-        model = self.model
-
-        def counted(x, t, **fields):
-            nfe[0] += x.shape[0]
-            return model(x, t, **fields)
+        counted = _Counted(self.model)
 
         def on_step(i, t, latents):
             if callback_on_step_end is None:
@@ -152,7 +161,7 @@ class DiffplugPipeline:
             pipe.maybe_free_model_hooks()
         if not return_dict:
             return images, nsfw
-        return GenerationOutput(images, nsfw, nfe[0] // batch, getattr(self.sampler, "output", None))
+        return GenerationOutput(images, nsfw, counted.n // batch, getattr(self.sampler, "output", None))
 
 
 def from_pipe(pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool = False) -> DiffplugPipeline:

@@ -48,18 +48,35 @@ def evaluate(model: ModelFn, x: torch.Tensor, t: torch.Tensor, batches: Sequence
     """Run every condition batch through ``model`` in one call; return one prediction per batch.
 
     A batch's ``rows`` (sample indices), if set, restricts that condition to those samples.
+    A batch that carries its own ``model`` (a second network sharing the latent space, e.g. the
+    second expert of a product) is evaluated by that model, with the inputs named in its ``fields``.
     """
+    shared = [b for b in batches if getattr(b, "model", None) is None]
     xs, cat = [], {k: [] for k in fields}
-    for batch in batches:
+    for batch in shared:
         rows = getattr(batch, "rows", None)
         xs.append(x if rows is None else x[rows])
         for k in fields:
             value = getattr(batch, k, None)
             if value is not None:
                 cat[k].append(value if rows is None else value[rows])
-    kwargs = {k: torch.cat(v) for k, v in cat.items() if v}
-    out = model(torch.cat(xs), t, **kwargs)
-    return list(out.split([len(xi) for xi in xs]))
+    outs = iter(())
+    if shared:
+        kwargs = {k: torch.cat(v) for k, v in cat.items() if v}
+        outs = iter(model(torch.cat(xs), t, **kwargs).split([len(xi) for xi in xs]))
+    preds = []
+    for batch in batches:
+        own = getattr(batch, "model", None)
+        if own is None:
+            preds.append(next(outs))
+            continue
+        rows = getattr(batch, "rows", None)
+        kwargs = {k: getattr(batch, k) if rows is None else getattr(batch, k)[rows] for k in batch.fields}
+        x_own = x if rows is None else x[rows]
+        if hasattr(model, "count"):  # keep the caller's evaluation count whole
+            model.count(x_own.shape[0])
+        preds.append(own(x_own, t, **kwargs))
+    return preds
 
 
 def _evaluate_sequentially(model, x, t, batches, fields, guidance, denoiser) -> list:

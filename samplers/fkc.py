@@ -460,15 +460,29 @@ class ProductGuidance(Guidance):
 
     ``second``: the second prompt's conditional inputs, ``encode_condition(pipe, prompt_2, K)``;
     rows must equal the batch (or be 1, then repeated). The pipeline's own prompt is the first.
+
+    ``second_model``: a second network for ``ε₂`` (two models sharing a latent space: the same VAE,
+    noise schedule and prediction type), given as its diffusers pipeline or as a callable
+    ``model(x, t, **inputs)``; then ``second = encode_condition(second_pipe, prompt_2, K)`` holds
+    *its* inputs. ``ε_u`` (with ``uncond=True``) is the first model's.
     """
 
     _input_predictions = ["pred_cond", "pred_uncond", "pred_cond_2"]
 
-    def __init__(self, second: dict, guidance_scale: float = 7.5, guidance_scale_2: float | None = None, uncond: bool = True):
+    def __init__(self, second: dict, guidance_scale: float = 7.5, guidance_scale_2: float | None = None,
+                 uncond: bool = True, second_model=None):
         super().__init__(guidance_scale)
         if not isinstance(second, dict) or not second:
             raise ValueError("second must be the second prompt's inputs, e.g. encode_condition(pipe, prompt_2, K)")
-        self.second = second
+        from diffusers import DiffusionPipeline
+
+        if isinstance(second_model, DiffusionPipeline):
+            from ..pipelines import family_of
+
+            second_model = family_of(second_model).model  # its denoiser, called as the loop calls ours
+        elif second_model is not None and not callable(second_model):
+            raise TypeError(f"second_model must be a diffusers pipeline or a callable model(x, t, **inputs), got {type(second_model)}")
+        self.second, self.second_model = second, second_model
         self.guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.uncond = uncond
         self.register_to_config(guidance_scale=guidance_scale, guidance_scale_2=self.guidance_scale_2, uncond=uncond)
@@ -477,7 +491,7 @@ class ProductGuidance(Guidance):
         """A copy at scale ``guidance_scale`` for both prompts (pipelines call this with the user's scale)."""
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         w2 = kwargs.get("guidance_scale_2", w if guidance_scale is not None else self.guidance_scale_2)
-        return ProductGuidance(self.second, w, w2, kwargs.get("uncond", self.uncond))
+        return ProductGuidance(self.second, w, w2, kwargs.get("uncond", self.uncond), self.second_model)
 
     @property
     def num_conditions(self) -> int:
@@ -495,13 +509,10 @@ class ProductGuidance(Guidance):
             return {"pred_cond": w1, "pred_uncond": 1.0 - w1 - w2, "pred_cond_2": w2}
         return {"pred_cond": w1, "pred_cond_2": w2}
 
-    def prepare_inputs(self, data: dict) -> list:
-        rows = next(iter(data.values()))[0].shape[0]
-        extended = {}
-        for key, value in data.items():
-            if key not in self.second:
-                raise ValueError(f"ProductGuidance: the second prompt has no {key!r}; encode it with encode_condition(pipe, ...)")
-            other = self.second[key].to(value[0].device, value[0].dtype)
+    def _second_inputs(self, rows: int, like: torch.Tensor) -> dict:
+        out = {}
+        for key, other in self.second.items():
+            other = other.to(like.device)
             if other.shape[0] == 1 and rows > 1:
                 other = other.expand(rows, *other.shape[1:])
             if other.shape[0] != rows:
@@ -509,7 +520,26 @@ class ProductGuidance(Guidance):
                     f"ProductGuidance: the second prompt has {other.shape[0]} rows, the batch {rows}; "
                     "encode it with num_images_per_prompt equal to the pipeline's"
                 )
-            extended[key] = (value[0], value[1], other)
+            out[key] = other
+        return out
+
+    def prepare_inputs(self, data: dict) -> list:
+        first = next(iter(data.values()))[0]
+        rows = first.shape[0]
+        if self.second_model is not None:  # ε₂ from the second network, with its own inputs
+            from diffusers.modular_pipelines.modular_pipeline import BlockState
+
+            index = {"pred_cond": 0, "pred_uncond": 1}
+            batches = [self._prepare_batch(data, index[n], n) for n in self._names() if n != "pred_cond_2"]
+            second = self._second_inputs(rows, first)
+            batches.append(BlockState(**second, model=self.second_model, fields=list(second),
+                                      **{self._identifier_key: "pred_cond_2"}))
+            return batches
+        missing = [key for key in data if key not in self.second]
+        if missing:
+            raise ValueError(f"ProductGuidance: the second prompt has no {missing}; encode it with encode_condition(pipe, ...)")
+        second = self._second_inputs(rows, first)
+        extended = {key: (value[0], value[1], second[key].to(value[0].dtype)) for key, value in data.items()}
         index = {"pred_cond": 0, "pred_uncond": 1, "pred_cond_2": 2}
         return [self._prepare_batch(extended, index[n], n) for n in self._names()]
 

@@ -142,6 +142,32 @@ def test_ground_truth_product():
     assert sampler.output.exponents == {"pred_cond": 1.0, "pred_cond_2": 1.0}
 
 
+def test_ground_truth_product_of_two_models():
+    """The second expert as a separate network with its own input name: the same SMC run, bit for
+    bit, as the one-model product (and so the same match to the analytic target)."""
+    n = GROUPS * K // 4
+    conds = (code("p1", n), code("u", n))
+    scheduler = toy_scheduler()
+    shared = toy_model(scheduler)
+    calls = []
+
+    def expert_2(x, t, label):  # another "model": knows only p2, reads `label`
+        calls.append(x.shape[0])
+        return shared(x, t, code=label)
+
+    one = FKCSampler(K)
+    x_one = run_toy(conds, ProductGuidance({"code": code("p2", n)}, 1.0, 1.0, uncond=False), one, n, STEPS)
+    two = FKCSampler(K)
+    guidance = ProductGuidance({"label": code("p2", 1)}, 1.0, 1.0, uncond=False, second_model=expert_2)
+    x_two = run_toy(conds, guidance, two, n, STEPS)
+    assert calls == [n] * STEPS
+    torch.testing.assert_close(x_two, x_one, rtol=0, atol=0)
+    torch.testing.assert_close(two.output.log_weights, one.output.log_weights, rtol=0, atol=0)
+    fkc = particles(x_two, two.output.log_weights, cut=0.3)
+    truth = target({"p1": 1.0, "p2": 1.0}, 0.3)
+    assert abs(fkc["right"] - truth["right"]) < 0.06 and abs(fkc["mean"] - truth["mean"]) < 0.2
+
+
 def test_ground_truth_annealing():
     n, beta = GROUPS * K, 2.0
     conds = (code("a", n), code("u", n))
@@ -283,6 +309,23 @@ def test_tiny_sd_pipeline_through_from_pipe():
     )
     assert out.nfe == 3 * steps and torch.isfinite(out.images).all()
     assert sampler.output.exponents == {"pred_cond": 2.0, "pred_uncond": -3.0, "pred_cond_2": 2.0}
+
+    # two models sharing the latent space: the second expert is another pipeline's network
+    other = tiny_pipeline("sd")
+    torch.manual_seed(1)
+    for p in other.unet.parameters():
+        p.data.normal_(0, 0.05)
+    seen = []
+    other.unet.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    second = encode_condition(other, "a red hat", num_images_per_prompt=K)
+    run = lambda g: from_pipe(pipe, guidance=g, sampler=FKCSampler(K))(  # noqa: E731
+        "a cat", num_inference_steps=steps, num_images_per_prompt=K, output_type="latent",
+        generator=torch.Generator().manual_seed(0)).images
+    two = from_pipe(pipe, guidance=ProductGuidance(second, 2.0, second_model=other), sampler=FKCSampler(K))(
+        "a cat", num_inference_steps=steps, num_images_per_prompt=K, output_type="latent",
+        generator=torch.Generator().manual_seed(0))
+    assert seen == [K] * steps and two.nfe == 3 * steps  # the second network's passes are counted
+    assert not torch.allclose(two.images, run(ProductGuidance(second, 2.0)))  # it is not the first network
 
 
 def test_euler_ancestral_latents_and_step_index():
