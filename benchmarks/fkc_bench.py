@@ -14,7 +14,8 @@ Measures, per method, on ``diffplug.testbed.load("sd")`` (DDIM schedule, ``--ste
 * Product table, pairs of class prompts A x B: summed guidance ``ε_u + w(ε_A − ε_u) + w(ε_B − ε_u)``
   (DDIM eta 0 and ancestral) vs FKC on the geometric mixture ``q_u^{1−2w} q_A^w q_B^w``:
   the classifier's mass on {A, B} and min(p_A, p_B), both prompts among the scorer's top 3 of the
-  ten class prompts, min of the two cosine similarities.
+  ten class prompts, min of the two cosine similarities. ``--two-models``: also B on the testbed DiT
+  (``ProductGuidance(second_model=dit)``: two networks sharing the VAE latent space).
 
 FKC's chosen image per group is ``output.chosen`` (drawn ∝ final weights).
 """
@@ -178,11 +179,16 @@ def run_product_table(pipe, classifier, scorer, args):
     class_prompts = [testbed.prompt_for_class(c) for c in testbed.FASHION_CLASSES]
     results = []
 
-    def bench(name, make_sampler, count, eta, nfe):
+    def bench(name, make_sampler, count, eta, nfe, second_pipe=None):
+        """``second_pipe``: prompt B goes to this second network (sharing the VAE latents) instead."""
         pairs = PAIRS[: args.pairs]
         firsts = [testbed.prompt_for_class(a) for a, _ in pairs]
         seconds_ = [testbed.prompt_for_class(b) for _, b in pairs]
-        guidance = ProductGuidance(encode_condition(pipe, seconds_, num_images_per_prompt=count), w, w)
+        if second_pipe is None:
+            guidance = ProductGuidance(encode_condition(pipe, seconds_, num_images_per_prompt=count), w, w)
+        else:
+            second = encode_condition(second_pipe, seconds_, num_images_per_prompt=count, max_sequence_length=20)
+            guidance = ProductGuidance(second, w, w, second_model=second_pipe)
         sampler = make_sampler()
         start = time.perf_counter()
         images, out = generate(pipe, firsts, guidance, sampler, count, steps, args.seed, eta)
@@ -201,6 +207,11 @@ def run_product_table(pipe, classifier, scorer, args):
     bench(f"summed guidance w={w}+{w} (DDIM eta=0)", lambda: None, n, 0.0, 3 * steps)
     bench(f"summed guidance w={w}+{w} ancestral (eta=1)", lambda: None, n * K, 1.0, 3 * steps)
     bench(f"FKC product K={K}", lambda: FKCSampler(K, ess_threshold=0.5), n * K, 1.0, 3 * steps * K)
+    if args.two_models:  # B from the testbed DiT: a product of two networks sharing the VAE latent space
+        dit = testbed.load("dit")
+        bench(f"two models (UNet: A, DiT: B), summed w={w}+{w} ancestral", lambda: None, n * K, 1.0, 3 * steps, dit)
+        bench(f"two models (UNet: A, DiT: B), FKC product K={K}", lambda: FKCSampler(K, ess_threshold=0.5),
+              n * K, 1.0, 3 * steps * K, dit)
     if args.extras:
         bench(f"FKC product K={K}, clamp 2, every step", lambda: FKCSampler(K, ess_threshold=1.0, clamp=2.0), n * K, 1.0, 3 * steps * K)
     return results
@@ -229,6 +240,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-extras", dest="extras", action="store_false",
                    help="skip CFG with K x steps and the clamped every-step FKC variants")
+    p.add_argument("--two-models", action="store_true",
+                   help="product table: also prompt B on the testbed DiT (two networks, one latent space)")
     p.add_argument("--fid-reference", type=int, default=2000,
                    help="held-out Fashion-MNIST images for the CFG table's FID column (testbed features); 0: no FID")
     p.add_argument("--threads", type=int, default=2)
