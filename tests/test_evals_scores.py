@@ -285,6 +285,36 @@ def test_clip_image_features_as_a_feature_network(tiny_clip):
         get_feature_network("clip:/no/such/dir")
 
 
+def test_dinov2_features_as_a_feature_network(tmp_path):
+    """DINOv2 (the FD-DINOv2 protocol's network) from a local folder: the CLS token of the last layer
+    after bicubic resize and ImageNet normalisation; a tiny random model built offline."""
+    import transformers
+
+    from diffplug.evals import FID, get_feature_network
+
+    cfg = transformers.Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    transformers.Dinov2Model(cfg).save_pretrained(tmp_path / "dino", safe_serialization=True)
+    net = get_feature_network(f"dinov2:{tmp_path / 'dino'}")
+    images = (torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 255).round().to(torch.uint8)
+    f = net(images)
+    assert f.shape == (3, net.num_features) == (3, 24)
+    x = torch.nn.functional.interpolate(images.float() / 255, size=(28, 28), mode="bicubic", align_corners=False,
+                                        antialias=True).clamp(0, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    model = transformers.Dinov2Model.from_pretrained(tmp_path / "dino").eval()
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state[:, 0]
+    torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-5)
+    m = FID(features=net)
+    m.update(images, real=True)
+    m.update(images.flip(-1), real=False)
+    assert torch.isfinite(m.compute())
+    with pytest.raises(FileNotFoundError, match="dinov2:"):
+        get_feature_network("dinov2:/no/such/dir")
+
+
 def _testbed_ready(*names):
     from pathlib import Path
 
