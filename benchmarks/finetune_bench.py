@@ -69,6 +69,57 @@ def sample(model: str, lora: Path | None, prompts: list[str], per_prompt: int, s
     return torch.cat(images)
 
 
+def reward_curves(evals: dict[str, list[dict]], every: int, n_images: int) -> list[str]:
+    """Held-out reward against training wall time (setup included, evaluations excluded), and the time
+    each method takes to reach the same reward gain: the smaller of the two methods' best gains."""
+    lines = ["", f"## Reward against training time (held-out reward every {every} steps, {n_images} images, fixed noise)", ""]
+    gains = {k: max(r["eval_reward"] for r in v) - v[0]["eval_reward"] for k, v in evals.items() if v}
+    if len(gains) < 2:
+        return lines + ["(no evaluation records)"]
+    target = min(gains.values())
+    lines += ["| method | step | train seconds | eval reward (± s.e.) |", "|---|---|---|---|"]
+    for name, recs in evals.items():
+        lines += [f"| {name} | {r['step']} | {r['train_seconds']:.0f} | {r['eval_reward']:.4f} ± {r['eval_reward_se']:.4f} |" for r in recs]
+    lines += ["", f"Same reward gain for both (+{target:.4f}, the smaller best gain): first evaluation reaching it:", ""]
+    for name, recs in evals.items():
+        hit = next((r for r in recs if r["eval_reward"] - recs[0]["eval_reward"] >= target - 1e-12), None)
+        lines.append(f"* {name}: step {hit['step']}, {hit['train_seconds']:.0f} s of training" if hit else f"* {name}: not reached")
+    return lines
+
+
+def peak_memory(out: Path, args) -> list[str]:
+    """Peak resident memory of a short DPO run (reusing the generated pairs), LoRA vs full fine-tuning,
+    each in a fresh process (CPU: RSS stands in for the GPU's peak allocated memory)."""
+    import subprocess
+
+    lines = ["", f"## Peak memory, LoRA vs full fine-tuning (DPO, {args.memory_steps} steps, batch 4, fresh process each)", "",
+             "| mode | peak RSS of the process (MiB) | trainable parameters | their fp32 gradients + AdamW moments (MiB) |",
+             "|---|---|---|---|"]
+    for mode, lora in (("LoRA r=8", "true"), ("full", "false")):
+        run_dir = out / f"memory-{'lora' if lora == 'true' else 'full'}"
+        code = (
+            "import resource, sys, json; from diffplug.finetune.cli import main; "
+            f"rc = main(sys.argv[1:]); print(json.dumps({{'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))"
+        )
+        argv = ["dpo", "--output_dir", str(run_dir), "--model", args.model, "--data", str(out / "dpo" / "pairs"),
+                "--max_steps", str(args.memory_steps), "--train_batch_size", "4", "--use_lora", lora,
+                "--checkpoint_every", "0", "--tensorboard", "false", "--log_every", "1"]
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        if res.returncode:
+            lines.append(f"| {mode} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} | | |")
+            continue
+        rss = json.loads(res.stdout.strip().splitlines()[-1])["rss_mib"]
+        trainable = next((line for line in res.stdout.splitlines() + res.stderr.splitlines() if "trainable parameters" in line), "")
+        count = trainable.split(":")[-1].strip()
+        states = int(count.replace(",", "")) * 12 / 2**20 if count.replace(",", "").isdigit() else float("nan")
+        lines.append(f"| {mode} | {rss:.0f} | {count} | {states:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/finetune_bench")
@@ -84,6 +135,10 @@ def main() -> None:
     parser.add_argument("--eval_per_prompt", type=int, default=8)
     parser.add_argument("--fid_features", default="testbed", help="FID feature network (diffplug.evals): testbed | inception")
     parser.add_argument("--fid_real", type=int, default=1000, help="held-out Fashion-MNIST test images for the FID reference")
+    parser.add_argument("--eval_every", type=int, default=0,
+                        help="held-out reward every N training steps (trainer's eval_every): reward-vs-time curves")
+    parser.add_argument("--memory_steps", type=int, default=0,
+                        help="also train DPO this many steps with LoRA and full fine-tuning in subprocesses: peak RSS")
     parser.add_argument("--results", default=str(HERE / "finetune_results.md"))
     args = parser.parse_args()
 
@@ -97,9 +152,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs, cost = {"base": None}, {"base": (0.0, 0)}
 
+    curves = dict(eval_every=args.eval_every, eval_prompts=list(FASHION_PROMPTS), eval_images_per_prompt=2) if args.eval_every else {}
     dpo = dict(max_steps=args.dpo_steps, train_batch_size=4, learning_rate=args.dpo_lr, beta=5000, reward="testbed",
                num_per_prompt=4, generate_repeats=args.dpo_repeats, generate_steps=20, lora_rank=8, lr_warmup_steps=0)
-    runs["dpo"], t = train("dpo", out / "dpo", args, dpo)
+    runs["dpo"], t = train("dpo", out / "dpo", args, {**dpo, **curves})
     # samples: the generated images (N per prompt per round) + none online
     cost["dpo"] = (t, 4 * len(FASHION_PROMPTS) * args.dpo_repeats)
 
@@ -111,7 +167,7 @@ def main() -> None:
         pm = str(pm_final)
     spo = dict(max_steps=args.spo_steps, train_batch_size=2, preference_model=pm, num_steps=20, num_sample_each_step=4,
                divert_start_step=4, threshold=args.spo_threshold, learning_rate=args.spo_lr)
-    runs["spo"], t = train("spo", out / "spo", args, spo)
+    runs["spo"], t = train("spo", out / "spo", args, {**spo, **curves})
     # samples: per prompt, k candidates at every step after the divert step
     cost["spo"] = (t, args.spo_steps * 2 * 4 * (20 - 4))
 
@@ -182,7 +238,8 @@ def main() -> None:
         values = [r[key] for r in records if key in r]
         return sum(values) / max(len(values), 1)
 
-    d, p, m = logs("dpo"), logs("spo"), logs("spo-pm")
+    train_logs = lambda name: [r for r in logs(name) if "loss" in r]  # noqa: E731  (eval records have no loss)
+    d, p, m = train_logs("dpo"), train_logs("spo"), train_logs("spo-pm")
     lines += ["", "Training diagnostics (from each run's logs.jsonl):", ""]
     if d:
         lines.append(f"* dpo: loss {d[0]['loss']:.4f} -> {d[-1]['loss']:.4f}, implicit accuracy (last window) {d[-1]['implicit_acc']:.2f}")
@@ -191,6 +248,11 @@ def main() -> None:
     if p:
         lines.append(f"* spo: valid-pair fraction {mean(p, 'valid_pair_fraction'):.2f}, clipped-ratio fraction {mean(p, 'clipped_fraction'):.3f}, "
                      f"loss {p[0]['loss']:.4f} -> {p[-1]['loss']:.4f}")
+    if args.eval_every:
+        lines += reward_curves({name: [r for r in logs(name) if "eval_reward" in r] for name in ("dpo", "spo")},
+                               args.eval_every, len(FASHION_PROMPTS) * 2)
+    if args.memory_steps:
+        lines += peak_memory(out, args)
     lines += ["", "Training settings:", "", f"* dpo: `{json.dumps(dpo)}`", f"* spo: `{json.dumps(spo)}`", ""]
     Path(args.results).write_text("\n".join(lines))
     print(f"wrote {args.results}")

@@ -87,6 +87,10 @@ class TrainConfig:
     sample_prompts: list = opt(["a photo of a sneaker", "a photo of a dress"], "prompts of the sample grids")
     sample_steps: int = opt(20, "denoising steps of the sample grids")
     guidance_scale: float = opt(5.0, "CFG scale of the sample grids (and of rollouts, where a method samples)")
+    eval_every: int = opt(0, "steps between held-out reward evaluations (logged as eval_reward); 0 = off")
+    eval_reward: str = opt("testbed", "reward of the evaluations: a diffplug.evals reward name or module:function")
+    eval_prompts: list = opt(["a photo of a sneaker", "a photo of a dress"], "prompts of the evaluations")
+    eval_images_per_prompt: int = opt(4, "images per evaluation prompt (the same seeds every time)")
 
     # ------------------------------------------------------------------------------------------
     method: typing.ClassVar[str] = "base"
@@ -99,13 +103,14 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}: must be one of {', '.join(map(str, choices))}; got {getattr(self, f.name)!r}")
         if not self.output_dir:
             raise ConfigError("output_dir: required; pass --output_dir DIR")
-        positive = ["max_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps"]
+        positive = ["max_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps",
+                    "eval_images_per_prompt"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
         nonneg = [
             "checkpoint_every", "checkpoints_total_limit", "lr_warmup_steps", "dataloader_num_workers",
-            "max_grad_norm", "lora_alpha", "resolution", "sample_every", "adam_weight_decay",
+            "max_grad_norm", "lora_alpha", "resolution", "sample_every", "adam_weight_decay", "eval_every",
         ]
         for key in nonneg:
             if getattr(self, key) < 0:

@@ -191,6 +191,7 @@ class Trainer:
         if cfg.gradient_checkpointing and module is None:
             model.unet.enable_gradient_checkpointing()
         self.custom_module = module is not None
+        self._print(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
         self.dataset, self.collate = self.method.setup(self)
 
@@ -258,7 +259,8 @@ class Trainer:
 
         old = yaml.safe_load(saved.read_text()) or {}
         new = self.config.to_dict()
-        volatile = {"resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "log_every", "sample_every"}
+        volatile = {"resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "log_every", "sample_every",
+                    "eval_every", "eval_reward", "eval_prompts", "eval_images_per_prompt"}
         changed = [k for k in new if k not in volatile and k in old and old[k] != new[k]]
         if old.get("method", self.config.method) != self.config.method:
             raise ConfigError(f"resume: {self.out} holds a `{old.get('method')}` run, not `{self.config.method}`")
@@ -347,32 +349,67 @@ class Trainer:
 
     # -- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_grid(self, step: int) -> None:
+    @torch.no_grad()
+    def _sample(self, prompts: list[str], per_prompt: int = 1) -> torch.Tensor:
+        """Images in [0, 1] of the model being trained (EMA weights if any), CFG at ``guidance_scale``,
+        from the config's seed: the same noise every time."""
         from ..guidance.base import CFG
         from ..pipelines import from_pipe
 
         cfg = self.config
-        if not self.is_main:
-            return
         unet = self.accelerator.unwrap_model(self.unet)
         unet.eval()
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with ctx, self.accelerator.autocast():
             g = torch.Generator(device="cpu").manual_seed(cfg.seed)
             images = from_pipe(self.model.pipe, guidance=CFG(cfg.guidance_scale))(
-                list(cfg.sample_prompts), num_inference_steps=cfg.sample_steps, generator=g,
+                list(prompts), num_inference_steps=cfg.sample_steps, generator=g, num_images_per_prompt=per_prompt,
                 height=self.resolution, width=self.resolution, output_type="pt",
             ).images
         unet.train()
+        return images.float().clamp(0, 1).cpu()
+
+    def sample_grid(self, step: int) -> None:
+        if not self.is_main:
+            return
         from torchvision.utils import save_image
 
+        images = self._sample(self.config.sample_prompts)
         (self.out / "samples").mkdir(exist_ok=True)
-        save_image(images.float().cpu(), str(self.out / "samples" / f"step-{step:06d}.png"), nrow=len(images))
+        save_image(images, str(self.out / "samples" / f"step-{step:06d}.png"), nrow=len(images))
+
+    def evaluate(self, step: int) -> dict | None:
+        """Mean ``eval_reward`` of ``eval_images_per_prompt`` images per ``eval_prompts`` (fixed noise),
+        written to logs.jsonl with the training time spent so far (evaluations excluded)."""
+        if not self.is_main:
+            return None
+        from .pairs import resolve_reward
+
+        cfg = self.config
+        start = time.perf_counter()
+        if self._eval_reward is None:
+            self._eval_reward = resolve_reward(cfg.eval_reward)
+        per = cfg.eval_images_per_prompt
+        images = self._sample(cfg.eval_prompts, per)
+        prompts = [p for p in cfg.eval_prompts for _ in range(per)]
+        scores = torch.as_tensor(self._eval_reward(images, prompts)).float().cpu()
+        self._eval_seconds += time.perf_counter() - start
+        record = {
+            "step": step, "eval_reward": float(scores.mean()),
+            "eval_reward_se": float(scores.std() / max(1, len(scores) - 1) ** 0.5) if len(scores) > 1 else 0.0,
+            "train_seconds": round(time.perf_counter() - self._train_start - self._eval_seconds, 3),
+        }
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("eval_reward", record["eval_reward"], step)
+        return record
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> Path:
         from tqdm.auto import tqdm
 
+        self._train_start = time.perf_counter()  # train_seconds in eval records counts setup (e.g. DPO's pairs) too
         self._setup()
         cfg, acc = self.config, self.accelerator
         accum = cfg.gradient_accumulation_steps
@@ -384,6 +421,9 @@ class Trainer:
             )
         )
         self._open_logs()
+        self._eval_seconds, self._eval_reward = 0.0, None
+        if cfg.eval_every and self.start_step == 0:
+            self.evaluate(0)
         bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.is_main, desc=f"finetune {self.method.name}")
         sums, count, record = {}, 0, {}
         self.unet.train()
@@ -427,6 +467,8 @@ class Trainer:
                 self.save_checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and not self.custom_module:
                 self.sample_grid(done)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps) and not self.custom_module:
+                self.evaluate(done)
             bar.update(1)
         bar.close()
         self.step = cfg.max_steps

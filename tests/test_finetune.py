@@ -188,6 +188,27 @@ def test_resume_matches_uninterrupted_run(tmp_path, reference_run, pairs):
     assert any(not torch.equal(v, load_file(str(out / "checkpoint-4" / "trainable.safetensors"))[k]) for k, v in mid.items())
 
 
+def test_periodic_reward_evaluation_logs_and_leaves_training_alone(tmp_path, reference_run, pairs):
+    out = tmp_path / "evaluated"
+    cfg = dpo_config(out, pairs, eval_every=2, eval_reward="jpeg_compressibility",
+                     eval_prompts=["a photo 0"], eval_images_per_prompt=2)
+    trainer = Trainer(DiffusionDPO(cfg))
+    trainer.train()
+    evals = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(r["train_seconds"] >= 0 for r in evals) and evals[0]["train_seconds"] <= evals[-1]["train_seconds"]
+    # the step-4 score is that of the final weights' samples (same seed), recomputed independently
+    from diffplug.evals import get_reward
+
+    images = trainer._sample(["a photo 0"], 2)
+    assert evals[-1]["eval_reward"] == pytest.approx(float(get_reward("jpeg_compressibility")(images, ["a photo 0"] * 2).mean()))
+    # evaluating draws no training randomness: the weights equal those of the run without evaluations
+    a, b = lora_state(reference_run), lora_state(out)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_killed_save_keeps_previous_checkpoint(tmp_path, pairs, monkeypatch):
     import accelerate
 
