@@ -18,6 +18,8 @@ resampling keeps the weights usable. Special cases (exponents on the model's ε 
 
 * CFG, ``p_c^w p_u^{1−w}``: drift = the usual CFG prediction, ``G = (g²/2) w(w−1) ‖s_c − s_u‖²``;
 * product of experts ``q¹ q²``: drift uses ``s₁ + s₂``, ``G = g² ⟨s₁, s₂⟩`` (+ the ∇·f constant);
+  the experts are two prompts of one model or two models that share the forward process and latent
+  space (``ProductGuidance(second_model=...)``: Prop. 3.3 only asks for the same ``f``, ``g``);
 * annealing ``q^β``: drift ``β g² s``, ``G = β(β−1)/2 · g² ‖s‖²`` (target-score variant).
 
 **Discretisation used here.** In VE coordinates ``y = x/α`` (``∇·f = 0``, so the constant term
