@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/dc_solver_mse.json")
+    parser.add_argument("--ship-cpr", default=None, metavar="NAME",
+                        help="write the CPR fit on every searched cell into samplers/dc_solver_cpr_NAME.json "
+                             "(cpr_coefficients=NAME), keeping that file's description")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +183,24 @@ def main() -> None:
     fit = fit_cpr((g, n, r) for (g, n), r in searched.items()) if len(searched) >= 2 else None
     out.write_text(json.dumps({"args": vars(args), "rows": rows, "cpr_fit_all": fit}, indent=1) + "\n")
     print(f"\nwrote {out}")
+    if args.ship_cpr and fit is not None:
+        import sys
+        from datetime import datetime, timezone
+
+        import diffplug.samplers as samplers
+
+        target = Path(samplers.__file__).parent / f"dc_solver_cpr_{args.ship_cpr}.json"
+        shipped = json.loads(target.read_text()) if target.is_file() else {}
+        shipped["source"] = (
+            f"python benchmarks/dc_solver_mse.py {' '.join(sys.argv[1:])} "
+            f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.device}): least-squares fit (fit_cpr) on the ratios "
+            f"searched with search_ratios ({args.search_prompts} search samples, {args.iters} iterations, "
+            f"{args.reference_steps}-step DDIM reference) for guidance scales {args.guidance_scale} x NFE {args.nfe}; "
+            f"every number in {args.out}"
+        )
+        shipped["coefficients"] = fit
+        target.write_text(json.dumps(shipped, indent=2) + "\n")
+        print(f"wrote {target}")
 
 
 if __name__ == "__main__":
