@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     fid_scores = None
     if args.fid:
         try:
-            fid_scores = fid({f"scale {scale:g}": generated[scale] for scale in args.scales}, args.images)
+            fid_scores = fid({f"scale {args.scales[0]:g}": generated[args.scales[0]]}, args.images)
             print(f"fid: {fid_scores}", flush=True)
         except (ImportError, AttributeError, RuntimeError, FileNotFoundError) as err:
             fid_scores = f"not measured: {err}"
