@@ -99,7 +99,7 @@ def peak_memory(out: Path, args) -> list[str]:
         run_dir = out / f"memory-{'lora' if lora == 'true' else 'full'}"
         code = (
             "import resource, sys, json; from diffplug.finetune.cli import main; "
-            f"rc = main(sys.argv[1:]); print(json.dumps({{'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))"
+            "rc = main(sys.argv[1:]); print(json.dumps({'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
         )
         argv = ["dpo", "--output_dir", str(run_dir), "--model", args.model, "--data", str(out / "dpo" / "pairs"),
                 "--max_steps", str(args.memory_steps), "--train_batch_size", "4", "--use_lora", lora,

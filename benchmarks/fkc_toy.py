@@ -16,7 +16,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from diffplug.guidance import CFG
 from diffplug.samplers import FKCSampler, ProductGuidance

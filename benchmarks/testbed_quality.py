@@ -124,7 +124,7 @@ def main(argv=None) -> None:
 
     sd = testbed.load("sd")
     classifier = testbed.load_classifier()
-    rows, extra = [], {}
+    rows = []
 
     speed_s = speed(sd)
     print(f"speed: 8 images x 30 steps {speed_s:.2f} s", flush=True)
@@ -212,7 +212,7 @@ def write(args, rows, blow, real_sat, fid_scores, speed_s, minutes, load_start) 
             f"| {n} | {r['parameters'] / 1e6:.2f} M | {sizes[n]:.1f} MiB | {minutes_total:.1f} min, {r['threads']} threads | "
             f"{steps_total} x {r['batch_size']} | {r['final_loss']} | {json.dumps(held) if held else ''} |"
         )
-    lines += [f"", f"All testbed weights together: {sum(sizes.values()):.1f} MiB.", ""]
+    lines += ["", f"All testbed weights together: {sum(sizes.values()):.1f} MiB.", ""]
     lines += [
         "## Prompt alignment (classifier top-1 on generated images of the prompted class)",
         "",

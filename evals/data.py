@@ -3,7 +3,6 @@ Fashion-MNIST (the testbed's data: 28x28 gray zero-padded to 32x32, repeated to 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -57,24 +55,14 @@ class ImageFolder(Dataset):
         return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
-def load_idx_images(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
-
-
 def fashion_mnist(split: str = "test", limit: int | None = None) -> torch.Tensor:
-    """Fashion-MNIST as uint8 ``(N, 3, 32, 32)``: zero-padded by 2 pixels, gray repeated to RGB."""
-    name = {"test": "t10k", "train": "train"}.get(split)
-    if name is None:
+    """Fashion-MNIST as uint8 ``(N, 3, 32, 32)``: zero-padded by 2 pixels, gray repeated to RGB, read
+    by the testbed's loader (``diffplug.testbed.data``: one reader, one install hint when missing)."""
+    if split not in ("test", "train"):
         raise ValueError(f"split={split!r}: use 'test' or 'train'")
-    path = FASHION_MNIST_DIR / f"{name}-images-idx3-ubyte.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: `apt-get install dataset-fashion-mnist` or set FASHION_MNIST_DIR")
-    x = torch.from_numpy(load_idx_images(path)[:limit].copy())
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+    from diffplug.testbed.data import fashion_mnist as load
+
+    return load(split).images[:limit]
 
 
 def _collate(batch):

@@ -40,7 +40,6 @@ in float32.  The same linear rows make the solver algebra differentiable in ``rh
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math

@@ -333,7 +333,6 @@ class FKCSampler:
         return list(names) if active else ["pred_cond"]
 
     def step(self, i, t, latents, guided, batches, context, scheduler, extra_step_kwargs) -> torch.Tensor:
-        K, G = self.num_particles, self._G
         if any(getattr(b, "rows", None) is not None for b in batches):
             raise ValueError("FKCSampler needs every condition's prediction for every particle (no per-row skipping)")
         names = [getattr(b, Guidance._identifier_key) for b in batches]

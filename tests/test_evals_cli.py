@@ -10,7 +10,8 @@ from PIL import Image
 
 from diffplug.evals import fid_from_features, kernel_inception_distance, precision_recall
 from diffplug.evals.cli import register, run
-from diffplug.evals.data import FASHION_MNIST_DIR, ImageFolder
+from diffplug.evals.data import ImageFolder
+from diffplug.testbed.data import FASHION_DIR
 
 FEATURES = textwrap.dedent("""
     import torch
@@ -98,7 +99,7 @@ def test_bad_arguments_fail_clearly(setup):
         run(a)
 
 
-@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+@pytest.mark.skipif(not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                     reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_reference(setup):
     from diffplug.evals.data import fashion_mnist

@@ -326,13 +326,12 @@ def _testbed_ready(*names):
 @pytest.mark.skipif(not _testbed_ready("classifier", "scorer"), reason="testbed weights not trained yet")
 def test_testbed_metrics_on_real_fashion_mnist():
     """Real data, real testbed models: the numbers move the right way."""
-    import gzip
-
     from diffplug.evals import fid_from_features, get_feature_network
-    from diffplug.evals.data import FASHION_MNIST_DIR, fashion_mnist
+    from diffplug.evals.data import fashion_mnist
+    from diffplug.testbed import data as D
     from diffplug.testbed import prompt_for_class
 
-    if not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+    if not (D.FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip("apt-get install dataset-fashion-mnist")
     test, train = fashion_mnist("test", 300), fashion_mnist("train", 300)
     noisy = (train.float() + 60 * torch.randn(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
@@ -341,8 +340,7 @@ def test_testbed_metrics_on_real_fashion_mnist():
     ft, fr, fn = feats(test), feats(train), feats(noisy)
     assert fid_from_features(ft, fr).item() < 0.5 * fid_from_features(ft, fn).item()
 
-    with gzip.open(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = list(f.read()[8:8 + 100])
+    labels = D.fashion_mnist("test").labels[:100].tolist()
     right = [prompt_for_class(k) for k in labels]
     wrong = [prompt_for_class((k + 5) % 10) for k in labels]
     m_right, m_wrong = CLIPScore(scorer="testbed"), CLIPScore(scorer="testbed")

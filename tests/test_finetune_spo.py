@@ -15,7 +15,7 @@ import torch.nn as nn
 from diffplug.finetune import Trainer, load_config
 from diffplug.finetune.logprob import ddim_step_with_logprob
 from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel, pickscore_loss
-from diffplug.finetune.spo import SPO, SPOConfig, StepwiseResampler, compare, spo_loss
+from diffplug.finetune.spo import SPO, SPOConfig, compare, spo_loss
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,6 @@ summed scores, scaled score) must be measurably off.
 """
 
 import json
-import math
 
 import pytest
 import torch
