@@ -27,6 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler config override")
     p.add_argument("--guidance", choices=sorted(GUIDANCE), default="cfg")
     p.add_argument("--guidance-opt", action="append", metavar="KEY=VALUE", help="guidance option, e.g. eta=0")
+    p.add_argument("--product-prompt", action="append", default=None,
+                   help="a second prompt multiplied in (product of experts, ProductGuidance): one for all prompts or "
+                        "one per --prompt; with --sampler fkc the product is sampled exactly")
+    p.add_argument("--product-model", default=None,
+                   help="evaluate --product-prompt with this second model (same latent space and schedule), e.g. testbed-dit")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     p.add_argument("--particles", type=int, default=None, help="particles per prompt (SMC samplers)")
     p.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE")
@@ -72,6 +77,24 @@ def grid(images, cols: int | None = None):
     return sheet
 
 
+def _product_guidance(args, pipe, prompts: list[str], per_prompt: int, options: dict):
+    """ProductGuidance for ``--product-prompt`` (on ``--product-model`` if given)."""
+    from ..samplers import ProductGuidance, encode_condition
+    from .registry import load_pipeline
+
+    if args.guidance != "cfg":
+        raise ValueError("--product-prompt combines prompts like CFG does; use it with --guidance cfg")
+    second = list(args.product_prompt)
+    if len(second) == 1:
+        second *= len(prompts)
+    if len(second) != len(prompts):
+        raise ValueError(f"--product-prompt: give one, or one per --prompt ({len(prompts)}); got {len(second)}")
+    other = load_pipeline(args.product_model, str(pipe.device), args.dtype) if args.product_model else None
+    inputs = encode_condition(other or pipe, second, num_images_per_prompt=per_prompt)
+    scale = options.get("guidance_scale", 7.5)
+    return ProductGuidance(inputs, scale, options.get("guidance_scale_2", scale), second_model=other)
+
+
 def run(args) -> int:
     import torch
 
@@ -88,7 +111,6 @@ def run(args) -> int:
     guidance_options = parse_options(args.guidance_opt)
     if args.guidance_scale is not None:
         guidance_options["guidance_scale"] = args.guidance_scale
-    guidance = make_guidance(args.guidance, **guidance_options)
     sampler, per_prompt = None, args.num_images
     if args.sampler:
         sampler_options = parse_options(args.sampler_opt)
@@ -96,6 +118,10 @@ def run(args) -> int:
             sampler_options["num_particles"] = args.particles
         sampler = make_sampler(args.sampler, **sampler_options)
         per_prompt = getattr(sampler, "num_particles", per_prompt)
+    if args.product_prompt:
+        guidance = _product_guidance(args, pipe, prompts, per_prompt, guidance_options)
+    else:
+        guidance = make_guidance(args.guidance, **guidance_options)
 
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     start = time.perf_counter()
@@ -128,7 +154,8 @@ def run(args) -> int:
         "steps": args.steps,
         "seed": args.seed,
         "scheduler": {"name": args.scheduler or "model default", "class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
-        "guidance": {"name": args.guidance, "class": type(guidance).__name__, "config": dict(guidance.config)},
+        "guidance": {"name": args.guidance, "class": type(guidance).__name__, "config": dict(guidance.config),
+                     "product_prompt": args.product_prompt, "product_model": args.product_model},
         "sampler": None,
         "nfe_per_image": result.nfe,
         "seconds": round(seconds, 3),

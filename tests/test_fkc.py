@@ -354,3 +354,18 @@ def test_cli_sample_with_fkc_writes_chosen_images_and_ess_trace(tmp_path):
     sampler = json.loads((out / "settings.json").read_text())["sampler"]
     assert sampler["num_particles"] == 3 and len(sampler["ess_trace"]) == 2
     assert sampler["exponents"] == {"pred_cond": 3.0, "pred_uncond": -2.0}
+
+
+def test_cli_sample_product_of_prompts_and_of_two_models(tmp_path):
+    from diffplug.cli import main
+
+    base = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
+            "--sampler", "fkc", "--particles", "2", "--guidance-scale", "2", "--product-prompt", "a red hat"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    settings = json.loads((tmp_path / "one" / "settings.json").read_text())
+    assert settings["sampler"]["exponents"] == {"pred_cond": 2.0, "pred_uncond": -3.0, "pred_cond_2": 2.0}
+    assert settings["guidance"]["class"] == "ProductGuidance" and settings["nfe_per_image"] == 3 * 2  # per particle
+    assert main([*base, "--product-model", "tiny-sd", "--out", str(tmp_path / "two")]) == 0
+    assert json.loads((tmp_path / "two" / "settings.json").read_text())["guidance"]["product_model"] == "tiny-sd"
+    with pytest.raises(ValueError, match="--product-prompt: give one, or one per --prompt"):
+        main([*base[:-1], "x", "--product-prompt", "y", "--product-prompt", "z", "--out", str(tmp_path / "bad")])
