@@ -183,8 +183,9 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
                 p, r = precision_recall(real, feats)
                 rec["precision"], rec["recall"] = float(p), float(r)
         if scorer is not None:
-            cos = torch.cat([torch.as_tensor(scorer(images[i:i + batch].to(device), flat[i:i + batch])).float().cpu()
-                             for i in range(0, len(images), batch)])
+            with torch.no_grad():
+                cos = torch.cat([torch.as_tensor(scorer(images[i:i + batch].to(device), flat[i:i + batch])).float().cpu()
+                                 for i in range(0, len(images), batch)])
             rec["clip"] = float((100 * cos.clamp(min=0)).mean())
             rec["clip_cosine"] = float(cos.mean())
         if "accuracy" in metrics:  # the same guidance and noise through the reference sampler
