@@ -147,7 +147,7 @@ def test_vae_latents_have_unit_scale(sd):
         recon = sd.vae.decode(z / sd.vae.config.scaling_factor).sample
     assert z.shape == (64, 4, 16, 16)
     assert 0.6 < z.std().item() < 1.6
-    assert (recon.clamp(-1, 1) - x).pow(2).mean().item() / 4 < 0.02  # PSNR > 17 dB
+    assert (recon.clamp(-1, 1) - x).pow(2).mean().item() / 4 < 0.002  # PSNR > 27 dB (29.5 held out)
 
 
 def test_export_round_trip(sd, tmp_path, monkeypatch):
@@ -208,7 +208,7 @@ def test_classifier_shapes_and_accuracy():
     assert logits.shape == (300, len(D.CLASSES)) and gray28.shape == big.shape == (4, len(D.CLASSES))
     assert clf.classes[7] == "sneaker"
     accuracy = (logits.argmax(-1) == test.labels).float().mean().item()
-    assert accuracy > 0.75
+    assert accuracy > 0.88  # 92% on the full test set (weights/classifier.record.json)
     with pytest.raises(ValueError, match="images"):
         clf(torch.rand(3, 32, 32))
 
@@ -226,7 +226,7 @@ def test_scorer_api_and_alignment():
     assert sims.shape == (200, 10) and right.shape == (200,) and one.shape == (3,)
     assert sims.abs().max() <= 1.0 + 1e-5
     torch.testing.assert_close(right, sims[torch.arange(200), test.labels])
-    assert (right > wrong).float().mean() > 0.7
+    assert (right > wrong).float().mean() > 0.85
     with pytest.raises(ValueError, match="prompts"):
         scorer(test.floats()[:3], ["a", "b"])
 
