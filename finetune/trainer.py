@@ -392,7 +392,8 @@ class Trainer:
         per = cfg.eval_images_per_prompt
         images = self._sample(cfg.eval_prompts, per)
         prompts = [p for p in cfg.eval_prompts for _ in range(per)]
-        scores = torch.as_tensor(self._eval_reward(images, prompts)).float().cpu()
+        with torch.no_grad():
+            scores = torch.as_tensor(self._eval_reward(images, prompts)).float().cpu()
         self._eval_seconds += time.perf_counter() - start
         record = {
             "step": step, "eval_reward": float(scores.mean()),
