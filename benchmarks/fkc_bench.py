@@ -255,7 +255,7 @@ def main(argv=None):
     classifier, scorer = testbed.load_classifier().eval(), testbed.load_scorer().eval()
     start = time.perf_counter()
     cfg = run_cfg_table(pipe, classifier, scorer, args)
-    product = run_product_table(pipe, classifier, scorer, args)
+    product = run_product_table(pipe, classifier, scorer, args) if args.pairs else []
     total = time.perf_counter() - start
     if args.json:
         args.json.write_text(json.dumps({"cfg": cfg, "product": product, "args": vars(args)}, indent=2, default=str))
