@@ -26,10 +26,16 @@ HEADER = """# Benchmark results
 Every number below was produced by a script in `benchmarks/`; each section names its command,
 device and date. This file is assembled by `python benchmarks/collect_results.py`.
 
-**No GPU was lent to the session that produced these** (2026-11-23): all figures are from the
-project's shared 2-core CPU machine, with models trained on that CPU. The GPU benchmarks
-(`loop_gpu.py`, `evals_speed.py --device cuda`, `dc_solver_speed.py --device cuda`,
-`guidance_apg_timing.py --device cuda`) are written and waiting for a GPU session.
+**No GPU is lent to this task**: all figures are from the project's 2-core CPU machine, with models
+trained on that CPU. The GPU benchmarks (`loop_gpu.py`, `evals_speed.py --device cuda`,
+`dc_solver_speed.py --device cuda`, `guidance_apg_timing.py --device cuda`) are written and not run.
+
+**Testbed weights.** The testbed was retrained (round 2) on 2026-11-23 13:25-14:39 UTC. Measured on the
+round-2 weights: the testbed, guidance quality, DC-Solver (testbed MSE, CPR fit, FID), FKC (UNet and
+DiT), fine-tuning and the evals example sweep; loop overhead, DC-Solver step timings and evals CPU rates
+were re-measured at 15:23-15:26 UTC without the earlier load. From round 1 (model-independent or toy):
+loop equivalence, APG maths timing, the FKC toy, DC-Solver's toy table, evals correctness. Round-1
+tables of the re-measured sections are in git history (commit 70ffb49).
 
 """
 
