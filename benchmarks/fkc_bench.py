@@ -49,6 +49,17 @@ def generate(pipe, prompt, guidance, sampler, count, steps, seed, eta):
     return out.images.float().clamp(0, 1), out
 
 
+def chosen(pipe, prompts, guidance, sampler, count, steps, seed, eta):
+    """A timed ``generate``; with a sampler, only its chosen image per group.
+    -> (images, output, seconds, images per prompt)."""
+    start = time.perf_counter()
+    images, out = generate(pipe, prompts, guidance, sampler, count, steps, seed, eta)
+    seconds = time.perf_counter() - start
+    if sampler is None:
+        return images, out, seconds, count
+    return images[torch.as_tensor(out.sampler_output.chosen)], out, seconds, count // sampler.num_particles
+
+
 def cfg_metrics(images, class_index, prompt, classifier, scorer):
     with torch.no_grad():
         probs = classifier(images).softmax(-1)
@@ -125,13 +136,7 @@ def run_cfg_table(pipe, classifier, scorer, args):
         """One generation run for all prompts; ``picks``: (name, nfe, fn) measured on the same images."""
         names = [(name, nfe, None), *picks]
         guidance, sampler = make()
-        start = time.perf_counter()
-        images, out = generate(pipe, prompts, guidance, sampler, count, num_steps, args.seed, eta)
-        seconds = time.perf_counter() - start
-        per_prompt = count
-        if sampler is not None:
-            images = images[torch.as_tensor(out.sampler_output.chosen)]
-            per_prompt = count // sampler.num_particles
+        images, out, seconds, per_prompt = chosen(pipe, prompts, guidance, sampler, count, num_steps, args.seed, eta)
         for m, cost, fn in names:
             rows, first_n = [], []
             for k, prompt in enumerate(prompts):
@@ -190,13 +195,7 @@ def run_product_table(pipe, classifier, scorer, args):
             second = encode_condition(second_pipe, seconds_, num_images_per_prompt=count, max_sequence_length=20)
             guidance = ProductGuidance(second, w, w, second_model=second_pipe)
         sampler = make_sampler()
-        start = time.perf_counter()
-        images, out = generate(pipe, firsts, guidance, sampler, count, steps, args.seed, eta)
-        seconds = time.perf_counter() - start
-        per_prompt = count
-        if sampler is not None:
-            images = images[torch.as_tensor(out.sampler_output.chosen)]
-            per_prompt = count // sampler.num_particles
+        images, out, seconds, per_prompt = chosen(pipe, firsts, guidance, sampler, count, steps, args.seed, eta)
         rows = [
             product_metrics(images[k * per_prompt : (k + 1) * per_prompt], a, b, classifier, scorer, class_prompts)
             for k, (a, b) in enumerate(pairs)
