@@ -87,6 +87,7 @@ def _generate(pipe, guidance, prompts, per_prompt, seed, steps, batch, height=No
     return (images * 255).round().to(torch.uint8), torch.cat(lat), images, flat
 
 
+@torch.no_grad()
 def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = Path(".")) -> dict:
     from diffplug.pipelines.registry import load_pipeline, make_guidance, make_scheduler
 
@@ -183,9 +184,8 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
                 p, r = precision_recall(real, feats)
                 rec["precision"], rec["recall"] = float(p), float(r)
         if scorer is not None:
-            with torch.no_grad():
-                cos = torch.cat([torch.as_tensor(scorer(images[i:i + batch].to(device), flat[i:i + batch])).float().cpu()
-                                 for i in range(0, len(images), batch)])
+            cos = torch.cat([torch.as_tensor(scorer(images[i:i + batch].to(device), flat[i:i + batch])).float().cpu()
+                             for i in range(0, len(images), batch)])
             rec["clip"] = float((100 * cos.clamp(min=0)).mean())
             rec["clip_cosine"] = float(cos.mean())
         if "accuracy" in metrics:  # the same guidance and noise through the reference sampler
@@ -204,7 +204,6 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         if "contrast" in metrics:
             rec.update({k: float(v.mean()) for k, v in gray_contrast(images).items()})
         runs.append(rec)
-        pipe.scheduler = base_scheduler
         grids[f"{name}, {param}={value}"] = image_grid_uri(images[:16], nrow=8)
 
     protocol = {"sweep": param, "steps": steps if param != "steps" else values, "seed": f"image i starts from seed {seed} + i in every run",

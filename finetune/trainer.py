@@ -349,7 +349,6 @@ class Trainer:
 
     # -- samples -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    @torch.no_grad()
     def _sample(self, prompts: list[str], per_prompt: int = 1) -> torch.Tensor:
         """Images in [0, 1] of the model being trained (EMA weights if any), CFG at ``guidance_scale``,
         from the config's seed: the same noise every time."""

@@ -91,8 +91,7 @@ def _product_guidance(args, pipe, prompts: list[str], per_prompt: int, options: 
         raise ValueError(f"--product-prompt: give one, or one per --prompt ({len(prompts)}); got {len(second)}")
     other = load_pipeline(args.product_model, str(pipe.device), args.dtype) if args.product_model else None
     inputs = encode_condition(other or pipe, second, num_images_per_prompt=per_prompt)
-    scale = options.get("guidance_scale", 7.5)
-    return ProductGuidance(inputs, scale, options.get("guidance_scale_2", scale), second_model=other)
+    return ProductGuidance(inputs, second_model=other, **options)
 
 
 def run(args) -> int:
