@@ -49,11 +49,13 @@ def class_prompts(n: int) -> tuple[list[str], torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Classifier top-1 for the prompted class, and the images' mean intensity (brightness)."""
     logits = classifier(images)
     fashion_only = logits[:, : len(D.FASHION_CLASSES)]
     return {
         "top1_all_19": (logits.argmax(-1) == labels).float().mean().item(),
         "top1_fashion_10": (fashion_only.argmax(-1) == labels).float().mean().item(),
+        "brightness": images.float().mean().item(),
     }
 
 
@@ -165,13 +167,15 @@ def main(argv=None) -> None:
         gc = gray_contrast(both)
         blow[scale] = {
             "emoji_saturation": saturation(e_img).mean().item(),
+            "emoji_brightness": e_img.mean().item(),
             "contrast": gc["contrast"].mean().item(),
             "clip_black": gc["clip_black"].mean().item(),
             "clip_white": gc["clip_white"].mean().item(),
         }
         print(f"blow-out scale {scale}: {blow[scale]}", flush=True)
         grid(torch.cat([f_img[:10], e_img[:10], f_img[10:20], e_img[10:20]]), 10, HERE / f"testbed_grid_scale{scale:g}.png")
-    real_sat = saturation(emo.images[: len(emo) : step][: args.emoji_prompts]).mean().item()
+    real_emoji = emo.images[: len(emo) : step][: args.emoji_prompts]
+    real_emoji_stats = (saturation(real_emoji).mean().item(), real_emoji.float().mean().item() / 255)
 
     fid_scores = None
     if args.fid:
@@ -182,10 +186,15 @@ def main(argv=None) -> None:
             fid_scores = f"not measured: {err}"
 
     minutes = (time.time() - start) / 60
-    write(args, rows + dit_rows, blow, real_sat, fid_scores, speed_s, minutes, load_start)
+    write(args, rows + dit_rows, blow, real_emoji_stats, fid_scores, speed_s, minutes, load_start)
 
 
-def write(args, rows, blow, real_sat, fid_scores, speed_s, minutes, load_start) -> None:
+def final_loss(record: dict):
+    """The last training loss of a record, looking through the runs it resumed (a zero-step run has none)."""
+    return next((r["final_loss"] for r in [record] + record.get("resumed_from", []) if r["final_loss"] is not None), None)
+
+
+def write(args, rows, blow, real_emoji_stats, fid_scores, speed_s, minutes, load_start) -> None:
     import json
 
     records = {n: json.loads((testbed.WEIGHTS_DIR / f"{n}.record.json").read_text()) for n in ("vae", "unet", "dit", "classifier", "scorer")}
@@ -210,30 +219,35 @@ def write(args, rows, blow, real_sat, fid_scores, speed_s, minutes, load_start) 
         held = {k: r[k] for k in ("heldout_psnr", "heldout_accuracy", "heldout_retrieval") if k in r}
         lines.append(
             f"| {n} | {r['parameters'] / 1e6:.2f} M | {sizes[n]:.1f} MiB | {minutes_total:.1f} min, {r['threads']} threads | "
-            f"{steps_total} x {r['batch_size']} | {r['final_loss']} | {json.dumps(held) if held else ''} |"
+            f"{steps_total} x {r['batch_size']} | {final_loss(r)} | {json.dumps(held) if held else ''} |"
         )
     lines += ["", f"All testbed weights together: {sum(sizes.values()):.1f} MiB.", ""]
     lines += [
         "## Prompt alignment (classifier top-1 on generated images of the prompted class)",
         "",
-        "| model | CFG scale | images | top-1 (19 classes) | top-1 (10 Fashion-MNIST classes) |",
-        "|---|---|---|---|---|",
+        "| model | CFG scale | images | top-1 (19 classes) | top-1 (10 Fashion-MNIST classes) | brightness |",
+        "|---|---|---|---|---|---|",
     ]
     for model, scale, n, acc in rows:
-        lines.append(f"| {model} | {scale:g} | {n} | {acc['top1_all_19']:.3f} | {acc['top1_fashion_10']:.3f} |")
+        lines.append(f"| {model} | {scale:g} | {n} | {acc['top1_all_19']:.3f} | {acc['top1_fashion_10']:.3f} | {acc['brightness']:.3f} |")
+    real = D.fashion_mnist("test").floats()[: max(n for _, _, n, _ in rows)]
+    lines += ["", f"Brightness = mean intensity in [0, 1]; held-out Fashion-MNIST test images: {real.mean().item():.3f}."]
     lines += [
         "",
         "## Guidance blow-out (low vs high CFG scale)",
         "",
         f"{args.emoji_prompts} held-out emoji prompts (\"an emoji of ...\") + 20 Fashion-MNIST prompts. "
-        f"Real held-out emoji have mean saturation {real_sat:.3f}. Contrast = std of luma; clip = fraction "
-        "of luma pixels at 0 or 1.",
+        f"Real held-out emoji have mean saturation {real_emoji_stats[0]:.3f} and brightness (mean intensity) "
+        f"{real_emoji_stats[1]:.3f}. Contrast = std of luma; clip = fraction of luma pixels at 0 or 1.",
         "",
-        "| CFG scale | emoji saturation | contrast | clip black | clip white |",
-        "|---|---|---|---|---|",
+        "| CFG scale | emoji saturation | emoji brightness | contrast | clip black | clip white |",
+        "|---|---|---|---|---|---|",
     ]
     for scale, b in blow.items():
-        lines.append(f"| {scale:g} | {b['emoji_saturation']:.3f} | {b['contrast']:.3f} | {b['clip_black']:.3f} | {b['clip_white']:.3f} |")
+        lines.append(
+            f"| {scale:g} | {b['emoji_saturation']:.3f} | {b['emoji_brightness']:.3f} | {b['contrast']:.3f} | "
+            f"{b['clip_black']:.3f} | {b['clip_white']:.3f} |"
+        )
     lo, hi = args.blowout_scales
     lines += [
         "",

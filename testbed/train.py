@@ -175,11 +175,12 @@ def train_vae(args) -> None:
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + args.kl_weight * kl
         run.optimize(opt, loss, cosine=True)
     vae.eval()
-    with torch.no_grad():  # scaling_factor = 1 / std of the latents, measured on held-out images
+    with torch.no_grad():  # centre the latents, then scaling_factor = 1 / their std, on held-out images
         test = training_set("test").images
         sel = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
         x = to_model_range(test[sel])
-        z = torch.cat([vae.encode(x[i : i + 250]).latent_dist.mean for i in range(0, len(x), 250)])
+        shift = center_latents(vae, _posterior_means(vae, x).mean((0, 2, 3)))
+        z = _posterior_means(vae, x)
         recon = torch.cat([vae.decode(z[i : i + 250]).sample for i in range(0, len(z), 250)])
         mse = (recon.clamp(-1, 1) - x).pow(2).mean().item() / 4.0  # in [0, 1] units
         scaling = 1.0 / z.std().item()
@@ -193,8 +194,27 @@ def train_vae(args) -> None:
         heldout_psnr=round(10 * math.log10(1.0 / mse), 2),
         latent_mean=round(z.mean().item(), 4),
         latent_std=round(z.std().item(), 4),
+        centered_by=[round(v, 4) for v in shift.tolist()],
         kl_weight=args.kl_weight,
     )
+
+
+def _posterior_means(vae, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(x[i : i + 250]).latent_dist.mean for i in range(0, len(x), 250)])
+
+
+@torch.no_grad()
+def center_latents(vae, mean: torch.Tensor) -> torch.Tensor:
+    """Fold a per-channel latent mean into the VAE's 1x1 quant convs: the encoder's posterior mean
+    becomes ``mean`` lower and the decoder adds it back, so decode(encode(x)) is unchanged while the
+    latents are zero-mean. The stock SD pipeline only divides by ``scaling_factor`` (no shift), and
+    a large latent mean leaks through the noise schedule's last step (sqrt(abar_T) = 0.068): a
+    denoiser trained on it reads the image's mean from x_T, which pure sampling noise lacks, and
+    samples come out too bright. Returns the shift folded in."""
+    c = vae.config.latent_channels
+    vae.quant_conv.bias[:c] -= mean  # moments = [mean, logvar]
+    vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mean
+    return mean
 
 
 # ---------------------------------------------------------------------- diffusion training data
