@@ -30,12 +30,13 @@ device and date. This file is assembled by `python benchmarks/collect_results.py
 trained on that CPU. The GPU benchmarks (`loop_gpu.py`, `evals_speed.py --device cuda`,
 `dc_solver_speed.py --device cuda`, `guidance_apg_timing.py --device cuda`) are written and not run.
 
-**Testbed weights.** The testbed was retrained (round 2) on 2026-11-23 13:25-14:39 UTC. Measured on the
-round-2 weights: the testbed, guidance quality, DC-Solver (testbed MSE, CPR fit, FID), FKC (UNet and
-DiT), fine-tuning and the evals example sweep; loop overhead, DC-Solver step timings and evals CPU rates
-were re-measured at 15:23-15:26 UTC without the earlier load. From round 1 (model-independent or toy):
-loop equivalence, APG maths timing, the FKC toy, DC-Solver's toy table, evals correctness. Round-1
-tables of the re-measured sections are in git history (commit 70ffb49).
+**Testbed weights.** The testbed was retrained (round 3) on 2026-11-23 15:50-16:49 UTC: the VAE's
+latents were centred (their mean had leaked through x_T and made every sample too bright) and the
+UNet and DiT continued on them. Measured on the round-3 weights (16:49-17:55 UTC, two benchmarks at a
+time, 1 thread each): the testbed, guidance quality, DC-Solver (testbed MSE, CPR fit, FID, grid), FKC
+(UNet and DiT), fine-tuning and the evals example sweep. Earlier and model-independent: loop
+equivalence and overhead, APG maths timing, the FKC toy, DC-Solver's toy table and step timings, evals
+correctness and CPU rates. Round-2 tables are in git history at commit 46a52d4, round 1's at 70ffb49.
 
 """
 

@@ -213,7 +213,7 @@ def main(argv=None):
         f"({int(score.is_emoji.sum())} emoji, {int((~score.is_emoji).sum())} Fashion-MNIST), {args.steps} steps, "
         f"scheduler {type(pipe.scheduler).__name__}.",
         "",
-        f"Command: `nice -n 10 python benchmarks/guidance_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `python benchmarks/guidance_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
     ]
     if score.real is not None:
