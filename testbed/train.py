@@ -179,8 +179,9 @@ def train_vae(args) -> None:
         test = training_set("test").images
         sel = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
         x = to_model_range(test[sel])
-        shift = center_latents(vae, _posterior_means(vae, x).mean((0, 2, 3)))
-        z = _posterior_means(vae, x)
+        z = torch.cat([vae.encode(x[i : i + 250]).latent_dist.mean for i in range(0, len(x), 250)])
+        shift = center_latents(vae, z.mean((0, 2, 3)))
+        z = z - shift.view(1, -1, 1, 1)  # what the re-centred encoder now returns
         recon = torch.cat([vae.decode(z[i : i + 250]).sample for i in range(0, len(z), 250)])
         mse = (recon.clamp(-1, 1) - x).pow(2).mean().item() / 4.0  # in [0, 1] units
         scaling = 1.0 / z.std().item()
@@ -197,10 +198,6 @@ def train_vae(args) -> None:
         centered_by=[round(v, 4) for v in shift.tolist()],
         kl_weight=args.kl_weight,
     )
-
-
-def _posterior_means(vae, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(x[i : i + 250]).latent_dist.mean for i in range(0, len(x), 250)])
 
 
 @torch.no_grad()
