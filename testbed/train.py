@@ -285,11 +285,20 @@ def diffusion_set(per_class: int = FASHION_PER_CLASS) -> D.ImageSet:
     return D.ImageSet.concat([fashion.subset(keep.sort().values), emo])
 
 
+def training_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """N(0, I), plus ``offset`` x N(0, 1) per (sample, channel) when ``offset`` > 0 ("offset noise"):
+    x_T then carries a random per-channel mean, so a denoiser cannot read the image's mean from it."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
+
+
 class DiffusionData:
     """Scaled VAE latents + caption embeddings of :func:`diffusion_set`, ~10% empty prompts,
     emoji drawn :data:`EMOJI_REPEAT` times as often as a Fashion-MNIST image."""
 
-    def __init__(self, folder: Path, generator: torch.Generator, drop: float = 0.1, device: str = "cpu"):
+    def __init__(self, folder: Path, generator: torch.Generator, drop: float = 0.1, device: str = "cpu", offset_noise: float = 0.0):
         vae = M.load_model("vae", folder).to(device)
         self.scaling = vae.config.scaling_factor
         data = diffusion_set()
@@ -297,7 +306,7 @@ class DiffusionData:
         unique, self.index = caption_table(data.captions)
         self.embeds, self.mask = text_embeddings(unique)
         self.weights = torch.where(data.labels >= len(D.FASHION_CLASSES), float(EMOJI_REPEAT), 1.0)
-        self.generator, self.drop, self.device = generator, drop, device
+        self.generator, self.drop, self.device, self.offset_noise = generator, drop, device, offset_noise
         self.scheduler = __import__("diffusers").DDPMScheduler(**M.SCHEDULE)
 
     def batch(self, size: int):
@@ -307,7 +316,7 @@ class DiffusionData:
         which = torch.randint(0, self.index.shape[1], (size,), generator=g)
         cap = self.index[idx, which]
         cap = torch.where(torch.rand(size, generator=g) < self.drop, torch.zeros_like(cap), cap)  # prompt dropout
-        noise = torch.randn(z0.shape, generator=g)
+        noise = training_noise(z0.shape, g, self.offset_noise)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=g)
         zt = self.scheduler.add_noise(z0, noise, t)  # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
         out = (zt, t, self.embeds[cap].float(), self.mask[cap], noise)
@@ -316,7 +325,7 @@ class DiffusionData:
 
 def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
     run = Run(args, name)
-    batches = DiffusionData(Path(args.out), run.generator, device=args.device)
+    batches = DiffusionData(Path(args.out), run.generator, device=args.device, offset_noise=args.offset_noise)
     model = run.init(model)
     model = model.to(args.device)
     ema = EMA(model, args.ema)
@@ -330,7 +339,8 @@ def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
         run.optimize(opt, loss, clip=model, cosine=True)
         ema.update(model)
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    run.finish(ema.model, config, ema_decay=args.ema, prompt_dropout=batches.drop, schedule=M.SCHEDULE)
+    run.finish(ema.model, config, ema_decay=args.ema, prompt_dropout=batches.drop, schedule=M.SCHEDULE,
+               offset_noise=args.offset_noise)
 
 
 def train_unet(args) -> None:
@@ -465,6 +475,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=M.default_threads())
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL")
     p.add_argument("--ema", type=float, default=0.999, help="unet/dit: EMA decay of the saved weights")
+    p.add_argument("--offset-noise", type=float, default=0.0,
+                   help="unet/dit: std of a per-channel constant added to the training noise (0: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(M.WEIGHTS_DIR), help="weights folder (default: the package's)")
     p.add_argument("--force", action="store_true", help="overwrite existing weights")

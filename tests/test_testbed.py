@@ -271,3 +271,13 @@ def test_center_latents_keeps_reconstructions_and_zero_means_the_latents():
     torch.testing.assert_close(z2, z - shift.view(1, 4, 1, 1))
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(z2.mean((0, 2, 3)), torch.full((4,), -0.5), atol=1e-5, rtol=0)
+
+
+def test_training_noise_offset_is_a_per_channel_constant():
+    from diffplug.testbed import train
+
+    plain = train.training_noise((512, 4, 8, 8), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, torch.randn(512, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    offset = train.training_noise((512, 4, 8, 8), torch.Generator().manual_seed(0), offset=0.3) - plain
+    torch.testing.assert_close(offset, offset[..., :1, :1].expand_as(offset))  # constant over H, W
+    assert 0.25 < offset[:, :, 0, 0].std().item() < 0.35
