@@ -16,14 +16,16 @@ import argparse
 
 import torch
 
+from testbed_quality import heldout_emoji  # this folder's script (run from here)
+
 from diffplug import testbed
 from diffplug.testbed import data as D
+from diffplug.testbed.train import to_model_range
 
 
 @torch.no_grad()
 def latent_mean(vae, images: torch.Tensor) -> torch.Tensor:
-    x = images.float() / 255 * 2 - 1
-    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).mean((0, 2, 3))
+    return (vae.encode(to_model_range(images)).latent_dist.mean * vae.config.scaling_factor).mean((0, 2, 3))
 
 
 def main(argv=None) -> None:
@@ -32,14 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fashion, emo = D.fashion_mnist("test"), D.emoji("test")
-    step = max(1, len(emo) // 32)
-    emoji_idx = list(range(0, len(emo), step))[:32]
-    prompts = {
-        "fashion": [D.prompt_for_class(k) for k in range(10)],
-        "emoji": [emo.captions[i][0] for i in emoji_idx],
-    }
-    real = {"fashion": fashion.images[:2000], "emoji": emo.images[emoji_idx]}
+    emoji_prompts, emoji_images = heldout_emoji(32)
+    prompts = {"fashion": [D.prompt_for_class(k) for k in range(10)], "emoji": emoji_prompts}
+    real = {"fashion": D.fashion_mnist("test").images[:2000], "emoji": emoji_images}
     print("real mean intensity: " + ", ".join(f"{k} {v.float().mean().item() / 255:.3f}" for k, v in real.items()))
     print("| weights | latent mean (fashion) | latent mean (emoji) | prompts | x_T = noise | + fashion leak | + emoji leak |")
     print("|---|---|---|---|---|---|---|")

@@ -47,6 +47,13 @@ def class_prompts(n: int) -> tuple[list[str], torch.Tensor]:
     return [D.prompt_for_class(int(k)) for k in labels], labels
 
 
+def heldout_emoji(n: int) -> tuple[list[str], torch.Tensor]:
+    """``n`` held-out emoji spread evenly over the test split: their first captions and uint8 images."""
+    emo = D.emoji("test")
+    idx = list(range(0, len(emo), max(1, len(emo) // n)))[:n]
+    return [emo.captions[i][0] for i in idx], emo.images[idx]
+
+
 @torch.no_grad()
 def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Classifier top-1 for the prompted class, and the images' mean intensity (brightness)."""
@@ -155,9 +162,7 @@ def main(argv=None) -> None:
     # guidance blow-out on emoji (colour) and Fashion-MNIST prompts
     from diffplug.evals import gray_contrast, saturation
 
-    emo = D.emoji("test")
-    step = max(1, len(emo) // args.emoji_prompts)
-    emoji_prompts = [emo.captions[i][0] for i in range(0, len(emo), step)][: args.emoji_prompts]
+    emoji_prompts, real_emoji = heldout_emoji(args.emoji_prompts)
     fashion_prompts = [D.prompt_for_class(k % 10) for k in range(20)]
     blow = {}
     for scale in args.blowout_scales:
@@ -174,7 +179,6 @@ def main(argv=None) -> None:
         }
         print(f"blow-out scale {scale}: {blow[scale]}", flush=True)
         grid(torch.cat([f_img[:10], e_img[:10], f_img[10:20], e_img[10:20]]), 10, HERE / f"testbed_grid_scale{scale:g}.png")
-    real_emoji = emo.images[: len(emo) : step][: args.emoji_prompts]
     real_emoji_stats = (saturation(real_emoji).mean().item(), real_emoji.float().mean().item() / 255)
 
     fid_scores = None
