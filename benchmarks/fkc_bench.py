@@ -276,10 +276,10 @@ def main(argv=None):
                f"images per prompt of each row ({args.groups * args.classes} images) vs the first {args.fid_reference} "
                "Fashion-MNIST test images; small samples, so compare rows, not with other tables.", ""]
               if args.fid_reference else []),
-            f"## Product of two prompts vs summed guidance (w = {args.product_scale} each, {args.pairs} pairs)",
-            "",
-            table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")]),
-            "",
+            *([f"## Product of two prompts vs summed guidance (w = {args.product_scale} each, {args.pairs} pairs)",
+               "",
+               table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")]),
+               ""] if product else []),
             "FKC extras (mean ESS fraction over steps, resampling steps per run, clamped increments):",
             "",
         ]
