@@ -4,8 +4,9 @@ Measures, with the stock diffusers pipelines (DDIM, 50 steps unless --steps):
 
 - prompt alignment: the testbed classifier's top-1 accuracy on generated images for the prompted
   Fashion-MNIST class ("a photo of a sneaker", ...), at CFG scale 4 and 1 (guidance off);
-- guidance blow-out: mean HSV saturation of emoji prompts and the grey-level contrast and clipping
-  fractions of all prompts at a low (3) and a high (12) scale, with PNG grids of both;
+- guidance blow-out: saturation, brightness and contrast of emoji prompts, contrast and clipping of
+  Fashion-MNIST prompts, at a low (3) and a high (12) scale against real held-out images, with PNG
+  grids of both;
 - real-Inception FID of the scale-4 Fashion-MNIST images against as many held-out Fashion-MNIST
   test images, and the real-vs-real FID at the same size (``--fid``; slow on CPU);
 - sampling speed: 8 images x 30 steps with CFG (the README's first command).
@@ -160,26 +161,15 @@ def main(argv=None) -> None:
                 grid(images[:20], 10, HERE / "testbed_grid_dit.png")
 
     # guidance blow-out on emoji (colour) and Fashion-MNIST prompts
-    from diffplug.evals import gray_contrast, saturation
-
     emoji_prompts, real_emoji = heldout_emoji(args.emoji_prompts)
     fashion_prompts = [D.prompt_for_class(k % 10) for k in range(20)]
-    blow = {}
+    blow = {"real held-out": blowout_stats(real_emoji, D.fashion_mnist("test").floats()[:1000])}
     for scale in args.blowout_scales:
         e_img = generate(sd, emoji_prompts, scale, args.steps, args.seed + 1000, args.batch)
         f_img = generate(sd, fashion_prompts, scale, args.steps, args.seed + 2000, args.batch)
-        both = torch.cat([e_img, f_img])
-        gc = gray_contrast(both)
-        blow[scale] = {
-            "emoji_saturation": saturation(e_img).mean().item(),
-            "emoji_brightness": e_img.mean().item(),
-            "contrast": gc["contrast"].mean().item(),
-            "clip_black": gc["clip_black"].mean().item(),
-            "clip_white": gc["clip_white"].mean().item(),
-        }
-        print(f"blow-out scale {scale}: {blow[scale]}", flush=True)
+        blow[f"CFG {scale:g}"] = blowout_stats(e_img, f_img)
+        print(f"blow-out scale {scale}: {blow[f'CFG {scale:g}']}", flush=True)
         grid(torch.cat([f_img[:10], e_img[:10], f_img[10:20], e_img[10:20]]), 10, HERE / f"testbed_grid_scale{scale:g}.png")
-    real_emoji_stats = (saturation(real_emoji).mean().item(), real_emoji.float().mean().item() / 255)
 
     fid_scores = None
     if args.fid:
@@ -190,7 +180,20 @@ def main(argv=None) -> None:
             fid_scores = f"not measured: {err}"
 
     minutes = (time.time() - start) / 60
-    write(args, rows + dit_rows, blow, real_emoji_stats, fid_scores, speed_s, minutes, load_start)
+    write(args, rows + dit_rows, blow, fid_scores, speed_s, minutes, load_start)
+
+
+BLOWOUT_KEYS = ("emoji_saturation", "emoji_brightness", "emoji_contrast", "fashion_contrast", "fashion_clip_white", "fashion_clip_black")
+
+
+def blowout_stats(emoji: torch.Tensor, fashion: torch.Tensor) -> dict:
+    """Colour and tone of emoji and Fashion-MNIST images, the quantities that high guidance blows out."""
+    from diffplug.evals import gray_contrast, saturation
+
+    e, f = gray_contrast(emoji), gray_contrast(fashion)
+    values = (saturation(emoji), emoji.float().mean((1, 2, 3)) / (255 if emoji.dtype == torch.uint8 else 1),
+              e["contrast"], f["contrast"], f["clip_white"], f["clip_black"])
+    return {k: v.mean().item() for k, v in zip(BLOWOUT_KEYS, values)}
 
 
 def final_loss(record: dict):
@@ -198,7 +201,7 @@ def final_loss(record: dict):
     return next((r["final_loss"] for r in [record] + record.get("resumed_from", []) if r["final_loss"] is not None), None)
 
 
-def write(args, rows, blow, real_emoji_stats, fid_scores, speed_s, minutes, load_start) -> None:
+def write(args, rows, blow, fid_scores, speed_s, minutes, load_start) -> None:
     import json
 
     records = {n: json.loads((testbed.WEIGHTS_DIR / f"{n}.record.json").read_text()) for n in ("vae", "unet", "dit", "classifier", "scorer")}
@@ -240,18 +243,15 @@ def write(args, rows, blow, real_emoji_stats, fid_scores, speed_s, minutes, load
         "",
         "## Guidance blow-out (low vs high CFG scale)",
         "",
-        f"{args.emoji_prompts} held-out emoji prompts (\"an emoji of ...\") + 20 Fashion-MNIST prompts. "
-        f"Real held-out emoji have mean saturation {real_emoji_stats[0]:.3f} and brightness (mean intensity) "
-        f"{real_emoji_stats[1]:.3f}. Contrast = std of luma; clip = fraction of luma pixels at 0 or 1.",
+        f"{args.emoji_prompts} held-out emoji prompts (\"an emoji of ...\") and 20 Fashion-MNIST prompts, against the "
+        f"same held-out emoji and 1,000 Fashion-MNIST test images. Saturation = mean HSV saturation; contrast = std "
+        "of luma; clip = fraction of luma pixels at 0 or 1.",
         "",
-        "| CFG scale | emoji saturation | emoji brightness | contrast | clip black | clip white |",
-        "|---|---|---|---|---|---|",
+        "| images | emoji saturation | emoji brightness | emoji contrast | fashion contrast | fashion clip white | fashion clip black |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for scale, b in blow.items():
-        lines.append(
-            f"| {scale:g} | {b['emoji_saturation']:.3f} | {b['emoji_brightness']:.3f} | {b['contrast']:.3f} | "
-            f"{b['clip_black']:.3f} | {b['clip_white']:.3f} |"
-        )
+    for name, b in blow.items():
+        lines.append(f"| {name} | " + " | ".join(f"{b[k]:.3f}" for k in BLOWOUT_KEYS) + " |")
     lo, hi = args.blowout_scales
     lines += [
         "",
