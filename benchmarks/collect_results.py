@@ -30,13 +30,14 @@ device and date. This file is assembled by `python benchmarks/collect_results.py
 trained on that CPU. The GPU benchmarks (`loop_gpu.py`, `evals_speed.py --device cuda`,
 `dc_solver_speed.py --device cuda`, `guidance_apg_timing.py --device cuda`) are written and not run.
 
-**Testbed weights.** The testbed was retrained (round 3) on 2026-11-23 15:50-16:49 UTC: the VAE's
-latents were centred (their mean had leaked through x_T and made every sample too bright) and the
-UNet and DiT continued on them. Measured on the round-3 weights (16:49-17:55 UTC, two benchmarks at a
-time, 1 thread each): the testbed, guidance quality, DC-Solver (testbed MSE, CPR fit, FID, grid), FKC
-(UNet and DiT), fine-tuning and the evals example sweep. Earlier and model-independent: loop
-equivalence and overhead, APG maths timing, the FKC toy, DC-Solver's toy table and step timings, evals
-correctness and CPU rates. Round-2 tables are in git history at commit 46a52d4, round 1's at 70ffb49.
+**Testbed weights.** The testbed's UNet and DiT were fine-tuned again (round 4) on 2026-11-23
+18:31-19:09 UTC with offset noise, so that sample brightness follows the prompt rather than the mean
+that x_T carries (round 3 had centred the VAE's latents, which fixed Fashion-MNIST and left emoji too
+dark). Measured on the round-4 weights (19:09-20:12 UTC, two benchmarks at a time, 1 thread each): the
+testbed, guidance quality, DC-Solver (testbed MSE, CPR fit, FID, grid), FKC (UNet and DiT), fine-tuning
+and the evals example sweep. Earlier and model-independent: loop equivalence and overhead, APG maths
+timing, the FKC toy, DC-Solver's toy table and step timings, evals correctness and CPU rates. Round-3
+tables are in git history at commit 8105e0c, round 2's at 46a52d4, round 1's at 70ffb49.
 
 """
 
