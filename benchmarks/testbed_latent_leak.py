@@ -19,6 +19,7 @@ import torch
 from testbed_quality import heldout_emoji  # this folder's script (run from here)
 
 from diffplug import testbed
+from diffplug.evals import brightness
 from diffplug.testbed import data as D
 from diffplug.testbed.train import to_model_range
 
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     emoji_prompts, emoji_images = heldout_emoji(32)
     prompts = {"fashion": [D.prompt_for_class(k) for k in range(10)], "emoji": emoji_prompts}
     real = {"fashion": D.fashion_mnist("test").images[:2000], "emoji": emoji_images}
-    print("real mean intensity: " + ", ".join(f"{k} {v.float().mean().item() / 255:.3f}" for k, v in real.items()))
+    print("real mean intensity: " + ", ".join(f"{k} {brightness(v).mean().item():.3f}" for k, v in real.items()))
     print("| weights | latent mean (fashion) | latent mean (emoji) | prompts | x_T = noise | + fashion leak | + emoji leak |")
     print("|---|---|---|---|---|---|---|")
     for folder in args.weights:
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
             for shift in (None, "fashion", "emoji"):  # x_T = sqrt(1 - abar) eps + sqrt(abar) mu
                 z = noise if shift is None else noise * (1 - a**2).sqrt() + a * mu[shift].view(1, 4, 1, 1)
                 images = pipe(ps, num_inference_steps=30, guidance_scale=3.0, latents=z, output_type="pt").images
-                cells.append(f"{images.mean().item():.3f}")
+                cells.append(f"{brightness(images).mean().item():.3f}")
             means = [" ".join(f"{v:.2f}" for v in mu[k].tolist()) for k in ("fashion", "emoji")]
             print(f"| {folder} | {means[0]} | {means[1]} | {domain} | " + " | ".join(cells) + " |", flush=True)
     print(f"sqrt(abar) at the first of 30 DDIM steps: {a.item():.4f}; std of a 16x16 noise's spatial mean: 0.0625")

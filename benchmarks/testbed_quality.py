@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from diffplug.evals import brightness, gray_contrast, saturation
 from diffplug import testbed
 from diffplug.testbed import data as D
 
@@ -63,7 +64,7 @@ def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
     return {
         "top1_all_19": (logits.argmax(-1) == labels).float().mean().item(),
         "top1_fashion_10": (fashion_only.argmax(-1) == labels).float().mean().item(),
-        "brightness": images.float().mean().item(),
+        "brightness": brightness(images).mean().item(),
     }
 
 
@@ -188,11 +189,8 @@ BLOWOUT_KEYS = ("emoji_saturation", "emoji_brightness", "emoji_contrast", "fashi
 
 def blowout_stats(emoji: torch.Tensor, fashion: torch.Tensor) -> dict:
     """Colour and tone of emoji and Fashion-MNIST images, the quantities that high guidance blows out."""
-    from diffplug.evals import gray_contrast, saturation
-
     e, f = gray_contrast(emoji), gray_contrast(fashion)
-    values = (saturation(emoji), emoji.float().mean((1, 2, 3)) / (255 if emoji.dtype == torch.uint8 else 1),
-              e["contrast"], f["contrast"], f["clip_white"], f["clip_black"])
+    values = (saturation(emoji), brightness(emoji), e["contrast"], f["contrast"], f["clip_white"], f["clip_black"])
     return {k: v.mean().item() for k, v in zip(BLOWOUT_KEYS, values)}
 
 

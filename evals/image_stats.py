@@ -1,4 +1,5 @@
-"""Pixel statistics that track guidance artefacts: colour saturation and gray-image contrast/clipping.
+"""Pixel statistics that track guidance artefacts: colour saturation, brightness and gray-image
+contrast/clipping.
 
 **Saturation (APG, Sadat et al. 2025, arXiv:2410.02416).** The paper reports a "saturation" score
 next to FID, precision and recall to show that high-scale CFG oversaturates and APG does not.
@@ -24,6 +25,13 @@ from torchmetrics import Metric
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
+
+
+def brightness(images: torch.Tensor) -> torch.Tensor:
+    """Mean intensity per image in 0..1 over all channels and pixels, shape (N,); uint8 or float 0..1."""
+    if images.ndim != 4:
+        raise ValueError(f"images: expected (N, C, H, W), got {tuple(images.shape)}")
+    return _unit(images).mean(dim=(1, 2, 3))
 
 
 def saturation(images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffplug.evals import (CLIPScore, GrayContrast, SamplerAccuracy, Saturation, clip_score, get_reward,
+from diffplug.evals import (CLIPScore, GrayContrast, SamplerAccuracy, Saturation, brightness, clip_score, get_reward,
                             gray_contrast, list_rewards, psnr, saturation, trajectory_error)
 from diffplug.evals.clip_score import TransformersCLIP, clip_preprocess
 
@@ -141,6 +141,8 @@ def test_saturation_definition():
     s = saturation(torch.cat([red, gray, half, black]))
     torch.testing.assert_close(s, torch.tensor([1.0, 0.0, 0.5, 0.0]))
     assert saturation((red * 255).to(torch.uint8)).item() == pytest.approx(1.0)
+    torch.testing.assert_close(brightness(torch.cat([red, gray, half, black])), torch.tensor([1 / 3, 0.5, 2 / 3, 0.0]))
+    assert brightness((gray * 255).to(torch.uint8)).item() == pytest.approx(127 / 255)
     m = Saturation()
     m.update(torch.cat([red, gray]))
     m.update(half)
