@@ -14,8 +14,14 @@ import re
 import shutil
 from pathlib import Path
 
+from .config import ConfigError
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be read; the message starts with the file's path."""
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -36,19 +42,31 @@ def latest(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve(resume: str, output_dir: str | Path) -> Path | None:
-    """``resume`` ('latest' or a folder) -> the checkpoint folder, or None for a fresh start."""
+def resolve(resume: str, output_dir: str | Path) -> list[Path]:
+    """``resume`` -> the checkpoints to try, best first: 'latest' gives every complete checkpoint,
+    newest first (the trainer falls back along it when one is unreadable); a folder gives itself;
+    '' or no checkpoint yet gives []."""
     if not resume:
-        return None
+        return []
     if resume == "latest":
-        return latest(output_dir)
+        return checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"resume: {resume!r} is not a complete checkpoint folder (no {STATE_FILE}); "
             f"pass --resume latest or one of {[str(p) for p in checkpoints(output_dir)]}"
         )
-    return path
+    return [path]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to ``checkpoint-N.corrupt`` (kept for inspection, no longer found)."""
+    target, i = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        i += 1
+        target = path.with_name(f"{path.name}.corrupt-{i}")
+    os.replace(path, target)
+    return target
 
 
 def tmp_path(output_dir: str | Path, step: int) -> Path:
@@ -108,4 +126,11 @@ def prune(output_dir: str | Path, keep: int) -> list[Path]:
 
 
 def read_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """``trainer_state.json`` of a checkpoint; a bad file raises a ConfigError naming it."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+        int(state["step"])
+    except Exception as e:  # missing, truncated or not a trainer state
+        raise CheckpointError(f"{file}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,9 +99,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every value; raise :class:`ConfigError` naming the key. Subclasses extend this."""
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}: must be one of {', '.join(map(str, choices))}; got {getattr(self, f.name)!r}")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # every float key is a finite quantity
+                raise ConfigError(f"{f.name}: must be a finite number; got {value}")
         if not self.output_dir:
             raise ConfigError("output_dir: required; pass --output_dir DIR")
         positive = ["max_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps",

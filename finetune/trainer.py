@@ -7,8 +7,8 @@ A method (:class:`Method`) gives the trainer a dataset, optionally expands a bat
 (online methods roll out samples there), and computes a loss; the trainer does the rest:
 accelerate (DDP, FSDP/DeepSpeed through ``accelerate launch --config_file``), mixed precision,
 gradient accumulation, LoRA or full fine-tuning with the reference model, EMA, seeded data order,
-atomic checkpoints and exact resumption, logs (tqdm, JSONL, TensorBoard), sample grids and the
-final weights.
+atomic checkpoints (safetensors + JSON, no pickle: ``state.py``) and exact resumption, logs (tqdm,
+JSONL, TensorBoard), sample grids and the final weights.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import state as run_state
 from .config import ConfigError, TrainConfig, save_config
 from .data import SeededOrder, generators, loader
 from .model import DiffusionModel, load_pipeline
@@ -52,6 +53,14 @@ class Method:
     def loss(self, trainer: "Trainer", batch: dict) -> tuple[torch.Tensor, dict]:
         """-> ``(loss, logs)``; logs are floats or 0-d tensors, averaged over the logging window."""
         raise NotImplementedError
+
+    def save_state(self, trainer: "Trainer", folder: Path) -> None:
+        """Write this process's own resumable state (e.g. an unfinished rollout) into the checkpoint
+        ``folder``, as safetensors or JSON (never pickle). Called on every process."""
+
+    def load_state(self, trainer: "Trainer", folder: Path) -> None:
+        """Read back what :meth:`save_state` wrote; raise on a bad file (the trainer names it and, with
+        ``--resume latest``, falls back to the previous checkpoint)."""
 
     def trainable(self, trainer: "Trainer"):
         """The module to train, or None for the diffusion model's UNet (LoRA or full, per config).
@@ -92,6 +101,34 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
         self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+
+
+def tqdm_write(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)
+
+
+# Sharded set-ups: each process holds a part of the weights and optimiser state, which accelerate
+# saves only through pickles; diffplug's checkpoints (state.py) are for unsharded runs.
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _refuse_sharded_checkpoints(cfg: TrainConfig, kind: str) -> None:
+    if cfg.resume:
+        raise ConfigError(f"resume: runs under {kind} cannot be resumed (diffplug checkpoints only unsharded "
+                          "runs, without pickle); resume under DDP (accelerate launch --multi_gpu) or start a new run")
+    if cfg.checkpoint_every:
+        raise ConfigError(f"checkpoint_every: {kind} runs write no checkpoints (diffplug checkpoints only unsharded "
+                          "runs, without pickle); pass --checkpoint_every 0 (final weights only) or train under DDP")
+
+
+def _step_of(line: str) -> float:
+    """The step of a logs.jsonl line; inf for a line cut short or without a step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _check_output_dir(cfg: TrainConfig) -> None:
@@ -156,11 +193,14 @@ class Trainer:
         _check_output_dir(cfg)
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = acc.device
-        resume_dir = ckpt.resolve(cfg.resume, self.out)
+        self.can_checkpoint = acc.distributed_type.value not in _SHARDED
+        if not self.can_checkpoint:
+            _refuse_sharded_checkpoints(cfg, acc.distributed_type.value)
+        candidates = ckpt.resolve(cfg.resume, self.out)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.out)
-            self._check_resumed_config(resume_dir)
+            self._check_resumed_config(candidates)
             save_config(cfg, self.out / "config.yaml")
         acc.wait_for_everyone()
 
@@ -204,60 +244,72 @@ class Trainer:
         # The LR schedule is not `prepare`d: accelerate would step it once per process.
         # `self.unet` is the prepared (DDP/FSDP-wrapped) trained module: the UNet, or the method's own.
         self.unet, self.optimizer = acc.prepare(trained, optimizer)
-        acc.register_for_checkpointing(self.lr_scheduler)
         self.params = params
         self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
-        if cfg.use_lora and not self.custom_module and acc.distributed_type.value in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
-            self._checkpoint_trainable_only()
+        # what a checkpoint holds of the model: LoRA adapters only, else the trained module's state
+        self._state_module, self._trainable_only = trained, cfg.use_lora and not self.custom_module
 
         self.start_step = 0
-        if resume_dir is not None:
-            acc.load_state(str(resume_dir))
-            state = ckpt.read_state(resume_dir)
-            if state.get("num_processes", acc.num_processes) != acc.num_processes:
-                raise ConfigError(
-                    f"resume: {resume_dir} was written by {state['num_processes']} processes, this run has "
-                    f"{acc.num_processes}; resume with the same number of processes"
-                )
-            self.start_step = state["step"]
-            self._print(f"resumed from {resume_dir} at step {self.start_step}")
+        if candidates:
+            self.start_step = self._resume(candidates)
         elif cfg.resume:
             self._print(f"resume: no checkpoint in {self.out} yet; starting a new run")
 
-    def _checkpoint_trainable_only(self) -> None:
-        """LoRA runs: checkpoints hold only the trained parameters (safetensors), not the base UNet."""
-        from safetensors.torch import load_file, save_file
+    def _state_parts(self) -> dict:
+        return dict(module=self._state_module, trainable_only=self._trainable_only, optimizer=self.optimizer,
+                    scheduler=self.lr_scheduler, ema=self.ema, scaler=self.accelerator.scaler)
 
-        acc = self.accelerator
-        named = {n: p for n, p in acc.unwrap_model(self.unet).named_parameters() if p.requires_grad}
+    def _resume(self, candidates: list[Path]) -> int:
+        """Load the first readable checkpoint of ``candidates`` on every process -> its step. With
+        ``--resume latest`` an unreadable checkpoint is named, set aside and the previous one tried."""
+        acc, errors = self.accelerator, []
+        for folder in candidates:
+            error = ""
+            try:
+                state = ckpt.read_state(folder)
+                if state.get("num_processes", acc.num_processes) != acc.num_processes:
+                    raise ConfigError(
+                        f"resume: {folder} was written by {state['num_processes']} processes, this run has "
+                        f"{acc.num_processes}; resume with the same number of processes"
+                    )
+                run_state.load(folder, acc.process_index, **self._state_parts())
+                with run_state.reading(folder):
+                    self.method.load_state(self, folder)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+                tqdm_write(f"[diffplug finetune {self.method.name}] warning: cannot resume from {folder.name}: {error}")
+            ok = torch.tensor([0.0 if error else 1.0], device=self.device)
+            if acc.num_processes > 1:
+                ok = acc.gather(ok)
+            if bool(ok.min() > 0):
+                if errors and acc.is_main_process:
+                    for bad in candidates[: candidates.index(folder)]:
+                        self._print(f"warning: unreadable checkpoint kept as {ckpt.set_aside(bad).name}")
+                self._print(f"resumed from {folder} at step {state['step']}" + (" (the newer ones were unreadable)" if errors else ""))
+                return int(state["step"])
+            errors.append(error or "unreadable on another process")
+            if len(candidates) > 1 and folder != candidates[-1]:
+                self._print(f"falling back to the previous checkpoint, {candidates[candidates.index(folder) + 1].name}")
+        if len(candidates) == 1 and self.config.resume != "latest":
+            raise ckpt.CheckpointError(f"resume: cannot resume from {candidates[0]}: {errors[0]}")
+        raise ckpt.CheckpointError(
+            f"resume: no readable checkpoint in {self.out} ({'; '.join(errors)}); pass --resume with another "
+            "checkpoint folder, or start a new run with another --output_dir"
+        )
 
-        def save_hook(models, weights, output_dir):
-            if acc.is_main_process:
-                save_file({n: p.detach().float().cpu().contiguous() for n, p in named.items()}, str(Path(output_dir) / "trainable.safetensors"))
-            weights.clear()  # accelerate then skips the full model file
-
-        def load_hook(models, input_dir):
-            state = load_file(str(Path(input_dir) / "trainable.safetensors"))
-            missing = set(named) - set(state)
-            if missing:
-                raise RuntimeError(f"resume: checkpoint {input_dir} lacks {len(missing)} trained tensors, e.g. {sorted(missing)[0]}")
-            with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(state[n])
-            models.clear()
-
-        acc.register_save_state_pre_hook(save_hook)
-        acc.register_load_state_pre_hook(load_hook)
-
-    def _check_resumed_config(self, resume_dir) -> None:
+    def _check_resumed_config(self, candidates) -> None:
         saved = self.out / "config.yaml"
-        if resume_dir is None or not saved.is_file():
+        if not candidates or not saved.is_file():
             return
         import yaml
 
-        old = yaml.safe_load(saved.read_text()) or {}
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except (UnicodeDecodeError, yaml.YAMLError):
+            old = None
+        if not isinstance(old, dict):
+            self._print(f"warning: {saved} is unreadable; the resumed config is not compared with it")
+            return
         new = self.config.to_dict()
         volatile = {"resume", "max_steps", "checkpoint_every", "checkpoints_total_limit", "log_every", "sample_every",
                     "eval_every", "eval_reward", "eval_prompts", "eval_images_per_prompt"}
@@ -270,9 +322,7 @@ class Trainer:
     # -- logging ---------------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
         if self.accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"[diffplug finetune {self.method.name}] {msg}")
+            tqdm_write(f"[diffplug finetune {self.method.name}] {msg}")
 
     def _open_logs(self):
         self.tb = None
@@ -282,10 +332,29 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+                # a resumed run rewrites the steps after its checkpoint: drop the old events
+                purge = self.start_step + 1 if self.start_step else 0
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=purge if self.config.resume else None)
             except ImportError:
                 self.tb = None
+        if self.config.resume:
+            self._truncate_logs()
         self.jsonl = open(self.out / "logs.jsonl", "a")
+
+    def _truncate_logs(self) -> None:
+        """Resuming at step S: drop the records of steps after S (the resumed run writes them again)
+        and any line cut short by a kill, so that logs.jsonl holds each step once."""
+        path, s = self.out / "logs.jsonl", self.start_step
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if s > 0 and _step_of(line) <= s]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            tmp = path.with_name(".tmp-logs.jsonl")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+            self._print(f"logs.jsonl: dropped {dropped} records after step {s} (the resumed run writes them again)")
 
     def _log(self, step: int, sums: dict, count: int) -> dict:
         acc = self.accelerator
@@ -311,8 +380,10 @@ class Trainer:
         tmp, final = ckpt.tmp_path(self.out, step), self.out / f"checkpoint-{step}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        run_state.save(tmp, acc.process_index, **self._state_parts())
+        self.method.save_state(self, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "num_processes": acc.num_processes, "method": self.method.name, "time": time.time()}
@@ -472,7 +543,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.step = cfg.max_steps
-        if self.start_step < cfg.max_steps or not ckpt.latest(self.out):
+        if self.can_checkpoint and (self.start_step < cfg.max_steps or not ckpt.latest(self.out)):
             self.save_checkpoint(cfg.max_steps)
         final = self.save_final()
         if self.is_main:

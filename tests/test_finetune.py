@@ -210,24 +210,23 @@ def test_periodic_reward_evaluation_logs_and_leaves_training_alone(tmp_path, ref
 
 
 def test_killed_save_keeps_previous_checkpoint(tmp_path, pairs, monkeypatch):
-    import accelerate
+    from diffplug.finetune import state as run_state
 
     out = tmp_path / "killed"
-    real = accelerate.Accelerator.save_state
+    real = run_state.save
     calls = []
 
-    def dying_save(self, output_dir=None, **kw):
-        calls.append(output_dir)
+    def dying_save(folder, *args, **kw):
+        calls.append(folder)
         if len(calls) == 2:  # the second save dies half-way
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "optimizer.bin").write_bytes(b"trunc")
+            (Path(folder) / "optimizer.json").write_bytes(b"trunc")
             raise KeyboardInterrupt("killed during save")
-        return real(self, output_dir, **kw)
+        return real(folder, *args, **kw)
 
-    monkeypatch.setattr(accelerate.Accelerator, "save_state", dying_save)
+    monkeypatch.setattr(run_state, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         Trainer(DiffusionDPO(dpo_config(out, pairs))).train()
-    monkeypatch.setattr(accelerate.Accelerator, "save_state", real)
+    monkeypatch.setattr(run_state, "save", real)
     assert ckpt.latest(out).name == "checkpoint-2"
     assert (out / ".tmp-checkpoint-4").exists() and not (out / "checkpoint-4").exists()
     # the previous checkpoint is loadable: resuming from it completes the run and cleans the leftovers
@@ -260,21 +259,33 @@ def test_final_lora_loads_into_stock_pipeline(reference_run, pairs):
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_processes_equal_one(tmp_path, reference_run, pairs):
+def test_two_processes_equal_one_and_resume(tmp_path, reference_run, pairs):
+    def torchrun(out, *extra):
+        cmd = [
+            "torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+            "-m", "diffplug.finetune", "dpo", "--model", "tiny:sd", "--data", str(pairs), "--output_dir", str(out),
+            "--max_steps", "4", "--checkpoint_every", "2", "--train_batch_size", "1", "--learning_rate", "1e-3",
+            "--lr_scheduler", "constant", "--beta", "500", "--tensorboard", "false", "--seed", "3", "--log_every", "1",
+            *extra,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
     out = tmp_path / "ddp"
-    cmd = [
-        "torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-        "-m", "diffplug.finetune", "dpo", "--model", "tiny:sd", "--data", str(pairs), "--output_dir", str(out),
-        "--max_steps", "4", "--checkpoint_every", "0", "--train_batch_size", "1", "--learning_rate", "1e-3",
-        "--lr_scheduler", "constant", "--beta", "500", "--tensorboard", "false", "--seed", "3", "--log_every", "1",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(out)
     a, b = lora_state(reference_run), lora_state(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert ckpt.read_state(out / "checkpoint-4")["num_processes"] == 2
+    assert {"rng-rank0.json", "rng-rank1.json"} <= {p.name for p in (out / "checkpoint-2").iterdir()}
+    # both processes resume from their own files: the same final weights, bit for bit
+    resumed = tmp_path / "ddp-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun(resumed, "--resume", "latest")
+    c = lora_state(resumed)
+    assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 # -- data sources -------------------------------------------------------------------------------------
