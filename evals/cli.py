@@ -1,24 +1,39 @@
-"""``diffplug eval``: score a folder of generated images against a reference.
+"""``diffplug eval``: score a folder of generated images against a reference, or with a reward.
 
     diffplug eval --generated DIR --reference DIR|fashion-mnist:test|stats.safetensors \\
-        --metrics fid,kid,precision,recall[,saturation,contrast] --out OUT
+        --metrics fid,kid,precision,recall[,saturation,contrast][,reward:NAME] --out OUT
 
 writes ``OUT/metrics.json`` (every number, plus ``protocol``: feature network, weights, resize
 protocol, KID and precision/recall settings) and ``OUT/report.html`` (image grids, a PCA view of the
 features, per-image histograms). Reference features are cached (see ``diffplug.evals.reference``).
 PNG decoding runs in DataLoader worker processes while the network runs on the device.
+
+``reward:NAME`` (any name of ``diffplug.evals.list_rewards()``, options by ``--reward-opt KEY=VALUE``)
+scores each image with its prompt, from ``--prompts FILE`` (JSONL of ``{"file", "prompt"}``) or
+the ``images`` list ``diffplug sample`` writes into settings.json; mean and standard error go to
+metrics.json, per-image scores to ``OUT/scores.jsonl``. A ``diffplug sample`` folder contributes
+exactly the images its settings.json lists (never ``grid.png``); elsewhere files named grid.png are
+left out, with a note (``excluded_files``). Files that do not decode are skipped with a warning
+and listed in ``skipped_images`` (``--bad-images error`` stops at the first one instead).
+A metric that cannot be computed (e.g. precision with no more than k images) is listed with its
+reason under ``skipped``; the others are still written.
+
+Exit status: 0 every metric computed; 1 metrics.json written but some metric skipped; 2 error,
+nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ALL_METRICS = ("fid", "kid", "precision", "recall", "saturation", "contrast")
+ALL_METRICS = ("fid", "kid", "precision", "recall", "saturation", "contrast", "reward:NAME")
+FEATURE_METRICS = ("fid", "kid", "precision", "recall")
 GRID_N = 32
 
 
@@ -36,6 +51,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "('testbed:emoji:test'), or a cached statistics .safetensors file")
     p.add_argument("--metrics", default="fid,kid,precision,recall",
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: %(default)s)")
+    p.add_argument("--reward-opt", action="append", metavar="KEY=VALUE",
+                   help="option of the reward:NAME metrics, e.g. path=/local/pickscore (JSON values)")
+    p.add_argument("--prompts", help="JSONL of {\"file\": ..., \"prompt\": ...} (file relative to --generated): "
+                                     "the prompts of reward:NAME (default: a diffplug sample settings.json)")
+    p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
+                   help="an image that does not decode: skip it with a warning and list it (default) or stop")
     p.add_argument("--out", required=True, help="output folder for metrics.json and report.html")
     p.add_argument("--features", default="inception",
                    help="feature network: inception (default), testbed, clip:<dir>, dinov2:<dir>")
@@ -58,9 +79,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def command(args) -> int:
-    """The ``diffplug eval`` entry: run and return the exit status (0)."""
-    run(args)
-    return 0
+    """The ``diffplug eval`` entry: run and return the exit status (0, or 1 when some metric was skipped)."""
+    result = run(args)
+    return 1 if result.get("skipped") else 0
 
 
 def _maybe_init_distributed() -> tuple[int, int]:
@@ -109,28 +130,128 @@ class _PixelStats:
         return {k: torch.cat(v) for k, v in self.values.items()}
 
 
-def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool, desc: str, want_features=True):
-    """One pass: features (on device), pixel statistics, the first GRID_N images for the grid."""
+class _Scan:
+    """What one pass over a folder collected: features, the grid, reward scores, files, skips."""
+
+    def __init__(self):
+        self.feats, self.grid, self.files, self.skipped, self.n = [], [], [], [], 0
+        self.scores: dict[str, list] = {}
+
+
+def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool, desc: str, want_features=True,
+          bad_images: str = "skip", rewards: dict | None = None, prompts: dict | None = None) -> _Scan:
+    """One pass: features (on device), pixel statistics, reward scores (``prompts``: resolved path ->
+    prompt, None to pass none), the first GRID_N images for the grid."""
     from tqdm.auto import tqdm
 
     from .data import iterate_batches
 
-    feats, grid = [], []
+    s = _Scan()
     with tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress) as bar:
-        for batch in iterate_batches(loader):
-            if sum(len(g) for g in grid) < GRID_N and (not grid or batch.shape[1:] == grid[0].shape[1:]):
-                grid.append(batch[:GRID_N])
+        for batch, idx in iterate_batches(loader, bad_images, s.skipped, with_index=True):
+            if sum(len(g) for g in s.grid) < GRID_N and (not s.grid or batch.shape[1:] == s.grid[0].shape[1:]):
+                s.grid.append(batch[:GRID_N])
             if stats is not None:
                 stats.add(batch)
             if want_features:
-                feats.append(feature_net(batch.to(device, non_blocking=True)).float())
+                s.feats.append(feature_net(batch.to(device, non_blocking=True)).float())
+            if rewards:
+                files = [loader.dataset.files[i] for i in idx]
+                s.files += files
+                batch_prompts = None if prompts is None else [prompts[f.resolve()] for f in files]
+                for name, reward in rewards.items():
+                    s.scores.setdefault(name, []).append(
+                        torch.as_tensor(reward(batch, batch_prompts)).float().reshape(len(batch)).cpu())
+            s.n += len(batch)
             bar.update(len(batch))
-    grid_t = torch.cat(grid)[:GRID_N] if grid else None
-    return (torch.cat(feats) if feats else None), grid_t
+    s.grid = torch.cat(s.grid)[:GRID_N] if s.grid else None
+    s.feats = torch.cat(s.feats) if s.feats else None
+    s.scores = {k: torch.cat(v) for k, v in s.scores.items()}
+    return s
+
+
+def _parse_metrics(text: str) -> tuple[list[str], list[str]]:
+    """``--metrics`` -> (metrics, reward names); unknown names are an error listing the choices."""
+    from .rewards import list_rewards
+
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in ALL_METRICS and not m.startswith("reward:")]
+    if bad:
+        raise ValueError(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
+    rewards = [m.split(":", 1)[1] for m in metrics if m.startswith("reward:")]
+    unknown = [r for r in rewards if r not in list_rewards()]
+    if unknown:
+        raise ValueError(f"--metrics: unknown reward(s) {unknown}; rewards: {', '.join(list_rewards())} "
+                         "(use reward:NAME)")
+    return metrics, rewards
+
+
+def _reward_options(pairs) -> dict:
+    """``--reward-opt`` pairs -> options, parsed like every other ``--*-opt``."""
+    if not pairs:
+        return {}
+    from diffplug.pipelines.registry import parse_options  # imports diffusers: only when needed
+
+    return parse_options(pairs)
+
+
+def _make_rewards(names: list[str], opts: dict) -> dict:
+    from .rewards import get_reward
+
+    if opts and not names:
+        raise ValueError("--reward-opt: no reward to pass it to; add reward:NAME to --metrics")
+    out = {}
+    for name in names:
+        try:
+            out[name] = get_reward(name, **opts)
+        except TypeError as e:
+            raise ValueError(f"--reward-opt {opts}: reward {name!r} does not take these options ({e})") from e
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"reward {name!r}: {e} (give it as --reward-opt KEY=VALUE)") from e
+    return out
+
+
+def _reward_prompts(rewards: dict, files: list, args) -> dict | None:
+    """Resolved path -> prompt for the reward metrics, or None when some image has no prompt and
+    every reward works without (checked on the first image). An image without a prompt for a
+    reward that needs one is an error naming it, before anything is scored."""
+    from .data import load_image, prompt_map
+
+    prompts = prompt_map(args.generated, args.prompts)
+    missing = [f for f in files if f.resolve() not in prompts]
+    if not missing:
+        return prompts
+    probe = None
+    for f in files[:16]:  # an image to ask the rewards with (broken files are reported by the scan)
+        try:
+            probe = load_image(f)[None]
+            break
+        except Exception:  # noqa: BLE001
+            continue
+    for name, reward in rewards.items():
+        need = getattr(reward, "needs_prompts", None)
+        err = None
+        if need is None and probe is not None:  # not declared: does it score an image without a prompt?
+            try:
+                reward(probe, None)
+                need = False
+            except Exception as e:  # noqa: BLE001  (any failure means: it needs prompts)
+                need, err = True, e
+        if need:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"reward {name!r} needs a prompt per image; {missing[0]} has none{more}. Give --prompts "
+                             "FILE (JSONL of {\"file\": ..., \"prompt\": ...}) or score a diffplug sample folder"
+                             + (f" [without a prompt it failed: {type(err).__name__}: {err}]" if err else ""))
+    return None
+
+
+def _mean_stderr(x: torch.Tensor) -> tuple[float, float | None]:
+    x = x.double()
+    return float(x.mean()), (float(x.std() / len(x) ** 0.5) if len(x) > 1 else None)
 
 
 def run(args) -> dict:
-    from .data import gather_rows, image_loader
+    from .data import gather_json, gather_rows, image_loader
     from .features import get_feature_network
     from .fid import FrechetInceptionDistance
     from .kid import kernel_inception_distance
@@ -140,100 +261,148 @@ def run(args) -> dict:
 
     if args.spec:
         return _run_spec(args)
-    if not args.generated or not args.reference:
-        raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test, or --spec FILE")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    bad = [m for m in metrics if m not in ALL_METRICS]
-    if bad:
-        raise ValueError(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
+    metrics, reward_names = _parse_metrics(args.metrics)
+    need_net = any(m in metrics for m in FEATURE_METRICS)
+    if not args.generated or (need_net and not args.reference):
+        raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test (--reference may be left out "
+                         "when --metrics has none of fid,kid,precision,recall), or --spec FILE")
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
         raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
+    reward_opts = _reward_options(args.reward_opt)
+    rewards = _make_rewards(reward_names, reward_opts)
     rank, world = _maybe_init_distributed()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     device = _device(args.device)
     progress = not args.no_progress and rank == 0
-    need_net = any(m in metrics for m in ("fid", "kid", "precision", "recall"))
     need_vectors = any(m in metrics for m in ("kid", "precision", "recall"))
     t0 = time.perf_counter()
+
+    gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit,
+                                      shard=(rank, world))
+    prompts = _reward_prompts(rewards, gen_loader.dataset.files, args) if rewards else None
+    excluded = gen_loader.dataset.left_out
+    if excluded and progress:
+        print(f"eval: left out {len(excluded)} file(s) of --generated, e.g. {excluded[0]['file']} "
+              f"({excluded[0]['reason']}); see excluded_files in metrics.json", file=sys.stderr)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     fkw = {"weights": args.inception_weights} if args.features == "inception" and args.inception_weights else {}
     net = get_feature_network(args.features, args.protocol, **fkw).to(device) if need_net else None
 
-    gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit,
-                                      shard=(rank, world))
     stats_gen = _PixelStats("saturation" in metrics, "contrast" in metrics)
-    gen_feats, gen_grid = _scan(gen_loader, net, device, stats_gen, progress, "generated", want_features=need_net)
-    if world > 1:  # every process scored its shard: gather features and per-image statistics
-        gen_feats = gather_rows(gen_feats) if gen_feats is not None else None
+    gen = _scan(gen_loader, net, device, stats_gen, progress, "generated", want_features=need_net,
+                bad_images=args.bad_images, rewards=rewards, prompts=prompts)
+    gen_feats, gen_grid, n_gen = gen.feats, gen.grid, gen.n
+    skipped_images = [{**x, "set": "generated"} for x in gen.skipped]
+    if world > 1:  # every process scored its shard: gather features, per-image statistics, scores
+        gen_feats = gather_rows(gen_feats) if need_net else None
         stats_gen.values = {k: [gather_rows(torch.cat(v).to(device)).cpu()] for k, v in stats_gen.values.items()}
+        gen.scores = {k: gather_rows(v.to(device)).cpu() for k, v in gen.scores.items()}
+        n_gen = int(gather_rows(torch.tensor([n_gen], device=device)).sum())
+        skipped_images = gather_json(skipped_images, device)
     t_gen = time.perf_counter() - t0
-    n_gen = len(gen_feats) if gen_feats is not None else len(gen_loader.dataset) * world
 
     result: dict = {}
+    skipped: dict = {}
     ref = None
     ref_grid = None
     stats_ref = _PixelStats("saturation" in metrics, "contrast" in metrics)
-    is_stats_file = args.reference.endswith(".safetensors")
-    if not is_stats_file:
+    is_stats_file = bool(args.reference) and args.reference.endswith(".safetensors")
+    if args.reference and not is_stats_file:
         # a cheap pass without the network: grid and pixel statistics of (up to 2000) reference images
         ref_loader, _ = image_loader(args.reference, args.batch_size, args.num_workers,
                                      min(args.reference_limit or 2000, 2000))
-        _, ref_grid = _scan(ref_loader, None, device, stats_ref, False, "reference pixels", want_features=False)
+        ref_grid = _scan(ref_loader, None, device, stats_ref, False, "reference pixels", want_features=False,
+                         bad_images=args.bad_images).grid
     t1 = time.perf_counter()
     if need_net:
         ref = reference_stats(args.reference, net, need_features=need_vectors, batch_size=args.batch_size,
                               num_workers=args.num_workers, limit=args.reference_limit,
-                              use_cache=not args.no_cache, device=device, progress=progress)
+                              use_cache=not args.no_cache, device=device, progress=progress,
+                              bad_images=args.bad_images)
+        skipped_images += [{**x, "set": "reference"} for x in ref.get("skipped", [])]
     t_ref = time.perf_counter() - t1
 
     protocol = dict(net.describe()) if net is not None else {}
+    n_ref = int(ref["n"]) if ref is not None else 0
     if "fid" in metrics:
-        # features are already gathered from every process: no second sync in compute()
-        fid = FrechetInceptionDistance(features=None, num_features=gen_feats.shape[1],
-                                       sync_on_compute=False).to(device)
-        fid.load_reference(ref["sum"].to(device) / int(ref["n"]),
-                           *_sigma_n(ref, device))
-        fid.update(features=gen_feats, real=False)
-        result["fid"] = float(fid.compute())
-    if need_vectors:
-        real = ref["features"].to(device)
+        if min(n_gen, n_ref) < 2:
+            skipped["fid"] = f"needs at least 2 images per set (generated {n_gen}, reference {n_ref})"
+        else:
+            # features are already gathered from every process: no second sync in compute()
+            fid = FrechetInceptionDistance(features=None, num_features=gen_feats.shape[1],
+                                           sync_on_compute=False).to(device)
+            fid.load_reference(ref["sum"].to(device) / n_ref, *_sigma_n(ref, device))
+            fid.update(features=gen_feats, real=False)
+            result["fid"] = float(fid.compute())
     if "kid" in metrics:
-        ss = args.kid_subset_size or min(1000, n_gen, len(real))
-        mean, std = kernel_inception_distance(gen_feats, real, subsets=args.kid_subsets, subset_size=ss)
-        result["kid"], result["kid_std"] = float(mean), float(std)
-        protocol["kid"] = {"subsets": args.kid_subsets, "subset_size": ss, "kernel": "(x.y/D + 1)^3",
-                           "estimator": "unbiased MMD^2", "seed": 2020}
-    if "precision" in metrics or "recall" in metrics:
-        p, r = precision_recall(real, gen_feats, k=args.k)
-        if "precision" in metrics:
-            result["precision"] = float(p)
-        if "recall" in metrics:
-            result["recall"] = float(r)
-        protocol["precision_recall"] = {"k": args.k, "method": "Kynkaanniemi et al. 2019 k-NN manifolds"}
+        ss = args.kid_subset_size or min(1000, n_gen, n_ref)
+        if not 2 <= ss <= min(n_gen, n_ref):
+            skipped["kid"] = (f"subset size {ss} must be in [2, min(generated {n_gen}, reference {n_ref})]; "
+                              "add images or set --kid-subset-size")
+        else:
+            mean, std = kernel_inception_distance(gen_feats, ref["features"].to(device), subsets=args.kid_subsets,
+                                                  subset_size=ss)
+            result["kid"], result["kid_std"] = float(mean), float(std)
+            protocol["kid"] = {"subsets": args.kid_subsets, "subset_size": ss, "kernel": "(x.y/D + 1)^3",
+                               "estimator": "unbiased MMD^2", "seed": 2020}
+    pr_wanted = [m for m in ("precision", "recall") if m in metrics]
+    if pr_wanted:
+        if min(n_gen, n_ref) <= args.k:
+            for m in pr_wanted:
+                skipped[m] = (f"k-NN manifolds need more than k={args.k} images per set (generated {n_gen}, "
+                              f"reference {n_ref}); add images or lower --k")
+        else:
+            p, r = precision_recall(ref["features"].to(device), gen_feats, k=args.k)
+            result.update({m: float(v) for m, v in (("precision", p), ("recall", r)) if m in metrics})
+            protocol["precision_recall"] = {"k": args.k, "method": "Kynkaanniemi et al. 2019 k-NN manifolds"}
     pix_gen, pix_ref = stats_gen.cat(), stats_ref.cat()
     if "saturation" in metrics:
-        result["saturation"] = float(pix_gen["saturation"].mean())
-        if "saturation" in pix_ref:
-            result["reference_saturation"] = float(pix_ref["saturation"].mean())
+        if "saturation" not in pix_gen:
+            skipped["saturation"] = "no generated image decoded"
+        else:
+            result["saturation"] = float(pix_gen["saturation"].mean())
+            if "saturation" in pix_ref:
+                result["reference_saturation"] = float(pix_ref["saturation"].mean())
         protocol["saturation"] = "mean HSV saturation (max-min)/max per pixel, averaged per image then over images"
     if "contrast" in metrics:
+        if "contrast" not in pix_gen:
+            skipped["contrast"] = "no generated image decoded"
         for k in ("contrast", "clip_black", "clip_white"):
-            result[k] = float(pix_gen[k].mean())
+            if k in pix_gen:
+                result[k] = float(pix_gen[k].mean())
             if k in pix_ref:
                 result[f"reference_{k}"] = float(pix_ref[k].mean())
         protocol["contrast"] = "std of gray intensity in [0,1]; clip_* = fraction of pixels within 1/255 of 0 or 1"
+    for name, reward in rewards.items():
+        sc = gen.scores.get(name)
+        if sc is None or not len(sc):
+            skipped[f"reward:{name}"] = "no generated image decoded"
+            continue
+        result[f"reward_{name}"], result[f"reward_{name}_stderr"] = _mean_stderr(sc)
+        protocol[f"reward:{name}"] = {
+            "options": json.loads(json.dumps(reward_opts, default=str)),
+            "higher_is_better": getattr(reward, "higher_is_better", True),
+            "prompts": "none (the reward does not use them)" if prompts is None else
+                       (args.prompts or "settings.json of diffplug sample"),
+            "stderr": "std (ddof=1) / sqrt(n)"}
 
     result["protocol"] = protocol
     result["n_generated"] = n_gen
     result["generated"] = str(Path(args.generated).resolve())
     if ref is not None:
-        result["n_reference"] = int(ref["n"])
+        result["n_reference"] = n_ref
         result["reference"] = ref.get("dataset", args.reference)
         result["reference_cache"] = ref.get("cache")
     else:
         result["reference"] = args.reference
+    if skipped:
+        result["skipped"] = skipped
+    if skipped_images:
+        result["skipped_images"] = skipped_images
+    if excluded:
+        result["excluded_files"] = excluded
     result["device"] = str(device)
     result["seconds"] = {"generated": round(t_gen, 3), "reference": round(t_ref, 3),
                          "total": round(time.perf_counter() - t0, 3)}
@@ -245,6 +414,12 @@ def run(args) -> dict:
         return result
     with open(out / "metrics.json", "w") as f:
         json.dump(result, f, indent=2)
+    if gen.scores and world == 1:
+        with open(out / "scores.jsonl", "w") as f:
+            for i, file in enumerate(gen.files):
+                rec = {"file": str(file), "prompt": None if prompts is None else prompts[file.resolve()]}
+                rec.update({f"reward:{k}": float(v[i]) for k, v in gen.scores.items()})
+                f.write(json.dumps(rec) + "\n")
 
     # ---- report
     grids = {}
@@ -253,7 +428,7 @@ def run(args) -> dict:
     if ref_grid is not None:
         grids[f"reference ({args.reference})"] = image_grid_uri(ref_grid)
     plots = []
-    if gen_feats is not None and ref is not None and "features" in ref:
+    if gen_feats is not None and len(gen_feats) > 1 and ref is not None and "features" in ref:
         g2, r2 = pca_2d(gen_feats[:1500], ref["features"][:1500])
         plots.append(("Features, top-2 principal components: overlapping clouds = similar distributions",
                       svg_scatter({"reference": r2, "generated": g2}, "Feature PCA")))
@@ -262,6 +437,9 @@ def run(args) -> dict:
         if key in pix_gen and key in pix_ref:
             plots.append((label, svg_histograms({"reference": pix_ref[key], "generated": pix_gen[key]},
                                                 label, key, lo=0.0)))
+    for name, sc in gen.scores.items():
+        if len(sc):
+            plots.append((f"reward {name} per image", svg_histograms({"generated": sc}, f"reward {name}", name)))
     info = {k: v for k, v in protocol.items() if not isinstance(v, dict)}
     for k, v in protocol.items():
         if isinstance(v, dict):
@@ -269,6 +447,9 @@ def run(args) -> dict:
     info.update({"generated": result["generated"], "reference": result["reference"],
                  "n_generated": n_gen, "n_reference": result.get("n_reference", "-"), "device": str(device)})
     notes = ["FID/KID are biased upwards at small sample sizes; compare runs with equal image counts."]
+    notes += [f"{m} not computed: {why}" for m, why in skipped.items()]
+    notes += [f"skipped ({x['set']}) {x['file']}: {x['reason']}" for x in skipped_images[:20]]
+    notes += [f"left out {x['file']}: {x['reason']}" for x in excluded[:20]]
     headline = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith("reference_")}
     write_report(out / "report.html", "diffplug eval", {**headline, **{k: v for k, v in result.items()
                                                                        if k not in headline}},
@@ -308,7 +489,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="diffplug")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(["eval", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args = parser.parse_args(["eval", *(argv if argv is not None else sys.argv[1:])])
     return run(args)
 
 

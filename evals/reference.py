@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import dist_info, gather_rows, image_loader, iterate_batches
+from .data import dist_info, gather_json, gather_rows, image_loader, iterate_batches
 from .inception import _save_atomic, cache_dir
 
 
@@ -26,8 +26,20 @@ def cache_path(dataset_id: str, network: str, protocol: str) -> Path:
     return cache_dir() / "eval_stats" / f"{_slug(dataset_id)}__{_slug(network)}__{_slug(protocol)}.safetensors"
 
 
-def featurize(loader, feature_net, device=None, progress: bool = True, desc: str = "features"):
-    """Run ``feature_net`` over a loader; returns float32 ``(N, D)`` features on ``device``."""
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def featurize(loader, feature_net, device=None, progress: bool = True, desc: str = "features",
+              bad_images: str = "skip", skipped: list | None = None, announce: str | None = None):
+    """Run ``feature_net`` over a loader; returns float32 ``(N, D)`` features on ``device``.
+
+    With ``progress``, ``announce`` is printed (stderr) before the first batch and followed, once
+    the first batch is timed, by an estimate of the whole run. Undecodable files: see
+    :func:`diffplug.evals.data.iterate_batches`."""
+    import sys
+    import time
+
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else next(
@@ -35,20 +47,29 @@ def featurize(loader, feature_net, device=None, progress: bool = True, desc: str
     out = []
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with tqdm(total=n_total, desc=desc, unit="img", disable=not progress) as bar:
-        for batch in iterate_batches(loader):
+        if progress and announce:
+            bar.write(announce, file=sys.stderr)
+        for batch in iterate_batches(loader, bad_images, skipped):
+            t0 = time.perf_counter()
             batch = batch.to(device, non_blocking=True)
             out.append(feature_net(batch).float())
+            if progress and announce and len(out) == 1 and n_total:
+                rate = len(batch) / max(time.perf_counter() - t0, 1e-9)
+                bar.write(f"  ~{rate:.1f} images/s on {device} (first batch): about {_duration(n_total / rate)} "
+                          f"for {n_total} images", file=sys.stderr)
             bar.update(len(batch))
+    if not out:
+        raise ValueError(f"{desc}: no image could be decoded" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return torch.cat(out)
 
 
 def reference_stats(source: str, feature_net, need_features: bool = False, batch_size: int = 64,
                     num_workers: int | None = None, limit: int | None = None, use_cache: bool = True,
-                    device=None, progress: bool = True) -> dict:
+                    device=None, progress: bool = True, bad_images: str = "skip") -> dict:
     """Statistics of a reference image source, from the cache when possible.
 
     Returns ``{"sum", "outer", "n", "features" (if need_features), "cache": path or None,
-    "dataset": id}``.
+    "dataset": id, "skipped": [{"file", "reason"}] undecodable files left out}``.
     """
     if source.endswith(".safetensors") and Path(source).is_file():
         return load_stats_file(source, feature_net, need_features)
@@ -65,18 +86,27 @@ def reference_stats(source: str, feature_net, need_features: bool = False, batch
             st["dataset"] = dataset_id
             return st
     rank, world = dist_info()
+    n_all = len(loader.dataset)
     if world > 1:  # each process featurises its shard; everyone gets all features, rank 0 writes the cache
         loader, _ = image_loader(source, batch_size, num_workers, limit, shard=(rank, world))
+    announce = (f"reference {dataset_id}: featurising {n_all} images with {feature_net.name}"
+                + (f"; cached afterwards in {path}" if use_cache else "")
+                + ". Fewer images, faster: --reference-limit N (spec: reference_limit)")
+    skipped: list = []
     feats = gather_rows(featurize(loader, feature_net, device, progress and rank == 0,
-                                  desc=f"reference {dataset_id}"))
+                                  desc=f"reference {dataset_id}", bad_images=bad_images, skipped=skipped,
+                                  announce=announce))
+    if world > 1:
+        skipped = gather_json(skipped, device)
     f64 = feats.double()
     st = {"sum": f64.sum(0), "outer": f64.T @ f64, "n": torch.tensor(len(feats)), "features": feats}
     if use_cache and rank == 0:
         meta = {"dataset": dataset_id, "feature_network": feature_net.name, "protocol": protocol,
-                "n": str(len(feats))}
+                "n": str(len(feats)), "skipped": skipped}
         _save_atomic({k: v.cpu() for k, v in st.items()}, path, {"diffplug_eval_stats": json.dumps(meta)})
     st["cache"] = str(path) if use_cache else None
     st["dataset"] = dataset_id
+    st["skipped"] = skipped
     return st
 
 
@@ -100,4 +130,5 @@ def load_stats_file(path, feature_net, need_features: bool, strict: bool = True)
         return None
     st["cache"] = str(path)
     st["dataset"] = meta.get("dataset", str(path))
+    st["skipped"] = meta.get("skipped", [])
     return st
