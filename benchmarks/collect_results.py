@@ -11,6 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TOPICS = [  # (file, title)
     ("loop_results.md", "The denoising loop"),
+    ("gpu_results.md", "GPU run: NVIDIA H200, 2026-11-28"),
     ("testbed_results.md", "The testbed"),
     ("evals_results.md", "Evals"),
     ("guidance_results.md", "Guidance: APG, Adaptive Guidance, LinearAG"),
@@ -26,9 +27,11 @@ HEADER = """# Benchmark results
 Every number below was produced by a script in `benchmarks/`; each section names its command,
 device and date. This file is assembled by `python benchmarks/collect_results.py`.
 
-**No GPU is lent to this task**: all figures are from the project's 2-core CPU machine, with models
-trained on that CPU. The GPU benchmarks (`loop_gpu.py`, `evals_speed.py --device cuda`,
-`dc_solver_speed.py --device cuda`, `guidance_apg_timing.py --device cuda`) are written and not run.
+**GPU and CPU.** The GPU figures are from one NVIDIA H200 on 2026-11-28 (torch 2.11.0+cu130, the
+project at commit 79e169f): the loop's stock / eager / CUDA-graph timings, latent agreement, host
+syncs and profile ("The denoising loop"), evals throughput ("Evals": 50,000-image FID in 6.87 s),
+scheduler step and APG timings ("GPU run"). Every other figure, and every quality number, is from
+the project's 2-core CPU machine with models trained on that CPU (the CPU sections say so).
 
 **Testbed weights.** The testbed's UNet and DiT were fine-tuned again (round 4) on 2026-11-23
 18:31-19:09 UTC with offset noise, so that sample brightness follows the prompt rather than the mean

@@ -9,7 +9,10 @@ Per step (architecture.md):
 
 Latents and scheduler maths stay float32 whatever the model's dtype; the model sees its own dtype.
 Nothing here reads a tensor back to the host, so a step launches asynchronously unless a guidance
-or sampler asks for a decision (per-sample ``rows``, resampling).
+or sampler asks for a decision (per-sample ``rows``, resampling). The timesteps are copied to the
+host once per run: schedulers get a host ``t`` (DDIM indexes its CPU tables with it, which a device
+``t`` would turn into a sync per step), the model and guidance the device one. ``syncs.py`` counts
+the syncs that remain (benchmarks/loop_results.md).
 """
 
 from __future__ import annotations
@@ -111,15 +114,16 @@ def denoise(
     """
     extra_step_kwargs = extra_step_kwargs or {}
     latents = latents.float()
-    alphas, sigmas = noise_levels(scheduler, timesteps)
+    alphas, sigmas = (levels.unbind() for levels in noise_levels(scheduler, timesteps))  # no per-step indexing op
     prediction_type = prediction_type_of(scheduler)
     batched = isinstance(guidance, Guidance)
     fields = list(conditions)
     n = len(timesteps)
+    host_timesteps = torch.as_tensor(timesteps).cpu()  # one read per run; see the module docstring
     if sampler is not None and hasattr(sampler, "begin"):
         latents = sampler.begin(latents, timesteps, scheduler, guidance).float()
-    for i, t in enumerate(timesteps):
-        x_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+    for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
+        x_in = scheduler.scale_model_input(latents, t_host) if hasattr(scheduler, "scale_model_input") else latents
         guidance.set_state(step=i, num_inference_steps=n, timestep=t)
         context = StepContext(x_in, alphas[i], sigmas[i], prediction_type)
         if batched:
@@ -133,7 +137,7 @@ def denoise(
             batch.noise_pred = pred
         guided = guidance(batches).pred
         if sampler is None:
-            latents = scheduler.step(guided, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            latents = scheduler.step(guided, t_host, latents, **extra_step_kwargs, return_dict=False)[0]
         else:
             latents = sampler.step(i, t, latents, guided, batches, context, scheduler, extra_step_kwargs)
         if on_step is not None:
