@@ -46,9 +46,9 @@ def load_pipeline(spec: str):
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ConfigError(f"model: {spec!r} is a path but holds no model_index.json (not a diffusers pipeline folder)")
-        return DiffusionPipeline.from_pretrained(str(local))
+        return DiffusionPipeline.from_pretrained(str(local), use_safetensors=True)  # never pickle
     try:
-        return DiffusionPipeline.from_pretrained(spec)
+        return DiffusionPipeline.from_pretrained(spec, use_safetensors=True)
     except Exception as e:  # network or cache miss: say what to do
         raise ConfigError(
             f"model: could not load {spec!r}: it is not a local folder, and loading it as a Hugging Face hub id "

@@ -14,6 +14,7 @@ preparation and decoding; only the denoising loop is diffplug's (see ``loop.py``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,9 @@ import torch
 
 from ..guidance.base import CFG
 from .families import Family, family_of
+from .graphs import GraphChoice
 from .loop import Sampler, denoise, evaluate
+from .validate import check_call
 
 __all__ = ["DiffplugPipeline", "GenerationOutput", "Sampler", "denoise", "evaluate", "family_of", "from_pipe"]
 
@@ -57,16 +60,12 @@ class _Counted:
 class DiffplugPipeline:
     """A stock pipeline run through diffplug's loop; called like the original pipeline."""
 
-    def __init__(self, pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool = False):
+    def __init__(self, pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool | None = None):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.guidance = guidance
         self.sampler = sampler
-        self.model = self.family.model
-        if cuda_graph:
-            from .graphs import CUDAGraphModel
-
-            self.model = CUDAGraphModel(self.family.model)
+        self.graphs = GraphChoice(self.family, cuda_graph)  # eager or CUDA graphs, per call
 
     def __getattr__(self, name):  # components, scheduler, config, ... are the pipeline's
         if name == "pipe":
@@ -114,13 +113,14 @@ class DiffplugPipeline:
         pass through to the pipeline's own encoding.
         """
         pipe, family = self.pipe, self.family
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass `prompt` (a string or a list of strings) or `prompt_embeds`")
+        height, width = check_call(
+            family, prompt=prompt, prompt_embeds=prompt_embeds, height=height, width=width,
+            num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
+            guidance_scale=guidance_scale, latents=latents, output_type=output_type, family_kwargs=family_kwargs,
+        )
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError("callback_on_step_end_tensor_inputs: diffplug's loop hands callbacks `latents` only")
         family.check()
-        default_h, default_w = family.default_size()
-        height, width = height or default_h, width or default_w
         guidance = self._guidance_for(guidance_scale)
 
         conditions = family.encode(
@@ -135,14 +135,16 @@ class DiffplugPipeline:
         )
         batch = conditions["encoder_hidden_states"][0].shape[0]
         latents = family.prepare_latents(batch, height, width, generator, latents)
-        steps, num_inference_steps = family.timesteps(
-            num_inference_steps, timesteps=timesteps, sigmas=sigmas, latents=latents, **family_kwargs
-        )
+        told = getattr(pipe.scheduler, "told_guidance_scale", contextlib.nullcontext)
+        with told(getattr(guidance, "guidance_scale", None)):  # DC-Solver: CPR ratios for the real scale
+            steps, num_inference_steps = family.timesteps(
+                num_inference_steps, timesteps=timesteps, sigmas=sigmas, latents=latents, **family_kwargs
+            )
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
 
-        counted = _Counted(self.model)
+        counted = _Counted(self.graphs.model(guidance))
 
         def on_step(i, t, latents):
             if callback_on_step_end is None:
@@ -164,9 +166,11 @@ class DiffplugPipeline:
         return GenerationOutput(images, nsfw, counted.n // batch, getattr(self.sampler, "output", None))
 
 
-def from_pipe(pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool = False) -> DiffplugPipeline:
+def from_pipe(pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool | None = None) -> DiffplugPipeline:
     """Wrap a stock diffusers pipeline so it runs ``guidance`` (a ``BaseGuidance``; default CFG)
     and ``sampler`` (default: the pipeline's scheduler's own step) in diffplug's loop.
 
-    ``cuda_graph=True`` replays the denoiser from CUDA graphs (see ``graphs.py``)."""
+    ``cuda_graph``: None (auto) replays the denoiser from CUDA graphs when the pipeline is on CUDA
+    and the model allows it (else eager; on CUDA with one warning saying why), True insists
+    (``ValueError`` where it cannot), False keeps it eager (see ``graphs.py``)."""
     return DiffplugPipeline(pipe, guidance=guidance, sampler=sampler, cuda_graph=cuda_graph)

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=None, help="w in uncond + w (cond - uncond) (default 7.5)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
-    p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE", help="scheduler config override")
+    p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE",
+                   help="scheduler config override (of --scheduler, else of the model's own scheduler)")
     p.add_argument("--guidance", choices=sorted(GUIDANCE), default="cfg")
     p.add_argument("--guidance-opt", action="append", metavar="KEY=VALUE", help="guidance option, e.g. eta=0")
     p.add_argument("--product-prompt", action="append", default=None,
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--out", type=Path, required=True, help="output folder (grid.png, NNN.png, settings.json)")
-    p.add_argument("--force", action="store_true", help="overwrite an earlier run's files in --out")
+    p.add_argument("--force", action="store_true", help="replace an earlier run's files in --out (others are kept)")
     p.set_defaults(func=run)
 
 
@@ -56,12 +57,27 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
-    taken = [p.name for p in out.glob("*") if p.name in OUTPUTS or (p.suffix == ".png" and p.stem.isdigit())]
-    if taken and not force:
-        raise FileExistsError(f"--out {out} already holds a run ({', '.join(sorted(taken)[:3])}...); use another folder or --force")
+def _is_run_file(path: Path) -> bool:
+    """A file an earlier ``diffplug sample`` wrote: grid.png, settings.json, NNN.png."""
+    return path.name in OUTPUTS or (path.suffix == ".png" and path.stem.isdigit())
+
+
+def _check_args(args) -> None:
+    """What can be checked before a model loads (the rest: ``validate.check_call`` in ``run(...)``)."""
+    from .validate import check_device, check_guidance_scale, positive_int
+
+    positive_int(args.steps, "--steps")
+    positive_int(args.num_images, "--num-images")
+    if args.particles is not None:
+        positive_int(args.particles, "--particles")
+    if args.guidance_scale is not None:
+        check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    for flag, value in (("--particles", args.particles), ("--sampler-opt", args.sampler_opt)):
+        if value is not None and not args.sampler:
+            raise ValueError(f"{flag} applies to a sampler; add --sampler ({', '.join(sorted(SAMPLERS))})")
+    if args.product_model and not args.product_prompt:
+        raise ValueError("--product-model evaluates --product-prompt; add --product-prompt")
+    check_device(args.device)
 
 
 def grid(images, cols: int | None = None):
@@ -98,15 +114,17 @@ def run(args) -> int:
     import torch
 
     from . import from_pipe
+    from .families import family_of
     from .registry import load_pipeline, make_guidance, make_sampler, make_scheduler, parse_options
+    from .validate import check_out, check_size
 
     prompts = _prompts(args)
-    if args.steps < 1 or args.num_images < 1:
-        raise ValueError("--steps and --num-images must be at least 1")
-    _check_out(args.out, args.force)
+    _check_args(args)
+    earlier = check_out(args.out, _is_run_file, args.force)  # before loading: fail fast
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    if args.scheduler:
+    if args.scheduler or args.scheduler_opt:
         pipe.scheduler = make_scheduler(args.scheduler, pipe, **parse_options(args.scheduler_opt))
+    check_size(family_of(pipe), args.height, args.width, names=("--height", "--width"))
     guidance_options = parse_options(args.guidance_opt)
     if args.guidance_scale is not None:
         guidance_options["guidance_scale"] = args.guidance_scale
@@ -123,6 +141,7 @@ def run(args) -> int:
         guidance = make_guidance(args.guidance, **guidance_options)
 
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
+    pipe.set_progress_bar_config(desc=f"{len(prompts) * per_prompt} images, {args.steps} steps")
     start = time.perf_counter()
     result = from_pipe(pipe, guidance=guidance, sampler=sampler)(
         prompts,
@@ -139,6 +158,8 @@ def run(args) -> int:
     if sampler is not None and hasattr(result.sampler_output, "select"):
         images = result.sampler_output.select(images)  # one image per prompt: the sampler's choice
     args.out.mkdir(parents=True, exist_ok=True)
+    for path in earlier:  # --force: the earlier run's files go, so none of its images is left mixed in
+        path.unlink()
     for i, image in enumerate(images):
         image.save(args.out / f"{i:03d}.png")
     grid(images, cols=len(images) // len(prompts) if len(images) % len(prompts) == 0 and len(prompts) > 1 else None).save(
@@ -159,10 +180,14 @@ def run(args) -> int:
         "nfe_per_image": result.nfe,
         "seconds": round(seconds, 3),
         "device": str(pipe.device),
+        # the samples and their prompts (prompt-major order): what `diffplug eval` scores, never grid.png
+        "images": [{"file": f"{i:03d}.png", "prompt": prompts[i * len(prompts) // len(images)]}
+                   for i in range(len(images))],
     }
     if sampler is not None:
         summary = result.sampler_output.summary() if hasattr(result.sampler_output, "summary") else {}
         settings["sampler"] = {"name": args.sampler, "class": type(sampler).__name__, **summary}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
-    print(f"wrote {len(images)} images, grid.png and settings.json to {args.out} ({seconds:.1f} s, {result.nfe} NFE/image)")
+    replaced = f"; replaced an earlier run's {len(earlier)} files" if earlier else ""
+    print(f"wrote {len(images)} images, grid.png and settings.json to {args.out} ({seconds:.1f} s, {result.nfe} NFE/image{replaced})")
     return 0

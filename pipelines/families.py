@@ -34,6 +34,24 @@ class Family:
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor
 
+    def size_factor(self) -> int:
+        """Height and width must be multiples of this: the VAE's factor (times a transformer's patch)."""
+        return self.pipe.vae_scale_factor * (getattr(self.denoiser.config, "patch_size", None) or 1)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.pipe.vae_scale_factor
+        return (batch, self.denoiser.config.in_channels, height // f, width // f)
+
+    def call_arguments(self) -> set[str]:
+        """Family keywords ``run(...)`` passes on: ``encode_prompt``'s, ``conditions``' and ``timesteps``'."""
+        names = set(inspect.signature(self.pipe.encode_prompt).parameters) - {"device", "do_classifier_free_guidance"}
+        for fn in (self.conditions, self.timesteps):
+            names |= {k for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+        return names
+
+    # Stock-pipeline arguments accepted at the one value diffplug's loop behaves like.
+    neutral_arguments: dict = {}
+
     def check(self, **call) -> None:
         if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
             raise ValueError(
@@ -202,6 +220,7 @@ class PixArtFamily(Family):
 
     name = "pixart"
     denoiser_attr = "transformer"
+    neutral_arguments = {"use_resolution_binning": False}  # diffplug never bins sizes
 
     def conditions(self, cond, mask, uncond, mask_uncond, **call) -> dict:
         return {"encoder_hidden_states": (cond, uncond), "encoder_attention_mask": (mask, mask_uncond)}

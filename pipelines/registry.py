@@ -21,6 +21,7 @@ SCHEDULERS = {
     "dpm++": "diffusers:DPMSolverMultistepScheduler",
     "unipc": "diffusers:UniPCMultistepScheduler",
     "flow-euler": "diffusers:FlowMatchEulerDiscreteScheduler",
+    "unipc-fast": "diffplug.samplers:FastUniPCScheduler",
     "dc-solver": "diffplug.samplers:DCSolverScheduler",
 }
 # Models that need no download: the project's testbed and the tiny random test pipelines.
@@ -51,9 +52,15 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
-def make_scheduler(name: str, pipe, **options):
-    """``pipe.scheduler`` swapped the diffusers way: ``X.from_config(pipe.scheduler.config)``."""
-    return _resolve(SCHEDULERS, "scheduler", name).from_config(pipe.scheduler.config, **options)
+def make_scheduler(name: str | None, pipe, **options):
+    """``pipe.scheduler`` swapped the diffusers way: ``X.from_config(pipe.scheduler.config)``.
+
+    ``name=None``: the pipeline's own scheduler class, with ``options`` applied. Every option must be
+    one of the class's parameters, of its type (``--scheduler-opt`` never drops a key)."""
+    from .validate import check_options
+
+    cls = type(pipe.scheduler) if name is None else _resolve(SCHEDULERS, "scheduler", name)
+    return cls.from_config(pipe.scheduler.config, **check_options(cls, options, "scheduler option"))
 
 
 def make_guidance(name: str, **options):
@@ -74,7 +81,10 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     """A ready diffusers pipeline: the testbed (default), a tiny test pipeline, a local folder or a hub id."""
     import torch
 
+    from .validate import check_device
+
     model = model or "testbed"
+    check_device(device)
     torch_dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, "bad")
     if torch_dtype == "bad":
         raise ValueError(f"--dtype must be one of fp32, fp16, bf16 (got {dtype!r})")
@@ -98,22 +108,33 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
 def _from_pretrained(model: str, torch_dtype):
     from diffusers import DiffusionPipeline
 
+    from .validate import check_model_path
+
+    # safetensors only: a pickled .bin in a folder or repo is never unpickled
+    load = dict(torch_dtype=torch_dtype, use_safetensors=True)
+    check_model_path(model)
     local = Path(model).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ValueError(f"--model {model}: folder has no model_index.json (save one with pipe.save_pretrained)")
-        return DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True)
+        from diffplug import testbed  # noqa: F401  (an exported testbed folder: its expected warnings filtered)
+
+        try:
+            return DiffusionPipeline.from_pretrained(local, local_files_only=True, **load)
+        except OSError as err:
+            raise ValueError(f"--model {model}: {err} (diffplug loads .safetensors weights only, never pickle)") from None
     try:  # a hub id: the local cache first, so an offline machine with the weights still works
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(model, local_files_only=True, **load)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE"):
         raise ValueError(f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
     try:
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+        return DiffusionPipeline.from_pretrained(model, **load)
     except Exception as err:  # connection errors come in many types
         raise ValueError(
-            f"--model {model}: could not load it from the Hugging Face Hub ({type(err).__name__}). "
+            f"--model {model}: no local folder of that name, and loading it from the Hugging Face Hub failed "
+            f"({type(err).__name__}). "
             "If this machine is offline, point --model at a local folder holding a diffusers pipeline "
             "(saved with pipe.save_pretrained), or omit --model to use the built-in testbed."
         ) from err
