@@ -198,6 +198,11 @@ def main() -> None:
             f"{args.reference_steps}-step DDIM reference) for guidance scales {args.guidance_scale} x NFE {args.nfe}; "
             f"every number in {args.out}"
         )
+        box = shipped.get("fitted_on", {})  # the box the scheduler trusts the fit in (its config list is kept)
+        seen = [r for ratios in searched.values() for r in ratios]
+        box.update(guidance_scale=[min(args.guidance_scale), max(args.guidance_scale)],
+                   num_inference_steps=[min(args.nfe), max(args.nfe)], ratios=[min(seen), max(seen)])  # fmt: skip
+        shipped["fitted_on"] = box
         shipped["coefficients"] = fit
         target.write_text(json.dumps(shipped, indent=2) + "\n")
         print(f"wrote {target}")

@@ -17,7 +17,7 @@ import time
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from diffplug.samplers import DCDPMSolverScheduler, DCSolverScheduler
+from diffplug.samplers import DCDPMSolverScheduler, DCSolverScheduler, FastUniPCScheduler
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -56,7 +56,8 @@ def main() -> None:
     ratios = [1.0, 1.0] + [0.9] * (args.steps - 2)
     cases = {
         "UniPCMultistepScheduler (diffusers)": lambda: UniPCMultistepScheduler(**SD),
-        "DCSolverScheduler, dc_ratios=null": lambda: DCSolverScheduler(**SD),
+        "FastUniPCScheduler": lambda: FastUniPCScheduler(**SD),
+        "DCSolverScheduler, dc_ratios=null": lambda: DCSolverScheduler(**SD, dc_ratios=None),
         "DCSolverScheduler, searched ratios": lambda: DCSolverScheduler(**SD, dc_ratios=ratios),
         "DPMSolverMultistepScheduler (diffusers)": lambda: DPMSolverMultistepScheduler(**SD),
         "DCDPMSolverScheduler, searched ratios": lambda: DCDPMSolverScheduler(**SD, dc_ratios=ratios),

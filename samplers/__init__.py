@@ -1,9 +1,10 @@
 """samplers"""
 
 from .dc_solver import DCDPMSolverScheduler, DCSolverScheduler  # DC-Solver (issue 6)
+from .unipc import FastUniPCScheduler  # UniPC from precomputed linear rows (issue 20)
 from .fkc import FKCOutput, FKCSampler, ProductGuidance, encode_condition  # Feynman-Kac correctors (issue 7)
 
-__all__ = ["DCSolverScheduler", "DCDPMSolverScheduler", "FKCSampler", "FKCOutput", "ProductGuidance",
+__all__ = ["DCSolverScheduler", "DCDPMSolverScheduler", "FastUniPCScheduler", "FKCSampler", "FKCOutput", "ProductGuidance",
            "encode_condition", "SAMPLERS", "get_sampler"]
 
 # Samplers own the step for the whole batch (pipelines.loop.Sampler); name -> class, for the CLI.

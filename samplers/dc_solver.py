@@ -30,20 +30,27 @@ timestep values (Lagrange weights are invariant to an affine change of time).  T
 searched per (model, guidance scale, NFE) against a fine DDIM trajectory (``search_ratios``,
 Sec. 3.3) or predicted by the cascade polynomial regression (``cpr_ratios``, Sec. 3.4).
 
-Implementation.  One multistep step is *linear* in the sample and the buffered outputs, with
-coefficients that depend on the schedule only.  The schedulers below therefore read those
-coefficients once per schedule by applying diffusers' own UniPC / DPM-Solver++ update functions to
-unit vectors (the maths stays diffusers', not a copy), and a step is then a handful of
-``tensor * float`` kernels: no host-device synchronisation, no per-step small-tensor algebra, all
-in float32.  The same linear rows make the solver algebra differentiable in ``rho`` for the search.
+Implementation.  ``DCSolverScheduler`` is ``FastUniPCScheduler`` (``unipc.py``: diffusers' UniPC read
+once per schedule as linear rows, a step is a few ``tensor * float`` kernels with no host-device
+sync) plus the compensation between its corrector and predictor; ``DCDPMSolverScheduler`` is the
+same on DPM-Solver++.  The linear rows also make the solver algebra differentiable in ``rho`` for
+the search.
+
+Defaults.  ``DCSolverScheduler.from_config(config)`` compensates with the shipped testbed CPR fit at
+the guidance scale ``from_pipe`` tells it (or ``cpr_guidance_scale``), clamps the predicted ratios to
+the range the fit saw, and falls back to ``rho = 1`` (plain UniPC, with a warning) where the scale is
+unknown or the fit would extrapolate (guidance, NFE or solver config outside its ``fitted_on`` box).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +58,10 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput  # noqa: F401 (see unipc.py)
 
 from ..predictions import noise_levels, split
+from .unipc import _PREDICTION, FastUniPCScheduler, PrecomputedSteps, check_prediction_type, lincomb
 
 __all__ = [
     "DCDPMSolverScheduler",
@@ -72,7 +80,10 @@ __all__ = [
     "shipped_cpr_coefficients",
 ]
 
-_PREDICTION = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction", "flow_prediction": "flow"}
+# A stock pipeline cannot tell a scheduler its CFG scale. DC-Solver does not guess one: ratios predicted
+# for 7.5 and sampled at 1 gave 2.5x UniPC's error on the testbed (benchmarks/dc_solver_results.md), so
+# without ``set_guidance_scale`` (``from_pipe`` calls it) or ``cpr_guidance_scale`` it runs as UniPC.
+DEFAULT_CPR_FIT = "testbed"
 # CPR fits shipped with the package, by name (``cpr_coefficients="sd2.1"``): JSON files next to this module.
 CPR_FITS = {"sd2.1": "dc_solver_cpr_sd21.json", "testbed": "dc_solver_cpr_testbed.json"}
 
@@ -109,14 +120,40 @@ def compensation_weights(times: Sequence[float], ratio):
 # b_kj = sum_m P_kjm n^(2-m), with c = CFG / 12, n = NFE / 50, x = step / NFE; linear in the 36 P_kjm.
 
 
-def shipped_cpr_coefficients(name: str) -> list[float]:
-    """The 36 CPR coefficients of a shipped fit: ``"sd2.1"`` (the paper's authors) or ``"testbed"``."""
+@functools.lru_cache(maxsize=None)
+def _shipped_fit(name: str) -> dict:
     if name not in CPR_FITS:
         raise ValueError(f"unknown CPR fit {name!r}; shipped fits: {', '.join(CPR_FITS)} (or pass 36 numbers)")
     path = Path(__file__).with_name(CPR_FITS[name])
     if not path.is_file():
         raise ValueError(f"the {name!r} CPR fit is not in this install ({path.name} missing)")
-    return list(json.loads(path.read_text())["coefficients"])
+    return json.loads(path.read_text())
+
+
+def shipped_cpr_coefficients(name: str) -> list[float]:
+    """The 36 CPR coefficients of a shipped fit: ``"sd2.1"`` (the paper's authors) or ``"testbed"``."""
+    return list(_shipped_fit(name)["coefficients"])
+
+
+def cpr_outside_fit(fit: str | Sequence[float], guidance_scale: float, num_inference_steps: int, config) -> str | None:
+    """Why CPR would extrapolate here (guidance, NFE or scheduler config outside what the fit saw), or None.
+
+    A cubic-in-step, quadratic-in-(guidance, NFE) polynomial fitted on a small grid explodes outside
+    it (the testbed fit predicts rho = 21.7 at NFE 20, -31 at NFE 25).  Only shipped fits record their
+    box (``fitted_on`` in the JSON); 36 numbers of your own are trusted everywhere.
+    """
+    if not isinstance(fit, str):
+        return None
+    box = _shipped_fit(fit)["fitted_on"]
+    (g_lo, g_hi), (n_lo, n_hi) = box["guidance_scale"], box["num_inference_steps"]
+    if not g_lo <= guidance_scale <= g_hi:
+        return f"guidance scale {guidance_scale:g} outside the fitted {g_lo:g}-{g_hi:g}"
+    if not n_lo <= num_inference_steps <= n_hi:
+        return f"{num_inference_steps} steps outside the fitted {n_lo}-{n_hi}"
+    for key, allowed in box.get("config", {}).items():
+        if config.get(key) not in allowed:
+            return f"{key}={config.get(key)!r}, fitted for {' or '.join(map(repr, allowed))}"
+    return None
 
 
 def sd21_cpr_coefficients() -> list[float]:
@@ -138,19 +175,21 @@ def cpr_ratios(
     num_inference_steps: int,
     coefficients: Sequence[float] | str | None = None,
     dc_order: int = 2,
+    clamp: bool = False,
 ) -> list[float]:
-    """Compensation ratios for steps 1..NFE predicted by CPR.
+    """Compensation ratios for steps 1..NFE predicted by CPR (the raw polynomial; see ``cpr_outside_fit``).
 
     ``coefficients``: 36 numbers, or the name of a shipped fit (``CPR_FITS``); default ``"sd2.1"``.
     Steps that cannot be compensated (``step <= dc_order``, too few buffered outputs) get ratio 1.
+    ``clamp``: keep each ratio inside the range of the searched ratios a shipped fit was fitted on.
     """
-    if coefficients is None or isinstance(coefficients, str):
-        coefficients = shipped_cpr_coefficients(coefficients or "sd2.1")
-    P = np.asarray(coefficients, dtype=np.float64)
+    name = (coefficients or "sd2.1") if coefficients is None or isinstance(coefficients, str) else None
+    P = np.asarray(shipped_cpr_coefficients(name) if name else coefficients, dtype=np.float64)
     if P.shape != (36,):
         raise ValueError(f"cpr_coefficients must be 36 numbers (4 x 3 x 3), got shape {P.shape}")
+    lo, hi = _shipped_fit(name)["fitted_on"]["ratios"] if clamp and name else (-math.inf, math.inf)
     return [
-        1.0 if s <= dc_order else float(cpr_features(guidance_scale, num_inference_steps, s) @ P)
+        1.0 if s <= dc_order else float(np.clip(cpr_features(guidance_scale, num_inference_steps, s) @ P, lo, hi))
         for s in range(1, num_inference_steps + 1)
     ]
 
@@ -175,41 +214,19 @@ def fit_cpr(searched: Iterable[tuple[float, int, Sequence[float]]], dc_order: in
 
 
 # --------------------------------------------------------------------------------------------------
-# The schedulers
+# The schedulers: the fast (precomputed-rows) solvers of ``unipc.py`` plus dynamic compensation
 
 
-@dataclass
-class _Row:
-    """One step as linear maps: conversion noise level, corrector and predictor coefficients."""
-
-    alpha: float  # noise level of the model input at t_i (for the output conversion)
-    sigma: float
-    order: int  # predictor order at this step
-    corrector: tuple[float, ...] | None  # on (last_sample, *buffer before the push, m_new)
-    predictor: tuple[float, ...]  # on (sample, *buffer after the push and compensation)
-
-
-def _lincomb(coefficients: Sequence[float], tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``sum_k c_k T_k`` with host-float ``c_k``: one kernel per nonzero term, no host-device traffic."""
-    out = None
-    for c, t in zip(coefficients, tensors):
-        if c == 0.0:
-            continue
-        if t is None:
-            raise RuntimeError("DC-Solver: a step needs a buffered model output that was never computed")
-        out = t * c if out is None else out.add_(t, alpha=c)
-    return out
-
-
-def _merged_signature(base_init, extra: Callable) -> inspect.Signature:
+def _merged_signature(base_init, extra: Callable, **defaults) -> inspect.Signature:
     """``base_init``'s parameters followed by ``extra``'s keyword parameters (the DC config keys)."""
     base = list(inspect.signature(base_init).parameters.values())
     added = [p for p in inspect.signature(extra).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    return inspect.Signature([*base, *(p.replace(kind=p.POSITIONAL_OR_KEYWORD) for p in added)])
+    added = [p.replace(kind=p.POSITIONAL_OR_KEYWORD, default=defaults.get(p.name, p.default)) for p in added]
+    return inspect.Signature([*base, *added])
 
 
 def _dc_config(
-    *, dc_ratios: list[float] | str | None = None, dc_order: int = 2,
+    *, dc_ratios: list[float] | str | None = "cpr", dc_order: int = 2,
     cpr_coefficients: list[float] | str | None = None, cpr_guidance_scale: float | None = None,
 ):  # fmt: skip
     """Signature holder for the config keys DC adds to its base scheduler."""
@@ -221,86 +238,81 @@ def _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scal
     if isinstance(dc_ratios, str):
         if dc_ratios != "cpr":
             raise ValueError(f"dc_ratios must be a list of floats, null or 'cpr', got {dc_ratios!r}")
-        if cpr_guidance_scale is None:
-            raise ValueError(
-                "dc_ratios='cpr' needs cpr_guidance_scale (a scheduler cannot see the pipeline's CFG scale): "
-                "pass cpr_guidance_scale=<the guidance_scale you sample with>"
-            )
     elif dc_ratios is not None:
-        if not isinstance(dc_ratios, (list, tuple)) or not all(
-            isinstance(r, (int, float)) and math.isfinite(r) for r in dc_ratios
-        ):
+        if not isinstance(dc_ratios, (list, tuple)) or not all(_is_number(r) for r in dc_ratios):
             raise ValueError(f"dc_ratios must be a list of finite floats (one per step), null or 'cpr', got {dc_ratios!r}")
     if isinstance(cpr_coefficients, str):
         if cpr_coefficients not in CPR_FITS:
             raise ValueError(f"cpr_coefficients={cpr_coefficients!r}: name one of {', '.join(CPR_FITS)} or pass 36 numbers")
-    elif cpr_coefficients is not None and len(cpr_coefficients) != 36:
-        raise ValueError(f"cpr_coefficients must hold 36 numbers or name a shipped fit, got {len(cpr_coefficients)} numbers")
-    if cpr_guidance_scale is not None and not cpr_guidance_scale > 0:
-        raise ValueError(f"cpr_guidance_scale must be positive, got {cpr_guidance_scale!r}")
+    elif cpr_coefficients is not None and (
+        not isinstance(cpr_coefficients, (list, tuple)) or len(cpr_coefficients) != 36
+        or not all(_is_number(c) for c in cpr_coefficients)
+    ):  # fmt: skip
+        raise ValueError("cpr_coefficients must hold 36 finite numbers or name a shipped fit (e.g. 'testbed')")
+    _check_guidance_scale(cpr_guidance_scale, "cpr_guidance_scale")
 
 
-def _translate_flow_match(cls, config):
-    """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching.
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    FlowMatch-only keys (``shift``, ``base_shift``, ...) are dropped; going back needs
-    ``FlowMatchEulerDiscreteScheduler.from_config(config, shift=config.flow_shift)``.
-    """
-    if not isinstance(config, Mapping):
-        return config
-    name = config.get("_class_name")
-    by_name = isinstance(name, str) and name.startswith("FlowMatch")
-    by_keys = name is None and "shift" in config and "beta_schedule" not in config and "use_flow_sigmas" not in config
-    if not (by_name or by_keys):
-        return config
-    keep = cls._get_init_keys(cls)
-    cfg = {k: v for k, v in config.items() if k in keep or k.startswith("_")}
-    cfg["use_flow_sigmas"] = True
-    cfg["prediction_type"] = "flow_prediction"
-    cfg["flow_shift"] = float(config.get("shift", 1.0))
-    return cfg
+
+def _check_guidance_scale(scale, name: str) -> None:
+    if scale is not None and not (_is_number(scale) and scale > 0):
+        raise ValueError(f"{name} must be a positive number (the CFG scale you sample with), got {scale!r}")
 
 
 class _DynamicCompensation:
-    """Shared machinery: config resolution, the per-schedule linear rows, the step, the search hooks.
-
-    Subclasses provide ``_dc_data_prediction``, ``_dc_orders(start)`` and ``_dc_probe(j, order, corrector)``.
-    """
+    """DC on a ``PrecomputedSteps`` solver: ratio resolution, the compensation hook, the search hooks."""
 
     def _dc_init(self, dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale) -> None:
         _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
-        self._dc_buffer_size = max(self.config.solver_order, dc_order + 1)
-        self._dc_reset()
+        self._dc_guidance_scale = None
+        self._reset()
 
-    def _dc_reset(self) -> None:
-        n = self._dc_buffer_size
-        self.model_outputs = [None] * n
-        self.timestep_list = [None] * n
-        self.last_sample = None
-        self.lower_order_nums = 0
-        self._dc_rows: dict[int, list[_Row]] = {}
+    @property
+    def _buffer_size(self) -> int:
+        return max(self.config.solver_order, self.config.dc_order + 1)
+
+    def _reset(self) -> None:
+        super()._reset()
         self._dc_ratios: list[float] = []
-        self._dc_times: list[float] = []
 
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """As ``ConfigMixin.from_config``; FlowMatch* configs are translated to ``use_flow_sigmas``."""
-        return super().from_config(_translate_flow_match(cls, config), return_unused_kwargs, **kwargs)
+    def set_guidance_scale(self, guidance_scale: float | None) -> None:
+        """Tell the scheduler the CFG scale it samples with (``from_pipe`` does, for each call).
 
-    # ---- schedule ------------------------------------------------------------------------------
+        Used by ``dc_ratios="cpr"`` from the next ``set_timesteps`` on, in place of
+        ``cpr_guidance_scale``; ``None`` forgets it.
+        """
+        _check_guidance_scale(guidance_scale, "guidance_scale")
+        self._dc_guidance_scale = None if guidance_scale is None else float(guidance_scale)
 
-    def _dc_after_set_timesteps(self, device) -> None:
-        """Resolve the ratios for the new schedule and reset the buffers (timesteps still on the host)."""
-        self._dc_reset()
-        self._dc_times = [float(t) for t in self.timesteps.tolist()]
-        n = len(self._dc_times)
+    @contextlib.contextmanager
+    def told_guidance_scale(self, guidance_scale):
+        """``set_guidance_scale`` for the block only (``from_pipe`` wraps its ``set_timesteps`` in it);
+        anything but a positive number (e.g. a guidance without one) leaves the scheduler as it is."""
+        previous = self._dc_guidance_scale
+        if _is_number(guidance_scale) and guidance_scale > 0:
+            self._dc_guidance_scale = float(guidance_scale)
+        try:
+            yield self
+        finally:
+            self._dc_guidance_scale = previous
+
+    @property
+    def cpr_guidance(self) -> float | None:
+        """The guidance scale CPR predicts ratios for: told (``set_guidance_scale``) > ``cpr_guidance_scale``."""
+        told = self._dc_guidance_scale
+        return told if told is not None else self.config.cpr_guidance_scale
+
+    def _after_set_timesteps(self, device, custom: bool = False) -> None:
+        """Resolve the ratios for the new schedule and reset the buffers."""
+        super()._after_set_timesteps(device)
+        n = len(self._times)
         ratios = self.config.dc_ratios
         if ratios is None:
             self._dc_ratios = [1.0] * n
         elif isinstance(ratios, str):  # "cpr"
-            self._dc_ratios = cpr_ratios(
-                self.config.cpr_guidance_scale, n, self.config.cpr_coefficients, self.config.dc_order
-            )
+            self._dc_ratios = self._cpr_schedule(n, custom)
         else:
             if len(ratios) != n:
                 raise ValueError(
@@ -308,134 +320,73 @@ class _DynamicCompensation:
                     f"num_inference_steps={n} (diffplug.samplers.dc_solver.search_ratios) or use dc_ratios='cpr'"
                 )
             self._dc_ratios = [float(r) for r in ratios]
-        self.timesteps = self.timesteps.to(device)
+
+    def _cpr_schedule(self, n: int, custom: bool) -> list[float]:
+        """CPR ratios, or ``rho = 1`` with a warning where the fit would extrapolate."""
+        cfg, scale = self.config, self.cpr_guidance
+        fit = cfg.cpr_coefficients or DEFAULT_CPR_FIT
+        if scale is None:
+            why = "guidance scale unknown: run the pipeline through diffplug's from_pipe, or set cpr_guidance_scale"
+        else:
+            why = "custom timesteps/sigmas" if custom else cpr_outside_fit(fit, scale, n, cfg)
+        if why is None:
+            return cpr_ratios(scale, n, fit, cfg.dc_order, clamp=True)
+        warnings.warn(
+            f"DC-Solver: the {fit if isinstance(fit, str) else 'given'} CPR fit cannot predict ratios here ({why}); "
+            "sampling without compensation (rho = 1, plain UniPC). Search ratios for it "
+            "(`diffplug bench dc-search`) or pass dc_ratios=[...]",
+            stacklevel=4,
+        )
+        return [1.0] * n
 
     @property
     def compensation_ratios(self) -> list[float]:
         """The ratio used at each step of the current schedule (1.0 = no compensation)."""
         return list(self._dc_ratios)
 
-    def _dc_rows_for(self, start: int) -> list[_Row]:
-        """The linear rows of every step from ``start`` on (built once per schedule and start index)."""
-        rows = self._dc_rows.get(start)
-        if rows is None:
-            alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas.float())
-            alpha, sigma = alpha.tolist(), sigma.tolist()
-            orders, correct = self._dc_orders(start)
-            rows = [None] * start
-            for j in range(start, len(self._dc_times)):
-                corrector = self._dc_probe(j, orders[j - 1], corrector=True) if correct[j] else None
-                rows.append(_Row(alpha[j], sigma[j], orders[j], corrector, self._dc_probe(j, orders[j], False)))
-            self._dc_rows[start] = rows
-        return rows
-
-    def _dc_probe_with(self, j: int, fn: Callable, n_inputs: int) -> tuple[float, ...]:
-        """Coefficients of the linear update ``fn`` at step ``j``: apply it to unit vectors (float64)."""
-        basis = list(torch.eye(n_inputs, dtype=torch.float64).unsqueeze(1))  # n_inputs x (1, n_inputs)
-        saved = self._step_index, self.model_outputs
-        try:
-            self._step_index = j
-            self.model_outputs = basis[1 : 1 + self._dc_buffer_size]
-            out = fn(basis)
-        finally:
-            self._step_index, self.model_outputs = saved
-        return tuple(float(c) for c in out.reshape(-1).tolist())
-
-    # ---- the step ------------------------------------------------------------------------------
-
-    def _dc_convert(self, row: _Row, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """The solver's model output: x0 (data prediction) or epsilon, in float32."""
-        x0, eps = split(model_output, sample, row.alpha, row.sigma, _PREDICTION[self.config.prediction_type])
-        if not self._dc_data_prediction:
-            return eps
-        return self._threshold_sample(x0) if self.config.thresholding else x0
-
-    def _dc_compensation(self, i: int, start: int, ratio=None):
+    def _dc_weights(self, i: int, start: int, ratio=None):
         """Lagrange weights (newest first) for step ``i``, or None where no compensation applies."""
         ratio = self._dc_ratios[i] if ratio is None else ratio
         K = self.config.dc_order
         if i - start < K or (not torch.is_tensor(ratio) and ratio == 1.0):
             return None  # fewer than K + 1 buffered outputs, or rho = 1
-        return compensation_weights([self._dc_times[i - k] for k in range(K + 1)], ratio)
+        return compensation_weights([self._times[i - k] for k in range(K + 1)], ratio)
 
-    def _dc_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-            self._dc_start = self.step_index
-        i, start = self.step_index, self._dc_start
-        x, self.model_outputs, _ = self._dc_trial(i, model_output, sample)  # corrector, then the push
-        self.timestep_list = [*self.timestep_list[1:], timestep]
-        w = self._dc_compensation(i, start)
-        if w is not None:  # dynamic compensation, written back into the buffer
-            K = len(w) - 1
-            self.model_outputs[-1] = _lincomb(w, self.model_outputs[::-1][: K + 1])
-        self.last_sample = x
-        row = self._dc_rows_for(start)[i]
-        prev = _lincomb(row.predictor, [x, *self.model_outputs])
-        self.this_order = row.order
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
-        self._step_index += 1
-        return prev.to(sample.dtype)
-
-    # ---- the solver algebra as functions of rho (for the search) ------------------------------
-
-    def _dc_trial(self, i: int, model_output: torch.Tensor, sample: torch.Tensor):
-        """Step ``i`` up to the compensation: ``(x, buffer, start)`` after the corrector and the push.
-
-        Pure (the scheduler is not modified); ``step`` and the search both start from it.
-        """
-        start = self._dc_start if self.step_index is not None else i
-        row = self._dc_rows_for(start)[i]
-        x = sample.float()
-        m = self._dc_convert(row, model_output.float(), x)
-        if row.corrector is not None:  # UniC: correct x_{t_i} with the output evaluated at it
-            x = _lincomb(row.corrector, [self.last_sample, *self.model_outputs, m])
-        return x, [*self.model_outputs[1:], m], start
+    def _compensate(self, i: int, start: int) -> None:
+        """Dynamic compensation, written back into the buffer (Sec. 3.2)."""
+        w = self._dc_weights(i, start)
+        if w is not None:
+            self.model_outputs[-1] = lincomb(w, self.model_outputs[::-1][: len(w)])
 
     def _dc_predict(self, i: int, start: int, x, buffer, ratio) -> tuple[torch.Tensor, list]:
         """Compensate ``buffer`` with ``ratio`` (a tensor: differentiable) and run the predictor of step i."""
-        w = self._dc_compensation(i, start, ratio)
+        w = self._dc_weights(i, start, ratio)
         if w is not None:
             newest_first = buffer[::-1][: len(w)]
             buffer = [*buffer[:-1], sum(wk * mk for wk, mk in zip(w, newest_first))]
-        row = self._dc_rows_for(start)[i]
-        out = sum(c * t for c, t in zip(row.predictor, [x, *buffer]) if c != 0.0)
-        return out, buffer
-
-    def _dc_correct(self, j: int, start: int, last_sample, buffer, model_output, sample):
-        """Corrector of step ``j`` (if it has one) given the buffer before its push; else ``sample``."""
-        rows = self._dc_rows_for(start)
-        if j >= len(rows) or rows[j].corrector is None:
-            return sample
-        m = self._dc_convert(rows[j], model_output.float(), sample)
-        return sum(c * t for c, t in zip(rows[j].corrector, [last_sample, *buffer, m]) if c != 0.0)
-
-    def _dc_has_corrector(self, j: int, start: int) -> bool:
-        rows = self._dc_rows_for(start)
-        return j < len(rows) and rows[j].corrector is not None
+        return self._predict(i, start, x, buffer), buffer
 
 
-class DCSolverScheduler(_DynamicCompensation, UniPCMultistepScheduler):
-    """UniPC with dynamic compensation: DC-Solver (Zhao et al., ECCV 2024).
+class DCSolverScheduler(_DynamicCompensation, FastUniPCScheduler):
+    """UniPC with dynamic compensation: DC-Solver (Zhao et al., ECCV 2024) = ``FastUniPCScheduler`` + DC.
 
     All of ``UniPCMultistepScheduler``'s config, plus:
 
-    * ``dc_ratios``: one compensation ratio per step (a searched list, see ``search_ratios``), ``null``
-      for plain UniPC, or ``"cpr"`` to predict them with the cascade polynomial regression from
-      ``cpr_coefficients`` (36 numbers, or a shipped fit by name: ``"sd2.1"``, the authors' fit and the
-      default, or ``"testbed"``) and ``cpr_guidance_scale`` (required: the CFG scale you sample with).
+    * ``dc_ratios``: ``"cpr"`` (default) predicts one ratio per step with the cascade polynomial
+      regression from ``cpr_coefficients`` (a shipped fit by name, ``"testbed"`` (default) or
+      ``"sd2.1"`` (the authors'), or 36 numbers) at the guidance scale the pipeline tells it
+      (``set_guidance_scale``; ``from_pipe`` does), else ``cpr_guidance_scale``.  Predicted ratios
+      are clamped to the range the fit saw; where the scale is unknown (a stock ``pipe(...)`` call
+      without ``cpr_guidance_scale``) or outside the fitted (guidance, NFE, config) box the
+      scheduler warns and uses rho = 1 (plain UniPC).
+      A list: searched ratios (``search_ratios``), one per step.  ``null``: plain UniPC.
     * ``dc_order``: Lagrange order K of the compensation (K + 1 buffered outputs; paper: 2).
 
-    Swap in with ``DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=...)``; FlowMatch
-    configs become ``use_flow_sigmas=True, prediction_type="flow_prediction"``.  The maths runs in
-    float32; ``prev_sample`` has the input's dtype.  ``solver_p`` is not supported.
+    Swap in with ``DCSolverScheduler.from_config(pipe.scheduler.config)``; FlowMatch configs become
+    ``use_flow_sigmas=True, prediction_type="flow_prediction"``.
     """
 
-    def _init(self, *args, dc_ratios=None, dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
-        if kwargs.get("solver_p") is not None:
-            raise ValueError("DCSolverScheduler does not support solver_p (a foreign predictor); leave it None")
+    def _init(self, *args, dc_ratios="cpr", dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
 
@@ -443,84 +394,19 @@ class DCSolverScheduler(_DynamicCompensation, UniPCMultistepScheduler):
     __init__ = register_to_config(_init)
     del _init
 
-    _dc_data_prediction = property(lambda self: self.predict_x0)
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        mu: float | None = None,
-    ):
-        """UniPC's ``set_timesteps`` plus custom ``timesteps`` (descending training timesteps)."""
-        if timesteps is not None:
-            self._set_custom_timesteps(timesteps, num_inference_steps, sigmas, mu)
-        else:
-            super().set_timesteps(num_inference_steps, device=None, sigmas=sigmas, mu=mu)
-        self._dc_after_set_timesteps(device)
-
-    def _set_custom_timesteps(self, timesteps, num_inference_steps, sigmas, mu) -> None:
-        cfg = self.config
-        if sigmas is not None:
-            raise ValueError("pass either `timesteps` or `sigmas` to set_timesteps, not both")
-        if num_inference_steps is not None and num_inference_steps != len(timesteps):
-            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with len(timesteps)={len(timesteps)}")
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
-            raise ValueError("custom `timesteps` cannot be combined with karras/exponential/beta sigmas in the config")
-        t = np.asarray([float(v) for v in timesteps], dtype=np.float64)
-        if len(t) < 1 or np.any(np.diff(t) >= 0) or t[0] > cfg.num_train_timesteps - 1 or t[-1] < 0:
-            raise ValueError(
-                f"timesteps must be strictly decreasing within [0, {cfg.num_train_timesteps - 1}], got {list(timesteps)}"
-            )
-        super().set_timesteps(len(t), mu=mu)  # resets the solver state; the schedule is replaced below
-        if cfg.use_flow_sigmas:  # flow: the timesteps are already shifted, sigma = t / T
-            s = np.minimum(t / cfg.num_train_timesteps, 1 - 1e-6)  # as UniPC: sigma = 1 makes log(alpha) infinite
-            last = s[-1] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        else:  # VP: the training sigmas at those timesteps, as UniPC's default branch
-            table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-            s = np.interp(t, np.arange(len(table)), table)
-            last = table[0] if cfg.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = torch.from_numpy(np.append(s, last).astype(np.float32))
-        self.timesteps = torch.from_numpy(t.round().astype(np.int64))
-        self.num_inference_steps = len(t)
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
-        """One UniPC step (corrector for the current point, then predictor) with dynamic compensation."""
-        prev = self._dc_step(model_output, timestep, sample)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def _dc_orders(self, start: int):
-        """UniPC's predictor order per step (warm-up, lower_order_final) and where its corrector runs."""
-        n, p = len(self._dc_times), self.config.solver_order
-        orders, correct = {}, {}
-        for j in range(start, n):
-            cap = min(p, n - j) if self.config.lower_order_final else p
-            orders[j] = min(cap, j - start + 1)
-            correct[j] = j > start and (j - 1) not in self.disable_corrector
-        return orders, correct
-
-    def _dc_probe(self, j: int, order: int, corrector: bool) -> tuple[float, ...]:
-        B = self._dc_buffer_size
-        if corrector:  # inputs: last_sample, buffer (B), m_new
-            fn = lambda e: UniPCMultistepScheduler.multistep_uni_c_bh_update(  # noqa: E731
-                self, this_model_output=e[B + 1], last_sample=e[0], this_sample=e[0], order=order
-            )
-            return self._dc_probe_with(j, fn, B + 2)
-        fn = lambda e: UniPCMultistepScheduler.multistep_uni_p_bh_update(self, e[0], sample=e[0], order=order)  # noqa: E731
-        return self._dc_probe_with(j, fn, B + 1)
-
-
-class DCDPMSolverScheduler(_DynamicCompensation, DPMSolverMultistepScheduler):
+class DCDPMSolverScheduler(_DynamicCompensation, PrecomputedSteps, DPMSolverMultistepScheduler):
     """DPM-Solver(++) multistep with dynamic compensation: DC as a plug-in for a predictor-only solver.
 
-    Same DC config keys as ``DCSolverScheduler`` (``dc_ratios``, ``dc_order``, ``cpr_coefficients``,
-    ``cpr_guidance_scale``).  ODE variants only (``algorithm_type`` ``dpmsolver++`` or ``dpmsolver``).
-    Without a corrector the buffered outputs are already aligned with the samples; compensation here
-    acts as a searched correction of the multistep extrapolation (the paper's plug-and-play claim).
+    Same DC config keys as ``DCSolverScheduler``, but ``dc_ratios`` defaults to ``null`` (no CPR fit
+    ships for it: search ratios with ``diffplug bench dc-search --solver dpm++``).  ODE variants only
+    (``algorithm_type`` ``dpmsolver++`` or ``dpmsolver``).  Without a corrector the buffered outputs
+    are already aligned with the samples; compensation here acts as a searched correction of the
+    multistep extrapolation (the paper's plug-and-play claim).
     """
 
     def _init(self, *args, dc_ratios=None, dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
+        check_prediction_type(kwargs.get("prediction_type", "epsilon"))
         super().__init__(*args, **kwargs)
         if self.config.algorithm_type not in ("dpmsolver++", "dpmsolver"):
             raise ValueError(
@@ -531,11 +417,11 @@ class DCDPMSolverScheduler(_DynamicCompensation, DPMSolverMultistepScheduler):
             raise ValueError("DCDPMSolverScheduler needs variance_type=None (models that predict only the mean)")
         self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
 
-    _init.__signature__ = _merged_signature(DPMSolverMultistepScheduler.__init__, _dc_config)
+    _init.__signature__ = _merged_signature(DPMSolverMultistepScheduler.__init__, _dc_config, dc_ratios=None)
     __init__ = register_to_config(_init)
     del _init
 
-    _dc_data_prediction = property(lambda self: self.config.algorithm_type == "dpmsolver++")
+    _data_prediction = property(lambda self: self.config.algorithm_type == "dpmsolver++")
 
     def set_timesteps(
         self,
@@ -548,17 +434,18 @@ class DCDPMSolverScheduler(_DynamicCompensation, DPMSolverMultistepScheduler):
         """DPM-Solver's ``set_timesteps`` (``sigmas`` is not supported by it)."""
         if sigmas is not None:
             raise ValueError("DCDPMSolverScheduler.set_timesteps does not take `sigmas`; pass num_inference_steps or timesteps")
+        self._check_set_timesteps(num_inference_steps, timesteps, sigmas)
         super().set_timesteps(num_inference_steps, device=None, mu=mu, timesteps=timesteps)
-        self._dc_after_set_timesteps(device)
+        self._after_set_timesteps(device, custom=timesteps is not None)
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
         """One DPM-Solver multistep step with dynamic compensation (``generator`` unused: ODE only)."""
-        prev = self._dc_step(model_output, timestep, sample)
+        prev = self._fast_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
-    def _dc_orders(self, start: int):
+    def _orders(self, start: int):
         """DPM-Solver's order per step (warm-up, lower-order final steps); it has no corrector."""
-        n, p, cfg = len(self._dc_times), self.config.solver_order, self.config
+        n, p, cfg = len(self._times), self.config.solver_order, self.config
         orders, correct = {}, {}
         for j in range(start, n):
             lower_final = j == n - 1 and (
@@ -575,14 +462,14 @@ class DCDPMSolverScheduler(_DynamicCompensation, DPMSolverMultistepScheduler):
             correct[j] = False
         return orders, correct
 
-    def _dc_probe(self, j: int, order: int, corrector: bool) -> tuple[float, ...]:
-        B = self._dc_buffer_size
+    def _probe(self, j: int, order: int, corrector: bool) -> tuple[float, ...]:
+        B = self._buffer_size
         updates = {
             1: lambda e: DPMSolverMultistepScheduler.dpm_solver_first_order_update(self, e[B], sample=e[0]),
             2: lambda e: DPMSolverMultistepScheduler.multistep_dpm_solver_second_order_update(self, e[1 : B + 1], sample=e[0]),
             3: lambda e: DPMSolverMultistepScheduler.multistep_dpm_solver_third_order_update(self, e[1 : B + 1], sample=e[0]),
         }
-        return self._dc_probe_with(j, updates[order], B + 1)
+        return self._probe_with(j, updates[order], B + 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -602,7 +489,7 @@ def reference_trajectory(model_fn: ModelFn, scheduler, noise: torch.Tensor, step
     (the scheduler's prediction type) for the model input ``x`` at timestep ``t``.
     """
     ptype = _PREDICTION[scheduler.config.prediction_type]
-    times = [float(t) for t in scheduler._dc_times]
+    times = [float(t) for t in scheduler._times]
     N = len(times)
     a_knot, s_knot = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas.float())
     knots = [(scheduler.timesteps[j], float(a_knot[j]), float(s_knot[j])) for j in range(N)]
@@ -683,7 +570,7 @@ def search_ratios(
         for i in range(N):
             t = sched.timesteps[i]
             out = model_fn(sched.scale_model_input(x, t), t).float()
-            if sched.step_index is not None and i - sched._dc_start >= sched.config.dc_order:
+            if sched.step_index is not None and i - sched._start >= sched.config.dc_order:
                 rho, l0, l1 = _search_step(sched, i, out, x, ref[i + 1], model_fn, iters, lr)
                 sched._dc_ratios[i] = result.ratios[i] = rho
                 result.losses_initial.append(l0)
@@ -695,8 +582,8 @@ def search_ratios(
 
 def _search_step(sched, i, model_output, sample, target, model_fn, iters, lr):
     """Optimise rho_i; returns ``(rho, loss at rho=1, loss at rho)``."""
-    x_c, buffer, start = sched._dc_trial(i, model_output, sample)
-    next_corrector = sched._dc_has_corrector(i + 1, start)
+    x_c, buffer, start = sched._trial(i, model_output, sample)
+    next_corrector = sched._has_corrector(i + 1, start)
     t_next = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else None
 
     def loss_at(rho):
@@ -704,7 +591,7 @@ def _search_step(sched, i, model_output, sample, target, model_fn, iters, lr):
         if next_corrector:  # the next UniC, with the network output at the predicted point held fixed
             x_in = x_next.detach()
             out_next = model_fn(sched.scale_model_input(x_in, t_next), t_next).float()
-            x_next = sched._dc_correct(i + 1, start, x_c, buf, out_next, x_in)
+            x_next = sched._correct(i + 1, start, x_c, buf, out_next, x_in)
         return torch.mean((x_next - target) ** 2)
 
     rho = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64, device=sample.device))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 
 import numpy as np
 import pytest
@@ -219,12 +220,12 @@ def test_compensation_weights_differentiable():
 def test_cpr_reproduces_published_sd21_vectors(cfg, nfe, expected):
     assert len(sd21_cpr_coefficients()) == 36
     np.testing.assert_allclose(cpr_ratios(cfg, nfe), expected, atol=5e-5)
-    sched = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg)
+    sched = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg, cpr_coefficients="sd2.1")
     sched.set_timesteps(nfe)
     np.testing.assert_allclose(sched.compensation_ratios, expected, atol=5e-5)
-    named = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg, cpr_coefficients="sd2.1")
-    named.set_timesteps(nfe)
-    assert named.compensation_ratios == sched.compensation_ratios
+    numbers = DCSolverScheduler(**SD, cpr_guidance_scale=cfg, cpr_coefficients=sd21_cpr_coefficients())
+    numbers.set_timesteps(nfe)
+    assert numbers.compensation_ratios == sched.compensation_ratios
     with pytest.raises(ValueError, match="sd2.1"):
         DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=cfg, cpr_coefficients="sdxl")
 
@@ -252,7 +253,7 @@ def test_save_pretrained_round_trips_ratios(tmp_path):
     assert loaded.config.dc_ratios == ratios and loaded.config.prediction_type == "v_prediction"
     loaded.set_timesteps(5)
     assert loaded.compensation_ratios == ratios
-    cpr = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=7.5)
+    cpr = DCSolverScheduler(**SD, dc_ratios="cpr", cpr_guidance_scale=7.5, cpr_coefficients="sd2.1")
     cpr.save_pretrained(tmp_path / "cpr")
     again = DCSolverScheduler.from_pretrained(tmp_path / "cpr")
     again.set_timesteps(5)
@@ -322,7 +323,7 @@ def test_bad_configuration_is_explained():
     with pytest.raises(ValueError, match="search ratios for num_inference_steps=6"):
         DCSolverScheduler(**SD, dc_ratios=[1.0] * 5).set_timesteps(6)
     with pytest.raises(ValueError, match="cpr_guidance_scale"):
-        DCSolverScheduler(**SD, dc_ratios="cpr")
+        DCSolverScheduler(**SD, cpr_guidance_scale=0)
     with pytest.raises(ValueError, match="'cpr'"):
         DCSolverScheduler(**SD, dc_ratios="searched")
     with pytest.raises(ValueError, match="36"):
@@ -334,7 +335,7 @@ def test_bad_configuration_is_explained():
 
 
 def test_begin_index_and_fp16_inputs():
-    unipc, dc = UniPCMultistepScheduler(**SD), DCSolverScheduler(**SD)
+    unipc, dc = UniPCMultistepScheduler(**SD), DCSolverScheduler(**SD, dc_ratios=None)
     for s in (unipc, dc):
         s.set_timesteps(8)
         s.set_begin_index(3)
@@ -463,3 +464,76 @@ def test_search_on_a_pipeline_and_cli(tmp_path):
 def test_shipped_testbed_cpr_fit_loads():
     ratios = cpr_ratios(7.5, 5, "testbed")
     assert len(ratios) == 5 and ratios[:2] == [1.0, 1.0] and all(0.3 < r < 3 for r in ratios[2:])
+
+
+# ---- safe defaults (issue 20) ----------------------------------------------------------------
+
+
+def test_cpr_never_extrapolates_and_clamps_to_the_fit():
+    cfg = DCSolverScheduler(**SD).config
+    from diffplug.samplers.dc_solver import cpr_outside_fit
+
+    assert max(abs(r) for r in cpr_ratios(7.5, 20, "testbed")) > 20  # the raw polynomial explodes off its grid
+    for g, n in [(7.5, 20), (4.0, 25), (12.0, 10), (1.0, 8), (4.0, 4), (7.5, 50)]:
+        assert cpr_outside_fit("testbed", g, n, cfg) is not None
+        sched = DCSolverScheduler(**SD, cpr_guidance_scale=g)
+        with pytest.warns(UserWarning, match="rho = 1"):
+            sched.set_timesteps(n)
+        assert sched.compensation_ratios == [1.0] * n
+    lo, hi = 0.3246, 2.2968  # the searched ratios the testbed fit saw
+    for g in (1.5, 3.0, 4.0, 6.0, 7.5):
+        for n in range(5, 11):
+            sched = DCSolverScheduler(**SD, cpr_guidance_scale=g)
+            sched.set_timesteps(n)
+            assert all(lo <= r <= hi for r in sched.compensation_ratios) and sched.compensation_ratios != [1.0] * n
+    assert cpr_outside_fit("testbed", 4.0, 8, dict(cfg, solver_order=3)) is not None
+
+
+def test_guidance_scale_told_used_unknown_falls_back():
+    sched = DCSolverScheduler(**SD)  # no options: the scale is unknown until told
+    with pytest.warns(UserWarning, match="guidance scale unknown"):
+        sched.set_timesteps(8)
+    assert sched.compensation_ratios == [1.0] * 8
+    with sched.told_guidance_scale(4.0):
+        sched.set_timesteps(8)
+    assert sched.compensation_ratios == cpr_ratios(4.0, 8, "testbed", clamp=True) and sched.cpr_guidance is None
+    sched.set_guidance_scale(7.5)
+    sched.set_timesteps(8)
+    assert sched.compensation_ratios == cpr_ratios(7.5, 8, "testbed", clamp=True)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        sched.set_guidance_scale(-1)
+
+
+def test_from_pipe_tells_a_dc_scheduler_its_guidance_scale():
+    from diffplug.pipelines import from_pipe
+    from diffplug.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config)
+    from_pipe(pipe)("a cat", num_inference_steps=6, guidance_scale=3.0, generator=torch.manual_seed(0), output_type="latent")
+    assert pipe.scheduler.compensation_ratios == cpr_ratios(3.0, 6, "testbed", clamp=True)
+    assert pipe.scheduler.cpr_guidance is None  # told for that call only
+
+
+def test_defaults_on_the_testbed_no_worse_than_unipc():
+    """No options, 1 image, two cells of ``benchmarks/dc_solver_defaults.py``'s grid (the full grid is there):
+    DC-Solver told the scale is finite and within 1.05x of UniPC's error to a 200-step DDIM reference."""
+    from diffplug import testbed
+    from diffplug.samplers.dc_solver import guided_denoiser
+
+    pipe = testbed.load("sd")
+    for spacing, g, n, compensates in [("leading", 4.0, 10, True), ("linspace", 7.5, 20, False)]:
+        config = {**pipe.scheduler.config, "timestep_spacing": spacing}
+        model_fn, noise = guided_denoiser(pipe, ["a photo of a bag"], g, generator=torch.Generator().manual_seed(0))
+        unipc, dc = UniPCMultistepScheduler.from_config(config), DCSolverScheduler.from_config(config)
+        dc.set_guidance_scale(g)
+        ref = DCSolverScheduler.from_config(config, dc_ratios=None)
+        unipc.set_timesteps(n)
+        ref.set_timesteps(timesteps=[int(unipc.timesteps[0])])
+        truth = reference_trajectory(model_fn, ref, noise, 200)[-1]
+        err = {}
+        for name, sched in (("unipc", unipc), ("dc", dc)):
+            with torch.no_grad():
+                err[name] = torch.mean((run(sched, model_fn, noise, n)[-1] - truth) ** 2).item()
+        assert math.isfinite(err["dc"]) and err["dc"] <= 1.05 * err["unipc"], (spacing, g, n, err)
+        assert (dc.compensation_ratios != [1.0] * n) == compensates
