@@ -181,6 +181,30 @@ def x0_norms(pipe, prompts, steps, scale, seed):
     return float(torch.cat(probe.norms).median())
 
 
+def ag_defaults(pipe, prompts, score, args) -> list[str]:
+    """``AdaptiveGuidance()``'s defaults vs CFG at the same scale, and the earlier defaults (γ̄ = 0.99 on ε)."""
+    w, n = args.ag_scale, args.steps
+    ref_images, ref_nfe, ref_wall = render(pipe, CFG(w), prompts, n, args.seed, args.batch)
+    lines = [f"### `AdaptiveGuidance()` defaults vs CFG (w = {w:g}, {n} steps, policy per_sample)", "",
+             "| method | NFE/img | saved | denoiser CPU s | PSNR to CFG (dB) | align | FID | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    configs = [("CFG", None),
+               ("AG defaults: γ̄ = 0.999, x0 space", AdaptiveGuidance(w, policy="per_sample")),
+               ("AG earlier defaults: γ̄ = 0.99, ε (model_output)",
+                AdaptiveGuidance(w, 0.99, policy="per_sample", space="model_output"))]
+    for name, guidance in configs:
+        if guidance is None:
+            nfe, wall, row = ref_nfe, ref_wall, dict(score(ref_images), psnr=math.inf)
+        else:
+            images, nfe, wall = render(pipe, guidance, prompts, n, args.seed, args.batch)
+            row = score(images, ref_images)
+        lines.append(f"| {name} | {nfe:g} | {100 * (1 - nfe / ref_nfe):.1f} % | {wall:.1f} | {fmt(row.get('psnr'), 1)} | "
+                     f"{fmt(row.get('align'))} | {fmt(row.get('fid'), 2)} | {fmt(row.get('precision'), 2)} | "
+                     f"{fmt(row.get('recall'), 2)} |")
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +218,8 @@ def main(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.99, 0.995, 0.999])
     p.add_argument("--features", default="testbed", help="feature network for FID/precision/recall: testbed "
                    "(the testbed classifier's pooled features, cheap), inception (slow on CPU) or none")
+    p.add_argument("--only", choices=["all", "ag-defaults"], default="all",
+                   help="ag-defaults: only AdaptiveGuidance() (today's defaults) and the earlier defaults vs CFG")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -222,6 +248,15 @@ def main(argv=None):
                      f"gray clip {fmt(real.get('clip'))}, align {fmt(real.get('align'))}. "
                      f"FID features: {args.features}.")
         lines.append("")
+
+    if args.only == "ag-defaults":
+        lines += ag_defaults(pipe, prompts, score, args)
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
+        return
 
     # -- APG vs CFG -----------------------------------------------------------------------------
     r = x0_norms(pipe, prompts[: args.batch], args.steps, 7.5, args.seed)

@@ -25,24 +25,28 @@ Choices made here (the paper is silent or the spec asked us to decide):
   outputs, which is what diffusers' ``AdaptiveProjectedGuidance(use_original_formulation=True,
   guidance_scale=w - 1)`` computes. Modular pipelines never give a context: x0 space then falls back
   to model-output space with a one-time warning.
-* **Cheap conversion.** For a fixed ``z_t`` the map x0 → model output is affine, ``out = a z_t + k x0``
-  (ε: k = −α/σ; v: k = −1/σ; flow: k = −1/σ; x0: k = 1), and k is read from the shared helper
-  (``StepContext.from_x0``), not re-derived. Hence ``out_c − out_u = k Δ`` and
-  ``out̃ = out_c + (w − 1) k (Δ⊥ + η Δ∥)``: only ``D_c`` needs a full conversion, nothing is converted
-  back, and with η = 1, r off, β = 0 no k enters at all (exactly CFG). This is algebraically the
-  same as converting D_u and D_c to x0, guiding, and converting D̃ back.
+* **Cheap conversion.** For a fixed ``z_t`` the x0 of a model output is affine, ``D = p z_t + (1/k) out``
+  (ε: ``D = (z_t − σ ε)/α``, k = −α/σ; v: k = −1/σ; flow: k = −1/σ; x0: k = 1; :func:`x0_frame`, checked
+  against ``predictions.split`` in the tests). Hence ``D_c − D_u = (out_c − out_u)/k``, the projection
+  only needs the direction of D_c (``u = α D_c = z_t − σ ε_c`` for ε: one op, no division) and
+  ``out̃ = out_c + (w − 1) k (Δ⊥ + η Δ∥)``: nothing is converted back. This is algebraically the same
+  as converting D_u and D_c to x0, guiding, and converting D̃ back; η = 1, r off, β = 0 is CFG exactly.
 * **α_t → 0** (first step of zero-terminal-SNR schedules, ε-prediction): α is clamped to 1e-4 for the
   conversion so everything stays finite; there k ≈ 0 and the step is effectively conditional-only.
 * **Momentum** is updated only at steps where APG runs (inside ``[start, stop)``), is reset at every
   new generation (step 0, via ``reset()``) and whenever the latent shape changes.
-* **Precision.** The update runs in float32 (float64 if the inputs are float64); the two inner
-  products of the projection are accumulated in float64. ``‖D_c‖ = 0`` is guarded.
+* **Precision.** The update runs in float32 (float64 if the inputs are float64), sums included: the
+  paper's listing projects in float64, but on the testbed shape the float32 result is as close to a
+  float64 reference as the earlier float64-accumulated one (both ~1e-6 of the output's scale, tests).
+  ``‖D_c‖ = 0`` is guarded (nothing is projected).
 * **Defaults** ``norm_threshold=15, momentum=−0.5, eta=0`` are the values diffusers' APG PR took
   from the paper's SDXL setting (Table 10) — r is in latent units of the space APG runs in and must
   be re-tuned per model family and resolution (see benchmarks/guidance_results.md for the testbed).
 
-The maths is a few dozen tensor ops on the whole batch, no Python loop over samples and no host
-sync (``apg_step`` below); benchmarks/guidance_apg_timing.py times it against diffusers' guider.
+Cost: 14 ATen ops per step for ε in x0 space (11 in model-output space), all on the whole batch, with
+no Python loop over samples, no host sync, and no allocation but the result (``apg_update`` works in
+buffers kept across steps); ``tests/test_guidance_apg.py`` counts them, and
+benchmarks/guidance_apg_timing.py times them against CFG and diffusers' guider.
 The paper's equation numbers could not be checked offline, so comments name Algorithm 1's steps.
 """
 
@@ -66,55 +70,97 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sum(a * b, dim=1, keepdim=True, dtype=torch.float64)
 
 
-def apg_step(
-    delta: torch.Tensor,
-    pred_cond: torch.Tensor,
-    eta: float = 0.0,
-    norm_threshold: float = 0.0,
-    momentum: float = 0.0,
-    running: torch.Tensor | None = None,
-    slope: torch.Tensor | float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One APG update of the guidance difference; returns ``(g, M_t)`` with ``g = k (Δ⊥ + η Δ∥)``.
+def x0_frame(kind: str, sample, alpha, sigma, out_c: torch.Tensor, u: torch.Tensor):
+    """Write a multiple of ``D_c`` into ``u``; return ``(s, sign)`` with ``D_c − D_u = sign·s·(out_c − out_u)``.
 
-    The guided output is ``out_c + (w − 1) g`` (APG.forward writes it as CFG plus a correction,
-    ``out_u + w·delta + (w − 1)(g − delta)``, so that the neutral setting is CFG bit for bit).
-
-    ``delta`` is the model-output difference ``out_c − out_u``; ``pred_cond`` is D_c, the vector the
-    update is projected against; ``slope`` is k, with ``Δ_x0 = delta / k`` (1 in model-output space);
-    ``running`` is M_{t−1} in x0 units (None at the first step). Every step is linear in Δ except the
-    norm test, so the update is formed in output units (``k M_t`` and the bound ``r |k|``); only the
-    momentum state is kept in x0 units, because k changes from step to step. ``M_t`` comes back
-    flattened to (B, N) for the next step (None when β = 0).
+    ``predictions.split`` at a fixed ``x_t`` is affine in the model output; this is its slope and
+    direction in one or two ops (tests check it against ``split``). ``kind`` "model_output": ``u = out_c``.
     """
-    shape, batch = delta.shape, delta.shape[0]
-    d = delta.reshape(batch, -1)  # k Δ_t
-    c = pred_cond.reshape(batch, -1)
-    # reverse momentum: M_t = Δ_t + β M_{t−1}   (here k M_t = k Δ_t + β k M_{t−1})
-    if running is not None and momentum != 0.0:
-        d = torch.add(d, running, alpha=momentum) if isinstance(slope, float) else d + (momentum * slope) * running
-    m = None if momentum == 0.0 else (d if isinstance(slope, float) else d * slope.reciprocal())
-    # norm rescaling: Δ ← Δ · min(1, r / ‖Δ‖)   (‖Δ‖ = ‖k Δ‖ / |k|)
-    if norm_threshold > 0:
-        norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
-        limit = norm_threshold * (abs(slope) if isinstance(slope, float) else slope.abs())
-        d = d * (limit / norm).clamp(max=1.0)  # ‖Δ‖ = 0 gives inf -> 1: no division guard needed
-    # projection onto D_c, inner products accumulated in float64: Δ⊥ + η Δ∥ = Δ + (η − 1) (⟨Δ, D_c⟩ / ‖D_c‖²) D_c
-    if eta != 1.0:
-        coef = _dot(d, c) / _dot(c, c).clamp_min(1e-300)
-        d = torch.addcmul(d, ((eta - 1.0) * coef).to(d.dtype), c)
-    return d.reshape(shape), m
+    if kind == "epsilon":  # D = (x − σ ε)/α: u = α D; α clamped (zero-terminal-SNR first step)
+        torch.addcmul(sample, out_c, sigma, value=-1.0, out=u)
+        return sigma / alpha.clamp_min(_MIN_ALPHA), -1.0
+    if kind == "flow":  # D = x − σ u
+        torch.addcmul(sample, out_c, sigma, value=-1.0, out=u)
+        return sigma, -1.0
+    if kind == "v_prediction":  # D = α x − σ v
+        torch.mul(sample, alpha, out=u).addcmul_(out_c, sigma, value=-1.0)
+        return sigma, -1.0
+    u.copy_(out_c)  # "sample" (D = out) and model-output space
+    return 1.0, 1.0
+
+
+class _Workspace:
+    """Buffers kept across steps, so a step allocates nothing but its result. ``M`` and ``u`` sit side
+    by side in ``pair``, so one product and one sum give ``⟨M,u⟩`` and ``‖u‖²``; ``stats`` holds those
+    and ``‖M‖`` together, so one clamp applies both floors."""
+
+    def __init__(self, like: torch.Tensor, norm_threshold: float):
+        small = (like.shape[0],) + (1,) * (like.ndim - 1)
+        self.key = (like.shape, like.dtype, like.device, norm_threshold)
+        self.pair = like.new_empty((2, *like.shape))
+        self.m, self.u = self.pair.unbind(0)  # M_t in x0 units; u ∝ D_c
+        self.prod = torch.empty_like(self.pair)
+        self.tmp = torch.empty_like(like)  # delta, then V
+        self.dims = tuple(range(1, like.ndim))  # per-sample reductions of M; of pair: shifted by one
+        self.pair_dims = tuple(d + 1 for d in self.dims)
+        self.stats = like.new_empty((3, *small))  # ⟨M,u⟩, ‖u‖², ‖M‖
+        self.dots, self.norm = self.stats[:2], self.stats[2]
+        self.mu, self.uu = self.stats[0], self.stats[1]
+        # floors: ‖u‖² > 0 (D_c = 0 projects nothing); ‖M‖ >= r, so r/‖M‖ becomes min(1, r/‖M‖)
+        floor = [-math.inf, torch.finfo(like.dtype).tiny, max(norm_threshold, 0.0)]
+        self.floor = torch.tensor(floor, dtype=like.dtype, device=like.device).view(3, *(1,) * len(small))
+        self.coef, self.scale = like.new_empty(small), like.new_empty(small)
+        self.fresh = True  # M_{t−1} = 0
+
+
+def apg_update(ws: _Workspace, out_c, out_u, frame, w: float, eta: float, norm_threshold: float, momentum: float):
+    """One step of Algorithm 1 on the model outputs; returns the guided output.
+
+    ``frame = (s, sign)`` from :func:`x0_frame` (``ws.u`` already holds ``u ∝ D_c``). With
+    ``Δ_t = s·delta`` (x0 units) and ``k = sign/s`` the slope x0 → output::
+
+        M_t = Δ_t + β M_{t−1}                      (in place in ws.m)
+        V   = M_t + (η − 1) (⟨M_t, u⟩/‖u‖²) u       (= Δ⊥ + η Δ∥ before rescaling; u ∥ D_c)
+        out = out_c + (w − 1) k min(1, r/‖M_t‖) V   (rescale folded into one per-sample divisor)
+    """
+    s, sign = frame
+    tensor_s = isinstance(s, torch.Tensor)
+    m, delta = ws.m, ws.tmp
+    if sign < 0:  # Δ_t = s·delta with s > 0
+        torch.sub(out_u, out_c, out=delta)
+    else:
+        torch.sub(out_c, out_u, out=delta)
+    if ws.fresh or momentum == 0.0:
+        torch.mul(delta, s, out=m)
+    elif tensor_s:
+        m.mul_(momentum).addcmul_(delta, s)
+    else:
+        m.mul_(momentum).add_(delta, alpha=s)
+    ws.fresh = False
+    rescale, project = norm_threshold > 0, eta != 1.0
+    if project:
+        torch.sum(torch.mul(ws.pair, ws.u, out=ws.prod), ws.pair_dims, keepdim=True, out=ws.dots)
+    if rescale:
+        torch.linalg.vector_norm(m, dim=ws.dims, keepdim=True, out=ws.norm)
+    if project or rescale:
+        ws.stats.clamp_(min=ws.floor)
+    v = torch.addcmul(m, ws.u, torch.div(ws.mu, ws.uu, out=ws.coef), value=eta - 1.0, out=ws.tmp) if project else m
+    if not rescale:  # k V
+        return torch.addcdiv(out_c, v, s, value=(w - 1.0) * sign) if tensor_s else torch.add(out_c, v, alpha=(w - 1.0) * sign / s)
+    # k·min(1, r/‖M‖) = sign·r / (s·max(‖M‖, r))
+    scale = torch.mul(ws.norm, s, out=ws.scale) if tensor_s else ws.norm
+    return torch.addcdiv(out_c, v, scale, value=(w - 1.0) * sign * norm_threshold / (1.0 if tensor_s else s))
 
 
 _COMPILED = {}
 
 
-def _step_fn(compiled: bool):
+def _update_fn(compiled: bool):
     if not compiled:
-        return apg_step
-    if "apg_step" not in _COMPILED:
-        _COMPILED["apg_step"] = torch.compile(apg_step, dynamic=False)
-    return _COMPILED["apg_step"]
+        return apg_update
+    if "apg_update" not in _COMPILED:
+        _COMPILED["apg_update"] = torch.compile(apg_update, dynamic=False)
+    return _COMPILED["apg_update"]
 
 
 class APG(Guidance):
@@ -156,17 +202,19 @@ class APG(Guidance):
         self.momentum = float(momentum)
         self.space = space
         self.compile = bool(compile)
-        self._running: torch.Tensor | None = None
+        self._ws: _Workspace | None = None
         self._warned = False
 
     def reset(self) -> None:
-        self._running = None
+        if self._ws is not None:
+            self._ws.fresh = True
 
-    def _x0_frame(self, pred_cond: torch.Tensor):
-        """``(D_c, k)``: the conditional denoised prediction and the slope k of x0 → model output."""
-        ctx = self._context
-        if self.space == "model_output" or ctx is None:
-            if self.space == "x0" and not self._warned:
+    def _kind(self) -> str:
+        """The space the update runs in: the context's prediction type, or "model_output"."""
+        if self.space == "model_output":
+            return "model_output"
+        if self._context is None:
+            if not self._warned:
                 warnings.warn(
                     "APG(space='x0') got no StepContext (a modular pipeline, or a loop that does not call "
                     "set_context): projecting the raw model output instead, as diffusers' APG does. Run it "
@@ -174,11 +222,8 @@ class APG(Guidance):
                     stacklevel=3,
                 )
                 self._warned = True
-            return pred_cond, 1.0
-        if ctx.prediction_type == "epsilon":
-            ctx = type(ctx)(ctx.sample, ctx.alpha.clamp_min(_MIN_ALPHA), ctx.sigma, ctx.prediction_type)
-        slope = ctx.from_x0(1.0, sample=0.0)  # k = d(model output) / d(x0), a 0-d tensor
-        return ctx.to_x0(pred_cond), slope
+            return "model_output"
+        return self._context.prediction_type
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
         if pred_uncond is None:
@@ -186,13 +231,15 @@ class APG(Guidance):
         dtype = pred_cond.dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
         out_c, out_u = pred_cond.to(work), pred_uncond.to(work)
-        d_cond, slope = self._x0_frame(out_c)
-        delta = out_c - out_u  # = k (D_c − D_u)
-        running = self._running
-        if running is not None and running.shape != (delta.shape[0], math.prod(delta.shape[1:])):
-            running = None  # a new latent shape: a new generation
-        g, self._running = _step_fn(self.compile)(delta, d_cond, self.eta, self.norm_threshold, self.momentum, running, slope)
-        # D̃ = D_c + (w − 1) g  written as  CFG + (w − 1)(g − Δ): exactly CFG when APG changes nothing
         w = self.guidance_scale
-        guided = torch.add(out_u + w * delta, g - delta, alpha=w - 1.0)
+        if self.eta == 1.0 and self.norm_threshold <= 0 and self.momentum == 0.0:
+            guided = out_u + w * (out_c - out_u)  # the neutral setting is CFG, bit for bit
+            return self.output(guided.to(dtype), pred_cond, pred_uncond)
+        ws = self._ws
+        if ws is None or ws.key != (out_c.shape, work, out_c.device, self.norm_threshold):
+            ws = self._ws = _Workspace(out_c, self.norm_threshold)  # a new latent shape: a new generation
+        ctx, kind = self._context, self._kind()
+        x, alpha, sigma = (ctx.sample, ctx.alpha, ctx.sigma) if kind != "model_output" else (None, None, None)
+        frame = x0_frame(kind, x, alpha, sigma, out_c, ws.u)
+        guided = _update_fn(self.compile)(ws, out_c, out_u, frame, w, self.eta, self.norm_threshold, self.momentum)
         return self.output(guided.to(dtype), pred_cond, pred_uncond)

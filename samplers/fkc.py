@@ -82,7 +82,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..guidance.base import Guidance
+from diffusers.guiders import ClassifierFreeGuidance
+
+from ..guidance.base import CFG, Guidance
 from ..predictions import noise_levels
 
 __all__ = [
@@ -143,11 +145,23 @@ def fkc_log_weight_increment(eps: list[torch.Tensor], exponents: list[float], rh
 
 
 # -- guidance exponents ----------------------------------------------------------------------------
+SUPPORTED_GUIDANCE = (
+    "CFG (diffplug.guidance.CFG or diffusers' ClassifierFreeGuidance), ProductGuidance, "
+    "or a guidance that defines fkc_exponents()"
+)
+
+
 def _exponents(guidance, names: list[str]) -> dict[str, float]:
-    """The geometric-mixture exponents β_i the guidance applies at this step, keyed by batch name."""
+    """The geometric-mixture exponents β_i the guidance applies at this step, keyed by batch name.
+
+    Only guidance whose combination *is* a geometric mixture can be weighted: CFG (exponents w and
+    1 − w), ProductGuidance, or one that states its exponents (``fkc_exponents``). APG (projection,
+    rescaling, momentum), Adaptive Guidance and LinearAG (passes dropped or estimated) are refused:
+    weighting them as CFG would sample a target they do not define.
+    """
     if hasattr(guidance, "fkc_exponents"):
         exps = dict(guidance.fkc_exponents())
-    elif hasattr(guidance, "guidance_scale"):  # CFG (diffplug's, or diffusers' ClassifierFreeGuidance)
+    elif isinstance(guidance, (CFG, ClassifierFreeGuidance)):
         if getattr(guidance, "guidance_rescale", 0.0):
             raise ValueError(
                 "FKCSampler: CFG with guidance_rescale > 0 is not a geometric mixture; set guidance_rescale=0"
@@ -158,8 +172,8 @@ def _exponents(guidance, names: list[str]) -> dict[str, float]:
         exps = {"pred_cond": w, "pred_uncond": 1.0 - w}
     else:
         raise ValueError(
-            f"FKCSampler: {type(guidance).__name__} is not a geometric mixture of the model's passes; "
-            "use CFG, ProductGuidance, or a guidance that defines fkc_exponents()"
+            f"FKCSampler cannot weight {type(guidance).__name__}: its combination of the model's passes is not a "
+            f"geometric mixture of their densities. Supported guidance: {SUPPORTED_GUIDANCE}"
         )
     if set(names) == {"pred_cond"} and "pred_cond" in exps and len(names) < len(exps):
         return {"pred_cond": 1.0}  # guidance switched off at this step: the conditional model alone
@@ -229,8 +243,9 @@ class FKCSampler:
     """Feynman-Kac corrector SMC over ``num_particles`` particles per prompt (see module docstring).
 
     Args:
-        num_particles: K, particles per group; the batch must be ``groups × K`` (run the pipeline
-            with ``num_images_per_prompt = K``).
+        num_particles: K, particles per group; the batch must be ``groups × K``: run the pipeline with
+            ``num_images_per_prompt = n·K`` for n output images per prompt (``diffplug sample
+            --num-images n --particles K`` does). Each group returns one image (``output.select``).
         beta: inverse temperature of the annealed target ``(Π q_i^{β_i})^beta`` (1: no annealing).
         resample: ``"systematic"`` (default), ``"stratified"`` or ``"multinomial"``.
         ess_threshold: resample a group when ESS ≤ threshold·K; 1.0 = every step, 0.0 = never.
@@ -241,7 +256,9 @@ class FKCSampler:
         correct: ``False`` runs the same moves without weights or resampling (the uncorrected SDE).
         generator: RNG for resampling (default: the pipeline's generator, else torch's global RNG).
 
-    After a run ``sampler.output`` is an :class:`FKCOutput` (``summary()`` for settings.json).
+    After a run ``sampler.output`` is an :class:`FKCOutput` (``summary()`` for settings.json). The
+    pipeline's ``.nfe`` counts network evaluations per *output* image: every particle of its group,
+    every step, every pass (``K × steps × passes``; ``rows_per_output``).
     """
 
     def __init__(
@@ -276,6 +293,11 @@ class FKCSampler:
         self.correct = correct
         self.generator = generator
         self.output: FKCOutput | None = None
+
+    @property
+    def rows_per_output(self) -> int:
+        """Batch rows (particles) behind one output image: the pipeline divides its count by the outputs."""
+        return self.num_particles
 
     def settings(self) -> dict:
         return {

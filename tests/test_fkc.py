@@ -297,7 +297,9 @@ def test_tiny_sd_pipeline_through_from_pipe():
     summary = json.loads(json.dumps(result.summary()))
     assert len(summary["ess_trace"]) == steps and summary["resampling_steps"] == steps - 1
     assert summary["exponents"] == {"pred_cond": 4.0, "pred_uncond": -3.0}
-    assert summary["network_evaluations"] == 2 * K * 2 * steps and out.nfe == 2 * steps
+    # .nfe is per output image: every particle of its group, every step, both passes
+    assert summary["network_evaluations"] == 2 * K * 2 * steps and out.nfe == K * 2 * steps
+    assert summary["network_evaluations_per_output"] == out.nfe
 
     # a product of two prompts: three passes per particle, exponents (w1, 1 - w1 - w2, w2)
     second = encode_condition(pipe, "a red hat", num_images_per_prompt=K)
@@ -306,7 +308,7 @@ def test_tiny_sd_pipeline_through_from_pipe():
         "a cat", num_inference_steps=steps, num_images_per_prompt=K, output_type="latent",
         generator=torch.Generator().manual_seed(0),
     )
-    assert out.nfe == 3 * steps and torch.isfinite(out.images).all()
+    assert out.nfe == K * 3 * steps and torch.isfinite(out.images).all()
     assert sampler.output.exponents == {"pred_cond": 2.0, "pred_uncond": -3.0, "pred_cond_2": 2.0}
 
     # two models sharing the latent space: the second expert is another pipeline's network
@@ -323,7 +325,7 @@ def test_tiny_sd_pipeline_through_from_pipe():
     two = from_pipe(pipe, guidance=ProductGuidance(second, 2.0, second_model=other), sampler=FKCSampler(K))(
         "a cat", num_inference_steps=steps, num_images_per_prompt=K, output_type="latent",
         generator=torch.Generator().manual_seed(0))
-    assert seen == [K] * steps and two.nfe == 3 * steps  # the second network's passes are counted
+    assert seen == [K] * steps and two.nfe == K * 3 * steps  # the second network's passes are counted
     assert not torch.allclose(two.images, run(ProductGuidance(second, 2.0)))  # it is not the first network
 
 
@@ -364,8 +366,50 @@ def test_cli_sample_product_of_prompts_and_of_two_models(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     settings = json.loads((tmp_path / "one" / "settings.json").read_text())
     assert settings["sampler"]["exponents"] == {"pred_cond": 2.0, "pred_uncond": -3.0, "pred_cond_2": 2.0}
-    assert settings["guidance"]["class"] == "ProductGuidance" and settings["nfe_per_image"] == 3 * 2  # per particle
+    assert settings["guidance"]["class"] == "ProductGuidance"
+    assert settings["nfe_per_image"] == 2 * 3 * 2  # per output image: 2 particles x 3 passes x 2 steps
     assert main([*base, "--product-model", "tiny-sd", "--out", str(tmp_path / "two")]) == 0
     assert json.loads((tmp_path / "two" / "settings.json").read_text())["guidance"]["product_model"] == "tiny-sd"
     assert main([*base[:-1], "x", "--product-prompt", "y", "--product-prompt", "z", "--out", str(tmp_path / "bad")]) != 0
     assert "--product-prompt: give one, or one per --prompt (2); got 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["apg", "ag", "linear-ag"])
+def test_guidance_that_is_not_a_geometric_mixture_is_refused(name):
+    """APG, AG and LinearAG are not weighted as if they were CFG: a ValueError names what is supported."""
+    from diffplug.guidance import get_guidance
+
+    options = {"coefficients": [None, [0.0, 0.0, 1.0, 0.0]]} if name == "linear-ag" else {}
+    guidance = get_guidance(name, guidance_scale=3.0, **options)
+    scheduler = toy_scheduler()
+    scheduler.set_timesteps(2)
+    with pytest.raises(ValueError, match=r"cannot weight .*Supported guidance: CFG .*ProductGuidance.*fkc_exponents"):
+        FKCSampler(2).begin(torch.zeros(4, 1), scheduler.timesteps, scheduler, guidance)
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(ValueError, match="cannot weight"):
+        from_pipe(pipe, guidance=guidance, sampler=FKCSampler(2))("a cat", num_inference_steps=2, num_images_per_prompt=2,
+                                                                 output_type="latent")
+    # diffusers' own CFG guider is a geometric mixture: accepted
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    FKCSampler(2).begin(torch.zeros(4, 1), scheduler.timesteps, scheduler, ClassifierFreeGuidance(guidance_scale=3.0))
+
+
+def test_cli_fkc_honours_num_images_and_counts_every_particle(tmp_path, capsys):
+    from diffplug.cli import main
+
+    out = tmp_path / "fkc"
+    K, steps = 2, 2
+    args = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--prompt", "a dog", "--steps", str(steps),
+            "--sampler", "fkc", "--particles", str(K), "--num-images", "2", "--guidance-scale", "3", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["num_images_per_prompt"] == 2
+    assert [im["prompt"] for im in settings["images"]] == ["a cat", "a cat", "a dog", "a dog"]
+    sampler = settings["sampler"]
+    assert sampler["groups"] == 4 and len(sampler["chosen"]) == 4  # one group of K particles per output image
+    assert [c // K for c in sampler["chosen"]] == [0, 1, 2, 3]
+    assert settings["nfe_per_image"] == K * steps * 2 == sampler["network_evaluations_per_output"]
+    assert sampler["network_evaluations"] == 4 * K * steps * 2
+    assert f"{K * steps * 2} NFE/image" in capsys.readouterr().out

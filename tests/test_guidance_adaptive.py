@@ -1,5 +1,6 @@
 """Adaptive Guidance and LinearAG: switch steps, real savings in network evaluations, CFG equivalence."""
 
+import inspect
 import math
 
 import pytest
@@ -79,7 +80,7 @@ def _cosines(k):
 
 @pytest.mark.parametrize("k", [0, 3, N - 1])
 def test_switch_step_and_nfe_is_n_plus_k_plus_1(k):
-    ag = AdaptiveGuidance(5.0, threshold=0.99)
+    ag = AdaptiveGuidance(5.0, threshold=0.99, space="model_output")  # the script sets the ε cosines
     _, model = _run_scripted(ag, [_cosines(k)])
     assert ag.switch_steps == [k]
     assert model.rows == N + k + 1
@@ -87,12 +88,12 @@ def test_switch_step_and_nfe_is_n_plus_k_plus_1(k):
 
 def test_per_sample_policy_skips_rows_and_all_policy_waits_for_the_batch():
     cos = [_cosines(2), _cosines(5)]
-    per = AdaptiveGuidance(5.0, threshold=0.99, policy="per_sample")
+    per = AdaptiveGuidance(5.0, threshold=0.99, policy="per_sample", space="model_output")
     out_per, model_per = _run_scripted(per, cos)
     assert per.switch_steps == [2, 5]
     assert model_per.rows == (N + 2 + 1) + (N + 5 + 1)
     assert model_per.calls[3] == 3  # step 3: two conditional rows + sample 1's unconditional row only
-    whole = AdaptiveGuidance(5.0, threshold=0.99, policy="all")
+    whole = AdaptiveGuidance(5.0, threshold=0.99, policy="all", space="model_output")
     out_all, model_all = _run_scripted(whole, cos)
     assert whole.switch_steps == [2, 5]
     assert model_all.rows == 2 * (N + 5 + 1)
@@ -101,7 +102,7 @@ def test_per_sample_policy_skips_rows_and_all_policy_waits_for_the_batch():
 
 def test_gammas_are_recorded_per_sample():
     cos = [_cosines(4), _cosines(N)]  # the second never converges
-    ag = AdaptiveGuidance(5.0, threshold=0.99, policy="per_sample")
+    ag = AdaptiveGuidance(5.0, threshold=0.99, policy="per_sample", space="model_output")
     _run_scripted(ag, cos)
     gam = ag.gammas()
     assert ag.switch_steps == [4, None]
@@ -143,11 +144,16 @@ def test_calibration_matches_a_real_run(pipe):
     gam_run = calibrate(pipe, prompts, thresholds=(0.999, 2.0), guidance_scale=6.0, num_inference_steps=steps, batch_size=3)
     cal, never = gam_run
     assert never.switch_steps == [None] * 3 and never.saving == 0.0
-    ag = AdaptiveGuidance(6.0, threshold=0.999, policy="per_sample")
-    out = from_pipe(pipe, guidance=ag)(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                                       output_type="latent")
+    ag = AdaptiveGuidance(6.0, threshold=0.999, policy="per_sample")  # the defaults' space: x0, as calibrate's
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        from_pipe(pipe, guidance=ag)(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                                     output_type="latent")
+    finally:
+        hook.remove()
     assert ag.switch_steps == cal.switch_steps
-    assert out.nfe * 3 == sum(cal.nfe)
+    assert sum(rows) == sum(cal.nfe)  # the sample-passes really evaluated
     assert cal.saving == pytest.approx(1 - sum(cal.nfe) / (3 * 2 * steps))
 
 
@@ -281,3 +287,56 @@ def test_gamma_in_x0_space_uses_the_denoised_predictions():
     assert torch.allclose(gam["model_output"], cosine_similarity(cond, uncond))
     assert torch.allclose(gam["x0"], cosine_similarity(ctx.to_x0(cond), ctx.to_x0(uncond)))
     assert (gam["x0"] - gam["model_output"]).abs().max() > 1e-3
+
+
+class DenoisedPatternModel:
+    """An ε-model whose *denoised* predictions are fixed patterns p (prompt) and q (negative) with
+    cos(p, q) = 0.5: ε = (x − α D)/σ. At high noise both ε ≈ x/σ, so their cosine is ≈ 1 from step 0
+    although the prompts disagree — the testbed's situation."""
+
+    def __init__(self, scheduler):
+        self.levels = {int(t): i for i, t in enumerate(scheduler.timesteps)}
+        ac = scheduler.alphas_cumprod[scheduler.timesteps.long()]
+        self.alpha, self.sigma = ac.sqrt(), (1 - ac).sqrt()
+        e1, e2 = _patterns()
+        self.p, self.q = 3 * e1, 3 * (0.5 * e1 + math.sqrt(0.75) * e2)
+        self.rows = 0
+
+    def __call__(self, x, t, encoder_hidden_states):
+        i = self.levels[int(t)]
+        self.rows += x.shape[0]
+        d = torch.stack([self.p if code > 0 else self.q for code in encoder_hidden_states[:, 0, 0].tolist()])
+        return (x - self.alpha[i] * d) / self.sigma[i]
+
+
+def _run_denoised_patterns(guidance):
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    sched.set_timesteps(N)
+    model = DenoisedPatternModel(sched)
+    codes = torch.ones(2, 2, 3)
+    latents = torch.randn((2, *LATENT), generator=torch.Generator().manual_seed(0))
+    denoise(model, sched, latents, sched.timesteps, {"encoder_hidden_states": (codes, -codes)}, guidance)
+    return model.rows
+
+
+def test_defaults_keep_guiding_an_epsilon_model_whose_noise_predictions_agree():
+    ag = AdaptiveGuidance(5.0)
+    assert (ag.threshold, ag.space) == (0.999, "x0")
+    assert _run_denoised_patterns(ag) == 2 * 2 * N  # CFG at every step: prompts still disagree in x0
+    assert ag.switch_steps == [None, None]
+    assert torch.allclose(ag.gammas(), torch.full((N, 2), 0.5, dtype=torch.float64), atol=1e-4)
+    # the earlier defaults measured ε and switched at once: unguided sampling from step 0
+    eps = AdaptiveGuidance(5.0, threshold=0.99, space="model_output")
+    assert _run_denoised_patterns(eps) == 2 * (N + 1)
+    assert eps.switch_steps == [0, 0] and float(eps.gammas()[0].min()) > 0.99
+    assert inspect.signature(calibrate).parameters["space"].default == "x0"  # calibrates what the default measures
+
+
+def test_linear_ag_without_coefficients_is_an_error_naming_the_fix():
+    for bad in (None, [], [None, None, None]):
+        with pytest.raises(ValueError, match=r"coefficients.*fit_from_pipe.*path="):
+            LinearAG(5.0, coefficients=bad)
+    with pytest.raises(ValueError, match=r"coefficients.*fit_from_pipe"):
+        LinearAG()
+    with pytest.raises(ValueError, match=r"coefficients.*path="):
+        get_guidance("linear-ag", guidance_scale="5")

@@ -1,7 +1,9 @@
 """APG (diffplug.guidance.APG): identities the paper's update must satisfy, parity with diffusers."""
 
+import importlib.util
 import math
 import os
+from pathlib import Path
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
 from diffplug.guidance import APG, CFG, get_guidance
+from diffplug.guidance.apg import x0_frame
 from diffplug.pipelines import from_pipe
 from diffplug.predictions import StepContext, split
 from diffplug.testing import tiny_pipeline
@@ -84,6 +87,81 @@ def test_x0_space_matches_explicit_conversion(prediction_type):
         guided_x0 = d_c + (w - 1) * (delta - par + eta * par)
         expected = ctx.from_x0(guided_x0.float())
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (step, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow", "sample"])
+def test_x0_frame_is_the_affine_form_of_split(prediction_type):
+    """u ∥ D_c and D_c − D_u = sign·s·(out_c − out_u), against the shared conversion."""
+    ctx = _context(prediction_type)
+    cond, uncond = _preds()
+    u = torch.empty(SHAPE)
+    s, sign = x0_frame(prediction_type, ctx.sample, ctx.alpha, ctx.sigma, cond, u)
+    d_c, d_u = ctx.to_x0(cond), ctx.to_x0(uncond)
+    assert torch.allclose(d_c - d_u, sign * s * (cond - uncond), atol=1e-5)
+    cos = _flat_dot(u, d_c) / (_norm(u) * _norm(d_c))
+    assert torch.allclose(cos.abs(), torch.ones(SHAPE[0], dtype=torch.float64), atol=1e-6)
+
+
+def _reference(prediction_type, steps, w=7.5, eta=0.0, r=15.0, beta=-0.5):
+    """Algorithm 1 in float64 with explicit x0 conversions (α clamped at 1e-4 for ε, as APG does)."""
+    running, outs = 0, []
+    for ctx, cond, uncond in steps:
+        alpha, sigma, x = ctx.alpha.double(), ctx.sigma.double(), ctx.sample.double()
+        if prediction_type == "epsilon":
+            alpha = alpha.clamp_min(1e-4)
+        d_c, _ = split(cond.double(), x, alpha, sigma, prediction_type)
+        d_u, _ = split(uncond.double(), x, alpha, sigma, prediction_type)
+        running = (d_c - d_u) + beta * running
+        delta = running * torch.clamp(r / _norm(running), max=1.0).view(-1, 1, 1, 1)
+        par = (_flat_dot(delta, d_c) / _norm(d_c) ** 2).view(-1, 1, 1, 1) * d_c
+        guided = d_c + (w - 1) * (delta - par + eta * par)
+        outs.append(StepContext(x, alpha, sigma, prediction_type).from_x0(guided))
+    return outs
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow", "sample"])
+def test_lean_update_equals_float64_reference_to_1e6(prediction_type):
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 4, 64, 64)  # the benchmark's shape: float32 sums over 16k elements
+    steps = []
+    for alpha in (0.05, 0.3, 0.6, 0.9, 0.999):
+        sigma = 1 - alpha if prediction_type == "flow" else math.sqrt(1 - alpha**2)
+        ctx = StepContext(torch.randn(shape, generator=g), torch.tensor(alpha), torch.tensor(sigma), prediction_type)
+        steps.append((ctx, torch.randn(shape, generator=g), torch.randn(shape, generator=g)))
+    apg = APG(7.5, eta=0.0, norm_threshold=15.0, momentum=-0.5)
+    expected = _reference(prediction_type, steps, r=apg.norm_threshold)
+    for i, (ctx, cond, uncond) in enumerate(steps):
+        apg.set_state(i, len(steps), torch.tensor(999))
+        apg.set_context(ctx)
+        got = apg.forward(cond, uncond).pred.double()
+        assert (got - expected[i]).abs().max() <= 2e-6 * expected[i].abs().max(), i
+
+
+def _timing_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_apg_timing.py"
+    spec = importlib.util.spec_from_file_location("guidance_apg_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("space", ["x0", "model_output"])
+def test_one_step_dispatches_at_most_14_aten_ops(space):
+    """The GPU-cost proxy the timing benchmark reports, counted the same way (TorchDispatchMode)."""
+    bench = _timing_module()
+    shape = (2, 4, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, sample = (torch.randn(shape, generator=g) for _ in range(3))
+    ctx = StepContext(sample, torch.tensor(0.6), torch.tensor(0.8), "epsilon") if space == "x0" else None
+    apg = APG(7.5, eta=0.0, norm_threshold=15.0, momentum=-0.5, space=space)
+    for i in range(3):  # past the first step: momentum, rescale and projection all run
+        bench.step(apg, ctx, cond, uncond, i, 10)
+    with bench.OpCounter() as counter:
+        bench.step(apg, ctx, cond, uncond, 3, 10)
+    assert 0 < len(counter.ops) <= 14, counter.ops
+    with bench.OpCounter() as cfg_counter:
+        bench.step(CFG(7.5), None, cond, uncond, 3, 10)
+    assert len(cfg_counter.ops) == 3  # the counter sees every op: CFG's sub, mul, add
 
 
 def test_projected_component_is_orthogonal_to_conditional_x0():
