@@ -71,7 +71,17 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off")
     # -- model ------------------------------------------------------------------------------------
     mixed_precision: str = choice("no", ("no", "fp16", "bf16"), "autocast precision; frozen parts are stored in it")
-    use_lora: bool = opt(True, "train LoRA adapters (reference = adapters disabled); false = full fine-tuning")
+    adapter: str = choice("auto", ("auto", "lora", "full", "sara"), "what trains in the UNet: LoRA adapters (reference = "
+                          "adapters disabled), every weight, or SaRA's smallest entries; auto = lora, or full when use_lora is false")
+    use_lora: bool | None = opt(None, "old name of adapter: true = lora, false = full")
+    sara_threshold: float = opt(0.0, "SaRA: train the entries with |w| < this (the official code: 2e-3); 0 = use sara_fraction")
+    sara_fraction: float = opt(0.0, "SaRA: train this fraction of the UNet's entries, the smallest |w|; 0 = 0.1 "
+                               "(the paper's 10-20 % range) unless sara_threshold is given")
+    sara_lambda_rank: float = opt(5e-4, "SaRA: weight of the nuclear-norm penalty on the trained entries (0 = off)")
+    sara_rank_min_dim: int = opt(64, "SaRA: the penalty picks one 2-D weight with min(shape) > this per step (official: 64)")
+    sara_progressive_step: int = opt(-1, "SaRA: re-select (entries grown past the threshold freeze) after this step; "
+                                     "-1 = half of max_steps (the paper's 2500 of 5005), 0 = never")
+    sara_exclude: list = opt([], "SaRA: parameter name patterns never selected (e.g. '*norm*'); the paper selects from all")
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = same as lora_rank")
     lora_init: str = choice("gaussian", ("gaussian", "default"), "peft init_lora_weights ('default' = kaiming)")
@@ -125,8 +135,33 @@ class TrainConfig:
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = no EMA); got {self.ema_decay}")
         if self.resolution and self.resolution % 8:
             raise ConfigError(f"resolution: must be a multiple of 8 (the VAE's factor); got {self.resolution}")
-        if self.use_lora and not self.lora_target_modules:
+        if self.trained_adapter == "lora" and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: empty; name at least one UNet module (e.g. to_q)")
+        if self.use_lora is not None and self.adapter != "auto" and self.adapter != ("lora" if self.use_lora else "full"):
+            raise ConfigError(f"use_lora: {self.use_lora} contradicts adapter {self.adapter!r}; use_lora is the old name "
+                              "of adapter (true = lora, false = full): drop it (a --preset may set it)")
+        if self.sara_threshold and self.sara_fraction:
+            raise ConfigError("sara_threshold, sara_fraction: give one (an absolute |w| threshold or a fraction), not both")
+        if self.sara_threshold < 0 or not 0 <= self.sara_fraction < 1:
+            raise ConfigError(f"sara_fraction: must be in [0, 1) and sara_threshold >= 0; got {self.sara_fraction}, "
+                              f"{self.sara_threshold}")
+        for key in ("sara_lambda_rank", "sara_rank_min_dim"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0; got {getattr(self, key)}")
+        if self.sara_progressive_step < -1:
+            raise ConfigError(f"sara_progressive_step: -1 (half of max_steps), 0 (never) or a step; got {self.sara_progressive_step}")
+
+    @property
+    def trained_adapter(self) -> str:
+        """``adapter`` with ``auto`` resolved through the old ``use_lora`` key."""
+        if self.adapter != "auto":
+            return self.adapter
+        return "full" if self.use_lora is False else "lora"
+
+    @property
+    def sara_reselect_at(self) -> int:
+        """The step after which SaRA re-selects; 0 = never."""
+        return self.max_steps // 2 if self.sara_progressive_step == -1 else self.sara_progressive_step
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -206,7 +206,7 @@ class Trainer:
 
         set_seed(cfg.seed)  # the same LoRA initialisation on every process
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-        self.model = model = DiffusionModel(load_pipeline(cfg.model))
+        self.model = model = DiffusionModel(load_pipeline(cfg.model), getattr(self.method, "families", None), cfg.guidance_scale)
         self.resolution = cfg.resolution or model.default_resolution()
         model.freeze_encoders(self.device, weight_dtype)
         module = self.method.trainable(self)
@@ -215,7 +215,13 @@ class Trainer:
             if weight_dtype != torch.float32:
                 model.unet.to(dtype=weight_dtype)
             trained, params = module, [p for p in module.parameters() if p.requires_grad]
-        elif cfg.use_lora:
+        elif cfg.trained_adapter == "sara":
+            self._print("sara: " + model.add_sara(cfg, self.device, weight_dtype))
+            if cfg.sara_reselect_at and acc.num_processes > 1:
+                raise ConfigError("sara_progressive_step: re-selection resizes the trained tensors, which DDP cannot "
+                                  "follow; pass --sara_progressive_step 0 for multi-process runs")
+            trained, params = model.unet, model.trainable_parameters()
+        elif cfg.trained_adapter == "lora":
             model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_init)
             model.unet.to(self.device)
             if weight_dtype != torch.float32:  # frozen base in the autocast dtype
@@ -247,7 +253,8 @@ class Trainer:
         self.params = params
         self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # what a checkpoint holds of the model: LoRA adapters only, else the trained module's state
-        self._state_module, self._trainable_only = trained, cfg.use_lora and not self.custom_module
+        self._state_module = trained
+        self._trainable_only = cfg.trained_adapter in ("lora", "sara") and not self.custom_module
 
         self.start_step = 0
         if candidates:
@@ -272,6 +279,9 @@ class Trainer:
                         f"resume: {folder} was written by {state['num_processes']} processes, this run has "
                         f"{acc.num_processes}; resume with the same number of processes"
                     )
+                if self.model.sara is not None:  # SaRA's trained subset first: it sizes the tensors below
+                    with run_state.reading(folder / "sara.safetensors"):
+                        self._sara_swap(self.model.sara.load_layout(folder / "sara.safetensors", self.optimizer))
                 run_state.load(folder, acc.process_index, **self._state_parts())
                 with run_state.reading(folder):
                     self.method.load_state(self, folder)
@@ -318,6 +328,30 @@ class Trainer:
             raise ConfigError(f"resume: {self.out} holds a `{old.get('method')}` run, not `{self.config.method}`")
         if changed:
             self._print(f"warning: resuming with changed config keys {changed} (saved config: {saved})")
+
+    # -- SaRA -----------------------------------------------------------------------------------------
+    def _sara_penalty(self, step: int):
+        """SaRA's nuclear-norm penalty for this step (the penalised weight drawn from seed and step), or None."""
+        cfg, sara = self.config, self.model.sara
+        if sara is None or not cfg.sara_lambda_rank:
+            return None
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        return sara.rank_penalty(cfg.sara_lambda_rank, cfg.sara_rank_min_dim, g)
+
+    def _sara_swap(self, pairs) -> None:
+        """Point the trainer's (and EMA's) parameter list at SaRA's new deltas."""
+        new = {id(old): p for old, p, *_ in pairs}
+        self.params[:] = [new.get(id(p), p) for p in self.params]
+
+    def _sara_reselect(self, step: int) -> None:
+        before = self.model.sara.num_trainable()
+        pairs = self.model.sara.reselect(self.optimizer)
+        if self.ema is not None:  # the frozen entries leave the EMA at their trained values
+            keep = {id(old): k for old, _, k in pairs}
+            self.ema.shadow = [sh[keep[id(p)].to(sh.device)] for sh, p in zip(self.ema.shadow, self.ema.params)]
+        self._sara_swap(pairs)
+        self._print(f"sara: re-selected at step {step}: {self.model.sara.num_trainable():,} of {before:,} entries "
+                    "still below the threshold keep training; optimizer state re-initialised")
 
     # -- logging ---------------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -383,6 +417,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         run_state.save(tmp, acc.process_index, **self._state_parts())
+        if self.model.sara is not None and acc.is_main_process:
+            self.model.sara.save(tmp, layout=True)
         self.method.save_state(self, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -511,7 +547,10 @@ class Trainer:
                     with contextlib.nullcontext() if last else acc.no_sync(self.unet):
                         with acc.autocast():
                             loss, logs = self.method.loss(self, part)
-                        acc.backward(loss / accum)
+                        penalty = self._sara_penalty(step) if last else None
+                        acc.backward(loss / accum + (penalty if penalty is not None else 0.0))
+                        if penalty is not None:
+                            sums["sara_rank_loss"] = sums.get("sara_rank_loss", 0.0) + float(penalty.detach())
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / (accum * len(parts))
@@ -526,6 +565,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
+            if self.model.sara is not None and step + 1 == cfg.sara_reselect_at:
+                self._sara_reselect(step + 1)
             count += 1
             done = step + 1
             if not math.isfinite(sums["loss"]):
