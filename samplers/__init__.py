@@ -3,9 +3,10 @@
 from .dc_solver import DCDPMSolverScheduler, DCSolverScheduler  # DC-Solver (issue 6)
 from .unipc import FastUniPCScheduler  # UniPC from precomputed linear rows (issue 20)
 from .fkc import FKCOutput, FKCSampler, ProductGuidance, encode_condition  # Feynman-Kac correctors (issue 7)
+from .early_exit import EarlyExit  # DeeDiff early exit for transformer denoisers (issue 18)
 
 __all__ = ["DCSolverScheduler", "DCDPMSolverScheduler", "FastUniPCScheduler", "FKCSampler", "FKCOutput", "ProductGuidance",
-           "encode_condition", "SAMPLERS", "get_sampler"]
+           "encode_condition", "EarlyExit", "SAMPLERS", "get_sampler"]
 
 # Samplers own the step for the whole batch (pipelines.loop.Sampler); name -> class, for the CLI.
 SAMPLERS = {"fkc": FKCSampler}

@@ -1,0 +1,223 @@
+"""DeeDiff early exit on the testbed DiT: speed against quality across exit thresholds.
+
+    OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py --images 96 --steps 20 \
+        --out benchmarks/early_exit_results.md            # --device cuda on a GPU
+
+Model: ``EarlyExit.from_testbed()`` (the testbed DiT, 4 blocks, with its shipped heads) inside the
+stock ``testbed.load("dit")`` pipeline, run through diffplug's loop with CFG (``--scale``), DDIM.
+Every threshold renders the same prompts from the same seeds (``guidance_quality.prompt_set``: half
+Fashion-MNIST class prompts, half held-out emoji captions), so PSNR compares each image with the full
+model's image from the same noise (threshold 0 = the full model, bit for bit).
+
+Per threshold: mean blocks run per network evaluation (one sample, one CFG pass), the block saving,
+theoretical FLOPs per evaluation (``torch.utils.flop_counter`` on one row of each piece: input stage,
+block, exit head, UEM, final layer; heads and UEMs included), sampling wall time and denoiser CPU
+time (process time inside the transformer's forward), and quality: FID and precision/recall on the
+testbed classifier's features (``--features inception`` for the real Inception) against real test
+images of the same prompts, alignment (testbed classifier top-1 on the prompted class), PSNR to the
+full model. Then where exits happen along the trajectory (mean blocks per third of the steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from guidance_quality import Scorer, fmt, prompt_set  # noqa: E402  (one prompt set and scorer for all benchmarks)
+
+from diffplug import testbed  # noqa: E402
+from diffplug.guidance import CFG  # noqa: E402
+from diffplug.pipelines import from_pipe  # noqa: E402
+from diffplug.samplers import EarlyExit  # noqa: E402
+
+ADDED = {"resolution": None, "aspect_ratio": None}
+NOTES = "\n## Reading it"
+
+
+@torch.no_grad()
+def piece_flops(ee: EarlyExit, tokens_len: int = 20) -> dict:
+    """Theoretical FLOPs of one row through each piece (flop_counter counts matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev, cfg = ee.device, ee.config
+    size = cfg.sample_size
+    x = torch.randn(1, cfg.in_channels, size, size, device=dev)
+    ctx = torch.randn(1, tokens_len, cfg.caption_channels, device=dev)
+    mask, t = torch.ones(1, tokens_len, device=dev), torch.tensor([500], device=dev)
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = fn()
+        return counter.get_total_flops(), out
+
+    embed, (tok, temb, emb, c, m, cm) = count(lambda: ee.embed(x, ctx, t, ADDED, None, mask))
+    block, _ = count(lambda: ee.transformer.transformer_blocks[0](tok, encoder_hidden_states=c, encoder_attention_mask=cm,
+                                                                   timestep=temb))
+    head, _ = count(lambda: ee.head(1, tok, emb, (size, size)))
+    final, _ = count(lambda: ee.head(ee.num_blocks, tok, emb, (size, size)))
+    uem, _ = count(lambda: ee.uncertainty(1, tok, emb, t))
+    norm = 5 * tok.numel()  # the UEM's parameter-free LayerNorm input (flop_counter counts no elementwise ops)
+    return {"embed": embed, "block": block, "head": head, "final": final, "uem": uem + norm}
+
+
+def flops_per_eval(f: dict, exits: list[int], threshold: float) -> float:
+    """Mean FLOPs per evaluation given exits per block (index i: exited after block i+1)."""
+    n, rows = len(exits), sum(exits)
+    total = 0.0
+    for k, count in enumerate(exits, start=1):
+        uems = 0 if threshold <= 0 else min(k, n - 1)  # UEMs after blocks 1..min(k, N-1)
+        out = f["final"] if k == n else f["head"]
+        total += count * (f["embed"] + k * f["block"] + uems * f["uem"] + out)
+    return total / max(rows, 1)
+
+
+def render(pipe, ee, prompts, args, device):
+    """-> images (N, 3, H, W) in [0, 1], wall seconds, denoiser CPU seconds, exit log."""
+    run = from_pipe(pipe, guidance=CFG(args.scale), cuda_graph=False)
+    clock = {"t": 0.0, "start": 0.0}
+    pre = ee.register_forward_pre_hook(lambda *_: clock.update(start=time.process_time()))
+    post = ee.register_forward_hook(lambda *_: clock.update(t=clock["t"] + time.process_time() - clock["start"]))
+    ee.reset_stats()
+    ee.log_exits = True
+    images, start = [], time.perf_counter()
+    try:
+        for b in range(0, len(prompts), args.batch):
+            out = run(prompts[b : b + args.batch], num_inference_steps=args.steps, output_type="pt",
+                      generator=torch.Generator(device).manual_seed(args.seed + b // args.batch), max_sequence_length=20)
+            images.append(out.images.float().cpu())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    finally:
+        pre.remove()
+        post.remove()
+    return torch.cat(images), time.perf_counter() - start, clock["t"], list(ee.exit_log)
+
+
+def trajectory(log, steps: int) -> list[float]:
+    """Mean blocks per evaluation in each third of the sampling steps (high noise first)."""
+    per_call = [(i % steps, blocks.float().mean().item(), len(blocks)) for i, (_, blocks) in enumerate(log)]
+    thirds = []
+    for lo, hi in ((0, steps // 3), (steps // 3, 2 * steps // 3), (2 * steps // 3, steps)):
+        sel = [(m, n) for s, m, n in per_call if lo <= s < hi]
+        thirds.append(sum(m * n for m, n in sel) / max(1, sum(n for _, n in sel)))
+    return thirds
+
+
+@torch.no_grad()
+def head_errors(pipe, ee, items, timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> list[dict]:
+    """Per noise level: each exit's epsilon-MSE on real test images (same noise), the UEMs' mean u and
+    the pseudo-label mean u_hat -- how much worse an early answer is, and whether the UEM knows it."""
+    from diffplug.finetune.deediff import per_token
+
+    dev = ee.device
+    real = torch.stack([r for _, _, r in items]).float().to(dev) / 127.5 - 1
+    x0 = pipe.vae.encode(real).latent_dist.mean * pipe.vae.config.scaling_factor
+    embeds, mask, _, _ = pipe.encode_prompt([p for p, _, _ in items], do_classifier_free_guidance=False,
+                                            device=dev, max_sequence_length=20)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in timesteps:
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        tt = torch.full((len(x0),), t, device=dev)
+        x_t = pipe.scheduler.add_noise(x0, eps, tt.long())
+        preds, us = ee.all_exits(x_t, embeds, tt, encoder_attention_mask=mask, added_cond_kwargs=ADDED)
+        c = eps.shape[1]
+        row = {"t": t, "mse": [float((p[:, :c] - eps).pow(2).mean()) for p in preds], "u": [float(u.mean()) for u in us],
+               "u_hat": [float(per_token(torch.tanh((p[:, :c] - eps).abs()), ee.config.patch_size).mean()) for p in preds[:-1]]}
+        out.append(row)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
+    p.add_argument("--features", default="testbed", help="testbed (classifier features) or inception")
+    p.add_argument("--heads", default=None, help="heads file (default: the shipped testbed heads)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=HERE / "early_exit_results.md")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    pipe = testbed.load("dit").to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    ee = EarlyExit(pipe.transformer, heads=args.heads or testbed.WEIGHTS_DIR / "dit_early_exit.safetensors")
+    pipe.transformer = ee
+    items = prompt_set(args.images, args.seed)
+    prompts = [prompt for prompt, _, _ in items]
+    score = Scorer(items, testbed.load_classifier(), args.features)
+    flops = piece_flops(ee)
+    thresholds = [float(v) for v in args.thresholds.split(",")]
+
+    rows, ref = [], None
+    for tau in thresholds:
+        ee.threshold = tau
+        images, wall, cpu, log = render(pipe, ee, prompts, args, args.device)
+        stats = ee.stats()
+        row = score(images, ref) if ref is not None else dict(score(images), psnr=math.inf)
+        ref = images if ref is None else ref
+        row.update(tau=tau, blocks=stats["mean_blocks"], exits=stats["exits_per_block"], wall=wall, cpu=cpu,
+                   flops=flops_per_eval(flops, stats["exits_per_block"], tau), thirds=trajectory(log, args.steps))
+        rows.append(row)
+        print(f"tau {tau}: blocks {row['blocks']:.2f} fid {row.get('fid', float('nan')):.2f} align {row.get('align', 0):.3f} "
+              f"psnr {row['psnr']:.1f} wall {wall:.1f}s", flush=True)
+    write(args, rows, flops, ee.num_blocks, argv, head_errors(pipe, ee, items))
+
+
+def write(args, rows, flops, n, argv, errors) -> None:
+    full = rows[0]
+    lines = [
+        "# DeeDiff early exit on the testbed DiT",
+        "",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), a shared "
+        f"machine: wall times are noisy), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
+        f"Model: the testbed DiT ({n} blocks) with the shipped heads `testbed/weights/dit_early_exit.safetensors`; "
+        f"{args.images} images (half Fashion-MNIST class prompts, half held-out emoji), {args.steps} DDIM steps, CFG {args.scale:g}, "
+        f"the same seeds for every threshold. FID/precision/recall on {args.features} features against real test images "
+        "of the same prompts (small sample: compare rows, not with other tables).",
+        "",
+        f"FLOPs of one row (flop_counter): input stage {flops['embed'] / 1e6:.2f} M, block {flops['block'] / 1e6:.2f} M, "
+        f"exit head {flops['head'] / 1e6:.3f} M, UEM {flops['uem'] / 1e6:.3f} M, final layer {flops['final'] / 1e6:.3f} M.",
+        "",
+        "| threshold | blocks / eval | block saving | exits after block 1..N | MFLOPs / eval | FLOP saving | wall s | denoiser CPU s | FID | precision | recall | align | PSNR to full (dB) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tau']:g} | {r['blocks']:.2f} | {1 - r['blocks'] / n:.1%} | {' / '.join(map(str, r['exits']))} | "
+            f"{r['flops'] / 1e6:.2f} | {1 - r['flops'] / full['flops']:.1%} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+            f"{fmt(r.get('fid'), 2)} | {fmt(r.get('precision'))} | {fmt(r.get('recall'))} | {fmt(r.get('align'))} | {fmt(r['psnr'], 1)} |"
+        )
+    lines += ["", "Where exits happen along the trajectory (mean blocks per evaluation; sampling runs from pure noise (first third) to the image):", "",
+              "| threshold | first third (high noise) | middle third | last third (low noise) |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['tau']:g} | " + " | ".join(f"{v:.2f}" for v in r["thirds"]) + " |")
+    lines += ["", f"Exit quality by noise level: epsilon-MSE of each exit on the {args.images} real test images of the prompts "
+              "(VAE latents, one noise draw), with the UEMs' mean u and the pseudo-label mean u_hat = tanh|g_i - eps|:", "",
+              "| t | " + " | ".join(f"MSE exit {i}" for i in range(1, n)) + " | MSE full | "
+              + " | ".join(f"u / u_hat {i}" for i in range(1, n)) + " |", "|---:|" + "---:|" * (2 * n - 1)]
+    for e in errors:
+        lines.append(f"| {e['t']} | " + " | ".join(f"{v:.3f}" for v in e["mse"]) + " | "
+                     + " | ".join(f"{u:.2f} / {h:.2f}" for u, h in zip(e["u"], e["u_hat"])) + " |")
+    old = args.out.read_text() if args.out.is_file() else ""
+    notes = old[old.index(NOTES) + 1 :] if NOTES in old else ""  # the hand-written reading is kept (recheck its numbers)
+    args.out.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
