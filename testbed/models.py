@@ -68,6 +68,9 @@ SCHEDULE = dict(
     prediction_type="epsilon",
 )
 DDIM_CONFIG = dict(SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+# The few-step student (``unet_lcm``): LCMScheduler on the same schedule, distilled on a 50-step grid.
+LCM_CONFIG = dict(SCHEDULE, original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=True, steps_offset=1)
+LCM_COND_DIM = 256  # UNet time_cond_proj_dim: the guidance-scale embedding (as LCM-SD)
 
 
 # ------------------------------------------------------------------------------- text encoder
@@ -91,7 +94,7 @@ def load_text_encoder(dtype: torch.dtype = torch.float32):
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=TEXT_MAX_LENGTH, local_files_only=True)
-    encoder = BertModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+    encoder = BertModel.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
     encoder.eval().requires_grad_(False)
     return encoder, tokenizer
 
@@ -152,13 +155,15 @@ def build(name: str, config: dict | None = None):
         return AutoencoderKL(**(config or VAE_CONFIG))
     if name == "unet":
         return UNet2DConditionModel(**(config or UNET_CONFIG))
+    if name == "unet_lcm":
+        return UNet2DConditionModel(**(config or dict(UNET_CONFIG, time_cond_proj_dim=LCM_COND_DIM)))
     if name == "dit":
         return PixArtTransformer2DModel(**(config or DIT_CONFIG))
     if name == "classifier":
         return Classifier(**(config or {}))
     if name == "scorer":
         return ImageTower(**(config or {}))
-    raise ValueError(f"name={name!r}: use one of vae, unet, dit, classifier, scorer")
+    raise ValueError(f"name={name!r}: use one of vae, unet, unet_lcm, dit, classifier, scorer")
 
 
 def load_model(name: str, folder: Path = WEIGHTS_DIR):
