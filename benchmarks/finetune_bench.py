@@ -1,20 +1,21 @@
-"""Base vs Diffusion-DPO vs SPO on the testbed: reward, prompt alignment, drift, cost.
+"""Base vs Diffusion-DPO vs SPO on the testbed, per reward: held-out reward vs training wall-clock.
 
-    python benchmarks/finetune_bench.py --out runs/finetune_bench            # CPU-sized defaults
-    python benchmarks/finetune_bench.py --out runs/fb --dpo_steps 400 --spo_steps 60 --eval_per_prompt 32
+    python benchmarks/finetune_bench.py --rewards_only --out runs/fb          # the rewards' headroom table
+    python benchmarks/finetune_bench.py --out runs/fb --rewards jpeg_compressibility --spo_steps 60 --dpo_steps 200
 
-Runs, each through the same trainer and the same commands a user runs (``diffplug finetune ...``):
+For each reward, through the same commands a user runs:
 
-* ``dpo``: pairs generated on the testbed from the testbed image-text scorer (N samples per prompt,
-  best vs worst), then Diffusion-DPO (LoRA);
-* ``spo``: SPO (LoRA) with the step-aware preference model initialised from the same scorer
-  (optionally trained first with ``diffplug finetune spo-pm``, ``--train_spm``).
+* ``spo-pm --reward R``: the step-aware preference model on pairs of base samples labelled by R
+  (its held-out step-wise accuracy vs R on the same one-step predictions is in the table);
+* ``spo --reward R --preference_model <that>`` (official update schedule);
+* ``dpo --preset lora --reward R`` (pairs generated from R).
 
-Then every model samples the same held-out seeds for the ten Fashion-MNIST class prompts
-(DDIM 20 steps, CFG 5) and is scored: mean reward (the testbed scorer, the optimised objective),
-win-rate of the reward against the base model on the same seed, alignment (the testbed classifier's
-top-1 accuracy on the prompted class) and the mean absolute pixel change from the base sample
-(drift). Results go to ``benchmarks/finetune_results.md``.
+Each run evaluates the held-out reward every ``--eval_every`` steps on ``--eval_images`` images (the
+trainer's fixed noise). Then base and tuned models sample the same *other* seeds and are scored:
+reward mean ± s.e., gain in s.e. (unpaired, and paired per seed), alignment (the testbed classifier's
+top-1 on the prompted class) and FID (testbed features) against Fashion-MNIST test images. Train
+seconds include setup, pair generation and, for SPO, the preference model's training; evaluations
+are excluded. Results are appended to ``--results`` (``benchmarks/finetune_results.md``).
 """
 
 from __future__ import annotations
@@ -33,90 +34,151 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def prompt_sets(n_emoji: int = 20) -> dict[str, list[str]]:
+    from diffplug.finetune.pairs import FASHION_PROMPTS, HARD_FASHION_PROMPTS
+    from diffplug.testbed import data as D
+
+    emo = D.emoji("test")
+    idx = list(range(0, len(emo), max(1, len(emo) // n_emoji)))[:n_emoji]
+    return {"fashion": list(FASHION_PROMPTS), "hard": list(HARD_FASHION_PROMPTS), "emoji": [emo.captions[i][0] for i in idx]}
+
+
+# the prompts each reward is trained and evaluated on (where it has headroom)
+REWARD_PROMPTS = {"jpeg_compressibility": "fashion", "jpeg_incompressibility": "fashion", "classifier_logprob": "hard",
+                  "colorfulness": "emoji", "testbed": "fashion"}
+
+
 def train(method: str, out: Path, args, extra: dict) -> tuple[Path, float]:
     from diffplug.finetune.cli import main
 
-    argv = [method, "--output_dir", str(out), "--model", args.model, "--seed", str(args.seed), "--log_every", "5", "--checkpoint_every", "0"]
+    argv = [method, "--output_dir", str(out), "--model", args.model, "--seed", str(args.seed), "--log_every", "5",
+            "--checkpoint_every", "0", "--tensorboard", "false"]
     for k, v in extra.items():
         argv += [f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    t0 = time.time()
     if (out / "final").exists():
         print(f"{out} done already; reusing it")
         return out / "final", float(json.loads((out / "bench_time.json").read_text())["seconds"])
-    code = main(argv)
-    if code:
-        raise SystemExit(f"diffplug finetune {method} failed ({code})")
-    seconds = time.time() - t0
-    (out / "bench_time.json").write_text(json.dumps({"seconds": seconds}))
+    t0 = time.time()
+    if main(argv):
+        raise SystemExit(f"diffplug finetune {method} failed")
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    evals = [r for r in logs if "eval_reward" in r]
+    seconds = evals[-1]["train_seconds"] if evals else time.time() - t0  # evaluations excluded
+    (out / "bench_time.json").write_text(json.dumps({"seconds": seconds, "argv": argv}))
     return out / "final", seconds
 
 
 @torch.no_grad()
-def sample(model: str, lora: Path | None, prompts: list[str], per_prompt: int, seed: int) -> torch.Tensor:
+def sample(model: str, weights: Path | None, prompts: list[str], per_prompt: int, seed: int) -> torch.Tensor:
     from diffplug.finetune.model import load_pipeline
     from diffplug.guidance.base import CFG
     from diffplug.pipelines import from_pipe
 
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
+    if weights is not None and (weights / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(weights), subfolder="unet")
+    elif weights is not None:
+        pipe.load_lora_weights(str(weights))
     run = from_pipe(pipe, guidance=CFG(5.0))
-    images = []
+    out = []
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(seed * 1000 + i)
-        images.append(run(prompt, num_images_per_prompt=per_prompt, num_inference_steps=20, generator=g, output_type="pt").images.float())
-    return torch.cat(images)
+        out.append(run(prompt, num_images_per_prompt=per_prompt, num_inference_steps=20, generator=g, output_type="pt").images.float())
+    return torch.cat(out).clamp(0, 1)
 
 
-def reward_curves(evals: dict[str, list[dict]], every: int, n_images: int) -> list[str]:
-    """Held-out reward against training wall time (setup included, evaluations excluded), and the time
-    each method takes to reach the same reward gain: the smaller of the two methods' best gains."""
-    lines = ["", f"## Reward against training time (held-out reward every {every} steps, {n_images} images, fixed noise)", ""]
-    gains = {k: max(r["eval_reward"] for r in v) - v[0]["eval_reward"] for k, v in evals.items() if v}
-    if len(gains) < 2:
-        return lines + ["(no evaluation records)"]
-    target = min(gains.values())
-    lines += ["| method | step | train seconds | eval reward (± s.e.) |", "|---|---|---|---|"]
-    for name, recs in evals.items():
-        lines += [f"| {name} | {r['step']} | {r['train_seconds']:.0f} | {r['eval_reward']:.4f} ± {r['eval_reward_se']:.4f} |" for r in recs]
-    lines += ["", f"Same reward gain for both (+{target:.4f}, the smaller best gain): first evaluation reaching it:", ""]
-    for name, recs in evals.items():
-        hit = next((r for r in recs if r["eval_reward"] - recs[0]["eval_reward"] >= target - 1e-12), None)
-        lines.append(f"* {name}: step {hit['step']}, {hit['train_seconds']:.0f} s of training" if hit else f"* {name}: not reached")
+def rewards_table(args) -> list[str]:
+    """Each reward's mean, s.d. and s.e. on the base model's samples, per prompt set."""
+    from diffplug.evals.rewards import get_reward
+
+    sets = prompt_sets()
+    names = ["jpeg_compressibility", "jpeg_incompressibility", "classifier_logprob", "colorfulness", "testbed"]
+    lines = ["", f"## Reward headroom on the base model ({args.eval_images} images per prompt set, DDIM 20, CFG 5)", "",
+             "| reward | direction, range | " + " | ".join(f"{k} ({len(v)} prompts)" for k, v in sets.items()) + " |",
+             "|---|---|" + "---|" * len(sets)]
+    images = {k: sample(args.model, None, v, max(1, args.eval_images // len(v)), args.seed + 777) for k, v in sets.items()}
+    for name in names:
+        r = get_reward(name)
+        cells = []
+        for k, v in sets.items():
+            per = max(1, args.eval_images // len(v))
+            s = torch.as_tensor(r(images[k], [p for p in v for _ in range(per)])).float()
+            cells.append(f"{s.mean():.4g} (s.d. {s.std():.3g}, s.e. {s.std() / len(s) ** 0.5:.2g})")
+        lo, hi = r.range
+        lines.append(f"| `{name}` | {'higher' if r.higher_is_better else 'lower'} is better, [{lo:g}, {hi:g}] | " + " | ".join(cells) + " |")
     return lines
 
 
-def peak_memory(out: Path, args) -> list[str]:
-    """Peak resident memory of a short DPO run (reusing the generated pairs), LoRA vs full fine-tuning,
-    each in a fresh process (CPU: RSS stands in for the GPU's peak allocated memory)."""
-    import subprocess
+def evaluate(args, reward_name: str, prompts: list[str], runs: dict) -> dict:
+    from diffplug import testbed
+    from diffplug.evals import FID
+    from diffplug.evals.rewards import get_reward, prompt_class
+    from diffplug.testbed.data import fashion_mnist
 
-    lines = ["", f"## Peak memory, LoRA vs full fine-tuning (DPO, {args.memory_steps} steps, batch 4, fresh process each)", "",
-             "| mode | peak RSS of the process (MiB) | trainable parameters | their fp32 gradients + AdamW moments (MiB) |",
-             "|---|---|---|---|"]
-    for mode, lora in (("LoRA r=8", "true"), ("full", "false")):
-        run_dir = out / f"memory-{'lora' if lora == 'true' else 'full'}"
-        code = (
-            "import resource, sys, json; from diffplug.finetune.cli import main; "
-            "rc = main(sys.argv[1:]); print(json.dumps({'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
-        )
-        argv = ["dpo", "--output_dir", str(run_dir), "--model", args.model, "--data", str(out / "dpo" / "pairs"),
-                "--max_steps", str(args.memory_steps), "--train_batch_size", "4", "--use_lora", lora,
-                "--checkpoint_every", "0", "--tensorboard", "false", "--log_every", "1"]
-        if run_dir.exists():
-            import shutil
+    reward, classifier = get_reward(reward_name), testbed.load_classifier()
+    per = max(1, args.eval_images // len(prompts))
+    names = [p for p in prompts for _ in range(per)]
+    labels = torch.tensor([prompt_class(p) for p in names])
+    fid = FID(features="testbed", reset_real_features=False)
+    for chunk in fashion_mnist("test").floats()[: args.fid_real].split(250):
+        fid.update(chunk, real=True)
+    out, base = {}, None
+    for name, weights in runs.items():
+        images = sample(args.model, weights, prompts, per, args.seed + 12345)
+        with torch.no_grad():
+            s = torch.as_tensor(reward(images, names)).float()
+            alignment = (classifier(images).argmax(-1) == labels).float().mean().item()
+        fid.reset()
+        fid.update(images, real=False)
+        base = s if base is None else base
+        d = s - base
+        out[name] = {"reward": s.mean().item(), "se": (s.std() / len(s) ** 0.5).item(), "n": len(s),
+                     "gain": d.mean().item(), "paired_se": (d.std() / len(d) ** 0.5).item(),
+                     "alignment": alignment, "fid": float(fid.compute())}
+        print(reward_name, name, json.dumps(out[name]), flush=True)
+    return out
 
-            shutil.rmtree(run_dir)
-        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-        if res.returncode:
-            lines.append(f"| {mode} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} | | |")
-            continue
-        rss = json.loads(res.stdout.strip().splitlines()[-1])["rss_mib"]
-        trainable = next((line for line in res.stdout.splitlines() + res.stderr.splitlines() if "trainable parameters" in line), "")
-        count = trainable.split(":")[-1].strip()
-        states = int(count.replace(",", "")) * 12 / 2**20 if count.replace(",", "").isdigit() else float("nan")
-        lines.append(f"| {mode} | {rss:.0f} | {count} | {states:.2f} |")
+
+def curve(out: Path) -> list[dict]:
+    path = out / "logs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if "eval_reward" in line] if path.is_file() else []
+
+
+def report(reward: str, prompts: str, res: dict, runs_dir: Path, seconds: dict, args) -> list[str]:
+    lines = ["", f"### `{reward}` on the {prompts} prompts", "",
+             "| model | held-out reward (± s.e.) | gain (± paired s.e.) | gain / s.e. (unpaired) | alignment | FID | train wall-clock |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        gain = "–" if name == "base" else f"{r['gain']:+.4g} ± {r['paired_se']:.2g}"
+        ratio = "–" if name == "base" else f"{r['gain'] / max(res['base']['se'], 1e-12):+.1f}"
+        lines.append(f"| {name} | {r['reward']:.4g} ± {r['se']:.2g} | {gain} | {ratio} | {100 * r['alignment']:.1f} % | "
+                     f"{r['fid']:.2f} | {seconds.get(name, 0):.0f} s |")
+    acc_path = runs_dir / "spo-pm" / "final" / "stepwise_accuracy.json"
+    if acc_path.is_file():
+        acc = json.loads(acc_path.read_text())
+        lines += ["", "SPM held-out step-wise accuracy (decided pairs), vs the labelling reward on the same one-step x0 predictions:", "",
+                  "| t | " + " | ".join(acc) + " |", "|---|" + "---|" * len(acc),
+                  "| SPM | " + " | ".join(f"{a['spm']:.3f} ± {a['spm_se']:.3f}" for a in acc.values()) + " |",
+                  f"| `{reward}` on x0_hat | " + " | ".join(f"{a['reward']:.3f} ± {a['reward_se']:.3f}" for a in acc.values()) + " |",
+                  f"| pairs | " + " | ".join(str(a["pairs"]) for a in acc.values()) + " |"]
+    curves = {m: curve(runs_dir / m) for m in ("dpo", "spo")}
+    curves = {m: c for m, c in curves.items() if c}
+    if curves:
+        lines += ["", "Held-out reward vs training wall-clock (the trainer's fixed noise):", "",
+                  "| method | step | train seconds | eval reward (± s.e.) |", "|---|---|---|---|"]
+        for m, c in curves.items():
+            offset = seconds.get("spo-pm", 0) if m == "spo" else 0
+            lines += [f"| {m} | {r['step']} | {r['train_seconds'] + offset:.0f} | {r['eval_reward']:.4g} ± {r['eval_reward_se']:.2g} |" for r in c]
+        gains = {m: max(r["eval_reward"] for r in c) - c[0]["eval_reward"] for m, c in curves.items()}
+        target = min(gains.values())
+        lines += ["", f"Time to the same gain (+{target:.4g}, the smaller best gain; SPO includes its preference model):", ""]
+        for m, c in curves.items():
+            offset = seconds.get("spo-pm", 0) if m == "spo" else 0
+            hit = next((r for r in c if r["eval_reward"] - c[0]["eval_reward"] >= target - 1e-12), None)
+            lines.append(f"* {m}: step {hit['step']}, {hit['train_seconds'] + offset:.0f} s" if hit else f"* {m}: not reached")
     return lines
 
 
@@ -125,137 +187,58 @@ def main() -> None:
     parser.add_argument("--out", default="runs/finetune_bench")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="testbed", help="the base pipeline (tiny:sd for a dry run of this script)")
-    parser.add_argument("--dpo_steps", type=int, default=60)
-    parser.add_argument("--dpo_repeats", type=int, default=6, help="rounds over the 10 prompts when generating pairs")
-    parser.add_argument("--spo_steps", type=int, default=10)
-    parser.add_argument("--spo_threshold", type=float, default=0.3, help="SPO compare threshold (paper: 0.3 with PickScore's logit scale 100)")
-    parser.add_argument("--spo_lr", type=float, default=6e-5)
-    parser.add_argument("--dpo_lr", type=float, default=1e-4)
-    parser.add_argument("--train_spm", type=int, default=0, help="spo-pm steps before SPO (0 = untrained SPM)")
-    parser.add_argument("--eval_per_prompt", type=int, default=8)
-    parser.add_argument("--fid_features", default="testbed", help="FID feature network (diffplug.evals): testbed | inception")
-    parser.add_argument("--fid_real", type=int, default=1000, help="held-out Fashion-MNIST test images for the FID reference")
-    parser.add_argument("--eval_every", type=int, default=0,
-                        help="held-out reward every N training steps (trainer's eval_every): reward-vs-time curves")
-    parser.add_argument("--memory_steps", type=int, default=0,
-                        help="also train DPO this many steps with LoRA and full fine-tuning in subprocesses: peak RSS")
+    parser.add_argument("--rewards", default="jpeg_compressibility,classifier_logprob")
+    parser.add_argument("--methods", default="spo,dpo")
+    parser.add_argument("--rewards_only", action="store_true", help="only the rewards' headroom table")
+    parser.add_argument("--pm_steps", type=int, default=300)
+    parser.add_argument("--pm_repeats", type=int, default=10, help="rounds over the prompts for the SPM's labelled pairs")
+    parser.add_argument("--spo_steps", type=int, default=60, help="SPO optimiser steps (not rollouts)")
+    parser.add_argument("--spo_lr", type=float, default=6e-4, help="paper 6e-5 x 10 (testbed / SD pre-training LR)")
+    parser.add_argument("--spo_threshold", type=float, default=0.3)
+    parser.add_argument("--dpo_steps", type=int, default=200)
+    parser.add_argument("--dpo_repeats", type=int, default=8, help="rounds over the prompts when generating DPO pairs")
+    parser.add_argument("--dpo_extra", default="", help="extra dpo flags, e.g. '--learning_rate 3e-4'")
+    parser.add_argument("--eval_every", type=int, default=20)
+    parser.add_argument("--eval_images", type=int, default=200)
+    parser.add_argument("--fid_real", type=int, default=1000)
     parser.add_argument("--results", default=str(HERE / "finetune_results.md"))
     args = parser.parse_args()
 
-    from diffplug import testbed
-    from diffplug.finetune.pairs import FASHION_PROMPTS
-
-    # One thread per process: on shared CPUs, oversubscribed OpenMP threads are 20x slower.
     torch.set_num_threads(int(os.environ.get("DIFFPLUG_THREADS", "1")))
-    torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, cost = {"base": None}, {"base": (0.0, 0)}
-
-    curves = dict(eval_every=args.eval_every, eval_prompts=list(FASHION_PROMPTS), eval_images_per_prompt=2) if args.eval_every else {}
-    dpo = dict(max_steps=args.dpo_steps, train_batch_size=4, learning_rate=args.dpo_lr, beta=5000, reward="testbed",
-               num_per_prompt=4, generate_repeats=args.dpo_repeats, generate_steps=20, lora_rank=8, lr_warmup_steps=0)
-    runs["dpo"], t = train("dpo", out / "dpo", args, {**dpo, **curves})
-    # samples: the generated images (N per prompt per round) + none online
-    cost["dpo"] = (t, 4 * len(FASHION_PROMPTS) * args.dpo_repeats)
-
-    pm = "testbed"
-    if args.train_spm:
-        spm = dict(max_steps=args.train_spm, train_batch_size=4, learning_rate=1e-4, data="generate", reward="backbone",
-                   num_per_prompt=4, generate_repeats=args.dpo_repeats, generate_steps=20)
-        pm_final, t_pm = train("spo-pm", out / "spo-pm", args, spm)
-        pm = str(pm_final)
-    spo = dict(max_steps=args.spo_steps, train_batch_size=2, preference_model=pm, num_steps=20, num_sample_each_step=4,
-               divert_start_step=4, threshold=args.spo_threshold, learning_rate=args.spo_lr)
-    runs["spo"], t = train("spo", out / "spo", args, {**spo, **curves})
-    # samples: per prompt, k candidates at every step after the divert step
-    cost["spo"] = (t, args.spo_steps * 2 * 4 * (20 - 4))
-
-    scorer, classifier = testbed.load_scorer(), testbed.load_classifier()
-    from diffplug.evals import FID
-    from diffplug.testbed.data import fashion_mnist
-
-    fid = FID(features=args.fid_features, reset_real_features=False)
-    real = fashion_mnist("test").floats()[: args.fid_real]
-    for chunk in real.split(250):
-        fid.update(chunk, real=True)
-    prompts = list(FASHION_PROMPTS)
-    labels = torch.arange(len(prompts)).repeat_interleave(args.eval_per_prompt)
-    results, base_images, base_reward = {}, None, None
-    for name, lora in runs.items():
-        t0 = time.time()
-        images = sample(args.model, lora, prompts, args.eval_per_prompt, args.seed + 12345)
-        with torch.no_grad():
-            reward = scorer(images, [p for p in prompts for _ in range(args.eval_per_prompt)]).float()
-            accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
-        fid.reset()
-        fid.update(images, real=False)
-        fid_value = float(fid.compute())
-        if base_images is None:
-            base_images, base_reward = images, reward
-        results[name] = {
-            "reward": reward.mean().item(),
-            "reward_sem": (reward.std() / len(reward) ** 0.5).item(),
-            "win_rate_vs_base": (reward > base_reward).float().mean().item() if name != "base" else float("nan"),
-            "alignment": accuracy,
-            "drift": (images - base_images).abs().mean().item(),
-            "fid": fid_value,
-            "train_seconds": cost[name][0],
-            "train_samples": cost[name][1],
-            "eval_seconds": time.time() - t0,
-        }
-        print(name, json.dumps(results[name]))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-
     cmd = "python benchmarks/finetune_bench.py " + " ".join(sys.argv[1:])
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    lines = [
-        "# Fine-tuning: base vs Diffusion-DPO vs SPO on the testbed",
-        "",
-        f"Device: {device}. Date: {datetime.date.today()}. Command: `{cmd}`.",
-        "",
-        f"Held-out evaluation: the 10 Fashion-MNIST class prompts x {args.eval_per_prompt} seeds, DDIM 20 steps, CFG 5, "
-        "the same seeds for every model. Reward = the testbed image-text scorer (cosine; the objective both methods optimise); "
-        "win-rate = share of seeds whose reward beats the base model's sample of the same seed; alignment = the testbed "
-        "classifier's top-1 accuracy on the prompted class; drift = mean |pixel change| vs the base sample (0..1 scale); "
-        f"FID ({args.fid_features} features) of the samples vs {args.fid_real} held-out Fashion-MNIST test images "
-        "(small samples: compare the rows, not with published FIDs).",
-        "",
-        "| model | reward (± s.e.) | win-rate vs base | alignment | FID | drift | train wall time | samples generated for training |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        win = "–" if name == "base" else f"{100 * r['win_rate_vs_base']:.0f} %"
-        lines.append(
-            f"| {name} | {r['reward']:.4f} ± {r['reward_sem']:.4f} | {win} | {100 * r['alignment']:.1f} % | "
-            f"{r['fid']:.2f} | {r['drift']:.4f} | {r['train_seconds']:.0f} s | {r['train_samples']} |"
-        )
-    def logs(name):
-        path = out / name / "logs.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-    def mean(records, key):
-        values = [r[key] for r in records if key in r]
-        return sum(values) / max(len(values), 1)
-
-    train_logs = lambda name: [r for r in logs(name) if "loss" in r]  # noqa: E731  (eval records have no loss)
-    d, p, m = train_logs("dpo"), train_logs("spo"), train_logs("spo-pm")
-    lines += ["", "Training diagnostics (from each run's logs.jsonl):", ""]
-    if d:
-        lines.append(f"* dpo: loss {d[0]['loss']:.4f} -> {d[-1]['loss']:.4f}, implicit accuracy (last window) {d[-1]['implicit_acc']:.2f}")
-    if m:
-        lines.append(f"* spo-pm: pairwise accuracy on noisy predictions, first/last window {m[0]['accuracy']:.2f} / {m[-1]['accuracy']:.2f}")
-    if p:
-        lines.append(f"* spo: valid-pair fraction {mean(p, 'valid_pair_fraction'):.2f}, clipped-ratio fraction {mean(p, 'clipped_fraction'):.3f}, "
-                     f"loss {p[0]['loss']:.4f} -> {p[-1]['loss']:.4f}")
-    if args.eval_every:
-        lines += reward_curves({name: [r for r in logs(name) if "eval_reward" in r] for name in ("dpo", "spo")},
-                               args.eval_every, len(FASHION_PROMPTS) * 2)
-    if args.memory_steps:
-        lines += peak_memory(out, args)
-    lines += ["", "Training settings:", "", f"* dpo: `{json.dumps(dpo)}`", f"* spo: `{json.dumps(spo)}`", ""]
-    Path(args.results).write_text("\n".join(lines))
-    print(f"wrote {args.results}")
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), shared)"
+    lines = ["", f"## Run of {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", "", f"Device: {device}. Command: `{cmd}`."]
+    if args.rewards_only:
+        lines += rewards_table(args)
+    else:
+        sets = prompt_sets()
+        for reward in args.rewards.split(","):
+            which = REWARD_PROMPTS.get(reward, "fashion")
+            prompts, rdir = sets[which], out / reward
+            per = max(1, args.eval_images // len(prompts))
+            evals = dict(eval_every=args.eval_every, eval_prompts=prompts, eval_images_per_prompt=per, prompts=prompts)
+            runs, seconds = {"base": None}, {}
+            if "spo" in args.methods:
+                pm, seconds["spo-pm"] = train("spo-pm", rdir / "spo-pm", args, dict(
+                    reward=reward, prompts=prompts, max_steps=args.pm_steps, generate_repeats=args.pm_repeats * 10 // len(prompts),
+                    eval_repeats=max(1, 50 // len(prompts))))
+                runs["spo"], t = train("spo", rdir / "spo", args, dict(
+                    reward=reward, preference_model=str(pm), max_steps=args.spo_steps, learning_rate=args.spo_lr,
+                    threshold=args.spo_threshold, train_batch_size=2, **evals))
+                seconds["spo"] = t + seconds["spo-pm"]
+            if "dpo" in args.methods:
+                extra = dict(zip(args.dpo_extra.split()[::2], args.dpo_extra.split()[1::2]))
+                runs["dpo"], seconds["dpo"] = train("dpo", rdir / "dpo", args, dict(
+                    preset="lora", reward=reward, max_steps=args.dpo_steps, generate_repeats=args.dpo_repeats * 10 // len(prompts),
+                    **evals, **{k.lstrip("-"): v for k, v in extra.items()}))
+            res = evaluate(args, reward, prompts, runs)
+            (rdir / "results.json").write_text(json.dumps(res, indent=1))
+            lines += report(reward, which, res, rdir, seconds, args)
+    with open(args.results, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

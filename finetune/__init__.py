@@ -2,6 +2,7 @@
 
     diffplug finetune dpo --output_dir runs/dpo --max_steps 500
     diffplug finetune spo --output_dir runs/spo --max_steps 200
+    diffplug finetune find --prompt "a photo of a shirt" --reward classifier_logprob --output_dir runs/find
     accelerate launch -m diffplug.finetune spo --output_dir runs/spo   # multi-GPU
 
 From Python::
@@ -17,9 +18,9 @@ from .trainer import EMA, Method, Trainer
 def __getattr__(name):  # methods import lazily (they pull in diffusers pipelines)
     import importlib
 
-    if name.startswith("__") or name in ("dpo", "spo", "spm"):
+    if name.startswith("__") or name in ("dpo", "spo", "spm", "find", "deediff", "sft", "sara", "pso"):
         raise AttributeError(name)  # let the import system load submodules itself
-    for sub in ("dpo", "spo", "spm"):
+    for sub in ("dpo", "spo", "spm", "find", "deediff", "sft", "pso"):
         module = importlib.import_module(f"{__name__}.{sub}")
         if hasattr(module, name):
             return getattr(module, name)
@@ -27,4 +28,6 @@ def __getattr__(name):  # methods import lazily (they pull in diffusers pipeline
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "EMA", "Method", "Trainer",
-           "DPOConfig", "DiffusionDPO", "dpo_loss", "SPOConfig", "SPO", "SPMConfig", "SPMTraining"]
+           "DPOConfig", "DiffusionDPO", "dpo_loss", "SPOConfig", "SPO", "SPMConfig", "SPMTraining",
+           "FINDConfig", "FIND", "NoisePolicy", "load_noise_policy",
+           "DeeDiffConfig", "DeeDiff", "SFTConfig", "SFT"]

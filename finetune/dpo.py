@@ -14,6 +14,16 @@ denoising errors (mean over C,H,W)
 factor is the official code's ``beta_dpo``; diffusers' research script writes the same loss as
 ``-logsigmoid(beta' (ref_diff - model_diff))`` with ``beta' = beta/2 = 2500``. Options: ``hinge``
 (``relu(1 - inside)``) and ``ipo`` (``(-Delta - 1/beta)^2``, i.e. diffusers' ``(logits - 1/(2 beta'))^2``).
+
+Presets (``--preset``; keys given on the command line or in YAML win over a preset):
+
+* ``paper``: the paper's recipe -- full UNet fine-tuning, AdamW, ``scale_lr`` with 1e-8 per sample
+  on SD-1.5 (2.048e-5 at its 2048-pair batch), constant LR after a warm-up of a quarter of the run
+  (500 of 2000 steps), grad-norm 1, beta 5000. Scaled to the testbed by one rule: learning rates
+  scale with the model's pre-training LR (SD v1: 1e-4, the testbed UNet: 1e-3), so 1e-7 per sample,
+  at a global batch of 16 (the testbed's pairs are few: the batch is not scaled up to 2048).
+* ``lora``: diffusers' research LoRA script (rank 8, LR 1e-5, constant, no warm-up, batch 8 x 2
+  accumulation, beta_dpo 2500 in its form = 5000 here), its LR scaled by the same rule: 1e-4.
 """
 
 from __future__ import annotations
@@ -28,16 +38,55 @@ from .config import ConfigError, choice, opt
 from .pairs import PairDataConfig, PreferencePairs, pair_dataset
 from .trainer import Method
 
+PRETRAIN_LR_RATIO = 1e-3 / 1e-4  # testbed UNet / SD v1 pre-training learning rate: the scaling rule
+PRESETS = {
+    "paper": dict(use_lora=False, scale_lr=True, learning_rate=1e-8 * PRETRAIN_LR_RATIO, train_batch_size=16,
+                  gradient_accumulation_steps=1, optimizer="adamw", lr_scheduler="constant_with_warmup",
+                  max_grad_norm=1.0, beta=5000.0, random_flip=True),
+    "lora": dict(use_lora=True, lora_rank=8, learning_rate=1e-5 * PRETRAIN_LR_RATIO, train_batch_size=8,
+                 gradient_accumulation_steps=2, lr_scheduler="constant", lr_warmup_steps=0, max_grad_norm=1.0,
+                 beta=5000.0, random_flip=True),
+}
+
+
+def apply_preset(values: dict) -> dict:
+    """Config values with ``values["preset"]``'s keys filled in beneath the given ones."""
+    name = values.get("preset") or ""
+    if not name:
+        return dict(values)
+    if name not in PRESETS:
+        raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}; got {name!r}")
+    out = {**PRESETS[name], **values}
+    if name == "paper" and "lr_warmup_steps" not in values:  # 500 of the paper's 2000 steps
+        out["lr_warmup_steps"] = int(float(values.get("max_steps", DPOConfig.max_steps))) // 4
+    return out
+
+
 @dataclass
 class DPOConfig(PairDataConfig):
+    preset: str = choice("", ("", "paper", "lora"), "a recipe (see the module doc); '' = none. Applied by the CLI "
+                         "and DPOConfig.from_preset; explicit keys win")
+    eval_reward: str = opt("", "reward of the held-out evaluations; '' = --reward")
     beta: float = opt(5000.0, "beta of Eq. 14 (official beta_dpo; the loss scale is beta/2)")
     loss_type: str = choice("sigmoid", ("sigmoid", "hinge", "ipo"), "DPO loss; the paper's is sigmoid")
     random_flip: bool = opt(True, "flip each pair (both images together) horizontally with p = 0.5")
     timestep_subset: list = opt([], "train only on these timesteps (e.g. SDXL-Turbo: 249, 499, 749, 999)")
 
     method = "dpo"
+    apply_preset = staticmethod(apply_preset)  # the CLI applies it beneath the given keys
+
+    @classmethod
+    def from_preset(cls, preset: str, **values) -> "DPOConfig":
+        from .config import build_config
+
+        return build_config(cls, apply_preset({"preset": preset, **values}))
+
+    def __post_init__(self):
+        if not self.eval_reward:
+            self.eval_reward = self.reward  # documented default: evaluate on the pairs' reward
 
     def validate(self) -> None:
+        self.__post_init__()
         super().validate()
         if not self.beta > 0:
             raise ConfigError(f"beta: must be > 0; got {self.beta}")

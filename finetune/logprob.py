@@ -69,9 +69,35 @@ def ddim_step_with_logprob(
         if noise is None:
             noise = torch.randn_like(mean)
         prev_sample = mean + std * noise.to(mean)
-    std = std.clamp(min=1e-12)  # the last step into abar = 1 is deterministic
-    log_prob = -((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+    return prev_sample, gaussian_logprob(prev_sample, mean, std)
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) averaged over the non-batch elements (DDPO convention); ``x`` detached."""
+    std = std.clamp(min=1e-12)  # a deterministic step (e.g. into abar = 1)
+    log_prob = -((x.detach().float() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+
+
+def renoise_step_with_logprob(scheduler, model_output, timestep, sample, next_timestep, noise=None, prev_sample=None,
+                              prediction_type: str | None = None):
+    """The consistency-model stochastic step (LCM, multistep CM sampling; PSO-online) ``x_t -> x_s``:
+    ``x0_hat = f(x_t, t)``, then ``x_s ~ N(alpha_s x0_hat, sigma_s^2 I)`` -> ``(x_s, log-prob per sample,
+    x0_hat)``. ``f`` is ``LCMScheduler``'s ``c_skip x_t + c_out x0`` when the scheduler has that boundary
+    condition, else the plain x0 prediction. ``next_timestep`` < 0: the end (``final_alpha_cumprod``)."""
+    prediction_type = prediction_type or prediction_type_of(scheduler)
+    b, shape = sample.shape[0], (sample.shape[0],) + (1,) * (sample.dim() - 1)
+    t = torch.as_tensor(timestep).reshape(-1).expand(b)
+    alpha_t, sigma_t = (v.view(shape) for v in _levels(scheduler, t, sample.device))
+    alpha_s, sigma_s = (v.view(shape) for v in _levels(scheduler, torch.as_tensor(next_timestep).reshape(-1).expand(b), sample.device))
+    x0 = split(model_output.float(), sample.float(), alpha_t, sigma_t, prediction_type)[0]
+    if hasattr(scheduler, "get_scalings_for_boundary_condition_discrete"):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.cpu().float())
+        x0 = c_skip.to(sample.device).view(shape) * sample.float() + c_out.to(sample.device).view(shape) * x0
+    mean = alpha_s * x0
+    if prev_sample is None:
+        prev_sample = mean + sigma_s * (torch.randn_like(mean) if noise is None else noise.to(mean))
+    return prev_sample, gaussian_logprob(prev_sample, mean, sigma_s), x0
 
 
 def guided_prediction(model, unet, x: torch.Tensor, t: torch.Tensor, conditions: dict, guidance_scale: float) -> torch.Tensor:
@@ -83,3 +109,21 @@ def guided_prediction(model, unet, x: torch.Tensor, t: torch.Tensor, conditions:
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
     out_u, out_c = model.predict(unet, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
     return out_u + guidance_scale * (out_c - out_u)
+
+
+class PromptCache:
+    """``model.encode_prompts(prompts, size, uncond=True)`` with each distinct prompt encoded once
+    (the text encoder is frozen; online methods re-encode the same few prompts every step)."""
+
+    def __init__(self, model, size: int):
+        self.model, self.size, self.rows = model, size, {}
+
+    def __call__(self, prompts: list[str]) -> dict:
+        new = list(dict.fromkeys(p for p in prompts if p not in self.rows))
+        if new:
+            enc = self.model.encode_prompts(new, self.size, uncond=True)
+            for i, p in enumerate(new):
+                self.rows[p] = {k: (c[i], u[i]) for k, (c, u) in enc.items()}
+        keys = self.rows[prompts[0]].keys()
+        return {k: (torch.stack([self.rows[p][k][0] for p in prompts]), torch.stack([self.rows[p][k][1] for p in prompts]))
+                for k in keys}

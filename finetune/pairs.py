@@ -10,8 +10,8 @@ Accepted sources (``--data``):
 * ``generate``: pairs made on the fly from a reward (sample N images per prompt, score them, keep
   the best and the worst), cached in ``output_dir/pairs/``.
 
-Row layouts: Pick-a-Pic's ``caption, jpg_0, jpg_1, label_0`` (ties ``label_0 = 0.5`` dropped,
-the winner put first), or ``caption|prompt`` with ``chosen/rejected`` or ``image_w/image_l``. Images
+Row layouts: Pick-a-Pic's ``caption, jpg_0, jpg_1, label_0`` (ties ``label_0 = 0.5`` dropped for
+DPO, kept as soft labels for the SPM; the winner put first), or ``caption|prompt`` with ``chosen/rejected`` or ``image_w/image_l``. Images
 are paths, encoded bytes (``{"bytes": ...}`` as ``datasets`` stores them), or PIL images.
 """
 
@@ -30,6 +30,8 @@ FASHION_PROMPTS = [
     f"a photo of {'an' if c[0] in 'aeiou' else 'a'} {c}"
     for c in ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 ]
+#: the classes the testbed classifier confuses most (the classifier_logprob reward has headroom there)
+HARD_FASHION_PROMPTS = ["a photo of a shirt", "a photo of a t-shirt", "a photo of a pullover", "a photo of a coat"]
 
 
 @dataclass
@@ -52,25 +54,30 @@ class PairDataConfig(TrainConfig):
                 raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
 
 
-def pair_dataset(trainer, cfg: PairDataConfig, reward=None) -> "PreferencePairs":
-    """The dataset of ``cfg.data``; for 'generate', made once by the main process into output_dir/pairs."""
+def pair_dataset(trainer, cfg: PairDataConfig, reward=None, name: str = "pairs", repeats: int | None = None,
+                 salt: int = 0, **generate) -> "PreferencePairs":
+    """The dataset of ``cfg.data``; for 'generate', made once by the main process into output_dir/``name``
+    (``generate``: extra keywords of :func:`generate_pairs`, e.g. labelled pairs with ties for the SPM)."""
+    keep_ties = generate.get("labelled", False)
     if cfg.data != "generate":
-        return load_pairs(cfg.data, trainer.resolution)
-    folder = trainer.out / "pairs"
+        return load_pairs(cfg.data, trainer.resolution, keep_ties)
+    folder = trainer.out / name
     acc = trainer.accelerator
     if acc.is_main_process and not (folder / "pairs.jsonl").is_file():
-        prompts = read_prompts(cfg.prompts) * cfg.generate_repeats
-        trainer._print(f"generating preference pairs: {len(prompts)} prompts x {cfg.num_per_prompt} samples")
-        generate_pairs(trainer, prompts, cfg.num_per_prompt, reward or cfg.reward, cfg.generate_steps, folder)
+        prompts = read_prompts(cfg.prompts) * (cfg.generate_repeats if repeats is None else repeats)
+        trainer._print(f"generating preference pairs ({name}): {len(prompts)} prompts x {cfg.num_per_prompt} samples")
+        generate_pairs(trainer, prompts, cfg.num_per_prompt, reward or cfg.reward, cfg.generate_steps, folder,
+                       salt=salt, **generate)
     acc.wait_for_everyone()
-    return load_pairs(str(folder), trainer.resolution)
+    return load_pairs(str(folder), trainer.resolution, keep_ties)
 
 CAPTION_KEYS = ("caption", "prompt", "text")
 PAIR_KEYS = (("jpg_0", "jpg_1"), ("image_w", "image_l"), ("chosen", "rejected"))
 
 
-def normalise_row(row: dict, where: str) -> tuple[str, object, object] | None:
-    """A raw row -> ``(caption, winner, loser)``; None for a tie."""
+def normalise_row(row: dict, where: str, keep_ties: bool = False) -> tuple | None:
+    """A raw row -> ``(caption, winner, loser)``; a tie -> None, or with ``keep_ties``
+    ``(caption, image_0, image_1, 0.5)`` (and ``(caption, winner, loser, 1.0)`` otherwise)."""
     caption = next((row[k] for k in CAPTION_KEYS if k in row), None)
     if caption is None:
         raise ConfigError(f"data: {where} has no caption column (one of {CAPTION_KEYS}); columns: {sorted(row)}")
@@ -81,9 +88,11 @@ def normalise_row(row: dict, where: str) -> tuple[str, object, object] | None:
                     raise ConfigError(f"data: {where} has jpg_0/jpg_1 but no label_0 (the Pick-a-Pic preference label)")
                 label = float(row["label_0"])
                 if label == 0.5:
-                    return None
-                return (str(caption), row[a], row[b]) if label > 0.5 else (str(caption), row[b], row[a])
-            return str(caption), row[a], row[b]
+                    return (str(caption), row[a], row[b], 0.5) if keep_ties else None
+                out = (str(caption), row[a], row[b]) if label > 0.5 else (str(caption), row[b], row[a])
+            else:
+                out = (str(caption), row[a], row[b])
+            return out + (1.0,) if keep_ties else out
     raise ConfigError(
         f"data: {where} has no image pair; expected columns jpg_0, jpg_1, label_0 (Pick-a-Pic), image_w/image_l "
         f"or chosen/rejected; columns: {sorted(row)}"
@@ -125,21 +134,22 @@ def to_tensor(image, size: int) -> torch.Tensor:
 
 
 class PreferencePairs(torch.utils.data.Dataset):
-    """Items ``{"caption": str, "image_w": (3,H,W), "image_l": (3,H,W)}`` in [-1, 1].
+    """Items ``{"caption": str, "image_w": (3,H,W), "image_l": (3,H,W)}`` in [-1, 1]; with
+    ``keep_ties`` also ``"label_w"`` (1.0, or 0.5 for a tie, whose images keep their file order).
 
     ``rows``: a list of dicts, or a ``datasets.Dataset`` (rows are read, and images decoded, only
     when an item is fetched; ties are found from the ``label_0`` column alone)."""
 
-    def __init__(self, rows, size: int, root: Path | None = None, where: str = "data"):
-        self.rows, self.size, self.root, self.where = rows, size, root, where
+    def __init__(self, rows, size: int, root: Path | None = None, where: str = "data", keep_ties: bool = False):
+        self.rows, self.size, self.root, self.where, self.keep_ties = rows, size, root, where, keep_ties
         columns = getattr(rows, "column_names", None)
         if columns is not None:  # a datasets.Dataset: check the layout on the first row only
             if len(rows):
                 normalise_row(rows[0], f"{where} row 0")
-            labels = rows["label_0"] if "label_0" in columns else None
+            labels = rows["label_0"] if "label_0" in columns and not keep_ties else None
             self.index = [i for i in range(len(rows)) if labels is None or float(labels[i]) != 0.5]
         else:
-            self.index = [i for i, row in enumerate(rows) if normalise_row(row, f"{where} row {i}") is not None]
+            self.index = [i for i, row in enumerate(rows) if normalise_row(row, f"{where} row {i}", keep_ties) is not None]
         if not self.index:
             raise ConfigError(f"data: {where} holds no usable (non-tie) preference pairs")
 
@@ -147,20 +157,26 @@ class PreferencePairs(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i):
-        caption, w, l = normalise_row(self.rows[self.index[i]], f"{self.where} row {self.index[i]}")
-        return {
+        caption, w, l, *label = normalise_row(self.rows[self.index[i]], f"{self.where} row {self.index[i]}", self.keep_ties)
+        item = {
             "caption": caption,
             "image_w": to_tensor(load_image(w, self.root), self.size),
             "image_l": to_tensor(load_image(l, self.root), self.size),
         }
+        if self.keep_ties:
+            item["label_w"] = label[0]
+        return item
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
-        return {
+        batch = {
             "captions": [it["caption"] for it in items],
             "image_w": torch.stack([it["image_w"] for it in items]),
             "image_l": torch.stack([it["image_l"] for it in items]),
         }
+        if "label_w" in items[0]:
+            batch["label_w"] = torch.tensor([it["label_w"] for it in items], dtype=torch.float32)
+        return batch
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -214,9 +230,9 @@ def read_rows(source: str) -> tuple[list, Path | None]:
     )
 
 
-def load_pairs(source: str, size: int) -> PreferencePairs:
+def load_pairs(source: str, size: int, keep_ties: bool = False) -> PreferencePairs:
     rows, root = read_rows(source)
-    return PreferencePairs(rows, size, root, where=source)
+    return PreferencePairs(rows, size, root, where=source, keep_ties=keep_ties)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +269,21 @@ def resolve_reward(name):
     return fn
 
 
+def soft_label(score_0: float, score_1: float, margin: float) -> float:
+    """PickScore-style label of image 0: 1 or 0, or 0.5 (a tie) when the scores differ by <= ``margin``."""
+    if abs(score_0 - score_1) <= margin:
+        return 0.5
+    return 1.0 if score_0 > score_1 else 0.0
+
+
 @torch.no_grad()
-def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, steps: int, folder: Path) -> None:
-    """Sample ``per_prompt`` images per prompt with the initial model, score them with ``reward``,
-    keep (best, worst) per prompt; write PNGs and ``pairs.jsonl`` into ``folder`` (atomically)."""
+def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, steps: int, folder: Path,
+                   labelled: bool = False, tie_margin: float = 0.1, salt: int = 0) -> None:
+    """Sample ``per_prompt`` images per prompt with the initial model, score them with ``reward``;
+    write PNGs and ``pairs.jsonl`` into ``folder`` (atomically). Rows: (best, worst) per prompt, or
+    with ``labelled`` the disjoint pairs (0, 1), (2, 3), ... in Pick-a-Pic's layout with soft labels
+    (``label_0`` 1 / 0 / 0.5, a tie when the scores differ by <= ``tie_margin`` x the s.d. of all
+    scores). ``salt`` gives another set of seeds (held-out pairs)."""
     import shutil
 
     from torchvision.utils import save_image
@@ -272,17 +299,22 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     run = from_pipe(model.pipe, guidance=CFG(cfg.guidance_scale))
-    rows = []
+    rows, samples = [], []
     chunk = max(1, 32 // per_prompt)  # prompts per sampling call
     with model.reference(model.unet):  # the initial model (LoRA adapters off)
         for start in range(0, len(prompts), chunk):
             batch = prompts[start : start + chunk]
-            gens = [torch.Generator().manual_seed((cfg.seed * 7919 + start + i) * 64 + j) for i in range(len(batch)) for j in range(per_prompt)]
+            gens = [torch.Generator().manual_seed(((cfg.seed * 7919 + start + i) * 64 + j) * (1 + 2 * salt) + salt)
+                    for i in range(len(batch)) for j in range(per_prompt)]
             images = run(
                 batch, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=gens,
                 height=trainer.resolution, width=trainer.resolution, output_type="pt",
             ).images.float().cpu()
             all_scores = torch.as_tensor(score(images, [p for p in batch for _ in range(per_prompt)])).float().flatten().cpu()
+            if labelled:
+                samples += [(start + i, prompt, images[i * per_prompt : (i + 1) * per_prompt],
+                             all_scores[i * per_prompt : (i + 1) * per_prompt]) for i, prompt in enumerate(batch)]
+                continue
             for i, prompt in enumerate(batch):
                 n = start + i
                 scores, imgs = all_scores[i * per_prompt : (i + 1) * per_prompt], images[i * per_prompt : (i + 1) * per_prompt]
@@ -293,6 +325,16 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
                 save_image(imgs[worst], str(tmp / f"{n:05d}_l.png"))
                 rows.append({"caption": prompt, "image_w": f"{n:05d}_w.png", "image_l": f"{n:05d}_l.png",
                              "score_w": float(scores[best]), "score_l": float(scores[worst])})
+    if labelled:
+        margin = tie_margin * float(torch.cat([sc for *_, sc in samples]).std()) if samples else 0.0
+        for n, prompt, imgs, scores in samples:
+            for j in range(0, per_prompt - 1, 2):
+                names = [f"{n:05d}_{j + k}.png" for k in (0, 1)]
+                for k in (0, 1):
+                    save_image(imgs[j + k], str(tmp / names[k]))
+                rows.append({"caption": prompt, "jpg_0": names[0], "jpg_1": names[1],
+                             "label_0": soft_label(float(scores[j]), float(scores[j + 1]), margin),
+                             "score_0": float(scores[j]), "score_1": float(scores[j + 1])})
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.rename(folder)
 

@@ -1,13 +1,15 @@
 """SPO's step-aware preference model (SPM): an image-text scorer conditioned on the timestep, that
 judges the *predicted clean image* of a noisy sample (Liang et al., arXiv:2406.04314, Sec. 3.2).
 
-    s(x0_hat, c, t) = logit_scale * < text(c), adaLN_t(image(x0_hat)) >
+    s(x0_hat, c, t) = logit_scale * < text(c), image_t(x0_hat) >
 
-The paper initialises from PickScore (CLIP-H) and adds DiT-style adaLN modulation (shift, scale,
-gate from a sinusoidal timestep embedding) inside every vision layer. Here the modulation is one
-adaLN-Zero block on the image embedding, so any image-text scorer works as the backbone (the
-testbed's LiT scorer, a local CLIP/PickScore folder): ``f_t = f + gate_t * MLP(LN(f) (1 + scale_t) + shift_t)``.
-The modulation starts at zero, so an untrained SPM *is* the backbone scorer at every t.
+As the paper (PickScore + DiT-style adaLN in every vision layer and the post-LayerNorm), *every
+block of the image tower* is conditioned on t: after each block's output ``h`` an adaLN-Zero unit
+adds ``gate_t * W(norm(h) (1 + scale_t) + shift_t)`` (shift, scale, gate from a sinusoidal timestep
+embedding and an MLP, DiT's ``TimestepEmbedder``). Blocks: each ConvNet stage of the testbed scorer,
+each ViT encoder layer and the post-LayerNorm of a CLIP backbone; a backbone may list its own with
+``time_blocks() -> [(module, dim)]``, else its image embedding is modulated. The gates start at zero,
+so an *untrained* SPM is the backbone scorer at every t -- which is why SPO refuses one.
 
 Backbones (``--backbone``): ``testbed`` (``diffplug.testbed.load_scorer()``), ``clip:<folder>`` (a
 local transformers CLIP folder, e.g. PickScore_v1), ``module:function`` (returns a backbone).
@@ -15,9 +17,11 @@ A backbone has ``encode_image(images in [0,1]) -> (B, D)`` and ``encode_text(pro
 (or the testbed scorer's ``embed_images`` / ``embed_text``), and optionally ``logit_scale`` (a scalar,
 or ``image_tower.logit_scale`` holding its log as in the testbed scorer; 100 if absent, as CLIP's).
 
-``diffplug finetune spo-pm`` trains it on preference pairs labelled by the backbone on the clean
-images (Sec. 3.2: pairs noised with the same noise at a random t, denoised in one step by the frozen
-diffusion model with CFG, decoded, scored at t; PickScore's pairwise softmax loss).
+``diffplug finetune spo-pm --reward NAME`` trains it on pairs of the base model's samples labelled by
+that reward with soft labels (ties 0.5/0.5; Sec. 3.2: both noised with the same noise at a random t,
+denoised in one step by the frozen diffusion model with CFG, decoded, scored at t; PickScore's
+pairwise softmax loss), then reports its held-out accuracy per noise level next to the labelling
+reward applied to the same one-step predictions (``final/stepwise_accuracy.json``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ import torch.nn.functional as F
 from . import data as D
 from .config import ConfigError, opt
 from ..predictions import noise_levels, split
-from .pairs import PairDataConfig, PreferencePairs, pair_dataset
+from .logprob import PromptCache
+from .pairs import PairDataConfig, PreferencePairs, pair_dataset, resolve_reward
 from .trainer import Method
+
+EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the paper's evaluation noise levels
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -102,17 +109,70 @@ def load_backbone(spec: str) -> nn.Module:
     raise ConfigError(f"backbone: {spec!r}: expected 'testbed', 'clip:<folder>', 'pickscore:<folder>' or 'module:function'")
 
 
+class AdaLNZero(nn.Module):
+    """``h + gate_t * W(LN(h) (1 + scale_t) + shift_t)`` over the channels of a block output ``h``:
+    (B, D), (B, L, D) or (B, D, H, W). Zero-initialised modulation: it starts as the identity."""
+
+    def __init__(self, dim: int, t_dim: int):
+        super().__init__()
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, 3 * dim))
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        conv = h.dim() == 4
+        x = h.permute(0, 2, 3, 1) if conv else h  # channels last
+        shift, scale, gate = (v.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)).to(x.dtype)
+                              for v in self.modulation(temb).chunk(3, dim=-1))
+        x = x + gate * self.proj(self.norm(x) * (1 + scale) + shift)
+        return x.permute(0, 3, 1, 2) if conv else x
+
+
+def time_blocks(backbone: nn.Module) -> list[tuple[nn.Module, int]]:
+    """``[(module, channels)]`` of the image tower's blocks whose outputs get a time modulation."""
+    if hasattr(backbone, "time_blocks"):
+        return list(backbone.time_blocks())
+    tower = getattr(backbone, "image_tower", None)
+    if tower is not None and hasattr(getattr(tower, "net", None), "features"):  # testbed ConvNet: stage ends
+        layers = list(tower.net.features)
+        acts = [i for i, m in enumerate(layers) if isinstance(m, nn.SiLU)][1::2]  # 2nd activation of a stage
+        return [(layers[i], layers[i - 1].num_features) for i in acts]
+    vision = getattr(getattr(backbone, "model", None), "vision_model", None)
+    if vision is not None:  # transformers CLIP: every encoder layer + post-LayerNorm
+        dim = vision.config.hidden_size
+        return [(layer, dim) for layer in vision.encoder.layers] + [(vision.post_layernorm, dim)]
+    return []
+
+
+def _text_features(backbone, prompts) -> torch.Tensor:
+    fn = getattr(backbone, "encode_text", None) or backbone.embed_text
+    return fn(list(prompts))
+
+
 class StepAwarePreferenceModel(nn.Module):
     """``score(images, prompts, timesteps) -> (B,)`` on images in [0, 1]."""
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, freq_dim: int = 256, backbone_spec: str = ""):
+    def __init__(self, backbone: nn.Module, embed_dim: int, freq_dim: int = 256, backbone_spec: str = "", t_dim: int = 256):
         super().__init__()
         self.backbone, self.freq_dim, self.backbone_spec = backbone, freq_dim, backbone_spec
-        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, 3 * embed_dim))
-        self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
-        nn.init.zeros_(self.t_mlp[-1].weight)  # adaLN-Zero: the SPM starts as the backbone
-        nn.init.zeros_(self.t_mlp[-1].bias)
+        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))  # DiT
+        blocks = time_blocks(backbone)
+        self.blocks = nn.ModuleList(AdaLNZero(dim, t_dim) for _, dim in blocks)
+        self.embed_mod = None if blocks else AdaLNZero(embed_dim, t_dim)  # fallback: the embedding
+        self._temb = None
+        for (module, _), unit in zip(blocks, self.blocks):
+            module.register_forward_hook(self._hook(unit))
+
+    def _hook(self, unit):
+        def hook(module, inputs, output):
+            if self._temb is None:  # used outside the SPM: unchanged
+                return output
+            if isinstance(output, tuple):  # transformers layers return (hidden_states, ...)
+                return (unit(output[0], self._temb),) + tuple(output[1:])
+            return unit(output, self._temb)
+        return hook
 
     def train(self, mode: bool = True):
         """The backbone stays in eval mode (its normalisation statistics are frozen); only the
@@ -124,9 +184,8 @@ class StepAwarePreferenceModel(nn.Module):
     @classmethod
     def from_backbone(cls, spec: str, freq_dim: int = 256) -> "StepAwarePreferenceModel":
         backbone = load_backbone(spec)
-        model = cls(backbone, 1, freq_dim, backbone_spec=spec)
         with torch.no_grad():
-            dim = model._encode_text(["a"]).shape[-1]
+            dim = _text_features(backbone, ["a"]).shape[-1]
         return cls(backbone, dim, freq_dim, backbone_spec=spec)
 
     def logit_scale(self) -> torch.Tensor:
@@ -137,18 +196,27 @@ class StepAwarePreferenceModel(nn.Module):
             return torch.tensor(100.0)
         return torch.as_tensor(scale() if callable(scale) else scale).float()
 
-    def _encode_image(self, images):
-        fn = getattr(self.backbone, "encode_image", None) or self.backbone.embed_images
-        return fn(images)
-
     def _encode_text(self, prompts):
-        fn = getattr(self.backbone, "encode_text", None) or self.backbone.embed_text
-        return fn(list(prompts))
+        """Text features, each distinct prompt computed once while the text tower is frozen."""
+        if any(p.requires_grad for n, p in self.backbone.named_parameters() if "text" in n):
+            return _text_features(self.backbone, prompts)
+        cache = self.__dict__.setdefault("_text_cache", {})
+        new = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if new:
+            with torch.no_grad():
+                cache.update(zip(new, _text_features(self.backbone, new).float()))
+        return torch.stack([cache[p] for p in prompts])
 
     def image_features(self, images: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        f = self._encode_image(images).float()
-        shift, scale, gate = self.t_mlp(timestep_embedding(timesteps.to(f.device), self.freq_dim)).chunk(3, dim=-1)
-        f = f + gate * self.mlp(self.norm(f) * (1 + scale) + shift)
+        temb = self.t_embedder(timestep_embedding(timesteps.to(images.device), self.freq_dim))
+        fn = getattr(self.backbone, "encode_image", None) or self.backbone.embed_images
+        self._temb = temb
+        try:
+            f = fn(images).float()
+        finally:
+            self._temb = None
+        if self.embed_mod is not None:
+            f = self.embed_mod(f, temb)
         return F.normalize(f, dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str], timesteps) -> torch.Tensor:
@@ -159,14 +227,17 @@ class StepAwarePreferenceModel(nn.Module):
     score = forward
 
     # -- persistence: safetensors + JSON -----------------------------------------------------------
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, **info) -> None:
+        """``spm.safetensors`` + ``spm_config.json`` (backbone, freq_dim and ``info``: the labelling
+        reward and the training steps, which SPO checks)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / "spm.safetensors"))
-        (folder / "spm_config.json").write_text(json.dumps({"backbone": self.backbone_spec, "freq_dim": self.freq_dim}))
+        config = {"backbone": self.backbone_spec, "freq_dim": self.freq_dim, **info}
+        (folder / "spm_config.json").write_text(json.dumps(config, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> "StepAwarePreferenceModel":
@@ -178,16 +249,28 @@ class StepAwarePreferenceModel(nn.Module):
         config = json.loads((folder / "spm_config.json").read_text())
         model = cls.from_backbone(config["backbone"], config["freq_dim"])
         model.load_state_dict(load_file(str(folder / "spm.safetensors")))
+        model.info = config
         return model
 
 
-def load_preference_model(spec: str) -> StepAwarePreferenceModel:
-    """A trained SPM folder, or a backbone spec (an untrained SPM = the backbone at every t)."""
-    if Path(spec).is_dir() and (Path(spec) / "spm_config.json").is_file():
-        return StepAwarePreferenceModel.load(spec)
-    if Path(spec).is_dir() and (Path(spec) / "final" / "spm_config.json").is_file():
-        return StepAwarePreferenceModel.load(Path(spec) / "final")
-    return StepAwarePreferenceModel.from_backbone(spec)
+def load_preference_model(spec: str, reward: str | None = None) -> StepAwarePreferenceModel:
+    """A trained SPM: an ``spo-pm`` output folder (or its ``final``). Refuses anything else -- an
+    untrained SPM is its backbone at every t, not step-aware -- and, given ``reward``, a model
+    trained on another reward."""
+    how = "train one with `diffplug finetune spo-pm --reward NAME --output_dir D`, then pass --preference_model D"
+    folder = Path(spec) if spec else None
+    if folder is not None and folder.is_dir() and not (folder / "spm_config.json").is_file():
+        folder = folder / "final"
+    if folder is None or not (folder / "spm_config.json").is_file():
+        raise ConfigError(f"preference_model: {spec!r} is not a trained step-aware preference model; {how}")
+    info = json.loads((folder / "spm_config.json").read_text())
+    if not info.get("steps"):
+        raise ConfigError(f"preference_model: {str(folder)!r} is untrained (no spo-pm training steps recorded); {how}")
+    if reward is not None and info.get("reward") != reward:
+        raise ConfigError(f"reward: {reward!r}, but the preference model {str(folder)!r} was trained on "
+                          f"{info.get('reward')!r}; pass --reward {info.get('reward')} or train one with "
+                          f"`diffplug finetune spo-pm --reward {reward}`")
+    return StepAwarePreferenceModel.load(folder)
 
 
 def pickscore_loss(scores_w: torch.Tensor, scores_l: torch.Tensor, label_w: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,15 +285,28 @@ class SPMConfig(PairDataConfig):
     backbone: str = opt("testbed", "image-text scorer to start from: testbed | clip:<folder> | module:function")
     train_backbone: bool = opt(True, "also fine-tune the backbone's image tower (the paper trains the whole SPM)")
     spm_guidance_scale: float = opt(5.0, "CFG scale of the one-step x0 prediction (paper: 5.0)")
-    reward: str = opt("backbone", "labels for data=generate: 'backbone' (the backbone scorer on clean images) or a reward")
+    reward: str = opt("testbed", "reward that labels the generated pairs (diffplug finetune --list-rewards), or module:function")
+    tie_margin: float = opt(0.1, "a pair is a tie (label 0.5/0.5) when its rewards differ by <= this x the rewards' s.d.")
+    eval_repeats: int = opt(2, "rounds over the prompts for the held-out pairs of the step-wise accuracy (other seeds)")
     use_lora: bool = opt(False, "(not used: the SPM is trained in full; the diffusion model stays frozen)")
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    train_batch_size: int = opt(8, "pairs per device per step")
+    generate_repeats: int = opt(20, "rounds over the prompts for the training pairs (pairs = rounds x prompts x per_prompt/2)")
 
     method = "spo-pm"
 
+    def validate(self) -> None:
+        super().validate()
+        if self.tie_margin < 0:
+            raise ConfigError(f"tie_margin: must be >= 0; got {self.tie_margin}")
+        if self.eval_repeats < 0:
+            raise ConfigError(f"eval_repeats: must be >= 0 (0 = no held-out evaluation); got {self.eval_repeats}")
+
 
 class SPMTraining(Method):
-    """Trains the SPM; the diffusion model stays frozen. Data: preference pairs (files, or generated
-    and labelled by the backbone itself: ``--data generate --reward backbone``)."""
+    """Trains the SPM; the diffusion model stays frozen. Data: pairs of the base model's samples
+    labelled by ``--reward`` with soft labels (``--data generate``), or pair files (Pick-a-Pic layout,
+    ties kept as 0.5/0.5)."""
 
     name = "spo-pm"
     Config = SPMConfig
@@ -224,10 +320,11 @@ class SPMTraining(Method):
 
     def setup(self, trainer):
         cfg = self.config
-        reward = None
-        if cfg.reward == "backbone":
-            reward = _ScoreAtZero(StepAwarePreferenceModel.from_backbone(cfg.backbone))
-        return pair_dataset(trainer, cfg, reward), PreferencePairs.collate
+        self.heldout = None
+        if cfg.data == "generate" and cfg.eval_repeats:
+            self.heldout = pair_dataset(trainer, cfg, name="pairs-heldout", repeats=cfg.eval_repeats, salt=1,
+                                        labelled=True, tie_margin=cfg.tie_margin)
+        return pair_dataset(trainer, cfg, labelled=True, tie_margin=cfg.tie_margin), PreferencePairs.collate
 
     @torch.no_grad()
     def predicted_x0(self, trainer, x0, gens, captions, t=None):
@@ -238,7 +335,9 @@ class SPMTraining(Method):
         eps = D.randn(gens, x0.shape[1:]).to(x0.device)
         t2 = torch.cat([t, t]).to(x0.device)
         x_t, _ = model.noisy(x0, torch.cat([eps, eps]), t2)
-        conditions = model.encode_prompts(list(captions) * 2, trainer.resolution, uncond=True)
+        if getattr(self, "prompt_cache", None) is None:
+            self.prompt_cache = PromptCache(model, trainer.resolution)
+        conditions = self.prompt_cache(list(captions) * 2)
         both = {k: torch.cat([u, c]) for k, (c, u) in conditions.items()}
         out_u, out_c = model.predict(model.unet, torch.cat([x_t, x_t]), torch.cat([t2, t2]), both).chunk(2)
         guided = out_u + self.config.spm_guidance_scale * (out_c - out_u)  # CFG
@@ -253,19 +352,50 @@ class SPMTraining(Method):
         x0 = model.encode_images(torch.cat([batch["image_w"], batch["image_l"]]).to(device))
         images, t2 = self.predicted_x0(trainer, x0, gens, batch["captions"])
         scores = trainer.unet(images, list(batch["captions"]) * 2, t2)
-        losses = pickscore_loss(scores[:n], scores[n:])
-        return losses.mean(), {"accuracy": (scores[:n] > scores[n:]).float().mean().detach()}
-
-    def save_final(self, trainer, module, folder: Path) -> None:
-        module.save(folder)
-
-
-class _ScoreAtZero:
-    """A step-aware model used as a plain reward on clean images (t = 0)."""
-
-    def __init__(self, spm):
-        self.spm = spm
+        label = batch.get("label_w", torch.ones(n)).to(device)
+        losses = pickscore_loss(scores[:n], scores[n:], label)
+        decided = label != 0.5
+        correct = ((scores[:n] > scores[n:]) == (label > 0.5)).float()
+        acc = (correct * decided).sum() / decided.sum().clamp(min=1)  # on the decided (non-tie) pairs
+        return losses.mean(), {"accuracy": acc.detach(), "tie_fraction": (~decided).float().mean()}
 
     @torch.no_grad()
-    def __call__(self, images, prompts):
-        return self.spm(images, prompts, torch.zeros(len(prompts)))
+    def stepwise_accuracy(self, trainer, spm, pairs, reward) -> dict:
+        """Held-out accuracy per noise level on the decided pairs: the SPM on the one-step x0
+        predictions at t, and the labelling reward applied to the same predictions."""
+        spm.eval()
+        model, device = trainer.model, trainer.device
+        batch = PreferencePairs.collate([pairs[i] for i in range(len(pairs))])
+        keep = batch["label_w"] != 0.5
+        if not keep.any():
+            return {}
+        caps = [c for c, k in zip(batch["captions"], keep.tolist()) if k]
+        w, l, label = batch["image_w"][keep], batch["image_l"][keep], batch["label_w"][keep]
+        n = len(caps)
+        x0 = model.encode_images(torch.cat([w, l]).to(device))
+        out = {}
+        for t in EVAL_TIMESTEPS:  # the same noise at every t
+            gens = D.generators(self.config.seed + 12345, torch.arange(n))
+            images, t2 = self.predicted_x0(trainer, x0, gens, caps, torch.full((n,), t))
+            s = spm(images, caps * 2, t2).float().cpu()
+            r = torch.as_tensor(reward(images.float().clamp(0, 1).cpu(), caps * 2)).float().cpu()
+            truth = label > 0.5
+            acc_spm = ((s[:n] > s[n:]) == truth).float()
+            acc_rew = ((r[:n] > r[n:]) == truth).float()
+            out[str(t)] = {"pairs": n, "spm": acc_spm.mean().item(), "spm_se": (acc_spm.std() / n ** 0.5).item(),
+                           "reward": acc_rew.mean().item(), "reward_se": (acc_rew.std() / n ** 0.5).item()}
+        spm.train()
+        return out
+
+    def save_final(self, trainer, module, folder: Path) -> None:
+        cfg = self.config
+        info = {"reward": cfg.reward if cfg.data == "generate" else f"data:{cfg.data}", "steps": cfg.max_steps}
+        if self.heldout is not None:
+            acc = self.stepwise_accuracy(trainer, module, self.heldout, resolve_reward(cfg.reward))
+            info["stepwise_accuracy"] = acc
+            lines = [f"t={t}: spm {a['spm']:.3f} ± {a['spm_se']:.3f}, reward on the same x0_hat {a['reward']:.3f} ± "
+                     f"{a['reward_se']:.3f} ({a['pairs']} pairs)" for t, a in acc.items()]
+            trainer._print("held-out step-wise accuracy:\n  " + "\n  ".join(lines))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "stepwise_accuracy.json").write_text(json.dumps(acc, indent=1))
+        module.save(folder, **info)

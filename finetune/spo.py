@@ -21,14 +21,23 @@ log-density averaged over latent elements (``logprob.ddim_step_with_logprob``):
     L = -log sigmoid(beta * (log r_hat_win - log r_hat_lose))
 
 Both candidates share their parent ``x_t``, so one (CFG) forward of the policy and one of the reference
-give the means of both. One optimiser step per batch of prompts: the gradients of all valid
-transitions of the batch are averaged (the official code takes several optimiser steps over
-mini-batches of the transitions; set ``transitions_per_micro_batch`` to bound memory).
+give the means of both.
+
+Update schedule (official ``train_spo.py``): a rollout of ``train_batch_size`` prompts yields N_valid
+transitions; they are shuffled and cut into mini-batches of ``transitions_per_step`` (10), one
+optimiser step each, ceil(N_valid / 10) steps per rollout; then the next rollout. ``max_steps``
+counts *optimiser steps*; a rollout's remaining mini-batches are saved with each checkpoint
+(``spo_rollout_<rank>.safetensors``), so a resume in the middle of a rollout is exact. The SPM must
+be trained first (``diffplug finetune spo-pm --reward NAME``); ``--reward`` names that reward (checked
+against the SPM) and is the held-out ``eval_reward`` unless one is given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 from . import data as D
 from ..predictions import noise_levels, split
 from .config import ConfigError, TrainConfig, opt
-from .logprob import ddim_step_with_logprob, guided_prediction
+from .logprob import PromptCache, ddim_step_with_logprob, guided_prediction
 from .pairs import FASHION_PROMPTS, read_prompts
 from .spm import load_preference_model
 from .trainer import Method
@@ -45,11 +54,11 @@ from .trainer import Method
 @dataclass
 class SPOConfig(TrainConfig):
     prompts: list = opt(list(FASHION_PROMPTS), "training prompts: a list or a .txt/.json file")
-    preference_model: str = opt(
-        "testbed",
-        "step-aware preference model: an spo-pm output folder, or a backbone (testbed | clip:<folder> | "
-        "module:function) used untrained (= the backbone scorer at every t)",
-    )
+    preference_model: str = opt("", "a trained step-aware preference model: a `diffplug finetune spo-pm` output folder (required)")
+    reward: str = opt("", "the reward the preference model was trained on (checked against it; required)")
+    eval_reward: str = opt("", "reward of the held-out evaluations; '' = --reward")
+    transitions_per_step: int = opt(10, "valid transitions per optimiser step: a rollout gives ceil(N_valid / this) "
+                                        "steps (official: 10); 0 = one step per rollout")
     num_steps: int = opt(20, "DDIM sampling steps of the rollouts")
     eta: float = opt(1.0, "DDIM eta of the rollouts (1 = DDPM variance)")
     divert_start_step: int = opt(4, "plain denoising steps before the resampler starts branching")
@@ -59,7 +68,7 @@ class SPOConfig(TrainConfig):
     beta: float = opt(10.0, "beta of the pairwise loss")
     eps: float = opt(0.1, "ratio clipping: r is clamped to [1 - eps, 1 + eps]")
     train_cfg: bool = opt(True, "apply CFG (guidance_scale) to the policy and reference log-probs, as sampled")
-    transitions_per_micro_batch: int = opt(0, "transitions per backward pass; 0 = all of a batch at once")
+    transitions_per_micro_batch: int = opt(0, "transitions per backward pass; 0 = all of an optimiser step's at once")
     # paper defaults for SD-1.5 (LoRA r = 4, alpha 4, lr 6e-5, wd 1e-4)
     learning_rate: float = opt(6e-5, "peak learning rate")
     lora_rank: int = opt(4, "LoRA rank r")
@@ -68,8 +77,20 @@ class SPOConfig(TrainConfig):
 
     method = "spo"
 
+    def __post_init__(self):
+        if not self.eval_reward:
+            self.eval_reward = self.reward  # documented default: evaluate on the trained reward
+
     def validate(self) -> None:
+        self.__post_init__()
         super().validate()
+        if not self.preference_model:
+            raise ConfigError("preference_model: required; train one with `diffplug finetune spo-pm --reward NAME "
+                              "--output_dir D`, then pass --preference_model D --reward NAME")
+        if not self.reward:
+            raise ConfigError("reward: required; the reward the preference model was trained on (spo-pm --reward)")
+        if self.transitions_per_step < 0:
+            raise ConfigError(f"transitions_per_step: must be >= 0; got {self.transitions_per_step}")
         if self.num_steps < 2:
             raise ConfigError(f"num_steps: must be >= 2; got {self.num_steps}")
         if not 0 <= self.divert_start_step < self.num_steps:
@@ -195,40 +216,106 @@ class SPO(Method):
     name = "spo"
     Config = SPOConfig
 
+    KEYS = ("x_t_w", "x_w", "x_t_l", "x_l", "t")
+
     def setup(self, trainer):
         from diffusers import DDIMScheduler
 
         cfg = self.config
         self.prompts = read_prompts(cfg.prompts)
-        self.spm = load_preference_model(cfg.preference_model).to(trainer.device).eval().requires_grad_(False)
+        self.spm = load_preference_model(cfg.preference_model, cfg.reward).to(trainer.device).eval().requires_grad_(False)
         scheduler = DDIMScheduler.from_config(trainer.model.scheduler.config)
         self.resampler = StepwiseResampler(trainer.model, scheduler, self.spm, cfg)
         self.scheduler = scheduler
+        self.prompt_cache = PromptCache(trainer.model, trainer.resolution)
+        self.queue, self.batch_logs = [], {}  # the current rollout's remaining mini-batches
+        self.stats = {"rollouts": 0, "empty_rollouts": 0, "valid": 0}
+        self.initial = [p.detach().clone() for p in trainer.model.trainable_parameters()]
         return self.prompts, lambda items: {"prompts": list(items)}
 
-    def prepare(self, trainer, batch):
+    # -- rollouts -> shuffled mini-batches ------------------------------------------------------------
+    def rollout(self, trainer, batch) -> None:
+        """Sample the batch's prompts with the resampler; queue its valid transitions, shuffled, in
+        mini-batches of ``transitions_per_step`` (one optimiser step each)."""
         cfg = self.config
-        gens = trainer.generators(batch["positions"])
-        prompts = batch["prompts"]
-        tr = self.resampler(trainer.unet, prompts, gens, trainer.resolution, trainer.device)
+        prompts = list(batch["prompts"])
+        tr = self.resampler(trainer.unet, prompts, trainer.generators(batch["positions"]), trainer.resolution, trainer.device)
         valid = tr["valid"]
-        self.batch_logs = {
-            "valid_pair_fraction": valid.float().mean().item(),
-            "spm_score_mean": tr["scores"].mean().item(),
-        }
+        self.stats["rollouts"] += 1
+        self.batch_logs = {"valid_pair_fraction": valid.float().mean().item(), "spm_score_mean": tr["scores"].mean().item()}
         idx = valid.nonzero()[:, 0]
-        weight = 1.0 / max(len(idx), 1)
+        self.stats["valid"] += len(idx)
         if len(idx) == 0:  # nothing to learn from: one zero-weighted transition keeps processes in step
-            idx, weight = torch.zeros(1, dtype=torch.long), 0.0
-        chunk = cfg.transitions_per_micro_batch or len(idx)
-        conditions = trainer.model.encode_prompts(prompts, trainer.resolution, uncond=True)
+            self.stats["empty_rollouts"] += 1
+            trainer._print(f"WARNING: step {trainer.step}: rollout {self.stats['rollouts']} has no valid pair "
+                           f"(valid_pair_fraction 0, threshold {cfg.threshold}): nothing to learn. Lower --threshold "
+                           "or train the preference model longer (diffplug finetune spo-pm).")
+            chunks, weight = [torch.zeros(1, dtype=torch.long)], 0.0
+        else:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(batch["positions"][0]))
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            size = cfg.transitions_per_step or len(idx)
+            chunks, weight = list(idx.split(size)), None
+        for sel in chunks:
+            item = {k: tr[k][sel.to(tr[k].device)].cpu() for k in self.KEYS}
+            item["prompts"] = [prompts[i] for i in tr["prompt"][sel].tolist()]
+            item["weight"] = torch.tensor(1.0 / len(sel) if weight is None else weight)
+            self.queue.append(item)
+
+    def prepare(self, trainer, batch):
+        """One optimiser step's micro-batches: the next mini-batch of the current rollout (a new
+        rollout, from this step's prompts, when the last one is used up)."""
+        if not self.queue:
+            self.rollout(trainer, batch)
+        item = self.queue.pop(0)
+        chunk = self.config.transitions_per_micro_batch or len(item["t"])
+        cond = self.prompt_cache(item["prompts"])
         parts = []
-        for sel in idx.split(chunk):
-            p = tr["prompt"][sel].to(trainer.device)
-            part = {key: tr[key][sel.to(tr[key].device)] for key in ("x_t_w", "x_w", "x_t_l", "x_l")}
-            part.update(t=tr["t"][sel], weight=weight, conditions={k: (c[p], u[p]) for k, (c, u) in conditions.items()})
+        for sel in torch.arange(len(item["t"])).split(chunk):
+            part = {k: item[k][sel].to(trainer.device) for k in ("x_t_w", "x_w", "x_t_l", "x_l")}
+            part.update(t=item["t"][sel], weight=float(item["weight"]), conditions={k: (c[sel], u[sel]) for k, (c, u) in cond.items()})
             parts.append(part)
         return parts
+
+    # -- exact resume in the middle of a rollout ----------------------------------------------------------
+    def save_state(self, trainer, folder: Path) -> None:
+        self._save_queue(Path(folder) / f"spo_rollout_{trainer.accelerator.process_index}.safetensors")
+
+    def load_state(self, trainer, folder: Path) -> None:
+        self._load_queue(Path(folder) / f"spo_rollout_{trainer.accelerator.process_index}.safetensors")
+
+    def _save_queue(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{i}.{k}": v.contiguous() for i, item in enumerate(self.queue) for k, v in item.items() if k != "prompts"}
+        meta = {"prompts": json.dumps([item["prompts"] for item in self.queue]), "logs": json.dumps(self.batch_logs),
+                "stats": json.dumps(self.stats)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors or {"empty": torch.zeros(0)}, str(path), metadata=meta)
+
+    def _load_queue(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise ConfigError(f"resume: {path.parent} has no {path.name} (SPO's unfinished rollout); it was not written by this SPO")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            prompts = json.loads(meta["prompts"])
+            self.queue = [{**{k: f.get_tensor(f"{i}.{k}") for k in self.KEYS + ("weight",)}, "prompts": p} for i, p in enumerate(prompts)]
+        self.batch_logs, self.stats = json.loads(meta["logs"]), json.loads(meta["stats"])
+
+    def save_final(self, trainer, module, folder: Path) -> None:
+        """The LoRA / UNet as usual, and a loud warning when the run learned nothing."""
+        trainer.model.save_final(module, folder)
+        moved = max((float((p.detach() - p0).abs().max()) for p, p0 in zip(trainer.model.trainable_parameters(), self.initial)), default=0.0)
+        st = self.stats
+        if st["valid"] == 0 or moved == 0.0:
+            trainer._print(f"WARNING: this SPO run learned nothing: {st['valid']} valid transitions in {st['rollouts']} "
+                           f"rollouts ({st['empty_rollouts']} without any valid pair), weights moved by {moved:.3g}. "
+                           "The saved model equals the initial one. Lower --threshold, or retrain the preference "
+                           "model (diffplug finetune spo-pm) and check its held-out step-wise accuracy.")
+        elif st["empty_rollouts"]:
+            trainer._print(f"warning: {st['empty_rollouts']} of {st['rollouts']} rollouts had no valid pair")
 
     def loss(self, trainer, part):
         cfg, model, sched = self.config, trainer.model, self.scheduler

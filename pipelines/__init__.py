@@ -36,7 +36,7 @@ class GenerationOutput:
 
     images: Any
     nsfw_content_detected: Any = None
-    nfe: int = 0  # network evaluations, counted in samples x steps (one CFG step of batch 1 = 2)
+    nfe: int = 0  # network evaluations per output image, in samples x steps (one CFG step of batch 1 = 2)
     sampler_output: Any = None
 
     def __getitem__(self, index):  # `pipe(...)[0]` works as with diffusers outputs
@@ -133,6 +133,7 @@ class DiffplugPipeline:
             width=width,
             **family_kwargs,
         )
+        guidance, conditions = family.distilled_guidance(guidance, conditions)  # LCM: w is a UNet input
         batch = conditions["encoder_hidden_states"][0].shape[0]
         latents = family.prepare_latents(batch, height, width, generator, latents)
         told = getattr(pipe.scheduler, "told_guidance_scale", contextlib.nullcontext)
@@ -163,7 +164,8 @@ class DiffplugPipeline:
             pipe.maybe_free_model_hooks()
         if not return_dict:
             return images, nsfw
-        return GenerationOutput(images, nsfw, counted.n // batch, getattr(self.sampler, "output", None))
+        outputs = batch // getattr(self.sampler, "rows_per_output", 1)  # SMC: K particles make one image
+        return GenerationOutput(images, nsfw, counted.n // outputs, getattr(self.sampler, "output", None))
 
 
 def from_pipe(pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool | None = None) -> DiffplugPipeline:

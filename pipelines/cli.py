@@ -34,9 +34,14 @@ def register(subparsers) -> None:
     p.add_argument("--product-model", default=None,
                    help="evaluate --product-prompt with this second model (same latent space and schedule), e.g. testbed-dit")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
-    p.add_argument("--particles", type=int, default=None, help="particles per prompt (SMC samplers)")
+    p.add_argument("--particles", type=int, default=None, help="particles per output image (SMC samplers; --num-images n runs n x K per prompt)")
     p.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE")
+    p.add_argument("--early-exit", type=float, default=None, metavar="TAU",
+                   help="DeeDiff early exit (transformer models, e.g. testbed-dit): rows exit at the first block whose uncertainty < TAU; 0 = full model")
+    p.add_argument("--early-exit-heads", default=None, help="heads file for --early-exit (default: the testbed DiT's shipped heads)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-policy", type=Path, default=None,
+                   help="a learned initial-noise policy (diffplug finetune find: D/final/noise_policy.safetensors)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -121,7 +126,22 @@ def run(args) -> int:
     prompts = _prompts(args)
     _check_args(args)
     earlier = check_out(args.out, _is_run_file, args.force)  # before loading: fail fast
+    if args.early_exit is not None or args.early_exit_heads:  # DeeDiff: a bad threshold fails before loading
+        from ..samplers.early_exit import check_threshold
+
+        check_threshold(args.early_exit, "--early-exit")
+    policy = None
+    if args.noise_policy:  # FIND: unknown prompts fail before the model loads
+        from ..finetune.find import load_noise_policy
+
+        policy = load_noise_policy(args.noise_policy)
+        policy.index(prompts)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    early_exit = None
+    if args.early_exit is not None:
+        from ..samplers.early_exit import attach
+
+        early_exit = attach(pipe, args.early_exit, args.early_exit_heads)
     if args.scheduler or args.scheduler_opt:
         pipe.scheduler = make_scheduler(args.scheduler, pipe, **parse_options(args.scheduler_opt))
     check_size(family_of(pipe), args.height, args.width, names=("--height", "--width"))
@@ -134,7 +154,7 @@ def run(args) -> int:
         if args.particles is not None:
             sampler_options["num_particles"] = args.particles
         sampler = make_sampler(args.sampler, **sampler_options)
-        per_prompt = getattr(sampler, "num_particles", per_prompt)
+        per_prompt = args.num_images * getattr(sampler, "num_particles", 1)  # SMC: K particles per output image
     if args.product_prompt:
         guidance = _product_guidance(args, pipe, prompts, per_prompt, guidance_options)
     else:
@@ -142,6 +162,11 @@ def run(args) -> int:
 
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     pipe.set_progress_bar_config(desc=f"{len(prompts) * per_prompt} images, {args.steps} steps")
+    latents = None
+    if policy is not None:
+        latents = policy.sample_initial_noise(
+            prompts, per_prompt, generator, pipe=pipe, height=args.height, width=args.width, num_inference_steps=args.steps,
+            guidance=args.guidance, guidance_scale=getattr(guidance, "guidance_scale", None), eta=0.0)
     start = time.perf_counter()
     result = from_pipe(pipe, guidance=guidance, sampler=sampler)(
         prompts,
@@ -151,6 +176,7 @@ def run(args) -> int:
         height=args.height,
         width=args.width,
         generator=generator,
+        latents=latents,
     )
     seconds = time.perf_counter() - start
 
@@ -170,13 +196,14 @@ def run(args) -> int:
         "pipeline": type(pipe).__name__,
         "prompts": prompts,
         "negative_prompt": args.negative_prompt,
-        "num_images_per_prompt": per_prompt,
+        "num_images_per_prompt": args.num_images,
         "steps": args.steps,
         "seed": args.seed,
         "scheduler": {"name": args.scheduler or "model default", "class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "guidance": {"name": args.guidance, "class": type(guidance).__name__, "config": dict(guidance.config),
                      "product_prompt": args.product_prompt, "product_model": args.product_model},
         "sampler": None,
+        "noise_policy": str(args.noise_policy) if args.noise_policy else None,
         "nfe_per_image": result.nfe,
         "seconds": round(seconds, 3),
         "device": str(pipe.device),
@@ -184,6 +211,8 @@ def run(args) -> int:
         "images": [{"file": f"{i:03d}.png", "prompt": prompts[i * len(prompts) // len(images)]}
                    for i in range(len(images))],
     }
+    if early_exit is not None:  # blocks run per network evaluation (one sample, one pass), over the run
+        settings["early_exit"] = {"threshold": args.early_exit, **early_exit.stats()}
     if sampler is not None:
         summary = result.sampler_output.summary() if hasattr(result.sampler_output, "summary") else {}
         settings["sampler"] = {"name": args.sampler, "class": type(sampler).__name__, **summary}

@@ -1,10 +1,13 @@
 """SPO: the stochastic DDIM step with log-prob, the compare function, the clipped pairwise loss, the
-step-wise resampler, the step-aware preference model, and both commands end to end (tiny, CPU)."""
+step-wise resampler, the step-aware preference model (time conditioning in every block, soft labels,
+held-out step-wise accuracy), the official update schedule with exact mid-rollout resume, and both
+commands end to end (tiny, CPU)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import types
 
@@ -12,9 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diffplug.finetune import Trainer, load_config
+from safetensors.torch import load_file
+
+from diffplug.finetune import ConfigError, Trainer, load_config
 from diffplug.finetune.logprob import ddim_step_with_logprob
-from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel, pickscore_loss
+from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel, load_preference_model, pickscore_loss
 from diffplug.finetune.spo import SPO, SPOConfig, compare, spo_loss
 
 torch.set_num_threads(1)
@@ -39,7 +44,23 @@ class BrightnessScorer(nn.Module):
 def scorer_module(monkeypatch):
     mod = types.ModuleType("finetune_test_scorers")
     mod.bright = BrightnessScorer
+    mod.brightness = lambda images, prompts: images.float().mean(dim=(1, 2, 3))
     monkeypatch.setitem(sys.modules, "finetune_test_scorers", mod)
+
+
+REWARD = "finetune_test_scorers:brightness"
+
+
+@pytest.fixture
+def pm(tmp_path):
+    """A 'trained' SPM folder on the brightness backbone (modulation perturbed, one recorded step)."""
+    spm = StepAwarePreferenceModel.from_backbone("finetune_test_scorers:bright")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        spm.embed_mod.modulation[-1].weight.normal_(0, 0.01)
+    folder = tmp_path / "pm" / "final"
+    spm.save(folder, reward=REWARD, steps=1)
+    return str(tmp_path / "pm")
 
 
 def ddim():
@@ -105,9 +126,9 @@ def test_spm_starts_as_its_backbone_and_pickscore_loss():
     torch.testing.assert_close(pickscore_loss(s[:1], s[1:]), -torch.log_softmax(s, 0)[:1])
 
 
-def spo_config(out, **kw):
+def spo_config(out, pm, **kw):
     base = dict(
-        output_dir=str(out), model="tiny:sd", preference_model="finetune_test_scorers:bright", num_steps=4,
+        output_dir=str(out), model="tiny:sd", preference_model=pm, reward=REWARD, num_steps=4,
         divert_start_step=1, num_sample_each_step=3, threshold=0.0, train_batch_size=2, max_steps=2,
         checkpoint_every=0, log_every=1, tensorboard=False, prompts=["a", "b", "c", "d"], learning_rate=1e-3,
     )
@@ -115,8 +136,8 @@ def spo_config(out, **kw):
     return load_config(SPOConfig, None, base)
 
 
-def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
-    method = SPO(spo_config(tmp_path / "o"))
+def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path, pm):
+    method = SPO(spo_config(tmp_path / "o", pm, transitions_per_step=0))
     trainer = Trainer(method)
     trainer._setup()
     gens = trainer.generators(torch.tensor([0, 1]))
@@ -152,11 +173,11 @@ def test_resampler_one_continuation_and_pairs_from_candidates(tmp_path):
     assert abs(float(loss) - math.log(2)) < 1e-5  # theta = ref, separate parents
 
 
-def test_spo_command_runs_and_starts_at_log2(tmp_path):
+def test_spo_command_runs_and_starts_at_log2(tmp_path, pm):
     from diffplug.finetune.cli import main
 
     out = tmp_path / "spo"
-    args = ["spo", "--output_dir", str(out), "--model", "tiny:sd", "--preference_model", "finetune_test_scorers:bright",
+    args = ["spo", "--output_dir", str(out), "--model", "tiny:sd", "--preference_model", pm, "--reward", REWARD,
             "--num_steps", "3", "--divert_start_step", "1", "--num_sample_each_step", "2", "--threshold", "0",
             "--max_steps", "2", "--train_batch_size", "1", "--checkpoint_every", "1", "--log_every", "1",
             "--tensorboard", "false", "--prompts", "a,b"]
@@ -168,29 +189,108 @@ def test_spo_command_runs_and_starts_at_log2(tmp_path):
     assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (out / "checkpoint-2").is_dir()
 
 
-def test_spo_pm_trains_and_reloads(tmp_path):
+def test_spo_pm_soft_labels_trains_reloads_and_reports_stepwise_accuracy(tmp_path):
     from PIL import Image
 
     data = tmp_path / "pairs"
     data.mkdir()
     rows = []
-    for i in range(2):
+    for i in range(3):
         Image.new("RGB", (32, 32), (220, 220, 220)).save(data / f"{i}w.png")
         Image.new("RGB", (32, 32), (30, 30, 30)).save(data / f"{i}l.png")
-        rows.append({"prompt": "x", "chosen": f"{i}w.png", "rejected": f"{i}l.png"})
+        rows.append({"prompt": "x", "jpg_0": f"{i}l.png", "jpg_1": f"{i}w.png", "label_0": 0 if i < 2 else 0.5})
     (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(SPMConfig, None, dict(
         output_dir=str(tmp_path / "pm"), model="tiny:sd", backbone="finetune_test_scorers:bright", data=str(data),
-        max_steps=2, train_batch_size=2, checkpoint_every=0, tensorboard=False, learning_rate=1e-2, log_every=1,
+        max_steps=2, train_batch_size=3, checkpoint_every=0, tensorboard=False, learning_rate=1e-2, log_every=1,
     ))
-    final = Trainer(SPMTraining(cfg)).train()
+    method = SPMTraining(cfg)
+    final = Trainer(method).train()
+    logs = [json.loads(line) for line in (tmp_path / "pm" / "logs.jsonl").read_text().splitlines()]
+    assert abs(logs[0]["tie_fraction"] - 1 / 3) < 1e-6  # the tie is kept, as a 0.5/0.5 soft label
     spm = StepAwarePreferenceModel.load(final)
-    assert spm.backbone_spec == "finetune_test_scorers:bright"
-    assert any(p.abs().sum() > 0 for p in spm.t_mlp[-1].parameters())  # time conditioning was trained
-    # and SPO accepts the trained folder as its preference model
-    from diffplug.finetune.spm import load_preference_model
-
+    assert spm.backbone_spec == "finetune_test_scorers:bright" and spm.info["steps"] == 2
+    assert any(p.abs().sum() > 0 for p in spm.embed_mod.modulation[-1].parameters())  # time conditioning trained
     assert isinstance(load_preference_model(str(tmp_path / "pm")), StepAwarePreferenceModel)
+    # the soft-label loss: a tie at equal scores is log 2 and pulls unequal scores together
+    s = torch.tensor([2.0, 0.0], requires_grad=True)
+    loss = pickscore_loss(s[:1], s[1:], torch.tensor([0.5]))
+    loss.sum().backward()
+    assert s.grad[0] > 0 > s.grad[1]
+    torch.testing.assert_close(pickscore_loss(s[1:], s[1:], torch.tensor([0.5])).detach(), torch.tensor([math.log(2)]))
+
+
+def test_spo_pm_on_generated_pairs_reports_stepwise_accuracy(tmp_path):
+    out = tmp_path / "pm"
+    cfg = load_config(SPMConfig, None, dict(
+        output_dir=str(out), model="tiny:sd", backbone="finetune_test_scorers:bright", reward=REWARD,
+        prompts=["a", "b"], num_per_prompt=4, generate_repeats=1, eval_repeats=1, generate_steps=2, max_steps=1,
+        train_batch_size=2, checkpoint_every=0, tensorboard=False, log_every=1,
+    ))
+    Trainer(SPMTraining(cfg)).train()
+    rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["label_0"] in (0.0, 0.5, 1.0) for r in rows)  # 2 prompts x 2 disjoint pairs
+    assert all((r["label_0"] == 1.0) == (r["score_0"] > r["score_1"]) for r in rows if r["label_0"] != 0.5)
+    assert (out / "pairs-heldout" / "pairs.jsonl").read_text() != (out / "pairs" / "pairs.jsonl").read_text()
+    acc = json.loads((out / "final" / "stepwise_accuracy.json").read_text())
+    assert set(acc) == {"0", "251", "501", "701", "951"}
+    assert all(0 <= a["spm"] <= 1 and 0 <= a["reward"] <= 1 for a in acc.values())
+    assert json.loads((out / "final" / "spm_config.json").read_text())["reward"] == REWARD
+
+
+def test_every_block_of_the_testbed_scorer_is_time_conditioned():
+    spm = StepAwarePreferenceModel.from_backbone("testbed").eval()
+    assert len(spm.blocks) == 3 and spm.embed_mod is None  # one per ConvNet stage
+    images, prompts = torch.rand(2, 3, 32, 32), ["a photo of a bag", "a photo of a coat"]
+    with torch.no_grad():
+        base = spm.backbone(images, prompts) * spm.logit_scale()
+        torch.testing.assert_close(spm(images, prompts, 700), base, rtol=1e-4, atol=1e-4)  # zero-init = backbone
+        for unit in spm.blocks:
+            unit.modulation[-1].weight.normal_(0, 0.1)
+            unit.modulation[-1].bias.normal_(0, 0.1)
+        assert not torch.allclose(spm(images, prompts, 0), spm(images, prompts, 900))
+        torch.testing.assert_close(spm.backbone(images, prompts) * spm.logit_scale(), base)  # outside the SPM: unchanged
+
+
+def test_spo_refuses_missing_untrained_or_mismatched_preference_models(tmp_path, pm):
+    with pytest.raises(ConfigError, match="preference_model: required.*spo-pm"):
+        load_config(SPOConfig, None, dict(output_dir=str(tmp_path / "o"), reward=REWARD))
+    untrained = tmp_path / "untrained"
+    StepAwarePreferenceModel.from_backbone("finetune_test_scorers:bright").save(untrained)
+    for bad in (str(untrained), "testbed", str(tmp_path / "nothing")):
+        with pytest.raises(ConfigError, match="spo-pm"):
+            load_preference_model(bad, REWARD)
+    with pytest.raises(ConfigError, match="reward: 'jpeg_compressibility', but the preference model .* trained on"):
+        load_preference_model(pm, "jpeg_compressibility")
+    cfg = spo_config(tmp_path / "o2", pm)
+    assert cfg.eval_reward == REWARD  # '' = --reward
+
+
+def test_official_update_schedule_and_exact_resume_mid_rollout(tmp_path, pm):
+    kw = dict(transitions_per_step=1, max_steps=5, checkpoint_every=3, train_batch_size=1, num_steps=4)
+    ref = tmp_path / "ref"
+    method = SPO(spo_config(ref, pm, **kw))
+    Trainer(method).train()
+    # a rollout of 1 prompt gives 3 transitions (2 valid: the last DDIM step is deterministic and ties),
+    # one optimiser step each: 5 steps = 3 rollouts, the last one interrupted
+    assert method.stats["rollouts"] == 3 and method.stats["valid"] == 6 and len(method.queue) == 1
+    q = load_file(str(ref / "checkpoint-3" / "spo_rollout_0.safetensors"))
+    assert "0.x_w" in q and "1.x_w" not in q  # checkpoint 3 holds the 2nd rollout's second half
+    # resume from checkpoint-3 (in the middle of rollout 2): the same final weights
+    res = tmp_path / "res"
+    shutil.copytree(ref / "checkpoint-3", res / "checkpoint-3")
+    shutil.copy(ref / "config.yaml", res / "config.yaml")
+    Trainer(SPO(spo_config(res, pm, resume="latest", **kw))).train()
+    a = load_file(str(ref / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(res / "final" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_a_run_that_learns_nothing_says_so(tmp_path, pm, capsys):
+    Trainer(SPO(spo_config(tmp_path / "o", pm, threshold=0.999, max_steps=2, train_batch_size=1))).train()
+    out = capsys.readouterr().out
+    assert "no valid pair" in out and "WARNING: this SPO run learned nothing" in out
 
 
 def test_spm_on_a_local_clip_folder(tmp_path):
@@ -208,6 +308,7 @@ def test_spm_on_a_local_clip_folder(tmp_path):
     spm = StepAwarePreferenceModel.from_backbone(f"pickscore:{tmp_path}")
     scores = spm(torch.rand(3, 3, 32, 32), ["a cat", "a dog", "x"], 250)
     assert scores.shape == (3,) and torch.isfinite(scores).all()
+    assert len(spm.blocks) == 2  # the ViT layer and the post-LayerNorm are time-conditioned
     assert abs(float(spm.logit_scale()) - float(spm.backbone.model.logit_scale.exp())) < 1e-6
     with pytest.raises(Exception, match="backbone: .* no such folder"):
         StepAwarePreferenceModel.from_backbone(f"clip:{tmp_path / 'missing'}")
