@@ -192,7 +192,7 @@ def quality(args) -> None:
     from diffplug.evals import fid_from_features, kernel_inception_distance
     from diffplug.evals.features import TestbedFeatures
     from diffplug.finetune.sft import testbed_set
-    from diffplug.testbed.data import FASHION_CLASSES, fashion_mnist, prompt_for_class
+    from diffplug.testbed.data import fashion_mnist, prompt_for_class
 
     torch.set_num_threads(args.threads)
     root = Path(args.out)

@@ -51,16 +51,7 @@ def plant(path: Path, marker: Path) -> None:
         path.write_bytes(pickle.dumps(Payload(marker)))
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return make_pairs(tmp_path_factory.mktemp("pairs"))
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, pairs):
-    out = tmp_path_factory.mktemp("runs") / "ref"
-    Trainer(DiffusionDPO(dpo_config(out, pairs))).train()
-    return out
+pairs, reference_run = _helpers.pairs, _helpers.reference_run  # the same module-scoped fixtures
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
