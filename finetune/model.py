@@ -60,23 +60,26 @@ def load_pipeline(spec: str):
 class DiffusionModel:
     """A pipeline's trainable denoiser plus its frozen encoders, as the trainer and losses see it."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, families: tuple | None = None, guidance_scale: float | None = None):
         from ..pipelines import family_of
 
         self.pipe = pipe
+        self.guidance_scale = guidance_scale  # a guidance-conditioned UNet's (LCM) w input; see encode_prompts
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # the trainer has its own bar
         self.family = family_of(pipe)
-        if self.family.name not in SUPPORTED:
+        families = families or SUPPORTED  # a method may support others (deediff: pixart)
+        if self.family.name not in families:
             raise ConfigError(
-                f"model: {type(pipe).__name__} ({self.family.name}) is not supported by finetune yet; "
-                f"supported families: {', '.join(SUPPORTED)} (UNet pipelines)"
+                f"model: {type(pipe).__name__} ({self.family.name}) is not supported by this method; "
+                f"supported families: {', '.join(families)}"
             )
-        self.unet = pipe.unet
+        self.unet = self.family.denoiser  # the UNet, or a method's transformer
         self.scheduler = pipe.scheduler
         self.prediction_type = prediction_type_of(pipe.scheduler)
         self.reference_copy: torch.nn.Module | None = None
         self.lora = False
+        self.sara = None  # the SaRA adapter (finetune/sara.py) when adapter=sara
 
     # -- setup ------------------------------------------------------------------------------------
     @property
@@ -114,6 +117,25 @@ class DiffusionModel:
             raise ConfigError(f"lora_target_modules: {e}") from None
         self.lora = True
 
+    def add_sara(self, cfg, device, dtype) -> str:
+        """Select SaRA's entries on the base weights (float32 hash), then store the frozen base in
+        ``dtype``; the deltas train in float32. -> the selection's description."""
+        from . import sara
+
+        try:
+            sara.prepare(self.unet, threshold=cfg.sara_threshold or None,
+                         fraction=None if cfg.sara_threshold else cfg.sara_fraction or sara.DEFAULT_FRACTION,
+                         exclude=cfg.sara_exclude)
+        except sara.SaRAError as e:
+            raise ConfigError(f"sara_threshold / sara_fraction / sara_exclude: {e}") from None
+        self.sara = sara.adapter_of(self.unet)
+        self.unet.to(device)
+        if dtype != torch.float32:
+            self.unet.to(dtype=dtype)
+            for p in self.sara.parameters():
+                p.data = p.data.float()
+        return self.sara.describe()
+
     def make_full_trainable(self, ref_dtype) -> None:
         self.reference_copy = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if ref_dtype != torch.float32:
@@ -128,9 +150,22 @@ class DiffusionModel:
     def encode_prompts(self, prompts: list[str], size: int, uncond: bool = False) -> dict:
         """Condition tensors ``{model keyword: tensor}``; with ``uncond`` each value is ``(cond, uncond)``."""
         conditions = self.family.encode(prompt=list(prompts), num_images_per_prompt=1, height=size, width=size)
+        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if dim:  # an LCM-style UNet takes the guidance scale as an input, as StableDiffusionPipeline gives it
+            w = self.guidance_embedding(len(prompts), dim)
+            conditions["timestep_cond"] = (w, w)
         if uncond:
             return {k: (v[0].float(), v[1].float()) for k, v in conditions.items()}
         return {k: v[0].float() for k, v in conditions.items()}
+
+    def guidance_embedding(self, n: int, dim: int) -> torch.Tensor:
+        if self.guidance_scale is None:
+            raise ConfigError("guidance_scale: this UNet takes the guidance scale as an input (time_cond_proj_dim, "
+                              "an LCM-style model); pass --guidance_scale W")
+        from diffusers import StableDiffusionPipeline
+
+        w = torch.full((n,), float(self.guidance_scale) - 1.0)  # the pipeline embeds w - 1
+        return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim).to(self.unet.device)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,11 +203,12 @@ class DiffusionModel:
     def predict(self, unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """``unet(x_t, t, cond)`` in the scheduler's prediction type, float32. The trainer runs losses
         under ``accelerator.autocast()``, so fp16/bf16 weights take float32 inputs."""
-        extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        extra = {k: v for k, v in cond.items() if k not in ("encoder_hidden_states", "timestep_cond")}
         out = unet(
             x,
             t.to(x.device),
             encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep_cond=cond.get("timestep_cond"),
             added_cond_kwargs=extra or None,
             return_dict=False,
         )[0]
@@ -187,6 +223,10 @@ class DiffusionModel:
         with torch.no_grad():
             if self.reference_copy is not None:
                 yield self.reference_copy
+                return
+            if self.sara is not None:  # the base weights: dense copies of the selected tensors, no grad
+                with self.sara.disabled():
+                    yield unet
                 return
             if not self.lora:  # the UNet is not trained (a method trains another module): it is the reference
                 yield self.unet
@@ -207,10 +247,13 @@ class DiffusionModel:
 
     # -- saving -------------------------------------------------------------------------------------
     def save_final(self, unet, directory: Path) -> None:
-        """LoRA: diffusers-format ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(dir)``);
+        """SaRA: ``sara.safetensors`` (``diffplug.finetune.sara.load(unet, dir)``);
+        LoRA: diffusers-format ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(dir)``);
         full: ``directory/unet`` (``UNet2DConditionModel.from_pretrained(dir, subfolder='unet')``)."""
         directory.mkdir(parents=True, exist_ok=True)
-        if self.lora:
+        if self.sara is not None:  # sara.load(base_unet, directory) applies it
+            self.sara.save(directory)
+        elif self.lora:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 

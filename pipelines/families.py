@@ -53,11 +53,24 @@ class Family:
     neutral_arguments: dict = {}
 
     def check(self, **call) -> None:
-        if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError(
-                "this UNet is guidance-distilled (time_cond_proj_dim is set): it takes no guidance; "
-                "call the stock pipeline directly"
-            )
+        pass
+
+    def distilled_guidance(self, guidance, conditions: dict):
+        """A guidance-distilled UNet (``time_cond_proj_dim``, e.g. LCM) takes CFG's scale as an input, as
+        ``StableDiffusionPipeline`` gives it (``timestep_cond`` = embedding of ``w - 1``), in one conditional
+        pass -> ``(guidance to run, conditions)``; other UNets are returned unchanged."""
+        dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
+        if dim is None:
+            return guidance, conditions
+        from ..guidance.base import CFG
+
+        if type(guidance) is not CFG:
+            raise ValueError(f"this UNet is guidance-distilled (time_cond_proj_dim is set): it takes its guidance "
+                             f"scale as an input; {type(guidance).__name__} cannot steer it; use plain CFG (--guidance cfg)")
+        n = conditions["encoder_hidden_states"][0].shape[0]
+        w = torch.full((n,), float(guidance.guidance_scale) - 1.0)
+        emb = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(self.device)
+        return CFG(1.0), {**conditions, "timestep_cond": (emb, emb)}
 
     def encode(self, **call) -> dict:
         """The pipeline's own ``encode_prompt`` -> conditions ``{model keyword: (cond, uncond)}``.
@@ -88,12 +101,13 @@ class Family:
             batch, channels, height, width, torch.float32, self.device, generator, latents
         ).float()
 
-    def model(self, x, t, encoder_hidden_states, **fields):
+    def model(self, x, t, encoder_hidden_states, timestep_cond=None, **fields):
         unet = self.pipe.unet
         return unet(
             x.to(unet.dtype),
             t,
             encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=None if timestep_cond is None else timestep_cond.to(unet.dtype),
             added_cond_kwargs=fields or None,
             return_dict=False,
         )[0].float()

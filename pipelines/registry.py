@@ -25,7 +25,7 @@ SCHEDULERS = {
     "dc-solver": "diffplug.samplers:DCSolverScheduler",
 }
 # Models that need no download: the project's testbed and the tiny random test pipelines.
-BUILTIN_MODELS = ("testbed", "testbed-dit", "tiny-sd", "tiny-sdxl", "tiny-flow")
+BUILTIN_MODELS = ("testbed", "testbed-lcm", "testbed-dit", "tiny-sd", "tiny-sdxl", "tiny-flow")
 
 
 def _resolve(table: dict, kind: str, name: str):
@@ -88,10 +88,10 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     torch_dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, "bad")
     if torch_dtype == "bad":
         raise ValueError(f"--dtype must be one of fp32, fp16, bf16 (got {dtype!r})")
-    if model in ("testbed", "testbed-dit"):
+    if model in ("testbed", "testbed-lcm", "testbed-dit"):
         from diffplug import testbed
 
-        pipe = testbed.load("sd" if model == "testbed" else "dit")
+        pipe = testbed.load({"testbed": "sd", "testbed-lcm": "sd-lcm", "testbed-dit": "dit"}[model])
     elif model.startswith("tiny-"):
         from diffplug.testing import tiny_pipeline
 

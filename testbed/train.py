@@ -1,11 +1,12 @@
-"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|classifier|scorer``.
+"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|lcm|classifier|scorer``.
 
 Every run is seeded and stops at ``--steps`` or after ``--minutes`` (whichever comes first); it
 writes ``testbed/weights/<name>.safetensors`` (fp16), ``<name>.json`` (config) and
 ``<name>.record.json`` (device, threads, minutes, steps, final loss, the command). Rerun with
 ``--steps`` set to the recorded count to repeat a run. Existing weights are kept unless ``--force``.
 
-Order: ``vae`` first (the diffusion models train on its latents), then ``unet`` and ``dit``;
+Order: ``vae`` first (the diffusion models train on its latents), then ``unet`` and ``dit``, then
+``lcm`` (the few-step student ``unet_lcm``, distilled from ``unet``);
 ``classifier`` and ``scorer`` train on pixels and need nothing else.
 """
 
@@ -309,13 +310,19 @@ class DiffusionData:
         self.generator, self.drop, self.device, self.offset_noise = generator, drop, device, offset_noise
         self.scheduler = __import__("diffusers").DDPMScheduler(**M.SCHEDULE)
 
-    def batch(self, size: int):
+    def clean(self, size: int):
+        """Scaled latents x_0 (drawn from the posterior) and caption indices (prompt dropout applied)."""
         g = self.generator
         idx = torch.multinomial(self.weights, size, replacement=True, generator=g)
         z0 = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=g)) * self.scaling
         which = torch.randint(0, self.index.shape[1], (size,), generator=g)
         cap = self.index[idx, which]
         cap = torch.where(torch.rand(size, generator=g) < self.drop, torch.zeros_like(cap), cap)  # prompt dropout
+        return z0, cap
+
+    def batch(self, size: int):
+        g = self.generator
+        z0, cap = self.clean(size)
         noise = training_noise(z0.shape, g, self.offset_noise)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=g)
         zt = self.scheduler.add_noise(z0, noise, t)  # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
@@ -362,6 +369,91 @@ def train_dit(args) -> None:
         ).sample  # fmt: skip
 
     _train_denoiser(args, "dit", dit, forward)
+
+
+# ------------------------------------------------------------------- lcm: the few-step student
+LCM_TARGET_EMA = 0.95  # the consistency target network (LCM's mu)
+LCM_HUBER_C = 1e-3  # pseudo-Huber constant (diffusers' LCM distillation script)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = M.LCM_COND_DIM) -> torch.Tensor:
+    """The UNet's ``timestep_cond`` for pipeline guidance scale ``w``, exactly as
+    ``StableDiffusionPipeline`` computes it (embedding of ``w - 1``)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=dim)
+
+
+def consistency_fn(scheduler, model, x, t, emb, w_emb):
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat: what ``LCMScheduler.step`` returns as denoised."""
+    eps = model(x, t, encoder_hidden_states=emb, timestep_cond=w_emb).sample
+    return boundary(scheduler, x, t, eps)
+
+
+def boundary(scheduler, x, t, eps):
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.float())
+    return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * x0
+
+
+def train_lcm(args) -> None:
+    """Latent consistency distillation (Luo et al. 2023, Alg. 1) of the testbed UNet into a few-step
+    student with the guidance scale as an input (``time_cond_proj_dim``). Per step: x_0 from the
+    data, a grid time t_n (50-step grid, skip k = 20), x_{t_n} by the forward process; the teacher
+    takes one CFG-guided DDIM step t_n -> t_{n-k} at a scale w ~ U[w_min, w_max]; the loss is the
+    pseudo-Huber distance between the student's f(x_{t_n}) and the EMA target's f(x_{t_{n-k}})."""
+    from diffusers import LCMScheduler
+
+    run = Run(args, "unet_lcm")
+    batches = DiffusionData(Path(args.out), run.generator, drop=0.0, device=args.device)
+    scheduler = LCMScheduler(**M.LCM_CONFIG)
+    skip = M.SCHEDULE["num_train_timesteps"] // M.LCM_CONFIG["original_inference_steps"]
+    teacher = M.load_model("unet", Path(args.out)).requires_grad_(False).to(args.device)
+    student = M.build("unet_lcm")
+    if not args.resume:  # start from the teacher; the guidance projection starts at zero
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    student = run.init(student).to(args.device).train()
+    target, ema = EMA(student, LCM_TARGET_EMA), EMA(student, args.ema)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    uncond = batches.embeds[0].float().to(args.device)
+    extra = dict(teacher="unet", w_range=[args.w_min, args.w_max], skip=skip, target_ema=LCM_TARGET_EMA,
+                 ema_decay=args.ema, huber_c=LCM_HUBER_C, scheduler=M.LCM_CONFIG)
+    next_save = args.save_minutes
+    while run.running():
+        z0, cap = batches.clean(args.batch_size)
+        emb = batches.embeds[cap].float()
+        n = args.batch_size
+        t = skip * torch.randint(1, M.LCM_CONFIG["original_inference_steps"] + 1, (n,), generator=run.generator) - 1
+        s = (t - skip).clamp(min=0)
+        w = args.w_min + (args.w_max - args.w_min) * torch.rand(n, generator=run.generator)
+        noise = torch.randn(z0.shape, generator=run.generator)
+        z0, emb, noise, t, s, w = (v.to(args.device) for v in (z0, emb, noise, t, s, w))
+        xt = scheduler.add_noise(z0, noise, t)
+        w_emb = guidance_embedding(w).to(args.device)
+        with torch.no_grad():
+            eps_c, eps_u = teacher(torch.cat([xt, xt]), torch.cat([t, t]),
+                                   encoder_hidden_states=torch.cat([emb, uncond.expand_as(emb)])).sample.chunk(2)
+            eps = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)  # CFG at scale w
+            a_t, a_s = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), scheduler.alphas_cumprod[s].view(-1, 1, 1, 1)
+            x0 = (xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            xs = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps  # one DDIM step t_n -> t_{n-k}
+            goal = consistency_fn(scheduler, target.model, xs, s, emb, w_emb)
+        pred = consistency_fn(scheduler, student, xt, t, emb, w_emb)
+        loss = ((pred - goal).pow(2) + LCM_HUBER_C**2).sqrt().sub(LCM_HUBER_C).mean()
+        run.optimize(opt, loss, clip=student, cosine=True)
+        target.update(student)
+        ema.update(student)
+        if run.minutes() >= next_save:  # a usable checkpoint every --save-minutes
+            next_save += args.save_minutes
+            run.finish(ema.model, _config(student), **extra)
+    run.finish(ema.model, _config(student), **extra)
+
+
+def _config(model: nn.Module) -> dict:
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------------------------- scorers
@@ -461,12 +553,13 @@ def heldout_retrieval(image_tower: nn.Module, text_of) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the CLI
-STAGES = {"vae": train_vae, "unet": train_unet, "dit": train_dit, "classifier": train_classifier, "scorer": train_scorer}
+STAGES = {"vae": train_vae, "unet": train_unet, "dit": train_dit, "lcm": train_lcm, "classifier": train_classifier,
+          "scorer": train_scorer}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffplug.testbed.train", description=__doc__.split("\n")[0])
-    p.add_argument("model", choices=["vae", "unet", "dit", "classifier", "scorer"])
+    p.add_argument("model", choices=list(STAGES))
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget (default 10)")
     p.add_argument("--steps", type=int, default=10**9, help="stop after this many optimiser steps")
     p.add_argument("--batch-size", type=int, default=None)
@@ -477,6 +570,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.999, help="unet/dit: EMA decay of the saved weights")
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="unet/dit: std of a per-channel constant added to the training noise (0: off)")
+    p.add_argument("--w-min", type=float, default=2.0, help="lcm: smallest guidance scale distilled")
+    p.add_argument("--w-max", type=float, default=8.0, help="lcm: largest guidance scale distilled")
+    p.add_argument("--save-minutes", type=float, default=5.0, help="lcm: write the weights every this many minutes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(M.WEIGHTS_DIR), help="weights folder (default: the package's)")
     p.add_argument("--force", action="store_true", help="overwrite existing weights")
@@ -489,6 +585,7 @@ DEFAULTS = {  # (batch size, learning rate)
     "vae": (64, 1e-3),
     "unet": (64, 1e-3),
     "dit": (64, 5e-4),
+    "lcm": (32, 2e-4),
     "classifier": (128, 2e-3),
     "scorer": (256, 2e-3),
 }

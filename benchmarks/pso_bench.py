@@ -1,0 +1,211 @@
+"""PSO on the few-step testbed (``testbed:sd-lcm``, 4 steps), written to benchmarks/pso_results.md.
+
+offline: a synthetic style, red-tinted Fashion-MNIST sneakers ("a photo of a sneaker", ``--targets``
+training images), learnt by plain denoising-loss fine-tuning (``diffplug finetune sft``, all timesteps)
+and by PSO (``pso``, ``pso_db``) with the same LoRA, learning rate, batch and steps. Each tuned model
+samples ``--images`` held-out seeds at 4 steps: FID (testbed features) against held-out tinted test
+sneakers (did it reach the target?), redness, sharpness (variance of the Laplacian; the targets' own in
+the header) and alignment (classifier: sneaker).
+
+online: ``diffplug finetune pso --mode online --reward R`` for ``--steps`` steps; base and tuned models
+sample the same ``--images`` held-out seeds (ten Fashion-MNIST prompts): reward mean +- s.e., gain in
+s.e. (unpaired and paired per seed), sharpness, alignment, train seconds per step and total.
+
+    python benchmarks/pso_bench.py offline --out /tmp/pso_off --steps 300
+    python benchmarks/pso_bench.py online --out /tmp/pso_on --reward jpeg_compressibility --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from testbed_lcm import laplacian_variance
+
+HERE = Path(__file__).resolve().parent
+TINT = torch.tensor([1.0, 0.3, 0.3]).view(1, 3, 1, 1)  # the synthetic style: red
+PROMPT = "a photo of a sneaker"
+SNEAKER = 7
+
+
+def tinted_sneakers(split: str, n: int) -> torch.Tensor:
+    from diffplug.testbed import data as D
+
+    s = D.fashion_mnist(split)
+    idx = torch.nonzero(s.labels == SNEAKER).flatten()[:n]
+    return s.images[idx].float() / 255 * TINT
+
+
+def redness(images: torch.Tensor) -> torch.Tensor:
+    return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+
+
+def write_targets(folder: Path, n: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(tinted_sneakers("train", n)):
+        Image.fromarray((im * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(PROMPT)
+
+
+def train(method: str, out: Path, args_list: list[str]) -> float:
+    from diffplug.finetune.cli import main
+
+    start = time.perf_counter()
+    if out.exists() and (out / "final").is_dir():
+        return json.loads((out / "bench_seconds.json").read_text())["seconds"]
+    rc = main([method, "--output_dir", str(out), "--tensorboard", "false", *args_list])
+    assert rc == 0, f"{method} failed"
+    seconds = time.perf_counter() - start
+    (out / "bench_seconds.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+@torch.no_grad()
+def sample(lora: Path | None, prompts: list[str], seed: int, scale: float) -> torch.Tensor:
+    from diffplug import testbed
+
+    pipe = testbed.load("sd-lcm")
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    out = []
+    for i in range(0, len(prompts), 50):
+        g = torch.Generator().manual_seed(seed + i)
+        out.append(pipe(prompts[i : i + 50], num_inference_steps=4, guidance_scale=scale, generator=g, output_type="pt").images)
+    return torch.cat(out).float()
+
+
+def fid(a, b) -> float:
+    from testbed_lcm import fid as f
+
+    return f(a, b)
+
+
+def _header(args, what: str) -> list[str]:
+    return [f"## {what} ({datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.machine()} CPU shared with other "
+            "jobs, 1 thread)", "", f"`python benchmarks/pso_bench.py {' '.join(args.argv)}`", ""]
+
+
+def offline(args) -> list[str]:
+    from diffplug import testbed
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    write_targets(out / "targets", args.targets)
+    common = ["--model", "testbed:sd-lcm", "--data", str(out / "targets"), "--max_steps", str(args.steps),
+              "--train_batch_size", str(args.batch), "--learning_rate", str(args.lr), "--lora_rank", "16",
+              "--lr_scheduler", "constant", "--guidance_scale", str(args.scale), "--seed", "0",
+              "--checkpoint_every", "0", "--log_every", "50"]
+    runs = {"sft (plain denoising loss)": ("sft", common)}
+    extra = args.pso_flags.split()
+    for loss in args.losses:
+        runs[f"pso ({loss}{' ' + args.pso_flags if extra else ''})"] = ("pso", common + ["--mode", "offline", "--loss_type", loss] + extra)
+    held = tinted_sneakers("test", args.images)
+    prompts = [PROMPT] * args.images
+    classifier = testbed.load_classifier()
+    rows = []
+    base = sample(None, prompts, 10_000, args.scale)
+    for name, (method, flags) in [("base (sd-lcm)", (None, None))] + list(runs.items()):
+        seconds = 0.0
+        if method is None:
+            images = base
+        else:
+            folder = out / "".join(c if c.isalnum() else "_" for c in name.split(" (")[0] + "_" + name)
+            seconds = train(method, folder, flags)
+            images = sample(folder / "final", prompts, 10_000, args.scale)
+        with torch.no_grad():
+            align = (classifier(images).argmax(-1) == SNEAKER).float().mean().item()
+        rows.append((name, fid(held, images), fid(base, images), redness(images).mean().item(),
+                     laplacian_variance(images).mean().item(), align, seconds))
+        print(rows[-1], flush=True)
+    lines = _header(args, "Offline: a red sneaker style, 4-step samples") + [
+        f"{args.targets} training targets (red-tinted Fashion-MNIST sneakers, \"{PROMPT}\"), LoRA r 16, lr {args.lr} "
+        f"constant, batch {args.batch}, {args.steps} steps each, guidance scale {args.scale} (the UNet's input). "
+        f"{args.images} held-out seeds per row. Targets (held-out tinted test sneakers): redness "
+        f"{redness(held).mean().item():.3f}, sharpness {laplacian_variance(held).mean().item():.4f}.",
+        "",
+        "| model | FID vs targets | FID vs base samples | redness | sharpness (Laplacian var.) | alignment (sneaker) | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, f_t, f_b, red, sharp, align, sec in rows:
+        lines.append(f"| {name} | {f_t:.2f} | {f_b:.2f} | {red:.3f} | {sharp:.4f} | {100 * align:.1f} % | {sec:.0f} |")
+    return lines
+
+
+def online(args) -> list[str]:
+    from diffplug import testbed
+    from diffplug.finetune.pairs import FASHION_PROMPTS, resolve_reward
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    flags = ["--mode", "online", "--model", "testbed:sd-lcm", "--reward", args.reward, "--max_steps", str(args.steps),
+             "--train_batch_size", str(args.batch), "--guidance_scale", str(args.scale), "--seed", "0",
+             "--checkpoint_every", "0", "--log_every", "10"] + (["--learning_rate", str(args.lr)] if args.lr else [])
+    seconds = train("pso", out / "online", flags)
+    reward = resolve_reward(args.reward)
+    prompts = [FASHION_PROMPTS[i % 10] for i in range(args.images)]
+    classifier = testbed.load_classifier()
+    labels = torch.arange(args.images) % 10
+    res = {}
+    for name, lora in (("base (sd-lcm)", None), ("online PSO", out / "online" / "final")):
+        images = sample(lora, prompts, 20_000, args.scale)
+        r = torch.as_tensor(reward(images, prompts)).float()
+        with torch.no_grad():
+            align = (classifier(images).argmax(-1) == labels).float().mean().item()
+        res[name] = (r, laplacian_variance(images).mean().item(), align)
+    (rb, sb, ab), (rt, st, at) = res["base (sd-lcm)"], res["online PSO"]
+    se = lambda v: v.std().item() / len(v) ** 0.5  # noqa: E731
+    gain, se_unpaired, se_paired = (rt.mean() - rb.mean()).item(), (se(rb) ** 2 + se(rt) ** 2) ** 0.5, se(rt - rb)
+    lines = _header(args, f"Online: reward `{args.reward}`, 4-step samples") + [
+        f"Ten Fashion-MNIST prompts, batch {args.batch} prompts x 2 trajectories per step, {args.steps} steps, "
+        f"guidance scale {args.scale}; {args.images} held-out seeds per row (the same for both). Train: "
+        f"{seconds:.0f} s in all, {seconds / args.steps:.2f} s per step (setup included).",
+        "",
+        "| model | held-out reward (± s.e.) | sharpness | alignment |",
+        "|---|---|---|---|",
+        f"| base (sd-lcm) | {rb.mean():.4g} ± {se(rb):.2g} | {sb:.4f} | {100 * ab:.1f} % |",
+        f"| online PSO | {rt.mean():.4g} ± {se(rt):.2g} | {st:.4f} | {100 * at:.1f} % |",
+        "",
+        f"Gain {gain:.4g}: {gain / se_unpaired:.1f} s.e. unpaired, {gain / se_paired:.1f} s.e. paired per seed.",
+    ]
+    return lines
+
+
+def main(argv=None) -> None:
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["offline", "online"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.0, help="0: offline 2e-4, online PSO's default")
+    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--targets", type=int, default=64)
+    p.add_argument("--losses", nargs="+", default=["pso", "pso_db"])
+    p.add_argument("--reward", default="jpeg_compressibility")
+    p.add_argument("--pso_flags", default="", help="offline: extra PSO keys, e.g. '--neg_defactor 1 --beta 50'")
+    p.add_argument("--results", default=str(HERE / "pso_results.md"))
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.mode == "offline" and not args.lr:
+        args.lr = 2e-4
+    lines = offline(args) if args.mode == "offline" else online(args)
+    path = Path(args.results)
+    head = "# PSO on the few-step testbed (`testbed:sd-lcm`, 4 steps)\n\n"
+    old = path.read_text() if path.is_file() else head
+    path.write_text(old.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
