@@ -8,7 +8,7 @@ For each reward, through the same commands a user runs:
 * ``spo-pm --reward R``: the step-aware preference model on pairs of base samples labelled by R
   (its held-out step-wise accuracy vs R on the same one-step predictions is in the table);
 * ``spo --reward R --preference_model <that>`` (official update schedule);
-* ``dpo --preset lora --reward R`` (pairs generated from R).
+* ``dpo --preset lora --reward R`` (pairs generated from R; ``--dpo_preset paper`` for the paper's recipe).
 
 Each run evaluates the held-out reward every ``--eval_every`` steps on ``--eval_images`` images (the
 trainer's fixed noise). Then base and tuned models sample the same *other* seeds and are scored:
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--spo_threshold", type=float, default=0.3)
     parser.add_argument("--dpo_steps", type=int, default=200)
     parser.add_argument("--dpo_repeats", type=int, default=8, help="rounds over the prompts when generating DPO pairs")
+    parser.add_argument("--dpo_preset", default="lora", choices=("lora", "paper"), help="dpo --preset")
     parser.add_argument("--dpo_extra", default="", help="extra dpo flags, e.g. '--learning_rate 3e-4'")
     parser.add_argument("--eval_every", type=int, default=20)
     parser.add_argument("--eval_images", type=int, default=200)
@@ -230,9 +231,10 @@ def main() -> None:
                 seconds["spo"] = t + seconds["spo-pm"]
             if "dpo" in args.methods:
                 extra = dict(zip(args.dpo_extra.split()[::2], args.dpo_extra.split()[1::2]))
-                runs["dpo"], seconds["dpo"] = train("dpo", rdir / "dpo", args, dict(
-                    preset="lora", reward=reward, max_steps=args.dpo_steps, generate_repeats=args.dpo_repeats * 10 // len(prompts),
-                    **evals, **{k.lstrip("-"): v for k, v in extra.items()}))
+                keys = dict(preset=args.dpo_preset, reward=reward, max_steps=args.dpo_steps,
+                            generate_repeats=args.dpo_repeats * 10 // len(prompts), **evals)
+                keys.update({k.lstrip("-"): v for k, v in extra.items()})  # explicit flags win
+                runs["dpo"], seconds["dpo"] = train("dpo", rdir / "dpo", args, keys)
             res = evaluate(args, reward, prompts, runs)
             (rdir / "results.json").write_text(json.dumps(res, indent=1))
             lines += report(reward, which, res, rdir, seconds, args)

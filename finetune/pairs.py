@@ -287,6 +287,7 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     import shutil
 
     from torchvision.utils import save_image
+    from tqdm.auto import tqdm
 
     from ..guidance.base import CFG
     from ..pipelines import from_pipe
@@ -301,7 +302,9 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     run = from_pipe(model.pipe, guidance=CFG(cfg.guidance_scale))
     rows, samples = [], []
     chunk = max(1, 32 // per_prompt)  # prompts per sampling call
-    with model.reference(model.unet):  # the initial model (LoRA adapters off)
+    bar = tqdm(total=len(prompts), desc=f"pairs ({folder.name})", unit="prompt",
+               disable=not trainer.accelerator.is_main_process)
+    with model.reference(model.unet), bar:  # the initial model (LoRA adapters off)
         for start in range(0, len(prompts), chunk):
             batch = prompts[start : start + chunk]
             gens = [torch.Generator().manual_seed(((cfg.seed * 7919 + start + i) * 64 + j) * (1 + 2 * salt) + salt)
@@ -311,6 +314,7 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
                 height=trainer.resolution, width=trainer.resolution, output_type="pt",
             ).images.float().cpu()
             all_scores = torch.as_tensor(score(images, [p for p in batch for _ in range(per_prompt)])).float().flatten().cpu()
+            bar.update(len(batch))
             if labelled:
                 samples += [(start + i, prompt, images[i * per_prompt : (i + 1) * per_prompt],
                              all_scores[i * per_prompt : (i + 1) * per_prompt]) for i, prompt in enumerate(batch)]

@@ -12,7 +12,9 @@ each ViT encoder layer and the post-LayerNorm of a CLIP backbone; a backbone may
 so an *untrained* SPM is the backbone scorer at every t -- which is why SPO refuses one.
 
 Backbones (``--backbone``): ``testbed`` (``diffplug.testbed.load_scorer()``), ``clip:<folder>`` (a
-local transformers CLIP folder, e.g. PickScore_v1), ``module:function`` (returns a backbone).
+local transformers CLIP folder, e.g. PickScore_v1), ``module:function`` (returns a backbone). A saved
+SPM records its backbone; a recorded ``module:function`` is imported only when the user passes the
+same ``--backbone`` again (a name read back from a file is never resolved on its own).
 A backbone has ``encode_image(images in [0,1]) -> (B, D)`` and ``encode_text(prompts) -> (B, D)``
 (or the testbed scorer's ``embed_images`` / ``embed_text``), and optionally ``logit_scale`` (a scalar,
 or ``image_tower.logit_scale`` holding its log as in the testbed scorer; 100 if absent, as CLIP's).
@@ -67,7 +69,7 @@ class _CLIPBackbone(nn.Module):
 
         if not Path(folder).is_dir():
             raise ConfigError(f"backbone: {folder!r} -- no such folder (PickScore/CLIP weights must be local)")
-        self.model = CLIPModel.from_pretrained(folder)
+        self.model = CLIPModel.from_pretrained(folder, use_safetensors=True)
         self.processor = CLIPProcessor.from_pretrained(folder)
         size = self.processor.image_processor.crop_size
         self.size = int(getattr(size, "height", None) or (size["height"] if isinstance(size, dict) else size))
@@ -87,6 +89,26 @@ class _CLIPBackbone(nn.Module):
         tok = self.processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
         tok = {k: v.to(self.model.device) for k, v in tok.items()}
         return F.normalize(_projected(self.model.get_text_features(**tok)), dim=-1)
+
+
+def is_import_name(spec: str) -> bool:
+    """A ``module:function`` backbone (imported and called), as opposed to a built-in name."""
+    return ":" in spec and not spec.startswith(("clip:", "pickscore:"))
+
+
+def checked_backbone(folder, recorded: str, given: str | None) -> str:
+    """The backbone to rebuild a saved SPM on. A ``module:function`` recorded in the folder is used
+    only when the user passed the same name; a given backbone must match the recorded one."""
+    if not recorded:
+        raise ConfigError(f"preference_model: {str(folder)!r}: spm_config.json records no backbone")
+    if given and given != recorded:
+        raise ConfigError(f"backbone: {given!r}, but the preference model {str(folder)!r} was trained on "
+                          f"{recorded!r}; pass --backbone {recorded} or train one on {given!r}")
+    if is_import_name(recorded) and given != recorded:
+        raise ConfigError(f"backbone: the preference model {str(folder)!r} records the backbone {recorded!r}, a "
+                          "module:function that would be imported and called; diffplug does not run names read "
+                          f"from a file. If you trust it, pass --backbone {recorded}")
+    return recorded
 
 
 def load_backbone(spec: str) -> nn.Module:
@@ -240,23 +262,24 @@ class StepAwarePreferenceModel(nn.Module):
         (folder / "spm_config.json").write_text(json.dumps(config, indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "StepAwarePreferenceModel":
+    def load(cls, folder: str | Path, backbone: str | None = None) -> "StepAwarePreferenceModel":
+        """``backbone``: the user's ``--backbone``; required to match a recorded ``module:function``."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         if not (folder / "spm_config.json").is_file():
             raise ConfigError(f"preference_model: {str(folder)!r} holds no spm_config.json (train one with `diffplug finetune spo-pm`)")
         config = json.loads((folder / "spm_config.json").read_text())
-        model = cls.from_backbone(config["backbone"], config["freq_dim"])
+        model = cls.from_backbone(checked_backbone(folder, config.get("backbone", ""), backbone), config["freq_dim"])
         model.load_state_dict(load_file(str(folder / "spm.safetensors")))
         model.info = config
         return model
 
 
-def load_preference_model(spec: str, reward: str | None = None) -> StepAwarePreferenceModel:
+def load_preference_model(spec: str, reward: str | None = None, backbone: str | None = None) -> StepAwarePreferenceModel:
     """A trained SPM: an ``spo-pm`` output folder (or its ``final``). Refuses anything else -- an
     untrained SPM is its backbone at every t, not step-aware -- and, given ``reward``, a model
-    trained on another reward."""
+    trained on another reward. ``backbone``: the user's ``--backbone`` (see :func:`checked_backbone`)."""
     how = "train one with `diffplug finetune spo-pm --reward NAME --output_dir D`, then pass --preference_model D"
     folder = Path(spec) if spec else None
     if folder is not None and folder.is_dir() and not (folder / "spm_config.json").is_file():
@@ -270,7 +293,7 @@ def load_preference_model(spec: str, reward: str | None = None) -> StepAwarePref
         raise ConfigError(f"reward: {reward!r}, but the preference model {str(folder)!r} was trained on "
                           f"{info.get('reward')!r}; pass --reward {info.get('reward')} or train one with "
                           f"`diffplug finetune spo-pm --reward {reward}`")
-    return StepAwarePreferenceModel.load(folder)
+    return StepAwarePreferenceModel.load(folder, backbone)
 
 
 def pickscore_loss(scores_w: torch.Tensor, scores_l: torch.Tensor, label_w: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,6 +56,7 @@ class SPOConfig(TrainConfig):
     prompts: list = opt(list(FASHION_PROMPTS), "training prompts: a list or a .txt/.json file")
     preference_model: str = opt("", "a trained step-aware preference model: a `diffplug finetune spo-pm` output folder (required)")
     reward: str = opt("", "the reward the preference model was trained on (checked against it; required)")
+    backbone: str = opt("", "the preference model's backbone when it is a module:function (must match the recorded one)")
     eval_reward: str = opt("", "reward of the held-out evaluations; '' = --reward")
     transitions_per_step: int = opt(10, "valid transitions per optimiser step: a rollout gives ceil(N_valid / this) "
                                         "steps (official: 10); 0 = one step per rollout")
@@ -223,7 +224,7 @@ class SPO(Method):
 
         cfg = self.config
         self.prompts = read_prompts(cfg.prompts)
-        self.spm = load_preference_model(cfg.preference_model, cfg.reward).to(trainer.device).eval().requires_grad_(False)
+        self.spm = load_preference_model(cfg.preference_model, cfg.reward, cfg.backbone or None).to(trainer.device).eval().requires_grad_(False)
         scheduler = DDIMScheduler.from_config(trainer.model.scheduler.config)
         self.resampler = StepwiseResampler(trainer.model, scheduler, self.spm, cfg)
         self.scheduler = scheduler

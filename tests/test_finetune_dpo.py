@@ -36,6 +36,8 @@ def test_paper_preset_is_the_papers_recipe_scaled_by_the_stated_rule():
     assert cfg.use_lora is False and cfg.scale_lr is True and cfg.beta == 5000.0
     assert cfg.learning_rate == pytest.approx(1e-8 * 10)  # 1e-8 per sample x (testbed / SD pre-training LR)
     assert cfg.lr_scheduler == "constant_with_warmup" and cfg.lr_warmup_steps == 50  # 500 of 2000 steps
+    tuned = DPOConfig.from_preset("lora", output_dir="x")
+    assert tuned.learning_rate == 2e-3 and tuned.max_steps == 100  # chosen by the testbed sweep
     lora = DPOConfig.from_preset("lora", output_dir="x", learning_rate=3e-4)
     assert lora.use_lora and lora.lora_rank == 8 and lora.learning_rate == 3e-4  # an explicit key wins
     assert lora.gradient_accumulation_steps == 2 and lora.lr_warmup_steps == 0
@@ -72,3 +74,15 @@ def test_cli_preset_paper_fine_tunes_the_full_unet_with_scaled_lr(tmp_path, pair
 def test_cli_rejects_an_unknown_preset(tmp_path, capsys):
     assert main(["dpo", "--preset", "fast", "--output_dir", str(tmp_path / "o")]) == 2
     assert "preset: must be one of" in capsys.readouterr().err
+
+
+def test_generated_pairs_show_progress_and_are_best_vs_worst(tmp_path, capsys):
+    out = tmp_path / "gen"
+    args = ["dpo", "--preset", "lora", "--output_dir", str(out), "--model", "tiny:sd", "--reward", "jpeg_compressibility",
+            "--prompts", "a,b", "--num_per_prompt", "3", "--generate_repeats", "1", "--generate_steps", "2",
+            "--max_steps", "1", "--train_batch_size", "2", "--checkpoint_every", "0", "--tensorboard", "false"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "pairs (pairs)" in err and "2/2" in err  # a bar over the prompts, on the main process
+    rows = [json.loads(line) for line in (out / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == ["a", "b"] and all(r["score_w"] > r["score_l"] for r in rows)

@@ -49,6 +49,7 @@ def scorer_module(monkeypatch):
 
 
 REWARD = "finetune_test_scorers:brightness"
+BACKBONE = "finetune_test_scorers:bright"
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_spm_starts_as_its_backbone_and_pickscore_loss():
 
 def spo_config(out, pm, **kw):
     base = dict(
-        output_dir=str(out), model="tiny:sd", preference_model=pm, reward=REWARD, num_steps=4,
+        output_dir=str(out), model="tiny:sd", preference_model=pm, reward=REWARD, backbone=BACKBONE, num_steps=4,
         divert_start_step=1, num_sample_each_step=3, threshold=0.0, train_batch_size=2, max_steps=2,
         checkpoint_every=0, log_every=1, tensorboard=False, prompts=["a", "b", "c", "d"], learning_rate=1e-3,
     )
@@ -178,6 +179,7 @@ def test_spo_command_runs_and_starts_at_log2(tmp_path, pm):
 
     out = tmp_path / "spo"
     args = ["spo", "--output_dir", str(out), "--model", "tiny:sd", "--preference_model", pm, "--reward", REWARD,
+            "--backbone", BACKBONE,
             "--num_steps", "3", "--divert_start_step", "1", "--num_sample_each_step", "2", "--threshold", "0",
             "--max_steps", "2", "--train_batch_size", "1", "--checkpoint_every", "1", "--log_every", "1",
             "--tensorboard", "false", "--prompts", "a,b"]
@@ -208,10 +210,10 @@ def test_spo_pm_soft_labels_trains_reloads_and_reports_stepwise_accuracy(tmp_pat
     final = Trainer(method).train()
     logs = [json.loads(line) for line in (tmp_path / "pm" / "logs.jsonl").read_text().splitlines()]
     assert abs(logs[0]["tie_fraction"] - 1 / 3) < 1e-6  # the tie is kept, as a 0.5/0.5 soft label
-    spm = StepAwarePreferenceModel.load(final)
+    spm = StepAwarePreferenceModel.load(final, backbone=BACKBONE)
     assert spm.backbone_spec == "finetune_test_scorers:bright" and spm.info["steps"] == 2
     assert any(p.abs().sum() > 0 for p in spm.embed_mod.modulation[-1].parameters())  # time conditioning trained
-    assert isinstance(load_preference_model(str(tmp_path / "pm")), StepAwarePreferenceModel)
+    assert isinstance(load_preference_model(str(tmp_path / "pm"), backbone=BACKBONE), StepAwarePreferenceModel)
     # the soft-label loss: a tie at equal scores is log 2 and pulls unequal scores together
     s = torch.tensor([2.0, 0.0], requires_grad=True)
     loss = pickscore_loss(s[:1], s[1:], torch.tensor([0.5]))
@@ -264,6 +266,31 @@ def test_spo_refuses_missing_untrained_or_mismatched_preference_models(tmp_path,
         load_preference_model(pm, "jpeg_compressibility")
     cfg = spo_config(tmp_path / "o2", pm)
     assert cfg.eval_reward == REWARD  # '' = --reward
+
+
+def test_a_recorded_module_function_backbone_is_imported_only_when_passed_again(tmp_path, pm, monkeypatch, capsys):
+    import finetune_test_scorers
+
+    calls = []
+    monkeypatch.setattr(finetune_test_scorers, "bright", lambda real=finetune_test_scorers.bright: calls.append(1) or real())
+    for given in (None, ""):  # the folder's name is never resolved on its own
+        with pytest.raises(ConfigError, match=r"backbone: .*module:function.*pass --backbone finetune_test_scorers:bright"):
+            load_preference_model(pm, REWARD, given)
+    with pytest.raises(ConfigError, match=r"backbone: 'testbed', but the preference model .* pass --backbone"):
+        load_preference_model(pm, REWARD, "testbed")
+    assert calls == []  # refused before anything was imported or called
+    spm = load_preference_model(pm, REWARD, BACKBONE)  # the user asks for it: loaded
+    assert calls == [1] and spm.backbone_spec == BACKBONE
+    from diffplug.finetune.cli import main
+
+    capsys.readouterr()
+    assert main(["spo", "--output_dir", str(tmp_path / "o3"), "--model", "tiny:sd", "--preference_model", pm,
+                 "--reward", REWARD, "--max_steps", "1", "--tensorboard", "false"]) == 2  # the SPO command refuses too
+    assert "error: backbone: the preference model" in capsys.readouterr().err and calls == [1]
+    # a built-in backbone name is fine without --backbone
+    testbed_pm = tmp_path / "tb"
+    StepAwarePreferenceModel.from_backbone("testbed").save(testbed_pm, reward=REWARD, steps=1)
+    assert load_preference_model(str(testbed_pm), REWARD).backbone_spec == "testbed"
 
 
 def test_official_update_schedule_and_exact_resume_mid_rollout(tmp_path, pm):
