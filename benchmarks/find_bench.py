@@ -4,8 +4,8 @@ same prompts and reward.
     python benchmarks/find_bench.py --out /tmp/find_bench --results benchmarks/find_results.md
 
 Both methods run through the commands a user runs (``diffplug finetune find`` / ``dpo``) on the hard
-Fashion-MNIST classes at low guidance (CFG 2, DDIM 10 steps, eta 1 as the paper), reward
-``classifier_logprob``. Every evaluation draws its images from held-out seeds with common random numbers:
+Fashion-MNIST classes, DDIM 10 steps, reward ``classifier_logprob``; by default at CFG 1 and eta 0 (the
+setting with headroom where z_T decides the image; the paper's eta 1 and ``--guidance_scale 2`` are flags). Every evaluation draws its images from held-out seeds with common random numbers:
 image i of a prompt uses the same generator for the base model, the FIND policy (eps of
 ``z = mu + sigma * eps``, then the sampler's noise) and the DPO-tuned model, so gains are also given
 paired. Alignment = the testbed classifier's top-1 on the prompted class. Cost: wall seconds of each
@@ -72,6 +72,25 @@ def evaluate(pipe, prompts, n, args, policy=None, chunk=50):
     return out
 
 
+def base_evaluate(pipe, prompts, n, args):
+    """``evaluate`` of the base model, kept in ``--base_cache`` (safetensors) so runs of one setting share it."""
+    from safetensors.torch import load_file, save_file
+
+    if args.base_cache is None:
+        return evaluate(pipe, prompts, n, args)
+    key = f"base_{args.reward}_s{args.steps}_cfg{args.guidance_scale}_eta{args.eta}_n{n}.safetensors"
+    path, names = args.base_cache / key, {f"{i}_{k}": (p, j) for i, p in enumerate(prompts) for j, k in enumerate(("logp", "hit"))}
+    if path.is_file():
+        t = load_file(str(path))
+        if all(k in t for k in names) and json.loads(path.with_suffix(".json").read_text()) == prompts:
+            return {p: (t[f"{i}_logp"], t[f"{i}_hit"]) for i, p in enumerate(prompts)}
+    ev = evaluate(pipe, prompts, n, args)
+    args.base_cache.mkdir(parents=True, exist_ok=True)
+    save_file({k: ev[p][j].contiguous() for k, (p, j) in names.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(prompts))
+    return ev
+
+
 def mse(x):
     x = torch.as_tensor(x, dtype=torch.float64)
     return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
@@ -84,8 +103,9 @@ def train_find(args, out: Path) -> float:
     argv = ["find", "--output_dir", str(out), "--seed", str(args.seed), "--reward", args.reward,
             "--prompts", ",".join(args.prompts), "--num_steps", str(args.steps), "--guidance_scale", str(args.guidance_scale),
             "--eta", str(args.eta), "--samples_per_prompt", str(args.samples_per_prompt), "--policy_steps", str(args.policy_steps),
-            "--max_steps", str(steps), "--checkpoint_every", str(steps // args.curve_points), "--log_every", "5",
-            "--tensorboard", "false", "--learning_rate", str(args.learning_rate)]
+            "--max_steps", str(steps), "--checkpoint_every", str(steps // args.curve_points if args.curve_points else 0), "--log_every", "5",
+            "--tensorboard", "false", "--learning_rate", str(args.learning_rate), "--ratio_reference", args.ratio_reference,
+            "--clip_mode", args.clip_mode, "--advantage", args.advantage]
     start = time.time()
     assert main(argv) == 0
     (out / "bench_time.json").write_text(json.dumps({"start": start, "seconds": time.time() - start}))
@@ -100,7 +120,7 @@ def train_dpo(args, out: Path) -> None:
             "--num_per_prompt", str(args.dpo_per_prompt), "--generate_repeats", str(args.dpo_repeats),
             "--max_steps", str(args.dpo_steps), "--train_batch_size", "4", "--learning_rate", str(args.dpo_lr),
             "--beta", str(args.dpo_beta), "--checkpoint_every", "0", "--log_every", "5", "--tensorboard", "false",
-            "--eval_every", str(max(1, args.dpo_steps // args.curve_points)), "--eval_reward", args.reward,
+            "--eval_every", str(max(1, args.dpo_steps // max(1, args.curve_points))), "--eval_reward", args.reward,
             "--eval_prompts", ",".join(args.prompts), "--eval_images_per_prompt", str(args.curve_images),
             "--sample_steps", str(args.steps)]
     start = time.time()
@@ -148,10 +168,10 @@ def main():
     ap.add_argument("--prompts", nargs="+", default=list(HARD_FASHION_PROMPTS))
     ap.add_argument("--reward", default="classifier_logprob")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--guidance_scale", type=float, default=2.0)
-    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--guidance_scale", type=float, default=1.0)
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta of training and evaluation (paper: 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rollouts_per_prompt", type=int, default=30)
+    ap.add_argument("--rollouts_per_prompt", type=int, default=40)
     ap.add_argument("--samples_per_prompt", type=int, default=8)
     ap.add_argument("--policy_steps", type=int, default=5)
     ap.add_argument("--dpo_steps", type=int, default=100)
@@ -160,9 +180,14 @@ def main():
     ap.add_argument("--dpo_lr", type=float, default=3e-4)
     ap.add_argument("--dpo_beta", type=float, default=5000.0)
     ap.add_argument("--eval_images", type=int, default=200)
-    ap.add_argument("--curve_points", type=int, default=3)
+    ap.add_argument("--curve_points", type=int, default=4, help="FIND checkpoints to evaluate (0: none)")
     ap.add_argument("--curve_images", type=int, default=32)
     ap.add_argument("--learning_rate", type=float, default=1e-3, help="FIND's policy learning rate (paper: 1e-3)")
+    ap.add_argument("--ratio_reference", default="initial", help="FIND's pi_old: initial (official) or rollout (PPO)")
+    ap.add_argument("--clip_mode", default="clamp", help="clamp (official) or ppo")
+    ap.add_argument("--advantage", default="value", help="value (official R - V) or group ((R - mean) / std per prompt)")
+    ap.add_argument("--dpo_from", type=Path, default=None, help="a finished DPO run of this benchmark to reuse (its out dir)")
+    ap.add_argument("--base_cache", type=Path, default=None, help="folder keeping the base model's evaluations")
     ap.add_argument("--skip_dpo", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -174,20 +199,22 @@ def main():
     if not (find_dir / "final").exists():
         train_find(args, find_dir)
     ft = json.loads((find_dir / "bench_time.json").read_text())
-    if not args.skip_dpo and not (args.out / "dpo" / "final").exists():
-        train_dpo(args, args.out / "dpo")
+    dpo_dir = (args.dpo_from or args.out) / "dpo"
+    if not args.skip_dpo and not (dpo_dir / "final").exists():
+        train_dpo(args, dpo_dir)
 
     pipe = sampler()
     final = policy_at(find_dir / "final", P)
-    base_ev, find_ev = evaluate(pipe, P, args.eval_images, args), evaluate(pipe, P, args.eval_images, args, final)
+    base_ev, find_ev = base_evaluate(pipe, P, args.eval_images, args), evaluate(pipe, P, args.eval_images, args, final)
     dpo_ev = None
     if not args.skip_dpo:
-        dpo_ev = evaluate(sampler(args.out / "dpo" / "final"), P, args.eval_images, args)
+        dpo_ev = evaluate(sampler(dpo_dir / "final"), P, args.eval_images, args)
     grid(pipe, final, P, args, args.out / "find_grid.png")
 
     # FIND's curve: paired gain of each checkpoint on curve_images held-out seeds per prompt
-    curve, base_c = [], evaluate(pipe, P, args.curve_images, args)
-    for ck in sorted(find_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+    checkpoints = sorted(find_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    curve, base_c = [], base_evaluate(pipe, P, args.curve_images, args) if checkpoints else None
+    for ck in checkpoints:
         stats = json.loads((ck / "find_rollout_rank0.json").read_text())["tree"]["stats"]
         t = json.loads((ck / "trainer_state.json").read_text())["time"] - ft["start"]
         ev = evaluate(pipe, P, args.curve_images, args, policy_at(ck, P))
@@ -197,8 +224,12 @@ def main():
     lines = [f"# FIND on the testbed: initial-noise policies vs DPO-style model tuning", "",
              f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} thread(s), other jobs sharing the 2 cores). "
              f"Date: {datetime.date.today()}. Command: `python benchmarks/find_bench.py --out {args.out} "
+             f"--steps {args.steps} --guidance_scale {args.guidance_scale} --eta {args.eta} --reward {args.reward} "
              f"--rollouts_per_prompt {args.rollouts_per_prompt} --samples_per_prompt {args.samples_per_prompt} "
-             f"--learning_rate {args.learning_rate} --dpo_steps {args.dpo_steps} --eval_images {args.eval_images}"
+             f"--learning_rate {args.learning_rate} --ratio_reference {args.ratio_reference} --clip_mode {args.clip_mode} "
+             f"--advantage {args.advantage} --dpo_steps {args.dpo_steps} --eval_images {args.eval_images} --curve_points {args.curve_points}"
+             + (f" --dpo_from {args.dpo_from}" if args.dpo_from else "")
+             + (f" --base_cache {args.base_cache}" if args.base_cache else "")
              + (" --skip_dpo" if args.skip_dpo else "")
              + (f" --results {args.results}`." if args.results else "`."), "",
              f"Setting: testbed UNet, DDIM {args.steps} steps, eta {args.eta}, CFG {args.guidance_scale}; reward "
@@ -223,8 +254,8 @@ def main():
     n_lat = final.mean.numel()
     lines.append(f"| FIND | {ft['seconds']:.0f} | {int(final.meta['nfe']):,} ({int(final.meta['images'])} images) | {2 * n_lat:,} (mu, sigma) + value net |")
     if dpo_ev:
-        dt = json.loads((args.out / "dpo" / "bench_time.json").read_text())["seconds"]
-        gen = len(P) * args.dpo_per_prompt * args.dpo_repeats * args.steps * 2
+        dt = json.loads((dpo_dir / "bench_time.json").read_text())["seconds"]
+        gen = len(P) * args.dpo_per_prompt * args.dpo_repeats * args.steps * (1 if args.guidance_scale == 1 else 2)  # CFG 1: one pass
         train_nfe = args.dpo_steps * 4 * 4  # batch 4 pairs x (policy, reference) x (winner, loser)
         lines.append(f"| DPO (LoRA r=8) | {dt:.0f} | {gen + train_nfe:,} ({gen:,} generating pairs + {train_nfe:,} training) | 82,432 (LoRA) |")
 
@@ -233,7 +264,7 @@ def main():
               "| step | train seconds | network evaluations | gain (paired) |", "|---|---|---|---|"]
     lines += [f"| {s} | {t:.0f} | {n:,} | {g:+.3f} ± {e:.3f} |" for s, t, n, g, e in curve]
     if dpo_ev:
-        recs = [json.loads(l) for l in (args.out / "dpo" / "logs.jsonl").read_text().splitlines()]
+        recs = [json.loads(l) for l in (dpo_dir / "logs.jsonl").read_text().splitlines()]
         recs = [r for r in recs if "eval_reward" in r]
         lines += ["", f"DPO's held-out reward during training (trainer's fixed seeds, {args.curve_images} images per "
                   "prompt, eta 0; train seconds include generating the pairs):", "",

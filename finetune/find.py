@@ -8,7 +8,8 @@ over the initial latent ``z_T`` (the latent's shape) is learned; the environment
 1. rollout: ``z_T ~ pi_phi``, sample the image with the frozen pipeline, ``R = r(x_0, c)``;
 2. reward calibration: a value network ``V_psi([mu_c, sigma_c], e_c)`` (MLP 256-256-256-1 on the
    flattened mean and scale and the prompt's text embedding) is regressed onto the rollout's rewards
-   (MSE, its own AdamW); advantage ``A = R - V_psi``;
+   (MSE, its own AdamW); advantage ``A = R - V_psi`` (``advantage=group``: the rewards standardised
+   within each prompt's samples of the rollout instead, see below);
 3. ratio ``rho = exp(log pi_phi(z_T) - log pi_old(z_T))`` with log-probabilities *averaged* over the
    latent's elements (as the paper's code), clamped to ``[1 - 0.2, 1 + 0.2]``;
 4. ``L = -reward_weight * A * clamp(rho) + kl_weight * mean[(mu - 0)^2 + (sigma - 1)^2]``, a few
@@ -24,6 +25,11 @@ Choices, paper / official code -> here:
   noise that produced it (the current rollout);
 * the official README documents gradient clipping at 0.1 that the script never applies; here
   ``max_grad_norm`` defaults to 0.1 and is applied (by the trainer);
+* ``advantage=group`` (not the paper's) replaces ``R - V`` by ``(R - mean) / std`` over the prompt's
+  ``samples_per_prompt`` draws of the same rollout. The value network gives one value per prompt and
+  follows the mean reward, not its rollout-to-rollout spread, so ``R - V`` keeps a per-rollout offset that
+  pushes all of that rollout's draws the same way. On the testbed both gave the same held-out gain
+  (``benchmarks/find_results.md``), so the default stays the paper's;
 * sigma is parametrised as ``exp(log_sigma)`` (no clamp at 1e-4 needed);
 * text embedding: the mean over tokens of the pipeline's own prompt encoding (the paper: CLIP's 768-d
   text feature); the value network trains on each rollout (``value_steps`` AdamW steps, lr 1e-4) with
@@ -77,6 +83,8 @@ class FINDConfig(TrainConfig):
     value_steps: int = opt(5, "value-network AdamW steps per rollout (official v_step: 5); 0 = no value network, A = R")
     value_lr: float = opt(1e-4, "value-network learning rate (official v_lr)")
     value_hidden: int = opt(256, "width of the value network's three hidden layers")
+    advantage: str = choice("value", ("value", "group"),
+                            "A = R - V (official) or (R - mean) / std over the prompt's samples of the rollout")
     reward_weight: float = opt(10.0, "weight of the policy term (official reward_weight)")
     kl_weight: float = opt(0.01, "weight of the squared distance of (mu, sigma) to the prior (0, 1) (official kl_weight)")
     ratio_clip: float = opt(0.2, "rho is clipped to [1 - this, 1 + this] (official ratio_clip)")
@@ -107,6 +115,8 @@ class FINDConfig(TrainConfig):
         for key in ("num_steps", "samples_per_prompt", "policy_steps", "value_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
+        if self.advantage == "group" and self.samples_per_prompt < 2:
+            raise ConfigError("advantage: 'group' compares a prompt's samples of one rollout; pass --samples_per_prompt >= 2")
         if self.value_steps < 0:
             raise ConfigError(f"value_steps: must be >= 0 (0 = no value network); got {self.value_steps}")
         if self.eta < 0:
@@ -167,6 +177,12 @@ def find_loss(logp, logp_old, advantage, regulariser, reward_weight: float, kl_w
     clipped = ratio.clamp(1 - clip, 1 + clip)
     term = clipped * advantage if mode == "clamp" else torch.minimum(ratio * advantage, clipped * advantage)
     return -reward_weight * term.mean() + kl_weight * regulariser.mean(), ratio
+
+
+def group_advantage(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Rewards standardised within each prompt's ``k`` consecutive samples: ``(R - mean) / std`` (0 if all equal)."""
+    r = rewards.reshape(-1, k)
+    return ((r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True).clamp_min(1e-8)).reshape(-1)
 
 
 class NoiseValueNet(nn.Module):
@@ -330,14 +346,15 @@ class FIND(Method):
         rewards = rewards.float().reshape(-1).to(trainer.device)
         value_loss = self._fit_value(policy, acc.gather(index), acc.gather(rewards)) if cfg.value_steps else 0.0
         baseline = self._value(policy, index) if cfg.value_steps else torch.zeros_like(rewards)
+        advantage = group_advantage(rewards, k) if cfg.advantage == "group" else rewards - baseline
         logp_old = prior_log_prob(z) if cfg.ratio_reference == "initial" else policy.log_prob(z, index)
-        self.item = {"z": z, "index": index, "advantage": rewards - baseline, "logp_old": logp_old}
+        self.item = {"z": z, "index": index, "advantage": advantage, "logp_old": logp_old}
         self.remaining = cfg.policy_steps
         self.stats["rollouts"] += 1
         self.stats["images"] += len(z) * acc.num_processes
         self.stats["nfe"] += out.nfe * len(z) * acc.num_processes
         self.batch_logs = {"reward": rewards.mean().item(), "value": baseline.mean().item(), "value_loss": value_loss,
-                           "advantage_abs": (rewards - baseline).abs().mean().item(), "nfe_total": self.stats["nfe"],
+                           "advantage_abs": advantage.abs().mean().item(), "nfe_total": self.stats["nfe"],
                            "mean_abs": policy.mean.abs().mean().item(), "std_mean": policy.std.mean().item()}
 
     def _value(self, policy, index):
@@ -404,5 +421,5 @@ class FIND(Method):
             trainer._print("WARNING: the policy did not move from N(0, I); the saved policy samples as the base model")
 
 
-__all__ = ["FINDConfig", "FIND", "InitialNoisePolicy", "NoiseValueNet", "NoisePolicy", "find_loss",
+__all__ = ["FINDConfig", "FIND", "InitialNoisePolicy", "NoiseValueNet", "NoisePolicy", "find_loss", "group_advantage",
            "load_noise_policy", "prior_log_prob"]

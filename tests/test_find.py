@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffplug.finetune import ConfigError, Trainer, load_config
-from diffplug.finetune.find import (FIND, FINDConfig, InitialNoisePolicy, NoisePolicy, find_loss, load_noise_policy,
-                                    prior_log_prob)
+from diffplug.finetune.find import (FIND, FINDConfig, InitialNoisePolicy, NoisePolicy, find_loss, group_advantage,
+                                    load_noise_policy, prior_log_prob)
 
 torch.set_num_threads(1)
 REWARD = "find_test_rewards:brightness"
@@ -81,6 +81,13 @@ def test_ratio_clamp_has_no_gradient_outside_the_bounds_and_ppo_keeps_the_pessim
     assert logp.grad[0] == 0 and logp.grad[1] != 0
 
 
+def test_group_advantage_standardises_each_prompts_samples():
+    r = torch.tensor([1.0, 2.0, 3.0, -5.0, -5.0, -5.0])  # two prompts x 3 samples; the second all equal
+    a = group_advantage(r, 3)
+    torch.testing.assert_close(a, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(group_advantage(10 * r + 7, 3), a)  # invariant to the reward's scale and offset
+
+
 def test_untrained_policy_reproduces_the_base_pipeline_exactly():
     from diffplug.testing import tiny_pipeline
 
@@ -128,6 +135,8 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="prompts: a prompt is listed twice"):
         config(tmp_path / "o", prompts=["a cat", "a cat"])
     assert config(tmp_path / "o", prompt="a fox").prompt_list() == ["a fox"]
+    with pytest.raises(ConfigError, match="advantage: 'group'.*--samples_per_prompt >= 2"):
+        config(tmp_path / "o", advantage="group", samples_per_prompt=1)
     with pytest.raises(ConfigError, match="eta: EulerDiscreteScheduler has no eta"):
         Trainer(FIND(config(tmp_path / "e", scheduler="euler", max_steps=1))).train()
 
@@ -140,9 +149,10 @@ def fresh_reward(pipe, policy: NoisePolicy, prompts, n: int, seed: int):
     return sys.modules["find_test_rewards"].brightness(images, None)
 
 
-def test_a_toy_brightness_reward_rises_on_fresh_draws(tmp_path):
+@pytest.mark.parametrize("advantage", ["value", "group"])
+def test_a_toy_brightness_reward_rises_on_fresh_draws(tmp_path, advantage):
     cfg = config(tmp_path / "o", max_steps=24, samples_per_prompt=4, policy_steps=2, learning_rate=0.02,
-                 train_batch_size=2, eta=0.0)
+                 train_batch_size=2, eta=0.0, advantage=advantage)
     method = FIND(cfg)
     final = Trainer(method).train()
     policy = load_noise_policy(final / "noise_policy.safetensors")
