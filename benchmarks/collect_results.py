@@ -47,6 +47,12 @@ and the evals example sweep. Earlier and model-independent: loop equivalence and
 timing, the FKC toy, DC-Solver's toy table and step timings, evals correctness and CPU rates. Round-3
 tables are in git history at commit 8105e0c, round 2's at 46a52d4, round 1's at 70ffb49.
 
+**2026-11-28 (CPU).** New this day, on the round-4 weights: fine-tuning re-run after SPO and the DPO
+presets were rebuilt, FIND, SaRA, DeeDiff, the few-step (LCM) testbed model and PSO, the DC-Solver
+defaults grid, Adaptive Guidance's defaults, APG's op count and the loop's host-sync counts. Up to
+seven benchmarks and test runs shared the 2-core machine then: wall-clock figures of that day are
+upper bounds (each section gives the load where it was noted); quality numbers do not depend on it.
+
 """
 
 
