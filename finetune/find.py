@@ -386,7 +386,7 @@ class FIND(Method):
         return loss, {"ratio": ratio.mean().detach(), "clipped_fraction": clipped.float().mean(), "regulariser": reg.mean().detach()}
 
     # -- exact resume: the unfinished rollout and the value network --------------------------------------
-    def save_state(self, trainer, folder: Path) -> None:
+    def save_run_state(self, trainer, folder: Path) -> None:
         rank = trainer.accelerator.process_index
         item = {k: v.cpu() for k, v in self.item.items()} if self.item is not None else None
         run_state.save_tree(Path(folder), f"find_rollout_rank{rank}",
@@ -394,7 +394,7 @@ class FIND(Method):
         if rank == 0:
             run_state.save_tree(Path(folder), "find_value", {"model": self.value.state_dict(), "optimizer": self.value_opt.state_dict()})
 
-    def load_state(self, trainer, folder: Path) -> None:
+    def restore_run_state(self, trainer, folder: Path) -> None:
         rank, folder = trainer.accelerator.process_index, Path(folder)
         if not (folder / f"find_rollout_rank{rank}.json").is_file():
             raise ConfigError(f"resume: {folder} has no find_rollout_rank{rank}.json; it was not written by FIND")

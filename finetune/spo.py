@@ -279,10 +279,10 @@ class SPO(Method):
         return parts
 
     # -- exact resume in the middle of a rollout ----------------------------------------------------------
-    def save_state(self, trainer, folder: Path) -> None:
+    def save_run_state(self, trainer, folder: Path) -> None:
         self._save_queue(Path(folder) / f"spo_rollout_{trainer.accelerator.process_index}.safetensors")
 
-    def load_state(self, trainer, folder: Path) -> None:
+    def restore_run_state(self, trainer, folder: Path) -> None:
         self._load_queue(Path(folder) / f"spo_rollout_{trainer.accelerator.process_index}.safetensors")
 
     def _save_queue(self, path: Path) -> None:

@@ -54,12 +54,12 @@ class Method:
         """-> ``(loss, logs)``; logs are floats or 0-d tensors, averaged over the logging window."""
         raise NotImplementedError
 
-    def save_state(self, trainer: "Trainer", folder: Path) -> None:
+    def save_run_state(self, trainer: "Trainer", folder: Path) -> None:
         """Write this process's own resumable state (e.g. an unfinished rollout) into the checkpoint
         ``folder``, as safetensors or JSON (never pickle). Called on every process."""
 
-    def load_state(self, trainer: "Trainer", folder: Path) -> None:
-        """Read back what :meth:`save_state` wrote; raise on a bad file (the trainer names it and, with
+    def restore_run_state(self, trainer: "Trainer", folder: Path) -> None:
+        """Read back what :meth:`save_run_state` wrote; raise on a bad file (the trainer names it and, with
         ``--resume latest``, falls back to the previous checkpoint)."""
 
     def trainable(self, trainer: "Trainer"):
@@ -284,7 +284,7 @@ class Trainer:
                         self._sara_swap(self.model.sara.load_layout(folder / "sara.safetensors", self.optimizer))
                 run_state.load(folder, acc.process_index, **self._state_parts())
                 with run_state.reading(folder):
-                    self.method.load_state(self, folder)
+                    self.method.restore_run_state(self, folder)
             except ckpt.CheckpointError as e:
                 error = str(e)
                 tqdm_write(f"[diffplug finetune {self.method.name}] warning: cannot resume from {folder.name}: {error}")
@@ -419,7 +419,7 @@ class Trainer:
         run_state.save(tmp, acc.process_index, **self._state_parts())
         if self.model.sara is not None and acc.is_main_process:
             self.model.sara.save(tmp, layout=True)
-        self.method.save_state(self, tmp)
+        self.method.save_run_state(self, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "num_processes": acc.num_processes, "method": self.method.name, "time": time.time()}

@@ -139,7 +139,7 @@ def read_config(name: str, folder: Path = WEIGHTS_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def load_state(module: nn.Module, name: str, folder: Path = WEIGHTS_DIR) -> nn.Module:
+def load_weights(module: nn.Module, name: str, folder: Path = WEIGHTS_DIR) -> nn.Module:
     from safetensors.torch import load_file
 
     state = load_file(str(Path(folder) / f"{name}.safetensors"))
@@ -171,7 +171,7 @@ def load_model(name: str, folder: Path = WEIGHTS_DIR):
     config = read_config(name, folder)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     model = build(name, config)
-    return load_state(model, name, folder).eval()
+    return load_weights(model, name, folder).eval()
 
 
 # ------------------------------------------------------------------------------------- scorers

@@ -65,7 +65,7 @@ class Run:
 
     def init(self, module: nn.Module) -> nn.Module:
         """The existing weights with --resume, else ``module`` as built."""
-        return M.load_state(module, self.name, self.folder).train() if self.args.resume else module
+        return M.load_weights(module, self.name, self.folder).train() if self.args.resume else module
 
     def autocast(self):
         self.used_autocast = self.args.bf16
