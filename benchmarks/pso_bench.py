@@ -1,17 +1,20 @@
 """PSO on the few-step testbed (``testbed:sd-lcm``, 4 steps), written to benchmarks/pso_results.md.
 
-offline: a synthetic style, red-tinted Fashion-MNIST sneakers ("a photo of a sneaker", ``--targets``
-training images), learnt by plain denoising-loss fine-tuning (``diffplug finetune sft``, all timesteps)
-and by PSO (``pso``, ``pso_db``) with the same LoRA, learning rate, batch and steps. Each tuned model
-samples ``--images`` held-out seeds at 4 steps: FID (testbed features) against held-out tinted test
-sneakers (did it reach the target?), redness, sharpness (variance of the Laplacian; the targets' own in
-the header) and alignment (classifier: sneaker).
+offline: a synthetic style of Fashion-MNIST sneakers ("a photo of a sneaker", ``--targets`` training
+images; ``--style red``: tinted, ``mirror``: flipped left-right), learnt by plain denoising-loss
+fine-tuning (``diffplug finetune sft``, all timesteps) and by PSO (``pso``, ``pso_db``) with the same LoRA,
+learning rate, batch and steps. Each tuned model samples ``--images`` held-out seeds at 4 steps: FID
+(testbed features) against held-out test sneakers in the style (did it reach the target?) and plain ones
+(base domain), a style score (redness / left-minus-right mass), sharpness (variance of the Laplacian;
+the targets' own in the header) and alignment (classifier: sneaker).
 
 online: ``diffplug finetune pso --mode online --reward R`` for ``--steps`` steps; base and tuned models
 sample the same ``--images`` held-out seeds (ten Fashion-MNIST prompts): reward mean +- s.e., gain in
 s.e. (unpaired and paired per seed), sharpness, alignment, train seconds per step and total.
 
     python benchmarks/pso_bench.py offline --out /tmp/pso_off --steps 300
+    python benchmarks/pso_bench.py offline --teacher --style mirror --targets 256 --lr 3e-5 --steps 200 --out /tmp/t
+    (``--teacher``: the same sft recipe on the 50-step teacher, 30 steps: check that it does not break it)
     python benchmarks/pso_bench.py online --out /tmp/pso_on --reward jpeg_compressibility --steps 300
 """
 
@@ -34,23 +37,35 @@ PROMPT = "a photo of a sneaker"
 SNEAKER = 7
 
 
-def tinted_sneakers(split: str, n: int) -> torch.Tensor:
+def sneakers(split: str, n: int, style: str = "none") -> torch.Tensor:
+    """``n`` Fashion-MNIST sneakers of ``split`` in a synthetic style: ``red`` (tinted), ``mirror`` (flipped
+    left-right: the testbed's sneakers point left, the targets right) or ``none`` (the base domain)."""
     from diffplug.testbed import data as D
 
     s = D.fashion_mnist(split)
     idx = torch.nonzero(s.labels == SNEAKER).flatten()[:n]
-    return s.images[idx].float() / 255 * TINT
+    images = s.images[idx].float() / 255
+    return {"red": lambda x: x * TINT, "mirror": lambda x: x.flip(-1), "none": lambda x: x}[style](images)
 
 
 def redness(images: torch.Tensor) -> torch.Tensor:
     return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
 
 
-def write_targets(folder: Path, n: int) -> None:
+def style_score(images: torch.Tensor, style: str) -> torch.Tensor:
+    """How much of the style each image shows: red minus the other channels (``red``) or left-half minus
+    right-half mass (``mirror``; the testbed's sneakers carry more mass on the right)."""
+    if style == "red":
+        return redness(images)
+    w = images.shape[-1] // 2
+    return images[..., :w].mean((1, 2, 3)) - images[..., -w:].mean((1, 2, 3))
+
+
+def write_targets(folder: Path, n: int, style: str = "red") -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(tinted_sneakers("train", n)):
+    for i, im in enumerate(sneakers("train", n, style)):
         Image.fromarray((im * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(PROMPT)
 
@@ -69,17 +84,18 @@ def train(method: str, out: Path, args_list: list[str]) -> float:
 
 
 @torch.no_grad()
-def sample(lora: Path | None, prompts: list[str], seed: int, scale: float) -> torch.Tensor:
+def sample(lora: Path | None, prompts: list[str], seed: int, scale: float, model: str = "sd-lcm",
+           steps: int = 4) -> torch.Tensor:
     from diffplug import testbed
 
-    pipe = testbed.load("sd-lcm")
+    pipe = testbed.load(model)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     out = []
     for i in range(0, len(prompts), 50):
         g = torch.Generator().manual_seed(seed + i)
-        out.append(pipe(prompts[i : i + 50], num_inference_steps=4, guidance_scale=scale, generator=g, output_type="pt").images)
+        out.append(pipe(prompts[i : i + 50], num_inference_steps=steps, guidance_scale=scale, generator=g, output_type="pt").images)
     return torch.cat(out).float()
 
 
@@ -95,48 +111,55 @@ def _header(args, what: str) -> list[str]:
 
 
 def offline(args) -> list[str]:
+    """sft vs PSO on the 4-step student; with ``--teacher``, only sft on the 50-step teacher (``testbed``),
+    sampled at 30 steps: a recipe that breaks the teacher cannot separate the methods on the student."""
     from diffplug import testbed
 
     torch.set_num_threads(1)
     out = Path(args.out)
-    write_targets(out / "targets", args.targets)
-    common = ["--model", "testbed:sd-lcm", "--data", str(out / "targets"), "--max_steps", str(args.steps),
+    write_targets(out / "targets", args.targets, args.style)
+    model, steps = ("testbed", 30) if args.teacher else ("testbed:sd-lcm", 4)
+    common = ["--model", model, "--data", str(out / "targets"), "--max_steps", str(args.steps),
               "--train_batch_size", str(args.batch), "--learning_rate", str(args.lr), "--lora_rank", "16",
-              "--lr_scheduler", "constant", "--guidance_scale", str(args.scale), "--seed", "0",
-              "--checkpoint_every", "0", "--log_every", "50"]
+              "--lr_scheduler", "constant", "--seed", "0", "--checkpoint_every", "0", "--log_every", "50"]
+    common += [] if args.teacher else ["--guidance_scale", str(args.scale)]
     runs = {"sft (plain denoising loss)": ("sft", common)}
     extra = args.pso_flags.split()
-    for loss in args.losses:
+    for loss in [] if args.teacher else args.losses:
         runs[f"pso ({loss}{' ' + args.pso_flags if extra else ''})"] = ("pso", common + ["--mode", "offline", "--loss_type", loss] + extra)
-    held = tinted_sneakers("test", args.images)
+    held, plain = sneakers("test", args.images, args.style), sneakers("test", args.images)
     prompts = [PROMPT] * args.images
     classifier = testbed.load_classifier()
+    pipe_name = "sd" if args.teacher else "sd-lcm"
     rows = []
-    base = sample(None, prompts, 10_000, args.scale)
-    for name, (method, flags) in [("base (sd-lcm)", (None, None))] + list(runs.items()):
+    base = sample(None, prompts, 10_000, args.scale, pipe_name, steps)
+    for name, (method, flags) in [(f"base ({pipe_name})", (None, None))] + list(runs.items()):
         seconds = 0.0
         if method is None:
             images = base
         else:
-            folder = out / "".join(c if c.isalnum() else "_" for c in name.split(" (")[0] + "_" + name)
+            folder = out / "".join(c if c.isalnum() else "_" for c in pipe_name + "_" + name)
             seconds = train(method, folder, flags)
-            images = sample(folder / "final", prompts, 10_000, args.scale)
+            images = sample(folder / "final", prompts, 10_000, args.scale, pipe_name, steps)
         with torch.no_grad():
             align = (classifier(images).argmax(-1) == SNEAKER).float().mean().item()
-        rows.append((name, fid(held, images), fid(base, images), redness(images).mean().item(),
+        rows.append((name, fid(held, images), fid(plain, images), fid(base, images), style_score(images, args.style).mean().item(),
                      laplacian_variance(images).mean().item(), align, seconds))
         print(rows[-1], flush=True)
-    lines = _header(args, "Offline: a red sneaker style, 4-step samples") + [
-        f"{args.targets} training targets (red-tinted Fashion-MNIST sneakers, \"{PROMPT}\"), LoRA r 16, lr {args.lr} "
-        f"constant, batch {args.batch}, {args.steps} steps each, guidance scale {args.scale} (the UNet's input). "
-        f"{args.images} held-out seeds per row. Targets (held-out tinted test sneakers): redness "
-        f"{redness(held).mean().item():.3f}, sharpness {laplacian_variance(held).mean().item():.4f}.",
+    what = f"Offline: {args.style} sneakers, {'teacher (`testbed`), 30' if args.teacher else '4'}-step samples"
+    lines = _header(args, what) + [
+        f"{args.targets} training targets (Fashion-MNIST training sneakers, style `{args.style}`, \"{PROMPT}\"), "
+        f"LoRA r 16, lr {args.lr} constant, batch {args.batch}, {args.steps} steps each"
+        f"{'' if args.teacher else f', guidance scale {args.scale} (the UNet input)'}; sampled with guidance scale "
+        f"{args.scale}. {args.images} held-out seeds per row. Targets (held-out test sneakers in the style): style score "
+        f"{style_score(held, args.style).mean().item():.3f} (base domain {style_score(plain, args.style).mean().item():.3f}), sharpness {laplacian_variance(held).mean().item():.4f}; FID targets vs "
+        f"base domain (plain test sneakers) {fid(held, plain):.2f}.",
         "",
-        "| model | FID vs targets | FID vs base samples | redness | sharpness (Laplacian var.) | alignment (sneaker) | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | FID vs targets | FID vs base domain | FID vs base samples | style score | sharpness (Laplacian var.) | alignment (sneaker) | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, f_t, f_b, red, sharp, align, sec in rows:
-        lines.append(f"| {name} | {f_t:.2f} | {f_b:.2f} | {red:.3f} | {sharp:.4f} | {100 * align:.1f} % | {sec:.0f} |")
+    for name, f_t, f_d, f_b, red, sharp, align, sec in rows:
+        lines.append(f"| {name} | {f_t:.2f} | {f_d:.2f} | {f_b:.2f} | {red:.3f} | {sharp:.4f} | {100 * align:.1f} % | {sec:.0f} |")
     return lines
 
 
@@ -191,6 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=7.5)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--targets", type=int, default=64)
+    p.add_argument("--style", choices=["red", "mirror"], default="red", help="offline: the targets' style")
+    p.add_argument("--teacher", action="store_true", help="offline: sft on the 50-step teacher only (recipe check)")
     p.add_argument("--losses", nargs="+", default=["pso", "pso_db"])
     p.add_argument("--reward", default="jpeg_compressibility")
     p.add_argument("--pso_flags", default="", help="offline: extra PSO keys, e.g. '--neg_defactor 1 --beta 50'")

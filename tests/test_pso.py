@@ -163,3 +163,22 @@ def test_command_line(tmp_path, targets):
     assert main(args) == 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert main(["pso", "--mode", "online", "--model", "tiny:sd", "--output_dir", str(tmp_path / "x")]) == 2
+
+
+def test_bench_styles_are_what_they_say():
+    """The offline benchmark's target styles: ``mirror`` flips left-right (the style score changes sign
+    from the base domain's), ``red`` tints; the style score separates targets from the base domain."""
+    import importlib
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("pso_bench")
+    finally:
+        sys.path.pop(0)
+    plain, mirror, red = (bench.sneakers("test", 32, s) for s in ("none", "mirror", "red"))
+    assert plain.shape == (32, 3, 32, 32) and torch.equal(mirror, plain.flip(-1))
+    assert torch.equal(red[:, 0], plain[:, 0]) and torch.allclose(red[:, 1], 0.3 * plain[:, 1])
+    base, target = bench.style_score(plain, "mirror"), bench.style_score(mirror, "mirror")
+    assert torch.allclose(target, -base) and base.mean() < -0.03 < 0.03 < target.mean()
+    assert bench.style_score(red, "red").mean() > 0.05 > bench.style_score(plain, "red").abs().max()
