@@ -36,6 +36,10 @@ def opt(default, help: str = "", **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
 
+# diffusers.optimization.get_scheduler names a method may override ``lr_scheduler`` with (keep its choices)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 @dataclass
 class TrainConfig:
     """Keys every method shares: model, optimisation, precision, checkpoints, logging."""
@@ -57,11 +61,7 @@ class TrainConfig:
     # -- optimiser ----------------------------------------------------------------------------------
     learning_rate: float = opt(1e-4, "peak learning rate")
     scale_lr: bool = opt(False, "multiply learning_rate by the global batch size (Diffusion-DPO's --scale_lr)")
-    lr_scheduler: str = choice(
-        "constant_with_warmup",
-        ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-        "diffusers.optimization.get_scheduler name",
-    )
+    lr_scheduler: str = choice("constant_with_warmup", LR_SCHEDULERS, "diffusers.optimization.get_scheduler name")
     lr_warmup_steps: int = opt(0, "warm-up optimiser steps")
     optimizer: str = choice("adamw", ("adamw", "adafactor", "sgd"), "optimiser")
     adam_beta1: float = opt(0.9)

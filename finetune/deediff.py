@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data as D
-from .config import ConfigError, TrainConfig, opt
+from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
 from .trainer import Method
 
 HEADS_FILE = "early_exit.safetensors"
@@ -65,7 +65,7 @@ class DeeDiffConfig(TrainConfig):
     prompt_dropout: float = opt(0.1, "fraction of empty prompts (CFG's unconditional pass); the testbed DiT's own")
     use_lora: bool = opt(False, "unused by deediff (heads and UEMs are trained in full)")
     learning_rate: float = opt(1e-3, "peak learning rate (heads and UEMs start from the final layer / zero)")
-    lr_scheduler: str = opt("cosine", "diffusers.optimization.get_scheduler name")
+    lr_scheduler: str = choice("cosine", LR_SCHEDULERS, "diffusers.optimization.get_scheduler name")
     lr_warmup_steps: int = opt(100, "warm-up optimiser steps")
     train_batch_size: int = opt(32, "samples per device per micro-batch")
 

@@ -59,12 +59,11 @@ import torch.nn.functional as F
 
 from . import data as D
 from . import state as run_state
-from .config import ConfigError, TrainConfig, choice, opt
+from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
 from .pairs import HARD_FASHION_PROMPTS, read_prompts, resolve_reward
 from .trainer import Method
 
 FORMAT = "diffplug-find-noise-policy/1"
-_LR_SCHEDULES = TrainConfig.__dataclass_fields__["lr_scheduler"].metadata["choices"]
 
 
 @dataclass
@@ -94,7 +93,7 @@ class FINDConfig(TrainConfig):
     # official defaults: 150 iterations x p_step 5, AdamW lr 1e-3, constant, no weight decay, clip 0.1
     max_steps: int = opt(750, "optimiser steps (150 rollouts x policy_steps 5 for one prompt)")
     learning_rate: float = opt(1e-3, "policy learning rate")
-    lr_scheduler: str = choice("constant", _LR_SCHEDULES, "diffusers.optimization.get_scheduler name")
+    lr_scheduler: str = choice("constant", LR_SCHEDULERS, "diffusers.optimization.get_scheduler name")
     adam_weight_decay: float = opt(0.0)
     max_grad_norm: float = opt(0.1, "gradient clipping (documented by the official code, never applied there)")
 

@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .config import ConfigError, TrainConfig, choice, opt
+from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
 from .logprob import PromptCache, guided_prediction, renoise_step_with_logprob
 from .pairs import FASHION_PROMPTS, read_prompts, resolve_reward
+from .sft import CaptionedImages, encode_targets
 from .spo import spo_loss
 from .trainer import Method
 
@@ -70,8 +71,7 @@ class PSOConfig(TrainConfig):
                                 "pass), CFG for other UNets")
     beta: float = opt(0.0, "beta; 0 = the mode's default: offline 5 (released scripts), online 50")
     learning_rate: float = opt(0.0, "peak learning rate; 0 = the mode's default: offline 2e-4, online 1e-4")
-    lr_scheduler: str = choice("constant", ("constant", "constant_with_warmup", "linear", "cosine",
-                                            "cosine_with_restarts", "polynomial"), "as the released scripts: constant")
+    lr_scheduler: str = choice("constant", LR_SCHEDULERS, "as the released scripts: constant")
     lora_rank: int = opt(16, "LoRA rank r (DreamBooth / DMD2: 16)")
     # -- offline ------------------------------------------------------------------------------------
     loss_type: str = choice("pso", ("pso", "pso_db"), "offline loss: pso (frozen initial model as reference) or "
@@ -170,16 +170,10 @@ class PSO(Method):
             self.prompt_cache = PromptCache(model, trainer.resolution)
             self.batch_logs = {}
             return self.prompts, lambda items: {"prompts": list(items)}
-        from .sft import CaptionedImages
-
         targets = CaptionedImages(cfg.data, trainer.resolution)
         self._sample_references(trainer, list(cfg.reference_prompts) or list(dict.fromkeys(targets.captions)))
         trainer._print(f"data: {len(targets)} target images from {cfg.data}; {len(self.ref_prompts)} references")
-
-        def collate(items):
-            return {"images": torch.stack([x for x, _ in items]), "captions": [c for _, c in items]}
-
-        return targets, collate
+        return targets, CaptionedImages.collate
 
     def denoise(self, trainer, unet, x, t, conditions: dict) -> torch.Tensor:
         """The model output the sampler uses: an LCM UNet with its guidance input, else CFG."""
@@ -211,12 +205,8 @@ class PSO(Method):
         cfg, model, device = self.config, trainer.model, trainer.device
         n = len(batch["captions"])
         gens = trainer.generators(batch["positions"])
-        images = batch["images"]
-        if cfg.random_flip:
-            flip = D.rand(gens) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        x0_w = encode_targets(trainer, batch["images"], gens, cfg.random_flip)
         shape = model.latent_shape(trainer.resolution)
-        x0_w = model.encode_images(images.to(device), D.randn(gens, shape).to(device))
         pick = D.randint(gens, 0, len(self.ref_prompts))
         x0_l = self.ref_latents[pick.to(self.ref_latents.device)].to(device)
         t = self.timesteps[D.randint(gens, 0, len(self.timesteps))]

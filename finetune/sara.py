@@ -362,10 +362,14 @@ def _adapter(model: nn.Module) -> SaRA:
     return adapter
 
 
+def penalty_generator(seed: int, step: int) -> torch.Generator:
+    """The generator that picks step ``step``'s penalised weight (the trainer's and :func:`rank_penalty`'s)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def rank_penalty(model: nn.Module, step: int = 0, weight: float = LAMBDA_RANK, min_dim: int = RANK_MIN_DIM, seed: int = 0):
     """The nuclear-norm penalty of one weight chosen by ``(seed, step)``; a 0-d zero when none qualifies."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    out = _adapter(model).rank_penalty(weight, min_dim, g)
+    out = _adapter(model).rank_penalty(weight, min_dim, penalty_generator(seed, step))
     return out if out is not None else torch.zeros(())
 
 

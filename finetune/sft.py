@@ -94,6 +94,10 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    @staticmethod
+    def collate(items):
+        return {"images": torch.stack([x for x, _ in items]), "captions": [c for _, c in items]}
+
     def __getitem__(self, i: int):
         if self.set is not None:
             image = self.set.images[i]
@@ -119,6 +123,16 @@ class SFTConfig(TrainConfig):
     method = "sft"
 
 
+def encode_targets(trainer, images: torch.Tensor, gens, random_flip: bool) -> torch.Tensor:
+    """Images in [-1, 1] -> VAE latents (posterior sample), each flipped with p = 0.5 under
+    ``random_flip``; draws, per sample from its generator: the flip, then the posterior noise."""
+    if random_flip:
+        flip = D.rand(gens) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    shape = trainer.model.latent_shape(trainer.resolution)
+    return trainer.model.encode_images(images.to(trainer.device), D.randn(gens, shape).to(trainer.device))
+
+
 class SFT(Method):
     name = "sft"
     Config = SFTConfig
@@ -126,21 +140,13 @@ class SFT(Method):
     def setup(self, trainer):
         dataset = CaptionedImages(self.config.data, trainer.resolution)
         trainer._print(f"data: {len(dataset)} captioned images from {self.config.data}")
-
-        def collate(items):
-            return {"images": torch.stack([x for x, _ in items]), "captions": [c for _, c in items]}
-
-        return dataset, collate
+        return dataset, CaptionedImages.collate
 
     def loss(self, trainer, batch):
         model, device = trainer.model, trainer.device
         gens = trainer.generators(batch["positions"])
-        images = batch["images"]
-        if self.config.random_flip:
-            flip = D.rand(gens) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        x0 = encode_targets(trainer, batch["images"], gens, self.config.random_flip)
         shape = model.latent_shape(trainer.resolution)
-        x0 = model.encode_images(images.to(device), D.randn(gens, shape).to(device))
         t = D.randint(gens, 0, model.num_train_timesteps).to(device)
         x_t, target = model.noisy(x0, D.randn(gens, shape).to(device), t)
         cond = model.encode_prompts(batch["captions"], trainer.resolution)
@@ -148,4 +154,4 @@ class SFT(Method):
         return (pred - target).pow(2).mean(), {}
 
 
-__all__ = ["SFTConfig", "SFT", "CaptionedImages", "testbed_subsets", "testbed_set"]
+__all__ = ["SFTConfig", "SFT", "CaptionedImages", "encode_targets", "testbed_subsets", "testbed_set"]

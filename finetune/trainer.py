@@ -335,8 +335,9 @@ class Trainer:
         cfg, sara = self.config, self.model.sara
         if sara is None or not cfg.sara_lambda_rank:
             return None
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        return sara.rank_penalty(cfg.sara_lambda_rank, cfg.sara_rank_min_dim, g)
+        from .sara import penalty_generator
+
+        return sara.rank_penalty(cfg.sara_lambda_rank, cfg.sara_rank_min_dim, penalty_generator(cfg.seed, step))
 
     def _sara_swap(self, pairs) -> None:
         """Point the trainer's (and EMA's) parameter list at SaRA's new deltas."""
