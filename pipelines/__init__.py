@@ -120,7 +120,6 @@ class DiffplugPipeline:
         )
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError("callback_on_step_end_tensor_inputs: diffplug's loop hands callbacks `latents` only")
-        family.check()
         guidance = self._guidance_for(guidance_scale)
 
         conditions = family.encode(

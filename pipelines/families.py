@@ -52,9 +52,6 @@ class Family:
     # Stock-pipeline arguments accepted at the one value diffplug's loop behaves like.
     neutral_arguments: dict = {}
 
-    def check(self, **call) -> None:
-        pass
-
     def distilled_guidance(self, guidance, conditions: dict):
         """A guidance-distilled UNet (``time_cond_proj_dim``, e.g. LCM) takes CFG's scale as an input, as
         ``StableDiffusionPipeline`` gives it (``timestep_cond`` = embedding of ``w - 1``), in one conditional

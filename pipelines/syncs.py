@@ -167,7 +167,6 @@ def per_step(pipe, prompt, num_inference_steps: int, **call) -> dict:
     if num_inference_steps < 2:
         raise ValueError("num_inference_steps must be >= 2: the first step is not counted")
     counter = HostSyncs(pipe)
-    counter.counting = False
     window = {"syncs": 0, "ops": 0}
 
     def callback(p, i, t, kw):
@@ -179,7 +178,6 @@ def per_step(pipe, prompt, num_inference_steps: int, **call) -> dict:
         return {}
 
     with counter:
-        counter.counting = True
         pipe(prompt, num_inference_steps=num_inference_steps, callback_on_step_end=callback, **call)
     n = num_inference_steps - 1
     return {"syncs_per_step": window["syncs"] / n, "ops_per_step": window["ops"] / n,

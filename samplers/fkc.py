@@ -80,9 +80,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
-
 from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..guidance.base import CFG, Guidance
 from ..predictions import noise_levels
