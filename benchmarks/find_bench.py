@@ -221,7 +221,7 @@ def main():
         gain = torch.cat([ev[p][0] - base_c[p][0] for p in P])
         curve.append((int(ck.name.split("-")[1]), t, stats["nfe"], *mse(gain)))
 
-    lines = [f"# FIND on the testbed: initial-noise policies vs DPO-style model tuning", "",
+    lines = ["# FIND on the testbed: initial-noise policies vs DPO-style model tuning", "",
              f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} thread(s), other jobs sharing the 2 cores). "
              f"Date: {datetime.date.today()}. Command: `python benchmarks/find_bench.py --out {args.out} "
              f"--steps {args.steps} --guidance_scale {args.guidance_scale} --eta {args.eta} --reward {args.reward} "

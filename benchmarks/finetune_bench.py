@@ -163,7 +163,7 @@ def report(reward: str, prompts: str, res: dict, runs_dir: Path, seconds: dict, 
                   "| t | " + " | ".join(acc) + " |", "|---|" + "---|" * len(acc),
                   "| SPM | " + " | ".join(f"{a['spm']:.3f} ± {a['spm_se']:.3f}" for a in acc.values()) + " |",
                   f"| `{reward}` on x0_hat | " + " | ".join(f"{a['reward']:.3f} ± {a['reward_se']:.3f}" for a in acc.values()) + " |",
-                  f"| pairs | " + " | ".join(str(a["pairs"]) for a in acc.values()) + " |"]
+                  "| pairs | " + " | ".join(str(a["pairs"]) for a in acc.values()) + " |"]
     curves = {m: curve(runs_dir / m) for m in ("dpo", "spo")}
     curves = {m: c for m, c in curves.items() if c}
     if curves:

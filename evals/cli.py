@@ -186,70 +186,6 @@ def _parse_metrics(text: str) -> tuple[list[str], list[str]]:
     return metrics, rewards
 
 
-def _reward_options(pairs) -> dict:
-    """``--reward-opt`` pairs -> options, parsed like every other ``--*-opt``."""
-    if not pairs:
-        return {}
-    from diffplug.pipelines.registry import parse_options  # imports diffusers: only when needed
-
-    return parse_options(pairs)
-
-
-def _make_rewards(names: list[str], opts: dict) -> dict:
-    from .rewards import get_reward
-
-    if opts and not names:
-        raise ValueError("--reward-opt: no reward to pass it to; add reward:NAME to --metrics")
-    out = {}
-    for name in names:
-        try:
-            out[name] = get_reward(name, **opts)
-        except TypeError as e:
-            raise ValueError(f"--reward-opt {opts}: reward {name!r} does not take these options ({e})") from e
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"reward {name!r}: {e} (give it as --reward-opt KEY=VALUE)") from e
-    return out
-
-
-def _reward_prompts(rewards: dict, files: list, args) -> dict | None:
-    """Resolved path -> prompt for the reward metrics, or None when some image has no prompt and
-    every reward works without (checked on the first image). An image without a prompt for a
-    reward that needs one is an error naming it, before anything is scored."""
-    from .data import load_image, prompt_map
-
-    prompts = prompt_map(args.generated, args.prompts)
-    missing = [f for f in files if f.resolve() not in prompts]
-    if not missing:
-        return prompts
-    probe = None
-    for f in files[:16]:  # an image to ask the rewards with (broken files are reported by the scan)
-        try:
-            probe = load_image(f)[None]
-            break
-        except Exception:  # noqa: BLE001
-            continue
-    for name, reward in rewards.items():
-        need = getattr(reward, "needs_prompts", None)
-        err = None
-        if need is None and probe is not None:  # not declared: does it score an image without a prompt?
-            try:
-                reward(probe, None)
-                need = False
-            except Exception as e:  # noqa: BLE001  (any failure means: it needs prompts)
-                need, err = True, e
-        if need:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"reward {name!r} needs a prompt per image; {missing[0]} has none{more}. Give --prompts "
-                             "FILE (JSONL of {\"file\": ..., \"prompt\": ...}) or score a diffplug sample folder"
-                             + (f" [without a prompt it failed: {type(err).__name__}: {err}]" if err else ""))
-    return None
-
-
-def _mean_stderr(x: torch.Tensor) -> tuple[float, float | None]:
-    x = x.double()
-    return float(x.mean()), (float(x.std() / len(x) ** 0.5) if len(x) > 1 else None)
-
-
 def run(args) -> dict:
     from .data import gather_json, gather_rows, image_loader
     from .features import get_feature_network
@@ -258,6 +194,7 @@ def run(args) -> dict:
     from .precision_recall import precision_recall
     from .reference import reference_stats
     from .report import image_grid_uri, pca_2d, svg_histograms, svg_scatter, write_report
+    from .reward_metric import make_rewards, reward_options, reward_prompts, summarize, write_scores
 
     if args.spec:
         return _run_spec(args)
@@ -269,8 +206,8 @@ def run(args) -> dict:
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.overwrite:
         raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
-    reward_opts = _reward_options(args.reward_opt)
-    rewards = _make_rewards(reward_names, reward_opts)
+    reward_opts = reward_options(args.reward_opt)
+    rewards = make_rewards(reward_names, reward_opts)
     rank, world = _maybe_init_distributed()
     device = _device(args.device)
     progress = not args.no_progress and rank == 0
@@ -279,7 +216,7 @@ def run(args) -> dict:
 
     gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit,
                                       shard=(rank, world))
-    prompts = _reward_prompts(rewards, gen_loader.dataset.files, args) if rewards else None
+    prompts = reward_prompts(rewards, gen_loader.dataset.files, args) if rewards else None
     excluded = gen_loader.dataset.left_out
     if excluded and progress:
         print(f"eval: left out {len(excluded)} file(s) of --generated, e.g. {excluded[0]['file']} "
@@ -375,18 +312,7 @@ def run(args) -> dict:
             if k in pix_ref:
                 result[f"reference_{k}"] = float(pix_ref[k].mean())
         protocol["contrast"] = "std of gray intensity in [0,1]; clip_* = fraction of pixels within 1/255 of 0 or 1"
-    for name, reward in rewards.items():
-        sc = gen.scores.get(name)
-        if sc is None or not len(sc):
-            skipped[f"reward:{name}"] = "no generated image decoded"
-            continue
-        result[f"reward_{name}"], result[f"reward_{name}_stderr"] = _mean_stderr(sc)
-        protocol[f"reward:{name}"] = {
-            "options": json.loads(json.dumps(reward_opts, default=str)),
-            "higher_is_better": getattr(reward, "higher_is_better", True),
-            "prompts": "none (the reward does not use them)" if prompts is None else
-                       (args.prompts or "settings.json of diffplug sample"),
-            "stderr": "std (ddof=1) / sqrt(n)"}
+    summarize(rewards, gen.scores, reward_opts, prompts, args.prompts, result, protocol, skipped)
 
     result["protocol"] = protocol
     result["n_generated"] = n_gen
@@ -415,11 +341,7 @@ def run(args) -> dict:
     with open(out / "metrics.json", "w") as f:
         json.dump(result, f, indent=2)
     if gen.scores and world == 1:
-        with open(out / "scores.jsonl", "w") as f:
-            for i, file in enumerate(gen.files):
-                rec = {"file": str(file), "prompt": None if prompts is None else prompts[file.resolve()]}
-                rec.update({f"reward:{k}": float(v[i]) for k, v in gen.scores.items()})
-                f.write(json.dumps(rec) + "\n")
+        write_scores(out / "scores.jsonl", gen.files, gen.scores, prompts)
 
     # ---- report
     grids = {}

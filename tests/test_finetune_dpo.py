@@ -46,12 +46,18 @@ def test_paper_preset_is_the_papers_recipe_scaled_by_the_stated_rule():
     assert DPOConfig(output_dir="x", reward="jpeg_compressibility").eval_reward == "jpeg_compressibility"
 
 
-def test_cli_preset_lora_trains_and_records_the_resolved_config(tmp_path, pairs):
-    out = tmp_path / "lora"
-    args = ["dpo", "--preset", "lora", "--output_dir", str(out), "--model", "tiny:sd", "--data", str(pairs),
-            "--max_steps", "2", "--train_batch_size", "2", "--checkpoint_every", "0", "--tensorboard", "false",
-            "--log_every", "1"]
+def _train_preset(tmp_path, pairs, preset: str, max_steps: int):
+    """`diffplug finetune dpo --preset PRESET` on the tiny model: asserts it succeeds, returns its output folder."""
+    out = tmp_path / preset
+    args = ["dpo", "--preset", preset, "--output_dir", str(out), "--model", "tiny:sd", "--data", str(pairs),
+            "--max_steps", str(max_steps), "--train_batch_size", "2", "--checkpoint_every", "0",
+            "--tensorboard", "false", "--log_every", "1"]
     assert main(args) == 0
+    return out
+
+
+def test_cli_preset_lora_trains_and_records_the_resolved_config(tmp_path, pairs):
+    out = _train_preset(tmp_path, pairs, "lora", 2)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["preset"] == "lora" and saved["gradient_accumulation_steps"] == 2 and saved["train_batch_size"] == 2
     assert saved["learning_rate"] == PRESETS["lora"]["learning_rate"]
@@ -59,11 +65,7 @@ def test_cli_preset_lora_trains_and_records_the_resolved_config(tmp_path, pairs)
 
 
 def test_cli_preset_paper_fine_tunes_the_full_unet_with_scaled_lr(tmp_path, pairs):
-    out = tmp_path / "paper"
-    args = ["dpo", "--preset", "paper", "--output_dir", str(out), "--model", "tiny:sd", "--data", str(pairs),
-            "--max_steps", "4", "--train_batch_size", "2", "--checkpoint_every", "0", "--tensorboard", "false",
-            "--log_every", "1"]
-    assert main(args) == 0
+    out = _train_preset(tmp_path, pairs, "paper", 4)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["use_lora"] is False and saved["scale_lr"] is True and saved["lr_warmup_steps"] == 1
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
