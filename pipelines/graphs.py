@@ -30,6 +30,16 @@ import torch
 from ..guidance.base import Guidance
 
 
+def _refuse_or_warn(reason: str, strict: bool, warned: set, stacklevel: int = 3) -> None:
+    """Graphs cannot be used for ``reason``: an error when they were asked for (``cuda_graph=True``),
+    else one warning per reason (the caller then runs eagerly)."""
+    if strict:
+        raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None (auto) or False to run eagerly")
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(f"CUDA graphs off, running the denoiser eagerly: {reason}", stacklevel=stacklevel)
+
+
 class CUDAGraphModel:
     """``model(x, t, **fields)`` replayed from one CUDA graph per input signature.
 
@@ -65,11 +75,7 @@ class CUDAGraphModel:
         return graph, static_x, static_t, static_fields, static_out
 
     def _eager(self, reason: str, x, t, fields, *, forever: bool = False):
-        if self.strict:
-            raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None (auto) or False to run eagerly")
-        if reason not in self._warned:  # one warning per reason
-            self._warned.add(reason)
-            warnings.warn(f"CUDA graphs off, running the denoiser eagerly: {reason}", stacklevel=4)
+        _refuse_or_warn(reason, self.strict, self._warned, stacklevel=5)
         if forever:
             self.eager_reason = reason
         return self.model(x, t, **fields)
@@ -129,10 +135,8 @@ class GraphChoice:
         self.graphs: CUDAGraphModel | None = None
         self._key = None
         self._warned: set[str] = set()
-        if cuda_graph:
-            reason = graph_blocker(family)
-            if reason:
-                raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None (auto) or False")
+        if cuda_graph and (reason := graph_blocker(family)):
+            _refuse_or_warn(reason, True, self._warned)
 
     def model(self, guidance=None):
         """The family's model, or its graphed twin when graphs can be used for this call."""
@@ -141,11 +145,7 @@ class GraphChoice:
             return eager  # off, or auto on a CPU: eager without a word
         reason = graph_blocker(self.family, guidance)
         if reason:
-            if self.setting:
-                raise ValueError(f"cuda_graph=True: {reason}; pass cuda_graph=None (auto) or False")
-            if reason not in self._warned:
-                self._warned.add(reason)
-                warnings.warn(f"CUDA graphs off, running the denoiser eagerly: {reason}", stacklevel=3)
+            _refuse_or_warn(reason, bool(self.setting), self._warned, stacklevel=4)
             return eager
         key = _fingerprint(self.family.denoiser)
         if self.graphs is None or key != self._key:
