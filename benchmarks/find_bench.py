@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from diffplug.evals.stats import mean_se
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,8 +93,9 @@ def base_evaluate(pipe, prompts, n, args):
 
 
 def mse(x):
-    x = torch.as_tensor(x, dtype=torch.float64)
-    return float(x.mean()), float(x.std() / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    """(mean, s.e.) by the shared statistic (``diffplug.evals.stats``)."""
+    m = mean_se(x)
+    return m.mean, m.se
 
 
 def train_find(args, out: Path) -> float:

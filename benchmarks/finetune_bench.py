@@ -12,7 +12,8 @@ For each reward, through the same commands a user runs:
 
 Each run evaluates the held-out reward every ``--eval_every`` steps on ``--eval_images`` images (the
 trainer's fixed noise). Then base and tuned models sample the same *other* seeds and are scored:
-reward mean ± s.e., gain in s.e. (unpaired, and paired per seed), alignment (the testbed classifier's
+reward mean ± s.e., gain ± paired s.e. (the headline; two-sample beside it; both from
+``diffplug.evals.stats``), alignment (the testbed classifier's
 top-1 on the prompted class) and FID (testbed features) against Fashion-MNIST test images. Train
 seconds include setup, pair generation and, for SPO, the preference model's training; evaluations
 are excluded. Results are appended to ``--results`` (``benchmarks/finetune_results.md``).
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from diffplug.evals.stats import gain, mean_se
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,8 +108,8 @@ def rewards_table(args) -> list[str]:
         cells = []
         for k, v in sets.items():
             per = max(1, args.eval_images // len(v))
-            s = torch.as_tensor(r(images[k], [p for p in v for _ in range(per)])).float()
-            cells.append(f"{s.mean():.4g} (s.d. {s.std():.3g}, s.e. {s.std() / len(s) ** 0.5:.2g})")
+            s = mean_se(torch.as_tensor(r(images[k], [p for p in v for _ in range(per)])), name)
+            cells.append(f"{s.mean:.4g} (s.d. {s.se * s.n ** 0.5:.3g}, s.e. {s.se:.2g})")
         lo, hi = r.range
         lines.append(f"| `{name}` | {'higher' if r.higher_is_better else 'lower'} is better, [{lo:g}, {hi:g}] | " + " | ".join(cells) + " |")
     return lines
@@ -134,10 +137,9 @@ def evaluate(args, reward_name: str, prompts: list[str], runs: dict) -> dict:
         fid.reset()
         fid.update(images, real=False)
         base = s if base is None else base
-        d = s - base
-        out[name] = {"reward": s.mean().item(), "se": (s.std() / len(s) ** 0.5).item(), "n": len(s),
-                     "gain": d.mean().item(), "paired_se": (d.std() / len(d) ** 0.5).item(),
-                     "alignment": alignment, "fid": float(fid.compute())}
+        g = gain(base, s, reward_name)
+        out[name] = {"reward": g.tuned.mean, "se": g.tuned.se, "n": g.tuned.n, "gain": g.gain, "paired_se": g.paired_se,
+                     "two_sample_se": g.two_sample_se, "alignment": alignment, "fid": float(fid.compute())}
         print(reward_name, name, json.dumps(out[name]), flush=True)
     return out
 
@@ -149,12 +151,12 @@ def curve(out: Path) -> list[dict]:
 
 def report(reward: str, prompts: str, res: dict, runs_dir: Path, seconds: dict, args) -> list[str]:
     lines = ["", f"### `{reward}` on the {prompts} prompts", "",
-             "| model | held-out reward (± s.e.) | gain (± paired s.e.) | gain / s.e. (unpaired) | alignment | FID | train wall-clock |",
+             "| model | held-out reward (± s.e.) | gain (± paired s.e.) | paired s.e. units (two-sample) | alignment | FID | train wall-clock |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
-        gain = "–" if name == "base" else f"{r['gain']:+.4g} ± {r['paired_se']:.2g}"
-        ratio = "–" if name == "base" else f"{r['gain'] / max(res['base']['se'], 1e-12):+.1f}"
-        lines.append(f"| {name} | {r['reward']:.4g} ± {r['se']:.2g} | {gain} | {ratio} | {100 * r['alignment']:.1f} % | "
+        delta = "–" if name == "base" else f"{r['gain']:+.4g} ± {r['paired_se']:.2g}"
+        ratio = "–" if name == "base" else f"{r['gain'] / r['paired_se']:+.1f} ({r['gain'] / r['two_sample_se']:+.1f})"
+        lines.append(f"| {name} | {r['reward']:.4g} ± {r['se']:.2g} | {delta} | {ratio} | {100 * r['alignment']:.1f} % | "
                      f"{r['fid']:.2f} | {seconds.get(name, 0):.0f} s |")
     acc_path = runs_dir / "spo-pm" / "final" / "stepwise_accuracy.json"
     if acc_path.is_file():

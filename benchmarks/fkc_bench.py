@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from diffplug.evals.stats import mean_se
+
 from diffplug import testbed
 from diffplug.guidance import CFG
 from diffplug.pipelines import from_pipe
@@ -91,8 +93,8 @@ def summarize(name, rows: list[dict], nfe, seconds, n_images, extra=None):
     cat = {k: torch.cat([r[k] for r in rows]) for k in keys}
     result = {"method": name, "images": n_images, "nfe_per_image": nfe, "seconds_per_image": seconds / n_images}
     for k, v in cat.items():
-        result[k] = float(v.mean())
-        result[k + "_se"] = float(v.std() / max(1, len(v) - 1) ** 0.5)
+        m = mean_se(v, k)
+        result[k], result[k + "_se"] = m.mean, m.se
     result.update(extra or {})
     return result
 

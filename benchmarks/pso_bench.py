@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from diffplug.evals.stats import gain
+
 from testbed_lcm import laplacian_variance
 
 HERE = Path(__file__).resolve().parent
@@ -185,8 +187,7 @@ def online(args) -> list[str]:
             align = (classifier(images).argmax(-1) == labels).float().mean().item()
         res[name] = (r, laplacian_variance(images).mean().item(), align)
     (rb, sb, ab), (rt, st, at) = res["base (sd-lcm)"], res["online PSO"]
-    se = lambda v: v.std().item() / len(v) ** 0.5  # noqa: E731
-    gain, se_unpaired, se_paired = (rt.mean() - rb.mean()).item(), (se(rb) ** 2 + se(rt) ** 2) ** 0.5, se(rt - rb)
+    g = gain(rb, rt, args.reward)
     lines = _header(args, f"Online: reward `{args.reward}`, 4-step samples") + [
         f"Ten Fashion-MNIST prompts, batch {args.batch} prompts x 2 trajectories per step, {args.steps} steps, "
         f"guidance scale {args.scale}; {args.images} held-out seeds per row (the same for both). Train: "
@@ -194,10 +195,10 @@ def online(args) -> list[str]:
         "",
         "| model | held-out reward (± s.e.) | sharpness | alignment |",
         "|---|---|---|---|",
-        f"| base (sd-lcm) | {rb.mean():.4g} ± {se(rb):.2g} | {sb:.4f} | {100 * ab:.1f} % |",
-        f"| online PSO | {rt.mean():.4g} ± {se(rt):.2g} | {st:.4f} | {100 * at:.1f} % |",
+        f"| base (sd-lcm) | {g.base} | {sb:.4f} | {100 * ab:.1f} % |",
+        f"| online PSO | {g.tuned} | {st:.4f} | {100 * at:.1f} % |",
         "",
-        f"Gain {gain:.4g}: {gain / se_unpaired:.1f} s.e. unpaired, {gain / se_paired:.1f} s.e. paired per seed.",
+        f"Gain {g} (diffplug.evals.stats).",
     ]
     return lines
 

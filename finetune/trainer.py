@@ -490,6 +490,7 @@ class Trainer:
         written to logs.jsonl with the training time spent so far (evaluations excluded)."""
         if not self.is_main:
             return None
+        from ..evals.stats import mean_se
         from .pairs import resolve_reward
 
         cfg = self.config
@@ -502,9 +503,10 @@ class Trainer:
         with torch.no_grad():
             scores = torch.as_tensor(self._eval_reward(images, prompts)).float().cpu()
         self._eval_seconds += time.perf_counter() - start
+        reward = mean_se(scores, "eval_reward")
         record = {
-            "step": step, "eval_reward": float(scores.mean()),
-            "eval_reward_se": float(scores.std() / max(1, len(scores) - 1) ** 0.5) if len(scores) > 1 else 0.0,
+            "step": step, "eval_reward": reward.mean,
+            "eval_reward_se": reward.se if reward.n > 1 else None,  # JSON has no nan: no s.e. from one image
             "train_seconds": round(time.perf_counter() - self._train_start - self._eval_seconds, 3),
         }
         self.jsonl.write(json.dumps(record) + "\n")
