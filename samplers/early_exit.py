@@ -1,15 +1,21 @@
 """DeeDiff early exit (Tang et al., arXiv:2309.17074; AdaDiff, ECCV 2024): a transformer denoiser
 that stops at the first block whose estimated uncertainty is below a threshold.
 
-After every block ``i < N`` (hidden tokens ``L_i``) the wrapper owns
+After every block ``i < N`` (image tokens ``L_i``) the wrapper owns
 
-* an output head ``g_i``: a copy of the model's final layer (adaLN shift/scale table, the model's own
-  parameter-free ``norm_out``, a linear to patch pixels, unpatchify), initialised from it;
-* a UEM ``u_i = mean_tokens sigmoid(w_t . LN(L_i) + v_t . emb(t) + b_t)``: the paper's linear layer on
-  ``[L_i, emb(t)]`` per token, ``emb(t)`` the model's own timestep embedding (``adaln_single``),
-  ``LN`` the head's ``norm_out``. The exit decision needs one scalar per sample: the mean over tokens.
-  ``uem_buckets`` sets of ``(w, v, b)`` per layer, indexed by timestep: 1 (default) = one UEM per
-  layer, 1000 = the paper's literal per-timestep UEMs.
+* an output head ``g_i``: the model's final layer (adaLN modulation, the model's own parameter-free
+  LayerNorm, a linear to patch pixels, unpatchify where the model does) with its own adaLN table and
+  linear, initialised so that ``g_i`` starts as the final layer applied to ``L_i``;
+* a UEM ``u_i = mean_tokens sigmoid(w_k . LN(L_i) + v_k . emb + b_k)``: the paper's linear layer on
+  ``[L_i, emb]`` per token, ``emb`` the model's own conditioning vector (PixArt: the embedded
+  timestep of ``adaln_single``; Flux / SD3: ``temb``, timestep + pooled text [+ guidance]), ``LN``
+  the final layer's LayerNorm. The exit decision needs one scalar per sample: the mean over tokens.
+  ``uem_buckets`` sets of ``(w, v, b)`` per layer, indexed by the noise level ``k``: 1 (default) =
+  one UEM per layer, 1000 = the paper's literal per-timestep UEMs.
+
+The noise level that picks the bucket: PixArt (epsilon DDPM) its timestep in [0, 1000); Flux and
+SD3 (rectified flow) sigma in [0, 1], never their raw timestep input (Flux passes sigma, SD3
+sigma * 1000: ``../shared/methods/flow.md`` section 1).
 
 ``forward`` runs block after block; after block ``i`` the rows with ``u_i < threshold`` return
 ``g_i(L_i)`` and leave the batch: later blocks run on the rows still active only, so an exited
@@ -17,65 +23,282 @@ sample really stops consuming compute (cond and uncond rows of CFG decide separa
 block always uses the model's own head. ``threshold = 0`` never exits and skips the UEMs: the output
 is the wrapped model's, bit for bit.
 
-Supported: ``PixArtTransformer2DModel`` (PixArt-alpha/Sigma, the testbed DiT). The wrapper reuses
-the model's modules (``pos_embed``, ``adaln_single``, ``caption_projection``, ``transformer_blocks``,
-``norm_out``, ``scale_shift_table``, ``proj_out``) and copies none of its code paths beyond the
-final layer's few lines. DiT (class-conditional) and SD3 (joint blocks) are not supported yet.
+Supported (one :class:`Trunk` each: input stage, block call, final layer, in the model's own op order):
+
+* ``PixArtTransformer2DModel`` (PixArt-alpha/Sigma, the testbed DiT): head table = a copy of the
+  model's ``scale_shift_table``;
+* ``FluxTransformer2DModel``: double-stream then single-stream blocks, one exit after each; the head
+  is ``norm_out`` (adaLN on ``temb``) + ``proj_out`` on that block's image tokens; output packed
+  tokens, as the model's;
+* ``SD3Transformer2DModel`` (SD3 / 3.5): joint blocks, the same head as Flux, unpatchified.
+  ``skip_layers`` (skip-layer guidance) is honoured.
+
+For Flux and SD3 the head's table is a learned offset (zeros at first) added to ``norm_out``'s
+``(scale, shift)``: a copy of ``norm_out.linear`` per head would cost ``2 D^2`` parameters each (19 M
+on Flux.1). ControlNet residuals and IP-Adapter embeddings are refused (not carried per row).
 
 Statistics: ``stats()`` -> rows evaluated, blocks executed, exits per block, since ``reset_stats()``.
-With ``log_exits = True`` each call also appends ``(timesteps, exit block per row)`` to ``exit_log``.
+With ``log_exits = True`` each call also appends ``(noise level, exit block per row)`` to ``exit_log``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-SUPPORTED = ("PixArtTransformer2DModel",)
 TESTBED_HEADS = "dit_early_exit.safetensors"
+HEADS_WHAT = "early-exit heads written by `diffplug finetune deediff` (EarlyExit.save_heads)"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _final_layer(tokens, embedded_timestep, scale_shift_table, norm_out, proj_out, height, width, patch, channels):
-    """PixArt's output layer, in the model's own op order (so the last head is bit-identical)."""
-    shift, scale = (scale_shift_table[None] + embedded_timestep[:, None].to(scale_shift_table.device)).chunk(2, dim=1)
-    hidden = norm_out(tokens)
-    hidden = hidden * (1 + scale.to(hidden.device)) + shift.to(hidden.device)
-    hidden = proj_out(hidden).squeeze(1)
-    hidden = hidden.reshape(shape=(-1, height, width, patch, patch, channels))
+# -- one pass through the trunk ----------------------------------------------------------------------
+
+
+@dataclass
+class Pass:
+    """The state of one forward between blocks: image tokens ``x``, per-row tensors ``rows`` (sliced
+    when rows exit; ``key`` is the UEM's noise level), what every row shares, the latent size."""
+
+    x: torch.Tensor
+    rows: dict
+    shared: dict = field(default_factory=dict)
+    size: tuple = ()
+
+    def select(self, keep: torch.Tensor) -> "Pass":
+        return Pass(self.x[keep], {k: None if v is None else v[keep] for k, v in self.rows.items()}, self.shared, self.size)
+
+
+def _per_row(value, batch: int, device) -> torch.Tensor:
+    return torch.as_tensor(value, device=device).reshape(-1).float().expand(batch)
+
+
+def _unpatchify(hidden, height, width, patch, channels):
+    """(B, L, p*p*C) -> (B, C, H, W), the models' own reshape."""
+    hidden = hidden.reshape(shape=(hidden.shape[0], height, width, patch, patch, channels))
     hidden = torch.einsum("nhwpqc->nchpwq", hidden)
-    return hidden.reshape(shape=(-1, channels, height * patch, width * patch))
+    return hidden.reshape(shape=(hidden.shape[0], channels, height * patch, width * patch))
+
+
+class Trunk:
+    """How :class:`EarlyExit` walks one family of transformers."""
+
+    key_range = 1.0  # the UEM key's range: bucket = floor(key * buckets / key_range)
+
+    def __init__(self, transformer):
+        self.tr = transformer
+
+    def blocks(self) -> list:
+        return list(self.tr.transformer_blocks)
+
+    def initial_table(self) -> torch.Tensor:
+        """The heads' (2, D) adaLN table at initialisation."""
+        return torch.zeros(2, self.tr.proj_out.in_features)
+
+    def config(self) -> dict:
+        """What a heads file must match (besides the UEM buckets)."""
+        return {"model_class": type(self.tr).__name__, "num_layers": len(self.blocks()),
+                "dim": self.tr.proj_out.in_features, "out_features": self.tr.proj_out.out_features, "uem_key": "sigma"}
+
+    def refuse(self, call: dict, *names) -> None:
+        given = [n for n in names if call.get(n) is not None]
+        jak = call.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in jak:
+            given.append("joint_attention_kwargs['ip_adapter_image_embeds']")
+        if given:
+            raise ValueError(f"EarlyExit: {', '.join(given)} not supported (not carried per row when samples exit); "
+                             "run the unwrapped transformer (EarlyExit(...).transformer) for ControlNet / IP-Adapter")
+
+
+class PixArtTrunk(Trunk):
+    """PixArt-alpha/Sigma: ``adaln_single`` conditioning, cross-attention blocks, table-modulated final layer."""
+
+    def __init__(self, transformer, key_range: float = 1000):
+        super().__init__(transformer)
+        self.key_range = key_range  # the timestep's range (num_train_timesteps)
+
+    def initial_table(self):
+        return self.tr.scale_shift_table.detach().clone()
+
+    def config(self):  # the keys of the heads shipped with the testbed (unchanged)
+        tr = self.tr
+        return {"model_class": type(tr).__name__, "num_layers": len(self.blocks()), "dim": tr.proj_out.in_features,
+                "out_features": tr.proj_out.out_features, "num_train_timesteps": int(self.key_range)}
+
+    def embed(self, call: dict) -> Pass:
+        """PixArt's forward, step 1: tokens, block conditioning, caption tokens, masks as biases."""
+        tr, hidden = self.tr, call["hidden_states"]
+        added, mask, ctx_mask = call.get("added_cond_kwargs"), call.get("attention_mask"), call.get("encoder_attention_mask")
+        if tr.use_additional_conditions and added is None:
+            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
+        if mask is not None and mask.ndim == 2:
+            mask = ((1 - mask.to(hidden.dtype)) * -10000.0).unsqueeze(1)
+        if ctx_mask is not None and ctx_mask.ndim == 2:
+            ctx_mask = ((1 - ctx_mask.to(hidden.dtype)) * -10000.0).unsqueeze(1)
+        batch, size = hidden.shape[0], tuple(hidden.shape[-2:])
+        tokens = tr.pos_embed(hidden)
+        temb, embedded = tr.adaln_single(call["timestep"], added, batch_size=batch, hidden_dtype=tokens.dtype)
+        ctx = call["encoder_hidden_states"]
+        if tr.caption_projection is not None:
+            ctx = tr.caption_projection(ctx).view(batch, -1, tokens.shape[-1])
+        rows = {"key": _per_row(call["timestep"], batch, hidden.device), "temb": temb, "embedded": embedded,
+                "ctx": ctx, "mask": mask, "ctx_mask": ctx_mask}
+        return Pass(tokens, rows, {"cross_attention_kwargs": call.get("cross_attention_kwargs")}, size)
+
+    def block(self, index, block, p: Pass) -> None:
+        r = p.rows
+        p.x = block(p.x, attention_mask=r["mask"], encoder_hidden_states=r["ctx"], encoder_attention_mask=r["ctx_mask"],
+                    timestep=r["temb"], cross_attention_kwargs=p.shared["cross_attention_kwargs"], class_labels=None)
+
+    def _layer(self, tokens, embedded, table, proj, size):
+        tr = self.tr
+        shift, scale = (table[None] + embedded[:, None].to(table.device)).chunk(2, dim=1)
+        hidden = tr.norm_out(tokens)
+        hidden = hidden * (1 + scale.to(hidden.device)) + shift.to(hidden.device)
+        hidden = proj(hidden).squeeze(1)
+        p = tr.config.patch_size
+        return _unpatchify(hidden, size[0] // p, size[1] // p, p, tr.out_channels)
+
+    def final(self, p: Pass):
+        return self._layer(p.x, p.rows["embedded"], self.tr.scale_shift_table, self.tr.proj_out, p.size)
+
+    def exit(self, head, x, rows, size):
+        return self._layer(x, rows["embedded"], head.scale_shift_table, head.proj_out, size)
+
+    def uem_inputs(self, x, rows):
+        return self.tr.norm_out(x), rows["embedded"]
+
+
+class FlowTrunk(Trunk):
+    """Shared by Flux and SD3: ``temb`` conditions blocks and ``norm_out`` (AdaLayerNormContinuous)."""
+
+    def final_tokens(self, p: Pass):
+        return self.tr.proj_out(self.tr.norm_out(p.x, p.rows["temb"]))
+
+    def exit_tokens(self, head, x, rows):
+        """``norm_out`` with the head's offset on its (scale, shift), then the head's ``proj_out``."""
+        norm = self.tr.norm_out
+        emb = norm.linear(norm.silu(rows["temb"]).to(x.dtype))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        table = head.scale_shift_table.to(x.dtype)
+        hidden = norm.norm(x) * (1 + scale + table[0])[:, None, :] + (shift + table[1])[:, None, :]
+        return head.proj_out(hidden)
+
+    def uem_inputs(self, x, rows):
+        return self.tr.norm_out.norm(x), rows["temb"]
+
+
+class FluxTrunk(FlowTrunk):
+    """Flux.1: double-stream blocks (image and text streams), then single-stream blocks; RoPE ids."""
+
+    def blocks(self):
+        return [*self.tr.transformer_blocks, *self.tr.single_transformer_blocks]
+
+    def config(self):
+        return {**super().config(), "num_double_layers": len(self.tr.transformer_blocks)}
+
+    def embed(self, call: dict) -> Pass:
+        """Flux's forward up to the blocks (``timestep`` is sigma; the model embeds ``1000 sigma``)."""
+        self.refuse(call, "controlnet_block_samples", "controlnet_single_block_samples")
+        tr, hidden = self.tr, call["hidden_states"]
+        batch, sigma = hidden.shape[0], call["timestep"]
+        x = tr.x_embedder(hidden)
+        timestep = sigma.to(x.dtype) * 1000
+        guidance = call.get("guidance")
+        if guidance is not None:
+            guidance = guidance.to(x.dtype) * 1000
+        pooled = call.get("pooled_projections")
+        temb = tr.time_text_embed(timestep, pooled) if guidance is None else tr.time_text_embed(timestep, guidance, pooled)
+        ctx = tr.context_embedder(call["encoder_hidden_states"])
+        txt_ids, img_ids = call["txt_ids"], call["img_ids"]
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids  # the model's deprecated batched ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        rows = {"key": _per_row(sigma, batch, hidden.device), "temb": temb, "ctx": ctx}
+        return Pass(x, rows, {"image_rotary_emb": rotary, "joint_attention_kwargs": call.get("joint_attention_kwargs")})
+
+    def block(self, index, block, p: Pass) -> None:
+        p.rows["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
+                                   image_rotary_emb=p.shared["image_rotary_emb"],
+                                   joint_attention_kwargs=p.shared["joint_attention_kwargs"])
+
+    def final(self, p: Pass):
+        return self.final_tokens(p)
+
+    def exit(self, head, x, rows, size):
+        return self.exit_tokens(head, x, rows)
+
+
+class SD3Trunk(FlowTrunk):
+    """SD3 / SD3.5: joint (MMDiT) blocks; ``timestep`` is sigma * 1000 (the scheduler's timesteps)."""
+
+    def embed(self, call: dict) -> Pass:
+        self.refuse(call, "block_controlnet_hidden_states")
+        tr, hidden = self.tr, call["hidden_states"]
+        batch, size = hidden.shape[0], tuple(hidden.shape[-2:])
+        x = tr.pos_embed(hidden).contiguous()
+        temb = tr.time_text_embed(call["timestep"], call.get("pooled_projections"))
+        ctx = tr.context_embedder(call["encoder_hidden_states"])
+        sigma = _per_row(call["timestep"], batch, hidden.device) / 1000  # flow.md 1: SD3 passes sigma * 1000
+        return Pass(x, {"key": sigma, "temb": temb, "ctx": ctx},
+                    {"joint_attention_kwargs": call.get("joint_attention_kwargs"),
+                     "skip": set(call.get("skip_layers") or ())}, size)
+
+    def block(self, index, block, p: Pass) -> None:
+        if index in p.shared["skip"]:
+            return
+        p.rows["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
+                                   joint_attention_kwargs=p.shared["joint_attention_kwargs"])
+
+    def _out(self, tokens, size):
+        patch = self.tr.config.patch_size
+        return _unpatchify(tokens, size[0] // patch, size[1] // patch, patch, self.tr.out_channels)
+
+    def final(self, p: Pass):
+        return self._out(self.final_tokens(p), p.size)
+
+    def exit(self, head, x, rows, size):
+        return self._out(self.exit_tokens(head, x, rows), size)
+
+
+TRUNKS = {"PixArtTransformer2DModel": PixArtTrunk, "FluxTransformer2DModel": FluxTrunk, "SD3Transformer2DModel": SD3Trunk}
+SUPPORTED = tuple(TRUNKS)
+
+
+# -- heads and UEMs ----------------------------------------------------------------------------------------
 
 
 class ExitHead(nn.Module):
-    """``g_i``: the final layer's adaLN table and linear, copied from the model's."""
+    """``g_i``: an adaLN table (2, D) and a copy of the model's ``proj_out``."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, table: torch.Tensor):
         super().__init__()
-        self.scale_shift_table = nn.Parameter(transformer.scale_shift_table.detach().clone())
+        self.scale_shift_table = nn.Parameter(table.detach().clone())
         self.proj_out = nn.Linear(transformer.proj_out.in_features, transformer.proj_out.out_features)
         self.proj_out.load_state_dict(transformer.proj_out.state_dict())
 
 
 class UEM(nn.Module):
-    """Per-token uncertainty in (0, 1) from LN(tokens) and the timestep embedding; ``buckets`` weight
-    sets indexed by timestep (1 = one per layer)."""
+    """Per-token uncertainty in (0, 1) from LN(tokens) and the conditioning vector; ``buckets`` weight
+    sets indexed by the noise level ``key`` in [0, ``key_range``] (1 = one per layer)."""
 
-    def __init__(self, dim: int, buckets: int = 1, num_train_timesteps: int = 1000):
+    def __init__(self, dim: int, buckets: int = 1, key_range: float = 1000):
         super().__init__()
-        self.buckets, self.num_train_timesteps = buckets, num_train_timesteps
+        self.buckets, self.key_range = buckets, key_range
         self.token = nn.Parameter(torch.zeros(buckets, dim))
         self.time = nn.Parameter(torch.zeros(buckets, dim))
         self.bias = nn.Parameter(torch.zeros(buckets))
 
-    def forward(self, normed: torch.Tensor, temb: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, normed: torch.Tensor, vec: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, D), (B,) -> per-token uncertainty (B, L)."""
-        k = (timestep.float() * self.buckets / self.num_train_timesteps).long().clamp(0, self.buckets - 1)
+        k = (key.float() * self.buckets / self.key_range).long().clamp(0, self.buckets - 1)
         logits = (normed * self.token[k][:, None].to(normed.dtype)).sum(-1)
-        logits = logits + ((temb * self.time[k].to(temb.dtype)).sum(-1) + self.bias[k].to(temb.dtype))[:, None]
+        logits = logits + ((vec * self.time[k].to(vec.dtype)).sum(-1) + self.bias[k].to(vec.dtype))[:, None]
         return torch.sigmoid(logits)
 
 
@@ -87,7 +310,7 @@ def check_threshold(value, name: str = "threshold") -> float:
 
 class EarlyExit(nn.Module):
     """``EarlyExit(transformer, heads=PATH, threshold=TAU)``: stands in for ``transformer`` (same
-    ``config``, ``dtype``, ``device``, ``forward`` signature and output type; other attributes are the
+    ``config``, ``dtype``, ``device``, ``forward`` arguments and output type; other attributes are the
     transformer's), e.g. ``pipe.transformer = EarlyExit(pipe.transformer, heads=..., threshold=0.1)``.
 
     ``heads``: a safetensors file written by :meth:`save_heads` (``diffplug finetune deediff``), or
@@ -96,15 +319,20 @@ class EarlyExit(nn.Module):
     def __init__(self, transformer: nn.Module, heads: str | Path | None = None, threshold: float = 0.0,
                  uem_buckets: int = 1):
         super().__init__()
-        if type(transformer).__name__ not in SUPPORTED:
-            raise TypeError(f"EarlyExit wraps {', '.join(SUPPORTED)} (PixArt-alpha/Sigma, the testbed DiT); "
-                            f"got {type(transformer).__name__}")
-        self.transformer = transformer
+        kind = type(transformer).__name__
+        if kind not in TRUNKS:
+            raise TypeError(f"EarlyExit wraps {', '.join(SUPPORTED)} (PixArt-alpha/Sigma and the testbed DiT, "
+                            f"Flux.1, SD3/3.5); got {kind}")
         meta = read_heads_config(heads) if heads is not None else {"uem_buckets": uem_buckets}
-        n, dim = len(transformer.transformer_blocks), transformer.proj_out.in_features
-        steps = int(meta.get("num_train_timesteps", 1000))
-        self.heads = nn.ModuleList(ExitHead(transformer) for _ in range(n - 1))
-        self.uems = nn.ModuleList(UEM(dim, int(meta["uem_buckets"]), steps) for _ in range(n - 1))
+        self.transformer = transformer
+        trunk = PixArtTrunk(transformer, meta.get("num_train_timesteps", 1000)) if kind == "PixArtTransformer2DModel" \
+            else TRUNKS[kind](transformer)
+        object.__setattr__(self, "trunk", trunk)  # not a submodule: it holds the transformer, not weights
+        self._signature = inspect.signature(transformer.forward)
+        n, dim = len(trunk.blocks()), transformer.proj_out.in_features
+        table = trunk.initial_table()
+        self.heads = nn.ModuleList(ExitHead(transformer, table) for _ in range(n - 1))
+        self.uems = nn.ModuleList(UEM(dim, int(meta["uem_buckets"]), trunk.key_range) for _ in range(n - 1))
         self.heads.to(transformer.device, transformer.dtype)
         self.uems.to(transformer.device, transformer.dtype)
         if heads is not None:
@@ -143,15 +371,17 @@ class EarlyExit(nn.Module):
         self._threshold = check_threshold(value)
 
     @property
+    def blocks(self) -> list:
+        """Every block in the order they run (Flux: double-stream, then single-stream)."""
+        return self.trunk.blocks()
+
+    @property
     def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
+        return len(self.blocks)
 
     # -- heads I/O ------------------------------------------------------------------------------------
     def heads_config(self) -> dict:
-        tr = self.transformer
-        return {"model_class": type(tr).__name__, "num_layers": self.num_blocks, "dim": tr.proj_out.in_features,
-                "out_features": tr.proj_out.out_features, "uem_buckets": self.uems[0].buckets if len(self.uems) else 1,
-                "num_train_timesteps": self.uems[0].num_train_timesteps if len(self.uems) else 1000}
+        return {**self.trunk.config(), "uem_buckets": self.uems[0].buckets if len(self.uems) else 1}
 
     def heads_state(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("transformer.")}
@@ -167,17 +397,18 @@ class EarlyExit(nn.Module):
         return path
 
     def load_heads(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
+        """Read ``path`` whole through the checked loader (config, keys, exact shapes, float dtypes,
+        finite values), then copy: a bad file changes nothing."""
+        from ..checked import Spec, UserFileError, read_safetensors
 
         meta, mine = read_heads_config(path), self.heads_config()
-        wrong = {k: (meta.get(k), v) for k, v in mine.items() if k != "uem_buckets" and meta.get(k) != v}
+        wrong = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
         if wrong:
-            raise ValueError(f"heads: {path} was trained for another model ({', '.join(f'{k} {a} != {b}' for k, (a, b) in wrong.items())})")
-        state = load_file(str(path))
-        missing = set(self.heads_state()) - set(state)
-        if missing or set(state) - set(self.heads_state()):
-            raise ValueError(f"heads: {path} does not hold this model's heads and UEMs (missing {sorted(missing)[:3]})")
+            raise UserFileError(path, "was trained for another model ("
+                                + ", ".join(f"{k} {a} != {b}" for k, (a, b) in wrong.items()) + ")", what=HEADS_WHAT,
+                                fix=f"train heads for this {mine['model_class']} with `diffplug finetune deediff`")
         own = self.heads_state()
+        state = read_safetensors(path, {k: Spec(tuple(v.shape), FLOATS) for k, v in own.items()}, what=HEADS_WHAT)
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v.to(own[k]))
@@ -203,7 +434,7 @@ class EarlyExit(nn.Module):
         return {"rows": self._rows, "blocks_executed": blocks, "num_blocks": self.num_blocks,
                 "mean_blocks": blocks / self._rows if self._rows else float("nan"), "exits_per_block": exits}
 
-    def _record(self, timestep, exit_block: torch.Tensor | None, rows: int) -> None:
+    def _record(self, key, exit_block: torch.Tensor | None, rows: int) -> None:
         self._rows += rows
         if exit_block is None:  # every row ran all blocks: counted without reading the device
             self._exits[-1] += rows
@@ -211,133 +442,116 @@ class EarlyExit(nn.Module):
         else:
             self._exits += torch.bincount(exit_block.cpu() - 1, minlength=self.num_blocks)
         if self.log_exits:
-            self.exit_log.append((timestep.detach().float().cpu(), exit_block.cpu()))
+            self.exit_log.append((key.detach().float().cpu(), exit_block.cpu()))
 
     # -- the forward ------------------------------------------------------------------------------------
-    def embed(self, hidden_states, encoder_hidden_states, timestep, added_cond_kwargs=None,
-              attention_mask=None, encoder_attention_mask=None):
-        """The model's input stage: tokens, block conditioning and caption tokens (PixArt's forward, step 1)."""
-        tr = self.transformer
-        if tr.use_additional_conditions and added_cond_kwargs is None:
-            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
-        if attention_mask is not None and attention_mask.ndim == 2:  # masks -> biases, as the model does
-            attention_mask = ((1 - attention_mask.to(hidden_states.dtype)) * -10000.0).unsqueeze(1)
-        if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:
-            encoder_attention_mask = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0).unsqueeze(1)
-        batch = hidden_states.shape[0]
-        tokens = tr.pos_embed(hidden_states)
-        temb, embedded = tr.adaln_single(timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=tokens.dtype)
-        if tr.caption_projection is not None:
-            encoder_hidden_states = tr.caption_projection(encoder_hidden_states).view(batch, -1, tokens.shape[-1])
-        return tokens, temb, embedded, encoder_hidden_states, attention_mask, encoder_attention_mask
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """The wrapped model's forward arguments by name (positional ones as the model names them)."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"EarlyExit({type(self.transformer).__name__}): {e}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
-    def head(self, i: int, tokens, embedded, size) -> torch.Tensor:
-        """``g_i`` for block ``i`` (1-based); ``i = N`` is the model's own final layer."""
-        tr = self.transformer
-        table, proj = (tr.scale_shift_table, tr.proj_out) if i == self.num_blocks else (
-            self.heads[i - 1].scale_shift_table, self.heads[i - 1].proj_out)
-        p = tr.config.patch_size
-        return _final_layer(tokens, embedded, table, tr.norm_out, proj, size[0] // p, size[1] // p, p, tr.out_channels)
+    def embed(self, *args, **kwargs) -> Pass:
+        """The model's input stage on its forward arguments -> the :class:`Pass` before block 1."""
+        return self.trunk.embed(self.bind(args, kwargs))
 
-    def uncertainty(self, i: int, tokens, embedded, timestep) -> torch.Tensor:
-        """Per-token ``u_i`` (B, L) after block ``i`` (1-based, < N)."""
-        return self.uems[i - 1](self.transformer.norm_out(tokens), embedded, timestep)
+    def head(self, i: int, p: Pass) -> torch.Tensor:
+        """``g_i`` on the tokens of ``p`` after block ``i`` (1-based); ``i = N`` is the model's own final layer."""
+        return self.trunk.final(p) if i == self.num_blocks else self.trunk.exit(self.heads[i - 1], p.x, p.rows, p.size)
 
-    def all_exits(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None,
-                  added_cond_kwargs=None):
+    def uncertainty(self, i: int, p: Pass) -> torch.Tensor:
+        """Per-token ``u_i`` (B, L) on the tokens of ``p`` after block ``i`` (1-based, < N)."""
+        normed, vec = self.trunk.uem_inputs(p.x, p.rows)
+        return self.uems[i - 1](normed, vec, p.rows["key"])
+
+    def all_exits(self, *args, **kwargs):
         """Training view, no exits: every block's head output ``[g_1 .. g_N]`` (``g_N`` the model's own)
         and every UEM's per-token uncertainty ``[u_1 .. u_{N-1}]`` (B, L)."""
-        batch, size = hidden_states.shape[0], hidden_states.shape[-2:]
-        t_rows = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-        x, temb, emb, ctx, mask, ctx_mask = self.embed(
-            hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, None, encoder_attention_mask)
+        call = self.bind(args, kwargs)
+        p = self.trunk.embed(call)
         preds, uncertainties = [], []
-        for i, block in enumerate(self.transformer.transformer_blocks, start=1):
-            x = block(x, attention_mask=mask, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
-                      timestep=temb, class_labels=None)
-            preds.append(self.head(i, x, emb, size))
+        for i, block in enumerate(self.blocks, start=1):
+            self.trunk.block(i - 1, block, p)
+            preds.append(self.head(i, p))
             if i < self.num_blocks:
-                uncertainties.append(self.uncertainty(i, x, emb, t_rows))
+                uncertainties.append(self.uncertainty(i, p))
         return preds, uncertainties
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        added_cond_kwargs: dict | None = None,
-        cross_attention_kwargs: dict | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-        *,
-        return_all_exits: bool = False,
-    ):
-        """As ``PixArtTransformer2DModel.forward``; rows exit at the first block with ``u < threshold``.
+    def forward(self, *args, return_all_exits: bool = False, **kwargs):
+        """As the wrapped model's ``forward``; rows exit at the first block with ``u < threshold``.
         ``return_all_exits``: :meth:`all_exits` instead (training, through a DDP wrapper)."""
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         if return_all_exits:
-            return self.all_exits(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, added_cond_kwargs)
-
-        batch, size = hidden_states.shape[0], hidden_states.shape[-2:]
-        t_rows = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
-        x, temb, emb, ctx, mask, ctx_mask = self.embed(
-            hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, attention_mask, encoder_attention_mask)
+            return self.all_exits(*args, **kwargs)
+        call = self.bind(args, kwargs)
+        return_dict = call.pop("return_dict", True)
+        p = self.trunk.embed(call)
+        batch, key = p.x.shape[0], p.rows["key"]
         n, tau = self.num_blocks, self._threshold
         out = exit_block = None
         active = None  # row indices still running; None = all rows (no gather while nobody exited)
-        for i, block in enumerate(self.transformer.transformer_blocks, start=1):
-            x = block(x, attention_mask=mask, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
-                      timestep=temb, cross_attention_kwargs=cross_attention_kwargs, class_labels=None)
+        for i, block in enumerate(self.blocks, start=1):
+            self.trunk.block(i - 1, block, p)
             if i == n or tau <= 0:
                 continue
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("EarlyExit decides per sample on the host; it cannot run inside a CUDA graph")
-            t_now, emb_now = (t_rows, emb) if active is None else (t_rows[active], emb[active])
-            done = self.uncertainty(i, x, emb_now, t_now).mean(dim=1) < tau
+            done = self.uncertainty(i, p).mean(dim=1) < tau
             if not bool(done.any()):
                 continue
-            rows = torch.arange(batch, device=x.device) if active is None else active
+            rows = torch.arange(batch, device=p.x.device) if active is None else active
+            exited = self.trunk.exit(self.heads[i - 1], p.x[done], {k: None if v is None else v[done]
+                                                                    for k, v in p.rows.items()}, p.size)
             if out is None:
-                out = hidden_states.new_empty((batch, self.transformer.out_channels, *size))
-                exit_block = torch.full((batch,), n, dtype=torch.long, device=x.device)
-            out[rows[done]] = self.head(i, x[done], emb[rows[done]], size).to(out.dtype)
+                out = exited.new_empty((batch, *exited.shape[1:]))
+                exit_block = torch.full((batch,), n, dtype=torch.long, device=p.x.device)
+            out[rows[done]] = exited
             exit_block[rows[done]] = i
-            keep = ~done
-            active, x = rows[keep], x[keep]
-            temb, ctx = temb[keep], ctx[keep]
-            mask = None if mask is None else mask[keep]
-            ctx_mask = None if ctx_mask is None else ctx_mask[keep]
+            active, p = rows[~done], p.select(~done)
             if active.numel() == 0:
                 break
         if active is None:  # nobody exited: the model's own final layer on the whole batch
-            out = self.head(n, x, emb, size)
+            out = self.trunk.final(p)
         elif active.numel():
-            out[active] = self.head(n, x, emb[active], size).to(out.dtype)
-        self._record(t_rows, exit_block, batch)
+            out[active] = self.trunk.final(p).to(out.dtype)
+        self._record(key, exit_block, batch)
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
 
 
 def read_heads_config(path: str | Path) -> dict:
-    """The config stored in a heads file's safetensors metadata."""
-    from safetensors import safe_open
+    """The config stored in a heads file's safetensors metadata (header checked: missing, truncated,
+    huge or malformed files are a :class:`~diffplug.checked.UserFileError` naming the file)."""
+    from ..checked import UserFileError, read_metadata
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"heads: {path} does not exist; train heads with: diffplug finetune deediff --output_dir D")
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("diffplug_early_exit")
-    if meta is None:
-        raise ValueError(f"heads: {path} is not an early-exit heads file (no diffplug_early_exit metadata)")
-    return json.loads(meta)
+    raw = read_metadata(path, what=HEADS_WHAT).get("diffplug_early_exit")
+    if raw is None:
+        raise UserFileError(path, "is not an early-exit heads file (no diffplug_early_exit metadata)", what=HEADS_WHAT,
+                            fix="train heads with `diffplug finetune deediff --output_dir D` and pass D/final/early_exit.safetensors")
+    try:
+        meta = json.loads(raw)
+        buckets = meta["uem_buckets"]
+        if not isinstance(buckets, int) or isinstance(buckets, bool) or not 1 <= buckets <= 1000:
+            raise ValueError(f"uem_buckets {buckets!r} is not an integer in 1..1000")
+        steps = meta.get("num_train_timesteps", 1000)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"num_train_timesteps {steps!r} is not a positive integer")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserFileError(path, f"has a damaged diffplug_early_exit config ({type(e).__name__}: {e})", what=HEADS_WHAT) from None
+    return meta
 
 
 def attach(pipe, threshold: float, heads: str | Path | None = None) -> EarlyExit:
     """``pipe.transformer = EarlyExit(pipe.transformer, heads, threshold)`` (the CLI's ``--early-exit``).
-    ``heads=None``: the testbed DiT's shipped heads, when ``pipe`` runs the testbed DiT."""
+    ``heads=None``: the testbed DiT's shipped heads, when ``pipe`` runs the testbed DiT. The pipeline
+    is changed only once the heads file passed every check."""
+    from ..checked import UserFileError
+
     threshold = check_threshold(threshold, "--early-exit")
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
@@ -351,8 +565,11 @@ def attach(pipe, threshold: float, heads: str | Path | None = None) -> EarlyExit
 
         heads = WEIGHTS_DIR / TESTBED_HEADS
     try:
-        pipe.transformer = EarlyExit(transformer, heads=heads, threshold=threshold)
+        wrapped = EarlyExit(transformer, heads=heads, threshold=threshold)
+    except UserFileError:
+        raise  # names the file, what it should be and the fix
     except (TypeError, ValueError) as err:
         raise ValueError(f"--early-exit: {err}; train heads for this model with `diffplug finetune deediff` "
                          "and pass them with --early-exit-heads") from None
-    return pipe.transformer
+    pipe.transformer = wrapped
+    return wrapped

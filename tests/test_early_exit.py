@@ -69,10 +69,10 @@ def test_threshold_one_exits_after_block_one_and_later_blocks_never_run():
     out = ee(x, **kw).sample
     assert rows == [[6], [], [], []]
     assert ee.stats()["blocks_executed"] == 6 and ee.stats()["exits_per_block"] == [6, 0, 0, 0]
-    x_tok, temb, emb, ctx, m, cm = ee.embed(x, kw["encoder_hidden_states"], kw["timestep"], ADDED, None,
-                                            kw["encoder_attention_mask"])
-    h = ee.transformer.transformer_blocks[0](x_tok, encoder_hidden_states=ctx, encoder_attention_mask=cm, timestep=temb)
-    torch.testing.assert_close(out, ee.head(1, h, emb, (8, 8)))
+    p = ee.embed(x, **kw)
+    p.x = ee.transformer.transformer_blocks[0](p.x, encoder_hidden_states=p.rows["ctx"],
+                                               encoder_attention_mask=p.rows["ctx_mask"], timestep=p.rows["temb"])
+    torch.testing.assert_close(out, ee.head(1, p))
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def test_heads_save_load_and_mismatch(tmp_path):
         assert torch.equal(v, again.heads_state()[k]), k
     with pytest.raises(ValueError, match="another model"):
         EarlyExit(_transformer(layers=3), heads=path)
-    with pytest.raises(FileNotFoundError, match="finetune deediff"):
+    with pytest.raises(ValueError, match="none.safetensors: no such file.*finetune deediff"):
         EarlyExit(_transformer(), heads=tmp_path / "none.safetensors")
 
 
