@@ -15,14 +15,12 @@ preparation and decoding; only the denoising loop is diffplug's (see ``loop.py``
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..guidance.base import CFG
-from .families import Family, family_of
+from .families import Family, _second_pass, family_of
 from .graphs import GraphChoice
 from .loop import Sampler, denoise, evaluate
 from .validate import check_call
@@ -65,21 +63,14 @@ class DiffplugPipeline:
         self.family: Family = family_of(pipe)
         self.guidance = guidance
         self.sampler = sampler
+        if hasattr(sampler, "check_scheduler"):  # e.g. FKC refuses a scheduler whose update it would ignore
+            sampler.check_scheduler(pipe.scheduler)
         self.graphs = GraphChoice(self.family, cuda_graph)  # eager or CUDA graphs, per call
 
     def __getattr__(self, name):  # components, scheduler, config, ... are the pipeline's
         if name == "pipe":
             raise AttributeError(name)
         return getattr(self.pipe, name)
-
-    def _guidance_for(self, guidance_scale):
-        if self.guidance is None:  # the stock pipeline's own default scale (SD 7.5, SDXL 5, SD3 7, PixArt 4.5)
-            default = inspect.signature(type(self.pipe).__call__).parameters.get("guidance_scale")
-            default = 7.5 if default is None or default.default is inspect.Parameter.empty else default.default
-            return CFG(default if guidance_scale is None else guidance_scale)
-        if guidance_scale is None or not hasattr(self.guidance, "new"):
-            return self.guidance
-        return self.guidance.new(guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def __call__(
@@ -109,6 +100,8 @@ class DiffplugPipeline:
         ``guidance_scale``: with no guidance object, CFG at this scale (if omitted, the stock
         pipeline's default);
         with one, a copy of it at this scale (omit it to keep the object's own scale).
+        Flux (guidance-distilled transformers): the guidance *embedding*, as stock; the guidance
+        object (or ``true_cfg_scale`` with ``negative_prompt``) runs the second pass (``FluxFamily``).
         Family-specific arguments (``prompt_2``, ``original_size``, ``mu``, ``max_sequence_length``...)
         pass through to the pipeline's own encoding.
         """
@@ -120,8 +113,8 @@ class DiffplugPipeline:
         )
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError("callback_on_step_end_tensor_inputs: diffplug's loop hands callbacks `latents` only")
-        guidance = self._guidance_for(guidance_scale)
-
+        guidance = family.guidance_for(self.guidance, guidance_scale, {"negative_prompt": negative_prompt,
+                                       "negative_prompt_embeds": negative_prompt_embeds, **family_kwargs})
         conditions = family.encode(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -130,6 +123,8 @@ class DiffplugPipeline:
             negative_prompt_embeds=negative_prompt_embeds,
             height=height,
             width=width,
+            guidance_scale=guidance_scale,
+            unconditional=_second_pass(guidance),
             **family_kwargs,
         )
         guidance, conditions = family.distilled_guidance(guidance, conditions)  # LCM: w is a UNet input

@@ -7,9 +7,18 @@ loop needs: the condition tensors as ``(cond, uncond)`` pairs and one model call
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 
+import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+
+def stock_default(pipe, name: str, fallback=None):
+    """The default of ``name`` in the stock pipeline's ``__call__`` (``fallback`` where it has none)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 class Family:
@@ -51,6 +60,24 @@ class Family:
 
     # Stock-pipeline arguments accepted at the one value diffplug's loop behaves like.
     neutral_arguments: dict = {}
+
+    def guidance_for(self, guidance, guidance_scale, call: dict):
+        """The guidance that combines this call's passes. Here ``guidance_scale`` is CFG's w: with no
+        guidance object, CFG at that scale (omitted: the stock pipeline's default, SD 7.5, SDXL 5, SD3 7,
+        PixArt 4.5, Chroma 5); with one, a copy of it at that scale (omitted: the object's own)."""
+        from ..guidance.base import CFG
+
+        if guidance is None:
+            return CFG(stock_default(self.pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale)
+        if guidance_scale is None or not hasattr(guidance, "new"):
+            return guidance
+        return guidance.new(guidance_scale=guidance_scale)
+
+    def _warn_once(self, message: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if message not in warned:
+            warned.add(message)
+            warnings.warn(message, stacklevel=4)
 
     def distilled_guidance(self, guidance, conditions: dict):
         """A guidance-distilled UNet (``time_cond_proj_dim``, e.g. LCM) takes CFG's scale as an input, as
@@ -251,8 +278,230 @@ class PixArtFamily(Family):
         return out
 
 
+def _second_pass(guidance) -> bool:
+    """Whether ``guidance`` may ask for an unconditional pass (plain CFG at w = 1, or disabled, never does)."""
+    from ..guidance.base import CFG
+
+    if getattr(guidance, "_enabled", True) is False:
+        return False
+    return not (type(guidance) is CFG and math.isclose(guidance.guidance_scale, 1.0))
+
+
+class FluxFamily(Family):
+    """``FluxPipeline``: MMDiT with double- and single-stream blocks on *packed* latents (2x2 patches,
+    ``(B, H/2 * W/2, 4C)``, RoPE ids for image and text tokens), a CLIP pooled vector and a T5 sequence,
+    dynamic shift ``mu`` from the image token count, timestep input σ = t / 1000.
+
+    Two scales, as the stock pipeline: ``guidance_scale`` is the guidance *embedding* of a
+    guidance-distilled transformer (``guidance_embeds=True``, Flux.1-dev; default 3.5), fed to every
+    pass; classifier-free guidance is a second pass, run by ``true_cfg_scale`` (> 1, with
+    ``negative_prompt``) or by ``from_pipe(pipe, guidance=X)``, which then combines the two passes.
+    """
+
+    name = "flux"
+    denoiser_attr = "transformer"
+    stock_drops_sigmas = True  # FluxPipeline passes sigmas=None to a scheduler with use_flow_sigmas
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def size_factor(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # the VAE's factor times the 2x2 packing
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.pipe.vae_scale_factor * 2
+        return (batch, (height // f) * (width // f), self.denoiser.config.in_channels)
+
+    def call_arguments(self) -> set[str]:
+        return {
+            "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+            "max_sequence_length", "lora_scale", "true_cfg_scale",
+        }
+
+    @property
+    def has_embedding(self) -> bool:
+        return bool(getattr(self.denoiser.config, "guidance_embeds", False))
+
+    def guidance_for(self, guidance, guidance_scale, call: dict):
+        from ..guidance.base import CFG, check_guidance_scale
+
+        pipe_name = type(self.pipe).__name__
+        if guidance_scale is not None and not self.has_embedding:
+            raise ValueError(
+                f"{pipe_name} ({self.name}): guidance_scale={guidance_scale} is the guidance embedding's scale, and "
+                f"this transformer has none (guidance_embeds=False), so it would be ignored (the stock pipeline "
+                f"ignores it silently). For classifier-free guidance pass negative_prompt with true_cfg_scale="
+                f"{guidance_scale}, or from_pipe(pipe, guidance=CFG({guidance_scale}))"
+            )
+        true_cfg = call.get("true_cfg_scale")
+        if true_cfg is not None:
+            check_guidance_scale(true_cfg, "true_cfg_scale")
+        if guidance is None:
+            guidance = CFG(1.0 if true_cfg is None else true_cfg)
+        elif true_cfg is not None:
+            if not hasattr(guidance, "new"):
+                raise ValueError(f"true_cfg_scale: {type(guidance).__name__} has no new(guidance_scale=...); set its scale")
+            guidance = guidance.new(guidance_scale=true_cfg)
+        negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+        if _second_pass(guidance) and not negative:
+            self._warn_once(
+                f"{pipe_name}: the second (unconditional) pass of {type(guidance).__name__} uses the empty prompt "
+                f"\"\"; pass negative_prompt to choose it"
+            )
+        elif negative and not _second_pass(guidance):
+            self._warn_once(
+                f"{pipe_name}: negative_prompt is unused, no second pass runs (true_cfg_scale is 1); pass "
+                f"true_cfg_scale > 1 or from_pipe(pipe, guidance=...) to guide away from it"
+            )
+        return guidance
+
+    def encode(
+        self, *, prompt=None, negative_prompt=None, num_images_per_prompt=1, prompt_embeds=None,
+        negative_prompt_embeds=None, prompt_2=None, negative_prompt_2=None, pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None, max_sequence_length=None, lora_scale=None, guidance_scale=None,
+        unconditional=True, height=None, width=None, **call,
+    ) -> dict:
+        """The stock ``encode_prompt``, once for the prompt and (``unconditional``) once for the negative
+        prompt ("" when none is given, one per prompt) -> conditions with per-sample RoPE ids and the
+        guidance embedding's scale."""
+        pipe = self.pipe
+        common = dict(device=self.device, num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale)
+        if max_sequence_length is not None:
+            common["max_sequence_length"] = max_sequence_length
+        cond, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            **common,
+        )
+        uncond, pooled_uncond = cond, pooled
+        if unconditional:
+            if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too (Flux has two encoders)")
+            if negative_prompt_embeds is None:
+                negative_prompt = negative_prompt or ""
+                if isinstance(negative_prompt, str) and isinstance(prompt, list):
+                    negative_prompt = [negative_prompt] * len(prompt)
+            uncond, pooled_uncond, _ = pipe.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, **common,
+            )
+            if uncond.shape != cond.shape:
+                raise ValueError(f"the negative prompt's embeddings {tuple(uncond.shape)} must match the prompt's "
+                                 f"{tuple(cond.shape)} (one negative prompt per prompt, the same max_sequence_length)")
+        n = cond.shape[0]
+        conditions = {
+            "encoder_hidden_states": (cond, uncond),
+            "pooled_projections": (pooled, pooled_uncond),
+            **self._ids(text_ids, n, height, width, cond.dtype),
+        }
+        if self.has_embedding:  # the stock pipeline feeds the same embedding to both passes
+            scale = stock_default(pipe, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale
+            g = torch.full([1], scale, device=self.device, dtype=torch.float32).expand(n)
+            conditions["guidance"] = (g, g)
+        return conditions
+
+    def _ids(self, text_ids, n: int, height, width, dtype) -> dict:
+        """RoPE ids as per-sample condition tensors, ``(n, tokens, 3)`` (the model takes row 0), so the
+        loop can batch them with the passes and CUDA graphs can copy them."""
+        if height is None or width is None:
+            height, width = self.default_size()
+        f = self.pipe.vae_scale_factor * 2
+        image_ids = self.pipe._prepare_latent_image_ids(n, int(height) // f, int(width) // f, self.device, dtype)
+        text, image = text_ids.expand(n, -1, -1), image_ids.expand(n, -1, -1)
+        return {"txt_ids": (text, text), "img_ids": (image, image)}
+
+    def timesteps(self, num_inference_steps, timesteps=None, sigmas=None, latents=None, **kw):
+        """As the stock pipeline: ``sigmas`` linear from 1 to 1/n, ``mu`` from the packed token count."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        if timesteps is not None:
+            raise ValueError(f"{type(self.pipe).__name__} takes sigmas=..., not timesteps=... (as the stock pipeline)")
+        config = self.pipe.scheduler.config
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if self.stock_drops_sigmas and config.get("use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            latents.shape[1],
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+
+    def prepare_latents(self, batch, height, width, generator, latents):
+        channels = self.denoiser.config.in_channels // 4
+        self._size = (height, width)  # decode unpacks to this size
+        packed, _ = self.pipe.prepare_latents(batch, channels, height, width, torch.float32, self.device, generator, latents)
+        return packed.float()
+
+    def model(self, x, t, encoder_hidden_states, pooled_projections, txt_ids, img_ids, guidance=None):
+        transformer = self.pipe.transformer
+        timestep = t.expand(x.shape[0]).to(x.dtype)
+        return transformer(
+            hidden_states=x.to(transformer.dtype),
+            timestep=timestep / 1000,  # σ: the transformer multiplies by 1000 inside
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=txt_ids[0],
+            img_ids=img_ids[0],
+            return_dict=False,
+        )[0].float()
+
+    def decode(self, latents, output_type, generator=None, size: tuple[int, int] | None = None):
+        """Unpack to ``size`` (default: the last ``prepare_latents``' height and width), then the VAE."""
+        if output_type == "latent":
+            return latents, None  # packed, as the stock pipeline returns them
+        height, width = size or getattr(self, "_size", None) or self.default_size()
+        unpacked = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        return super().decode(unpacked, output_type, generator)
+
+
+class ChromaFamily(FluxFamily):
+    """``ChromaPipeline``: Flux's packed latents and RoPE ids, one (masked) T5 encoder, no pooled vector,
+    no guidance embedding; ``guidance_scale`` is classifier-free guidance (default 5, negative "")."""
+
+    name = "chroma"
+
+    call_arguments = Family.call_arguments
+    stock_drops_sigmas = False  # ChromaPipeline passes its sigmas even with use_flow_sigmas
+
+    def guidance_for(self, guidance, guidance_scale, call: dict):
+        return Family.guidance_for(self, guidance, guidance_scale, call)
+
+    def encode(self, **call) -> dict:
+        return Family.encode(self, **call)
+
+    def conditions(self, cond, text_ids, mask, uncond, text_ids_uncond, mask_uncond, *, height=None, width=None, **call):
+        n = cond.shape[0]
+        ids = self._ids(text_ids, n, height, width, cond.dtype)
+        f = self.pipe.vae_scale_factor * 2
+        h, w = (height, width) if height is not None else self.default_size()
+        tokens = (int(h) // f) * (int(w) // f)
+        # the stock pipeline's mask: the prompt's (all but the first padding token masked), then the image tokens
+        masks = [self.pipe._prepare_attention_mask(n, tokens, cond.dtype, m) for m in (mask, mask_uncond)]
+        return {"encoder_hidden_states": (cond, uncond), **ids, "attention_mask": tuple(masks)}
+
+    def model(self, x, t, encoder_hidden_states, txt_ids, img_ids, attention_mask):
+        transformer = self.pipe.transformer
+        timestep = t.expand(x.shape[0]).to(x.dtype)
+        return transformer(
+            hidden_states=x.to(transformer.dtype),
+            timestep=timestep / 1000,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=txt_ids[0],
+            img_ids=img_ids[0],
+            attention_mask=attention_mask,
+            return_dict=False,
+        )[0].float()
+
+
 # Most specific first: SDXL pipelines also have `unet`, PixArt and SD3 both have `transformer`.
 _FAMILIES = {
+    "FluxPipeline": FluxFamily,
+    "ChromaPipeline": ChromaFamily,
     "StableDiffusionXLPipeline": SDXLFamily,
     "StableDiffusion3Pipeline": SD3Family,
     "PixArtSigmaPipeline": PixArtFamily,

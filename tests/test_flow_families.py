@@ -1,0 +1,183 @@
+"""Flow-matching pipeline families (Flux, Chroma) against the stock diffusers pipelines, and Flux's two
+guidance scales (the embedding and the second pass)."""
+
+import warnings
+
+import pytest
+import torch
+
+from diffplug.guidance import CFG
+from diffplug.pipelines import family_of, from_pipe
+from diffplug.testing import tiny_pipeline
+
+PROMPTS = ["a cat", "a photo of a sneaker"]
+NEGATIVE = ["blurry", "dark"]
+KW = dict(num_inference_steps=3, output_type="latent", max_sequence_length=32)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    out = {f: tiny_pipeline(f) for f in ("flux", "flux-schnell", "chroma")}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _both(pipe, run=None, **kw):
+    stock = pipe(PROMPTS, generator=_gen(), **KW, **kw).images
+    ours = (run or from_pipe(pipe))(PROMPTS, generator=_gen(), **KW, **kw)
+    return stock, ours
+
+
+def test_tiny_pipelines_are_the_stock_classes(pipes):
+    from diffusers import ChromaPipeline, FluxPipeline
+
+    assert isinstance(pipes["flux"], FluxPipeline) and pipes["flux"].transformer.config.guidance_embeds
+    assert not pipes["flux-schnell"].transformer.config.guidance_embeds
+    assert isinstance(pipes["chroma"], ChromaPipeline)
+    # 4 VAE latent channels packed 2x2 -> the transformer's 16 input channels
+    assert pipes["flux"].transformer.config.in_channels == 4 * pipes["flux"].vae.config.latent_channels
+    assert pipes["flux"].scheduler.config.use_dynamic_shifting
+    assert type(tiny_pipeline("flow")).__name__ == type(tiny_pipeline("sd3")).__name__ == "StableDiffusion3Pipeline"
+    with pytest.raises(ValueError, match="flux"):
+        tiny_pipeline("flux3")
+
+
+@pytest.mark.parametrize("family", ["flux", "flux-schnell"])
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_flux_reproduces_the_stock_pipeline_exactly(pipes, family, true_cfg):
+    """Packed latents as the stock pipeline returns them, bit for bit: embedding on/off, true CFG on/off."""
+    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=3.0) if true_cfg else {}
+    stock, ours = _both(pipes[family], **extra)
+    assert stock.shape == ours.images.shape == (2, 64, 16)
+    assert torch.equal(ours.images, stock)
+    assert ours.nfe == 3 * (2 if true_cfg else 1)
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_decoded_images_match_the_stock_pipeline(pipes, family):
+    kw = dict(num_inference_steps=2, output_type="np", max_sequence_length=32)
+    stock = pipes[family]("a cat", generator=_gen(), **kw).images
+    ours = from_pipe(pipes[family])("a cat", generator=_gen(), **kw).images
+    assert ours.shape == stock.shape == (1, 32, 32, 3)
+    assert abs(ours - stock).max() == 0.0
+    # a non-square size unpacks with the size it was generated at
+    kw.update(height=32, width=64)
+    stock = pipes[family]("a cat", generator=_gen(), **kw).images
+    ours = from_pipe(pipes[family])("a cat", generator=_gen(), **kw).images
+    assert ours.shape == stock.shape == (1, 32, 64, 3) and abs(ours - stock).max() == 0.0
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_chroma_reproduces_the_stock_pipeline_exactly(pipes, guidance_scale):
+    stock, ours = _both(pipes["chroma"], negative_prompt=NEGATIVE, guidance_scale=guidance_scale)
+    assert torch.equal(ours.images, stock)
+    default_stock, default_ours = _both(pipes["chroma"])  # stock default: w = 5, negative ""
+    assert torch.equal(default_ours.images, default_stock) and default_ours.nfe == 6
+
+
+def test_flux_schedule_is_the_stock_one(pipes):
+    """sigmas linear 1 -> 1/n, dynamic shift mu from the packed token count, timestep input t/1000."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    pipe = pipes["flux"]
+    family = family_of(pipe)
+    latents = family.prepare_latents(1, 32, 32, _gen(), None)
+    steps, n = family.timesteps(4, latents=latents)
+    mu = calculate_shift(64, 256, 4096, 0.5, 1.15)
+    sigma = torch.linspace(1.0, 0.25, 4, dtype=torch.float64)
+    shifted = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / sigma - 1))
+    assert n == 4 and torch.allclose(steps.double() / 1000, shifted, atol=1e-6)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"].clone()), with_kwargs=True)
+    try:
+        from_pipe(pipe)("a cat", num_inference_steps=4, output_type="latent", max_sequence_length=32)
+    finally:
+        hook.remove()
+    assert torch.allclose(torch.stack([s[0] for s in seen]).double(), shifted, atol=1e-6)
+
+
+def test_flux_refuses_what_the_stock_pipeline_cannot_take(pipes):
+    run = from_pipe(pipes["flux"])
+    with pytest.raises(ValueError, match="sigmas"):
+        run("a cat", timesteps=[999, 500], **KW)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        run("a cat", height=30, **KW)
+    with pytest.raises(ValueError, match=r"\(1, 64, 16\)"):
+        run("a cat", latents=torch.zeros(1, 4, 16, 16), **KW)
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        run("a cat", true_cfg_scale=float("nan"), **KW)
+
+
+# -- two guidance scales, pinned (issue 23 item 2) ----------------------------------------------------
+def test_guidance_scale_is_the_embedding(pipes):
+    pipe = pipes["flux"]
+    stock, ours = _both(pipe, guidance_scale=6.0)
+    assert torch.equal(ours.images, stock) and ours.nfe == 3  # no second pass
+    other = from_pipe(pipe)(PROMPTS, generator=_gen(), guidance_scale=1.5, **KW).images
+    assert not torch.allclose(other, ours.images), "the embedding must reach the model"
+
+
+def test_guidance_object_runs_the_second_pass_with_the_embedding_in_both(pipes):
+    pipe = pipes["flux"]
+    stock, ours = _both(pipe, run=from_pipe(pipe, guidance=CFG(3.0)), negative_prompt=NEGATIVE, guidance_scale=5.0)
+    want = pipe(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, true_cfg_scale=3.0, guidance_scale=5.0, **KW).images
+    assert torch.equal(ours.images, want) and ours.nfe == 6
+    assert not torch.equal(ours.images, stock)  # stock without true_cfg_scale: one pass
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["guidance"].clone()), with_kwargs=True)
+    try:
+        from_pipe(pipe, guidance=CFG(3.0))(PROMPTS, negative_prompt=NEGATIVE, guidance_scale=5.0, **KW)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and all(torch.equal(g, torch.full((4,), 5.0)) for g in seen)  # both passes, batched
+    # true_cfg_scale with a guidance object: a copy of it at that scale (the object keeps its own)
+    guidance = CFG(2.0)
+    a = from_pipe(pipe, guidance=guidance)(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, true_cfg_scale=3.0, **KW)
+    b = from_pipe(pipe, guidance=CFG(3.0))(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, **KW)
+    assert torch.equal(a.images, b.images) and guidance.guidance_scale == 2.0
+
+
+def test_no_negative_prompt_uses_the_empty_prompt_and_says_so_once(pipes):
+    pipe = pipes["flux"]
+    run = from_pipe(pipe, guidance=CFG(3.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = run(PROMPTS, generator=_gen(), **KW).images
+        run(PROMPTS, generator=_gen(), **KW)
+    said = [w for w in caught if "empty prompt" in str(w.message)]
+    assert len(said) == 1 and "FluxPipeline" in str(said[0].message)
+    want = pipe(PROMPTS, generator=_gen(), negative_prompt=["", ""], true_cfg_scale=3.0, **KW).images
+    assert torch.equal(ours, want)
+    # stock true_cfg_scale without a negative prompt: the stock pipeline ignores it; diffplug runs "" and says so
+    with pytest.warns(UserWarning, match="empty prompt"):
+        stock_way = from_pipe(pipe)(PROMPTS, generator=_gen(), true_cfg_scale=3.0, **KW).images
+    assert torch.equal(stock_way, want)
+
+
+def test_a_scale_the_model_cannot_use_is_refused_or_said(pipes):
+    schnell = pipes["flux-schnell"]
+    for run in (from_pipe(schnell), from_pipe(schnell, guidance=CFG(3.0))):
+        with pytest.raises(ValueError, match=r"FluxPipeline \(flux\).*guidance_embeds=False"):
+            run("a cat", guidance_scale=3.5, **KW)
+    with pytest.warns(UserWarning, match="negative_prompt is unused"):
+        out = from_pipe(pipes["flux"])(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, **KW)
+    assert out.nfe == 3
+    # schnell's second pass works: CFG through the guidance object
+    stock = schnell(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, true_cfg_scale=4.0, **KW).images
+    ours = from_pipe(schnell, guidance=CFG(4.0))(PROMPTS, generator=_gen(), negative_prompt=NEGATIVE, **KW).images
+    assert torch.equal(ours, stock)
+
+
+def test_chroma_guidance_scale_is_cfg(pipes):
+    """No embedding: guidance_scale is the second pass's w, as ChromaPipeline's."""
+    pipe = pipes["chroma"]
+    a = from_pipe(pipe)(PROMPTS, generator=_gen(), guidance_scale=3.0, **KW)
+    b = from_pipe(pipe, guidance=CFG(1.0))(PROMPTS, generator=_gen(), guidance_scale=3.0, **KW)
+    assert torch.equal(a.images, b.images) and a.nfe == 6
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        from_pipe(pipe)("a cat", true_cfg_scale=2.0, **KW)
