@@ -11,13 +11,15 @@ sampled once, at setup, from the frozen initial model (K steps, ``num_references
 timesteps, winner and reference share ``t`` and ``eps``; ``e(x)`` is the per-sample denoising error in
 the model's prediction space (epsilon-MSE = the paper's sigma_t^-2 weighted x0-MSE):
 
-    pso:     m = [e_ref(x+) - lam e_ref(x-)] - [e_theta(x+) - lam e_theta(x-)],   L = -log sigmoid(beta m)
+    pso:     m = [e_ref(x+) - lam e_ref(x-)] - [e_theta(x+) - lam e_theta(x-)],   L = -log sigmoid(beta m) + gamma e_theta(x-)
     pso_db:  L = relu(1 - beta (lam e_theta(x-) - e_theta(x+))) + gamma e_theta(x-)   (no reference model)
 
-With lam = 1, ``pso`` at beta is Diffusion-DPO (``dpo.dpo_loss``) at 2 beta. Note: with the released
-DreamBooth defaults (beta 5, lam 0.1, gamma 0.5) and the hinge active, the gradient of ``pso_db`` is
-``beta grad e(x+) - (lam beta - gamma) grad e(x-) = 5 grad e(x+)``: the reference terms cancel, and what
-remains differs from plain fine-tuning by the distilled-timestep subset.
+The prior ``gamma e_theta(x-)`` (``prior_loss_weight``, "keep the lose image fit") is added to every loss
+type, as the released DreamBooth script does after either loss; ``--prior_loss_weight 0`` drops it. With
+lam = 1 and gamma = 0, ``pso`` at beta is Diffusion-DPO (``dpo.dpo_loss``) at 2 beta. Note: with the
+released DreamBooth defaults (beta 5, lam 0.1, gamma 0.5) and the hinge active, the gradient of ``pso_db``
+is ``beta grad e(x+) - (lam beta - gamma) grad e(x-) = 5 grad e(x+)``: the reference terms cancel, and
+what remains differs from plain fine-tuning by the distilled-timestep subset.
 
 Online (``--mode online``; preference tuning with any registered reward): per prompt two K-step
 trajectories of the current model with the consistency-model step made stochastic,
@@ -80,7 +82,8 @@ class PSOConfig(TrainConfig):
     reference_prompts: list = opt([], "prompts of the reference samples (the class prompt); [] = the targets' captions")
     num_references: int = opt(20, "reference samples drawn once from the initial model (num_negatives)")
     neg_defactor: float = opt(0.1, "lam: weight of the reference samples' error (1 = the symmetric DPO form)")
-    prior_loss_weight: float = opt(0.5, "gamma: pso_db's prior term on the references' error")
+    prior_loss_weight: float = opt(0.5, "gamma: prior term gamma e(x-) on the references' error, added to both "
+                                   "loss types as the released script does (0 = none)")
     random_flip: bool = opt(False, "flip each target horizontally with p = 0.5")
     # -- online ---------------------------------------------------------------------------------------
     prompts: list = opt(list(FASHION_PROMPTS), "online training prompts: a list or a .txt/.json file")
@@ -141,9 +144,9 @@ def pso_loss(err_w, err_l, ref_err_w, ref_err_l, beta: float, lam: float):
     return -F.logsigmoid(beta * margin), margin
 
 
-def pso_db_loss(err_w, err_l, beta: float, lam: float, gamma: float):
-    """Offline ``pso_db`` (reference-free): hinge on ``lam e(x-) - e(x+)`` plus the prior ``gamma e(x-)``."""
-    return torch.relu(1.0 - beta * (lam * err_l - err_w)) + gamma * err_l
+def pso_db_loss(err_w, err_l, beta: float, lam: float):
+    """Offline ``pso_db`` (reference-free): the hinge on ``lam e(x-) - e(x+)``."""
+    return torch.relu(1.0 - beta * (lam * err_l - err_w))
 
 
 def pair_labels(rewards: torch.Tensor) -> torch.Tensor:
@@ -216,13 +219,14 @@ class PSO(Method):
         cond = model.encode_prompts(list(batch["captions"]) + [self.ref_prompts[i] for i in pick.tolist()], trainer.resolution)
         err = (trainer.predict(trainer.unet, x_t, t2, cond) - target).pow(2).mean(dim=(1, 2, 3))
         logs = {"err_target": err[:n].mean().detach(), "err_reference": err[n:].mean().detach()}
+        prior = cfg.prior_loss_weight * err[n:]  # every loss type, as released
         if cfg.loss_type == "pso_db":
-            return pso_db_loss(err[:n], err[n:], cfg.beta, cfg.neg_defactor, cfg.prior_loss_weight).mean(), logs
+            return (pso_db_loss(err[:n], err[n:], cfg.beta, cfg.neg_defactor) + prior).mean(), logs
         with trainer.reference() as ref:
             ref_err = (trainer.predict(ref, x_t, t2, cond) - target).pow(2).mean(dim=(1, 2, 3))
         losses, margin = pso_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.neg_defactor)
         logs.update(margin=margin.mean().detach(), implicit_acc=(margin > 0).float().mean().detach())
-        return losses.mean(), logs
+        return (losses + prior).mean(), logs
 
     # -- online ----------------------------------------------------------------------------------------
     @torch.no_grad()

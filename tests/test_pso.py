@@ -60,10 +60,10 @@ def test_pso_loss_is_log2_at_reference_and_dpo_at_lambda_one():
     assert torch.all(loss < math.log(2))
 
 
-def test_pso_db_hinge_and_prior():
+def test_pso_db_hinge():
     w, l_ = torch.tensor([0.2, 0.0]), torch.tensor([0.4, 30.0])
-    out = pso_db_loss(w, l_, beta=5.0, lam=0.1, gamma=0.5)
-    assert torch.allclose(out, torch.tensor([1 - 5 * (0.04 - 0.2) + 0.2, 0.0 + 15.0]))  # hinge off in the second
+    out = pso_db_loss(w, l_, beta=5.0, lam=0.1)
+    assert torch.allclose(out, torch.tensor([1 - 5 * (0.04 - 0.2), 0.0]))  # hinge off in the second
 
 
 def test_renoise_step_is_the_analytic_gaussian():
@@ -128,8 +128,11 @@ def test_offline_runs_starts_at_log2_and_resumes_exactly(tmp_path, targets, loss
     method = full.method
     assert method.timesteps.tolist() == [999, 749, 499, 249] and method.ref_latents.shape == (3, 4, 16, 16)
     logs = [json.loads(line) for line in (tmp_path / "full" / "logs.jsonl").read_text().splitlines()]
-    if loss_type == "pso":
-        assert abs(logs[0]["loss"] - math.log(2)) < 1e-5  # theta = ref at the first step (LoRA B = 0)
+    if loss_type == "pso":  # theta = ref at the first step (LoRA B = 0): log 2, plus the released prior gamma e(x-)
+        assert abs(logs[0]["loss"] - (math.log(2) + 0.5 * logs[0]["err_reference"])) < 1e-5
+    else:
+        hinge = 1 - 5.0 * (0.1 * logs[0]["err_reference"] - logs[0]["err_target"])  # active: linear in the means
+        assert abs(logs[0]["loss"] - (hinge + 0.5 * logs[0]["err_reference"])) < 1e-4
     _run(tmp_path / "half", max_steps=2, **kw)
     _run(tmp_path / "half", resume=True, **kw)
     a = load_file(str(tmp_path / "full" / "final" / "pytorch_lora_weights.safetensors"))
