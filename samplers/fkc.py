@@ -28,21 +28,35 @@ a left-point rule gives, per particle and step, with ``ρ = ŝ_{t'}²/ŝ_t² = S
 
     Δlog w = ((1 − ρ)/2) · ( ‖Σ_i β'_i ε_i‖² − Σ_i β'_i ‖ε_i‖² )                      (*)
 
-which is finite for every schedule (flow matching starts at ŝ = ∞: ρ = 0). The move is the
-ancestral (DDPM posterior, DDIM η = 1) step with the target x0 ``D̄ = y − ŝ Σβ'ε``::
+which is finite for every schedule (flow matching starts at ŝ = ∞: ρ = 0). The move integrates
+the target-score SDE over the step with the x0 residual ``D = Σβ'_i D_i`` (``D_i = y − ŝ ε_i``, the
+models' x0 predictions) held fixed: with ``c = Σβ'`` the drift ``−g² s̄ = (c y − D) dŝ²/ŝ²`` is
+linear in y, and solving it exactly (in ŝ² from ŝ_t² to ŝ_{t'}²) gives::
 
-    x_{t'} = (α_{t'} ρ/α_t) x_t + α_{t'} (1 − ρ) D̄ + σ_{t'} √(1 − ρ) z,   z ~ N(0, I)
+    x_{t'} = (α_{t'} ρ^c/α_t) x_t + α_{t'} ((1 − ρ^c)/c) D + σ_{t'} √((1 − ρ^{2c−1})/(2c − 1)) z   (**)
+
+(z ~ N(0, I); at 2c = 1 the root is √(−log ρ)). At c = 1 (CFG) this is the ancestral (DDPM
+posterior, DDIM η = 1) step towards ``D``. It stays finite at flow's σ = 1 (α = 0, ρ = 0) for
+c > 1/2, where a left-point step towards the target's x0 ``D̄ = D − (c − 1) y`` would not: there
+``y = x/α`` is infinite, because the target's marginal ``N(0, σ²/c)`` is not the noise the model
+was trained from, so it has no x0 (the scores −ε/σ themselves are finite). For c ≤ 1/2 the
+target at σ = 1 is at least √2 times wider than the noise and no move from there has finite
+variance: such targets are refused on schedules that start at σ = 1.
 
 The scheduler only supplies the timesteps and noise levels (``predictions.noise_levels``), so any
 single-noise-level schedule works (DDIM/DDPM, Euler, Euler-ancestral, flow matching); schedules that
-revisit a noise level (Heun, KDPM2) are refused.
+revisit a noise level (Heun, KDPM2) are refused, and so are multistep solvers (UniPC, DPM-Solver,
+DEIS, DC-Solver, ...): FKC would ignore their update (the multistep extrapolation, DC-Solver's
+compensation) and give what DDIM's noise levels give, so it says so instead of running.
 
-**Accuracy.** Both the left-point weights and the ancestral move are first order in the step.
+**Accuracy.** The left-point weights and the move (**) are first order in the step (the move is
+exact for the part of the drift linear in y).
 On the 1-D Gaussian-mixture toy (``tests/test_fkc.py``) 200 DDIM steps put the weighted moments
 within a few percent of the target; the error shrinks with the number of steps (checked up to
 1000 on an annealed Gaussian). An Euler-Maruyama move (noise ``ŝ_t² − ŝ_{t'}²`` instead of the
 posterior's ``ρ(ŝ_t² − ŝ_{t'}²)``) errs the other way by a similar amount; the ancestral move is
 kept because at Σβ' = 1 it is the scheduler's own DDIM η = 1 / Euler-ancestral step (tested).
+Product and annealed targets are checked on flow toys starting at σ = 1 (``tests/test_fkc.py``).
 A guidance window (CFG ``start``/``stop``) changes the target mid-run and makes it inexact.
 
 **Initial particles.** At the start ``q^i_T ≈ N(0, σ_T²)`` for every model, so ``p_T`` is
@@ -89,6 +103,7 @@ from ..predictions import noise_levels
 __all__ = [
     "RESAMPLERS",
     "FKCOutput",
+    "check_scheduler",
     "FKCSampler",
     "ProductGuidance",
     "effective_sample_size",
@@ -141,6 +156,50 @@ def fkc_log_weight_increment(eps: list[torch.Tensor], exponents: list[float], rh
     dims = list(range(1, mixed.ndim))
     energy = mixed.square().sum(dims) - sum(b * e.square().sum(dims) for b, e in zip(exponents, eps))
     return (0.5 * (1.0 - rho) * energy).float()
+
+
+def _move_coefficients(a: float, s: float, a1: float, s1: float, c: float) -> tuple[float, float, float]:
+    """``(c_x, c_D, c_z)`` of the move (**) from ``(α, σ)`` to ``(α', σ')`` for exponents summing to ``c``."""
+    if s1 == 0.0:  # the last step, to clean data: the limit σ' → 0 of the lines below
+        return 0.0, a1 / c, 0.0
+    rho = (s1 * a) ** 2 / (a1 * s) ** 2  # SNR_t / SNR_t' in [0, 1); 0 at flow's σ = 1
+    if rho == 0.0 and c <= 0.5:
+        raise ValueError(_WIDE_AT_NOISE.format(c=c))
+    c_x = 0.0 if a == 0.0 else a1 * rho**c / a
+    if math.isclose(2 * c, 1.0):
+        var = -math.log(rho) if rho > 0 else math.inf
+    else:
+        var = (1.0 - rho ** (2 * c - 1)) / (2 * c - 1)
+    return c_x, a1 * (1.0 - rho**c) / c, s1 * math.sqrt(var)
+
+
+_WIDE_AT_NOISE = (
+    "FKCSampler: this target's exponents sum to {c:g} <= 1/2 and the schedule starts at sigma = 1 (flow "
+    "matching, alpha = 0): the target's marginal there, N(0, 1/{c:g}), is wider than the noise the model starts "
+    "from, and no move from it has finite variance. Use exponents summing to more than 1/2 (e.g. beta > 0.5 "
+    "for plain annealing) or a schedule that starts below sigma = 1"
+)
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse a scheduler whose update FKC would ignore: a multistep ODE solver.
+
+    FKC moves the particles itself (the stochastic step (**)) and reads only the schedule's noise
+    levels; a multistep solver's update (UniPC, DPM-Solver, DEIS, SA-Solver, DC-Solver's dynamic
+    compensation) would be silently dropped, and FKC with it would equal FKC with any scheduler of
+    the same timesteps.
+    """
+    from ..samplers.unipc import PrecomputedSteps
+
+    name = type(scheduler).__name__
+    if isinstance(scheduler, PrecomputedSteps) or "solver_order" in getattr(scheduler, "config", {}):
+        what = "dynamic compensation and multistep UniPC update" if "dc_order" in scheduler.config else "multistep update"
+        raise ValueError(
+            f"FKCSampler cannot use {name}: FKC moves the particles with its own stochastic step and takes only "
+            f"noise levels from the scheduler, so {name}'s {what} would be ignored (FKC with it equals FKC with "
+            "DDIM at the same timesteps). Use a single-step scheduler: DDIMScheduler, DDPMScheduler, "
+            "EulerAncestralDiscreteScheduler, EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler"
+        )
 
 
 # -- guidance exponents ----------------------------------------------------------------------------
@@ -293,6 +352,10 @@ class FKCSampler:
         self.generator = generator
         self.output: FKCOutput | None = None
 
+    def check_scheduler(self, scheduler) -> None:
+        """Refuse a scheduler whose update FKC would ignore (``from_pipe`` and ``begin`` call it)."""
+        check_scheduler(scheduler)
+
     @property
     def rows_per_output(self) -> int:
         """Batch rows (particles) behind one output image: the pipeline divides its count by the outputs."""
@@ -317,6 +380,7 @@ class FKCSampler:
                 f"FKCSampler: batch of {B} latents is not a multiple of num_particles={K}; "
                 f"run the pipeline with num_images_per_prompt={K} (or a multiple of it)"
             )
+        self.check_scheduler(scheduler)
         self._guidance = guidance
         alphas, sigmas = noise_levels(scheduler, timesteps)
         # After the last step the sample is clean: alpha = 1, sigma = 0.
@@ -343,6 +407,8 @@ class FKCSampler:
         total = self.beta * sum(_exponents(guidance, self._all_names(guidance)).values())
         if total <= 0:
             raise ValueError(f"FKCSampler: the target's exponents sum to {total:g} <= 0; it is not normalisable")
+        if float(self._alphas[0]) == 0.0 and total <= 0.5:
+            raise ValueError(_WIDE_AT_NOISE.format(c=total))
         return latents if math.isclose(total, 1.0) else latents / math.sqrt(total)
 
     @staticmethod
@@ -372,32 +438,25 @@ class FKCSampler:
                     "(expected the identity or 1/sqrt(1 + sigma^2))"
                 )
 
-        a, s = self._alphas[i], self._sigmas[i]
-        a1, s1 = self._alphas[i + 1], self._sigmas[i + 1]
-        rho = float((s1 * a) ** 2 / ((a1 * s) ** 2))  # SNR_t / SNR_t' in [0, 1)
+        a, s = float(self._alphas[i]), float(self._sigmas[i])
+        a1, s1 = float(self._alphas[i + 1]), float(self._sigmas[i + 1])
+        rho = (s1 * a) ** 2 / (a1 * s) ** 2  # SNR_t / SNR_t' in [0, 1)
 
+        # ε and x0 of each pass by predictions.split (flow: ε = x + (1 − σ)v, x0 = x − σv; finite at σ = 1)
         eps = [context.to_eps(b.noise_pred.float()) for b in batches]
         x0 = [context.to_x0(b.noise_pred.float()) for b in batches]
-        total = sum(beta_i)
-        # Target x0 of the drift: D̄ = Σβ'_i D_i − (Σβ' − 1) y, y = x/α  (= the CFG x0 when Σβ' = 1).
-        x0_bar = sum(b * d for b, d in zip(beta_i, x0))
-        if not math.isclose(total, 1.0):
-            if float(a) == 0.0:
-                raise ValueError("FKCSampler: a product/annealed target cannot start at alpha = 0 (flow sigma = 1)")
-            x0_bar = x0_bar - (total - 1.0) * x / float(a)
-
-        # Ancestral (DDPM posterior, DDIM eta = 1) move towards D̄.
+        c = sum(beta_i)
         noise_gen = self.generator if self.generator is not None else extra_step_kwargs.get("generator")
         # Resampling draws from the sampler's generator, else the pipeline's (the first of a list).
         self._resampling_rng = noise_gen[0] if isinstance(noise_gen, (list, tuple)) else noise_gen
         z = randn_tensor(x.shape, generator=noise_gen, device=x.device, dtype=torch.float32)
-        c_x = float(s1**2 * a / (a1 * s**2)) if float(a1) > 0 else 0.0  # = α' ρ / α, finite at α = 0
-        x_next = c_x * x + float(a1 * (1 - rho)) * x0_bar + float(s1 * math.sqrt(1 - rho)) * z
+        c_x, c_d, c_z = _move_coefficients(a, s, a1, s1, c)  # eq. (**)
+        x_next = c_x * x + c_d * sum(b * d for b, d in zip(beta_i, x0)) + c_z * z
 
         if self.correct:
             x_next = self._reweight_and_resample(i, x_next, eps, beta_i, rho)
         if self._ve_latents:  # back to the scheduler's convention
-            x_next = x_next / float(a1)
+            x_next = x_next / a1
         if getattr(scheduler, "_step_index", None) is not None:
             scheduler._step_index += 1  # keep Euler-type schedulers' scale_model_input in step
         if i == self._n - 1:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler
 
 from diffplug.guidance import CFG
 from diffplug.pipelines import from_pipe
@@ -177,6 +177,94 @@ def test_ground_truth_annealing():
     truth = target({"a": beta}, 0.0)
     _check(fkc, scaled, truth, {"right": 0.04, "mean": 0.12})
     assert sampler.output.exponents == {"pred_cond": beta}
+
+
+# -- the same targets on a flow-matching schedule, from sigma = 1 ---------------------------------------
+def flow_toy_model():
+    """model(x, t, code) -> the exact flow velocity v = E[ε|x] − E[x0|x] of the named mixture, for
+    x_σ = (1 − σ) x0 + σ ε with σ = t / 1000 (finite at σ = 1, where x is pure noise)."""
+    W, M, S = _tables()
+
+    def model(x, t, code):
+        sig = torch.as_tensor(float(t) / 1000.0, dtype=torch.float64)
+        a = 1 - sig
+        k = code[:, 0].long()
+        w, m, sd = W[k], M[k], S[k]
+        x = x.double()
+        var = a**2 * sd**2 + sig**2
+        post = torch.softmax(torch.log(w) - 0.5 * (x - a * m) ** 2 / var - 0.5 * torch.log(var), 1)
+        x0 = (post * (m + a * sd**2 * (x - a * m) / var)).sum(1, keepdim=True)
+        eps = (post * (sig * (x - a * m) / var)).sum(1, keepdim=True)
+        return (eps - x0).float()
+
+    return model
+
+
+def run_flow_toy(conditions, guidance, sampler, n, steps, shift=3.0, seed=0):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    assert float(scheduler.sigmas[0]) == 1.0  # every flow schedule starts at pure noise
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 1, generator=g)
+    return denoise(
+        flow_toy_model(), scheduler, latents, scheduler.timesteps, {"code": conditions}, guidance,
+        sampler=sampler, extra_step_kwargs={"generator": g},
+    )
+
+
+def test_ground_truth_product_on_flow_from_sigma_one():
+    n = GROUPS * K
+    conds = (code("p1", n), code("u", n))
+    product = ProductGuidance({"code": code("p2", n)}, 1.0, 1.0, uncond=False)
+    sampler = FKCSampler(K)
+    fkc = particles(run_flow_toy(conds, product, sampler, n, STEPS), sampler.output.log_weights, cut=0.3)
+    summed = particles(run_flow_toy(conds, product, FKCSampler(K, correct=False), n, STEPS), cut=0.3)
+    _check(fkc, summed, target({"p1": 1.0, "p2": 1.0}, 0.3), {"right": 0.04, "mean": 0.13})
+
+
+def test_ground_truth_cfg_and_annealing_on_flow_from_sigma_one():
+    n = GROUPS * K
+    conds = (code("c", n), code("u", n))
+    sampler = FKCSampler(K)
+    fkc = particles(run_flow_toy(conds, CFG(3.0), sampler, n, STEPS), sampler.output.log_weights)
+    plain = particles(run_flow_toy(conds, CFG(3.0), FKCSampler(K, correct=False), n, STEPS))
+    _check(fkc, plain, target({"c": 3.0, "u": -2.0}, 0.0), {"right": 0.04, "mean": 0.12, "std": 0.12})
+    beta = 2.0
+    conds = (code("a", n), code("u", n))
+    sampler = FKCSampler(K, beta=beta)
+    fkc = particles(run_flow_toy(conds, CFG(1.0), sampler, n, STEPS), sampler.output.log_weights)
+    scaled = particles(run_flow_toy(conds, CFG(1.0), FKCSampler(K, beta=beta, correct=False), n, STEPS))
+    _check(fkc, scaled, target({"a": beta}, 0.0), {"right": 0.04, "mean": 0.12})
+
+
+def test_targets_wider_than_the_noise_are_refused_at_sigma_one():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"sum to 0.4 <= 1/2 and the schedule starts at sigma = 1"):
+        FKCSampler(2, beta=0.4).begin(torch.zeros(4, 1), scheduler.timesteps, scheduler, CFG(1.0))
+    ddim = toy_scheduler()  # a VP schedule never reaches alpha = 0: the same target runs there
+    ddim.set_timesteps(10)
+    FKCSampler(2, beta=0.4).begin(torch.zeros(4, 1), ddim.timesteps, ddim, CFG(1.0))
+
+
+@pytest.mark.parametrize("name", ["DCSolverScheduler", "FastUniPCScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler"])
+def test_multistep_schedulers_whose_update_fkc_would_ignore_are_refused(name):
+    import diffusers
+
+    import diffplug.samplers as samplers
+
+    cls = getattr(samplers, name, None) or getattr(diffusers, name)
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    expected = rf"FKCSampler cannot use {name}: .*would be ignored"
+    with pytest.raises(ValueError, match=expected):  # at from_pipe time, before any prompt is encoded
+        from_pipe(pipe, sampler=FKCSampler(2))
+    pipe.scheduler.set_timesteps(4)
+    with pytest.raises(ValueError, match=expected):  # and when the scheduler is swapped in afterwards
+        FKCSampler(2).begin(torch.zeros(4, 4, 16, 16), pipe.scheduler.timesteps, pipe.scheduler, CFG(2.0))
+    if name == "DCSolverScheduler":
+        with pytest.raises(ValueError, match="dynamic compensation"):
+            from_pipe(pipe, sampler=FKCSampler(2))
 
 
 # -- SMC pieces and identities -----------------------------------------------------------------------
