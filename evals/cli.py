@@ -19,27 +19,27 @@ A metric that cannot be computed (e.g. precision with no more than k images) is 
 reason under ``skipped``; the others are still written.
 
 Exit status: 0 every metric computed; 1 metrics.json written but some metric skipped; 2 error,
-nothing written.
+nothing written (a bad argument or file, or a file that could not be written, e.g. a full disk: the
+error names it, and metrics.json, scores.jsonl and report.html are written together or not at all).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+# Nothing heavy at the top: `diffplug eval` parses and checks its arguments before importing torch.
 ALL_METRICS = ("fid", "kid", "precision", "recall", "saturation", "contrast", "reward:NAME")
 FEATURE_METRICS = ("fid", "kid", "precision", "recall")
 GRID_N = 32
+PROTOCOL_NAMES = ("clean", "torchmetrics", "tf1", "legacy_pytorch")  # evals.resize.PROTOCOLS (tests keep them equal)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from .resize import PROTOCOLS
-
     p = subparsers.add_parser(
         "eval", help="FID/KID/precision/recall (and pixel statistics) of generated images",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +52,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="fid,kid,precision,recall",
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: %(default)s)")
     p.add_argument("--reward-opt", action="append", metavar="KEY=VALUE",
-                   help="option of the reward:NAME metrics, e.g. path=/local/pickscore (JSON values)")
+                   help="option of the reward:NAME metrics, e.g. path=/local/pickscore (JSON values); "
+                        "reward:clip_score needs path=<local CLIP folder>, or scorer=testbed (offline, built in)")
     p.add_argument("--prompts", help="JSONL of {\"file\": ..., \"prompt\": ...} (file relative to --generated): "
                                      "the prompts of reward:NAME (default: a diffplug sample settings.json)")
     p.add_argument("--bad-images", choices=("skip", "error"), default="skip",
@@ -60,7 +61,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for metrics.json and report.html")
     p.add_argument("--features", default="inception",
                    help="feature network: inception (default), testbed, clip:<dir>, dinov2:<dir>")
-    p.add_argument("--protocol", default="clean", choices=PROTOCOLS, help="Inception resize protocol")
+    p.add_argument("--protocol", default="clean", choices=PROTOCOL_NAMES, help="Inception resize protocol")
     p.add_argument("--inception-weights", default=None, help="FID Inception .safetensors (default: auto)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=None, help="PNG decoding processes (default: min(8, CPUs))")
@@ -89,6 +90,7 @@ def _maybe_init_distributed() -> tuple[int, int]:
     process scores a shard and the features are gathered. NCCL on GPUs, gloo on CPU."""
     import os
 
+    import torch
     import torch.distributed as dist
 
     from .data import dist_info
@@ -98,8 +100,10 @@ def _maybe_init_distributed() -> tuple[int, int]:
     return dist_info()
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str):
     import os
+
+    import torch
 
     if name == "auto":
         if torch.cuda.is_available():
@@ -115,7 +119,7 @@ class _PixelStats:
         self.want_sat, self.want_contrast = want_sat, want_contrast
         self.values: dict[str, list] = {}
 
-    def add(self, batch: torch.Tensor) -> None:
+    def add(self, batch) -> None:
         from .image_stats import gray_contrast, saturation
 
         vals = {"mean_intensity": batch.float().mean(dim=(1, 2, 3)) / 255}
@@ -126,7 +130,9 @@ class _PixelStats:
         for k, v in vals.items():
             self.values.setdefault(k, []).append(v.cpu())
 
-    def cat(self) -> dict[str, torch.Tensor]:
+    def cat(self) -> dict:
+        import torch
+
         return {k: torch.cat(v) for k, v in self.values.items()}
 
 
@@ -142,6 +148,7 @@ def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool
           bad_images: str = "skip", rewards: dict | None = None, prompts: dict | None = None) -> _Scan:
     """One pass: features (on device), pixel statistics, reward scores (``prompts``: resolved path ->
     prompt, None to pass none), the first GRID_N images for the grid."""
+    import torch
     from tqdm.auto import tqdm
 
     from .data import iterate_batches
@@ -160,8 +167,9 @@ def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool
                 s.files += files
                 batch_prompts = None if prompts is None else [prompts[f.resolve()] for f in files]
                 for name, reward in rewards.items():
-                    s.scores.setdefault(name, []).append(
-                        torch.as_tensor(reward(batch, batch_prompts)).float().reshape(len(batch)).cpu())
+                    with torch.no_grad():  # scores only (a differentiable reward would keep its graph)
+                        score = torch.as_tensor(reward(batch, batch_prompts)).detach()
+                    s.scores.setdefault(name, []).append(score.float().reshape(len(batch)).cpu())
             s.n += len(batch)
             bar.update(len(batch))
     s.grid = torch.cat(s.grid)[:GRID_N] if s.grid else None
@@ -170,14 +178,59 @@ def _scan(loader, feature_net, device, stats: _PixelStats | None, progress: bool
     return s
 
 
-def _parse_metrics(text: str) -> tuple[list[str], list[str]]:
-    """``--metrics`` -> (metrics, reward names); unknown names are an error listing the choices."""
-    from .rewards import list_rewards
-
+def _metric_names(text: str) -> list[str]:
+    """``--metrics`` -> names; an unknown metric is an error listing the choices (reward names: later)."""
     metrics = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in metrics if m not in ALL_METRICS and not m.startswith("reward:")]
     if bad:
         raise ValueError(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
+    if not metrics:
+        raise ValueError(f"--metrics: empty; choose from {','.join(ALL_METRICS)}")
+    return metrics
+
+
+def _is_named_set(reference: str) -> bool:
+    """'fashion-mnist:test', 'testbed:emoji:test': a built-in set, not a path."""
+    return reference.startswith(("fashion-mnist:", "testbed:"))
+
+
+def check_args(args) -> None:
+    """Everything checkable before torch is imported: names, counts, paths, the output folder."""
+    for flag in ("batch_size", "limit", "reference_limit", "kid_subsets", "kid_subset_size", "k"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device {args.device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.spec:
+        if not Path(args.spec).is_file():
+            raise ValueError(f"--spec {args.spec}: no such file")
+    else:
+        metrics = _metric_names(args.metrics)
+        if not args.generated or (any(m in metrics for m in FEATURE_METRICS) and not args.reference):
+            raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test (--reference may be left out "
+                             "when --metrics has none of fid,kid,precision,recall), or --spec FILE")
+        if not Path(args.generated).is_dir():
+            raise ValueError(f"--generated {args.generated}: no such folder")
+        if args.prompts and not Path(args.prompts).is_file():
+            raise ValueError(f"--prompts {args.prompts}: no such file")
+    if args.reference and not _is_named_set(args.reference) and not Path(args.reference).exists():
+        raise ValueError(f"--reference {args.reference}: no such folder or file (or use fashion-mnist:test, "
+                         "testbed:<dataset>:<split>)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
+
+
+def _parse_metrics(text: str) -> tuple[list[str], list[str]]:
+    """``--metrics`` -> (metrics, reward names); unknown names are an error listing the choices."""
+    from .rewards import list_rewards
+
+    metrics = _metric_names(text)
     rewards = [m.split(":", 1)[1] for m in metrics if m.startswith("reward:")]
     unknown = [r for r in rewards if r not in list_rewards()]
     if unknown:
@@ -187,25 +240,24 @@ def _parse_metrics(text: str) -> tuple[list[str], list[str]]:
 
 
 def run(args) -> dict:
+    check_args(args)  # before importing torch: fail fast
+    import torch
+
     from .data import gather_json, gather_rows, image_loader
     from .features import get_feature_network
     from .fid import FrechetInceptionDistance
     from .kid import kernel_inception_distance
     from .precision_recall import precision_recall
     from .reference import reference_stats
-    from .report import image_grid_uri, pca_2d, svg_histograms, svg_scatter, write_report
-    from .reward_metric import make_rewards, reward_options, reward_prompts, summarize, write_scores
+    from ..atomic import Batch
+    from .report import image_grid_uri, pca_2d, render_report, svg_histograms, svg_scatter
+    from .reward_metric import make_rewards, reward_options, reward_prompts, scores_jsonl, summarize
 
     if args.spec:
         return _run_spec(args)
     metrics, reward_names = _parse_metrics(args.metrics)
     need_net = any(m in metrics for m in FEATURE_METRICS)
-    if not args.generated or (need_net and not args.reference):
-        raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test (--reference may be left out "
-                         "when --metrics has none of fid,kid,precision,recall), or --spec FILE")
     out = Path(args.out)
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
     reward_opts = reward_options(args.reward_opt)
     rewards = make_rewards(reward_names, reward_opts)
     rank, world = _maybe_init_distributed()
@@ -338,12 +390,7 @@ def run(args) -> dict:
     result["processes"] = world
     if rank != 0:
         return result
-    with open(out / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
-    if gen.scores and world == 1:
-        write_scores(out / "scores.jsonl", gen.files, gen.scores, prompts)
-
-    # ---- report
+    # ---- report: metrics.json, scores.jsonl and report.html appear together or not at all
     grids = {}
     if gen_grid is not None:
         grids[f"generated ({args.generated})"] = image_grid_uri(gen_grid)
@@ -373,9 +420,13 @@ def run(args) -> dict:
     notes += [f"skipped ({x['set']}) {x['file']}: {x['reason']}" for x in skipped_images[:20]]
     notes += [f"left out {x['file']}: {x['reason']}" for x in excluded[:20]]
     headline = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith("reference_")}
-    write_report(out / "report.html", "diffplug eval", {**headline, **{k: v for k, v in result.items()
-                                                                       if k not in headline}},
-                 info, grids, plots, notes)
+    report = render_report("diffplug eval", {**headline, **{k: v for k, v in result.items() if k not in headline}},
+                           info, grids, plots, notes)
+    with Batch() as batch:
+        batch.write_json(out / "metrics.json", result)
+        if gen.scores and world == 1:
+            batch.write_text(out / "scores.jsonl", scores_jsonl(gen.files, gen.scores, prompts))
+        batch.write_text(out / "report.html", report)
     if progress:
         print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))
     return result
@@ -388,8 +439,6 @@ def _run_spec(args) -> dict:
     if args.reference:
         spec["reference"] = args.reference
     out = Path(args.out)
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise FileExistsError(f"--out {out}: metrics.json already exists; pass --overwrite or pick another folder")
     out.mkdir(parents=True, exist_ok=True)
     result = run_spec(spec, out, _device(args.device), progress=not args.no_progress, base=Path(args.spec).parent)
     if not args.no_progress:
@@ -398,7 +447,7 @@ def _run_spec(args) -> dict:
     return result
 
 
-def _sigma_n(ref: dict, device) -> tuple[torch.Tensor, int]:
+def _sigma_n(ref: dict, device) -> tuple:
     from .fid import stats_from_sums
 
     n = int(ref["n"])

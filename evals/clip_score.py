@@ -175,7 +175,9 @@ def get_clip_scorer(scorer="transformers", path: str | None = None, model_name: 
         return scorer
     if scorer == "transformers":
         if path is None:
-            raise ValueError("scorer='transformers' needs path=<local CLIP folder>")
+            raise ValueError("scorer='transformers' (the default) needs path=<local CLIP folder> (diffplug downloads "
+                             "nothing); offline, use the testbed's image-text scorer: scorer='testbed' "
+                             "(diffplug eval: --reward-opt scorer=testbed)")
         return TransformersCLIP(path, **kw)
     if scorer == "open_clip":
         if path is None or model_name is None:

@@ -116,7 +116,7 @@ def svg_lines(series: dict, title: str, xlabel: str, ylabel: str) -> str:
 
 def svg_histograms(data: dict, title: str, xlabel: str, bins: int = 30, lo=None, hi=None) -> str:
     """Overlaid density histograms (step outlines): ``{label: values}``."""
-    arrs = {k: np.asarray(torch.as_tensor(v).float().cpu()) for k, v in data.items()}
+    arrs = {k: np.asarray(torch.as_tensor(v).detach().float().cpu()) for k, v in data.items()}
     lo = min(a.min() for a in arrs.values()) if lo is None else lo
     hi = max(a.max() for a in arrs.values()) if hi is None else hi
     hi = hi if hi > lo else lo + 1
@@ -137,7 +137,7 @@ def svg_histograms(data: dict, title: str, xlabel: str, bins: int = 30, lo=None,
 
 def svg_scatter(points: dict, title: str, xlabel: str = "PC 1", ylabel: str = "PC 2", max_points: int = 1500) -> str:
     """Scatter of 2-D points per label: ``{label: (N, 2)}``."""
-    pts = {k: np.asarray(torch.as_tensor(v).float().cpu())[:max_points] for k, v in points.items()}
+    pts = {k: np.asarray(torch.as_tensor(v).detach().float().cpu())[:max_points] for k, v in points.items()}
     allp = np.concatenate(list(pts.values()))
     ax = _Axes(float(allp[:, 0].min()), float(allp[:, 0].max()), float(allp[:, 1].min()), float(allp[:, 1].max()),
                title, xlabel, ylabel)
@@ -175,7 +175,15 @@ def _fmt(v):
 
 def write_report(path, title: str, metrics: dict, info: dict, grids: dict | None = None,
                  plots: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> None:
-    """Write one HTML file: headline numbers, image grids, plots, then the full JSON."""
+    """Write one HTML file (atomically): headline numbers, image grids, plots, then the full JSON."""
+    from ..atomic import write_text
+
+    write_text(path, render_report(title, metrics, info, grids, plots, notes))
+
+
+def render_report(title: str, metrics: dict, info: dict, grids: dict | None = None,
+                  plots: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
+    """The report's HTML: headline numbers, image grids, plots, then the full JSON."""
     cards = "".join(f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{_fmt(v)}</div></div>'
                     for k, v in metrics.items() if isinstance(v, (int, float)))
     grid_html = "".join(f'<figure><img src="{uri}"/><figcaption>{html.escape(name)}</figcaption></figure>'
@@ -189,5 +197,4 @@ def write_report(path, title: str, metrics: dict, info: dict, grids: dict | None
 <h2>Samples</h2>{grid_html}<h2>Plots</h2>{plot_html}
 <h2>Protocol</h2><table>{rows}</table><ul>{note_html}</ul>
 <h2>All numbers</h2><pre>{html.escape(json.dumps(metrics, indent=2, default=str))}</pre></body></html>"""
-    with open(path, "w") as f:
-        f.write(doc)
+    return doc

@@ -91,10 +91,18 @@ def summarize(rewards: dict, scores: dict, opts: dict, prompts: dict | None, pro
             "stderr": "std (ddof=1) / sqrt(n)"}
 
 
-def write_scores(path: Path, files: list, scores: dict, prompts: dict | None) -> None:
+def scores_jsonl(files: list, scores: dict, prompts: dict | None) -> str:
     """One JSON line per image: ``{"file", "prompt", "reward:NAME": score, ...}``."""
-    with open(path, "w") as f:
-        for i, file in enumerate(files):
-            rec = {"file": str(file), "prompt": None if prompts is None else prompts[file.resolve()]}
-            rec.update({f"reward:{k}": float(v[i]) for k, v in scores.items()})
-            f.write(json.dumps(rec) + "\n")
+    lines = []
+    for i, file in enumerate(files):
+        rec = {"file": str(file), "prompt": None if prompts is None else prompts[file.resolve()]}
+        rec.update({f"reward:{k}": float(v[i]) for k, v in scores.items()})
+        lines.append(json.dumps(rec) + "\n")
+    return "".join(lines)
+
+
+def write_scores(path: Path, files: list, scores: dict, prompts: dict | None) -> None:
+    """``scores_jsonl`` into ``path``, atomically."""
+    from ..atomic import write_text
+
+    write_text(path, scores_jsonl(files, scores, prompts))

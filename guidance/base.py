@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 
 import torch
 from diffusers.configuration_utils import FrozenDict, register_to_config
@@ -31,24 +30,10 @@ from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
 from diffusers.utils import logging
 
+from ..arguments import MAX_GUIDANCE_SCALE, check_guidance_scale  # noqa: F401  (no torch import)
 from ..predictions import StepContext
 
 _guider_logger = logging.get_logger("diffusers.guiders.guider_utils")
-
-# Beyond |w| = 1e4 nothing changes but the risk of overflow: on the testbed, images at w = 1e4 and
-# 1e5 are identical (every guided pixel already saturated), and w * (cond - uncond) leaves fp16's
-# range (65504) soon after. Published scales are 1-30.
-MAX_GUIDANCE_SCALE = 1e4
-
-
-def check_guidance_scale(value, name: str = "guidance_scale") -> float:
-    """``value`` as a float, or a ValueError naming ``name``: a finite number, |w| <= 1e4."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number (e.g. 7.5), got {value!r}")
-    if not math.isfinite(value) or abs(value) > MAX_GUIDANCE_SCALE:
-        m = int(MAX_GUIDANCE_SCALE)
-        raise ValueError(f"{name}={value!r}: must be a finite number in [-{m}, {m}] (1 = no guidance, 3-15 is usual)")
-    return float(value)
 
 
 class Guidance(BaseGuidance):

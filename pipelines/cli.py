@@ -1,21 +1,35 @@
-"""``diffplug sample``: generate a grid with any model, scheduler, guidance and sampler."""
+"""``diffplug sample``: generate a grid with any model, scheduler, guidance and sampler.
+
+Writes OUT/NNN.png (one per image), OUT/grid.png and OUT/settings.json, all together or none.
+Exit status: 0 written; 2 error, nothing written: a bad argument or file (checked before torch is
+imported and before the model loads; one line naming it), a run that produced non-finite latents
+(no black image is written), or a file that could not be written (a full disk: named, and --out is
+left as it was).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
 
-from ..guidance import GUIDANCE
-from ..samplers import SAMPLERS
-from .registry import BUILTIN_MODELS, SCHEDULERS
+from ..cli import light_module
 
+# Nothing heavy at the top: `diffplug sample` parses and checks its arguments before importing torch.
+_registry = light_module("diffplug.pipelines.registry")
+BUILTIN_MODELS, SCHEDULERS = _registry.BUILTIN_MODELS, _registry.SCHEDULERS
+# the names of diffplug.guidance.GUIDANCE and diffplug.samplers.SAMPLERS (tests/test_cli.py keeps them equal)
+GUIDANCE_NAMES = ("ag", "apg", "cfg", "linear-ag")
+SAMPLER_NAMES = ("fkc",)
 OUTPUTS = ("grid.png", "settings.json")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate images through diffplug's loop", description=__doc__)
+    p = subparsers.add_parser("sample", help="generate images through diffplug's loop", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"local folder or hub id; built in: {', '.join(BUILTIN_MODELS)} (default: testbed)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
@@ -26,14 +40,14 @@ def register(subparsers) -> None:
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE",
                    help="scheduler config override (of --scheduler, else of the model's own scheduler)")
-    p.add_argument("--guidance", choices=sorted(GUIDANCE), default="cfg")
+    p.add_argument("--guidance", choices=GUIDANCE_NAMES, default="cfg")
     p.add_argument("--guidance-opt", action="append", metavar="KEY=VALUE", help="guidance option, e.g. eta=0")
     p.add_argument("--product-prompt", action="append", default=None,
                    help="a second prompt multiplied in (product of experts, ProductGuidance): one for all prompts or "
                         "one per --prompt; with --sampler fkc the product is sampled exactly")
     p.add_argument("--product-model", default=None,
                    help="evaluate --product-prompt with this second model (same latent space and schedule), e.g. testbed-dit")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None)
     p.add_argument("--particles", type=int, default=None, help="particles per output image (SMC samplers; --num-images n runs n x K per prompt)")
     p.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE")
     p.add_argument("--early-exit", type=float, default=None, metavar="TAU",
@@ -68,8 +82,10 @@ def _is_run_file(path: Path) -> bool:
 
 
 def _check_args(args) -> None:
-    """What can be checked before a model loads (the rest: ``validate.check_call`` in ``run(...)``)."""
-    from .validate import check_device, check_guidance_scale, positive_int
+    """What can be checked before torch is imported and a model loads (the rest: ``validate.check_call``
+    in ``run(...)``). ``--device`` last: checking it imports torch."""
+    validate = light_module("diffplug.pipelines.validate")
+    check_guidance_scale, positive_int = validate.check_guidance_scale, validate.positive_int
 
     positive_int(args.steps, "--steps")
     positive_int(args.num_images, "--num-images")
@@ -79,10 +95,40 @@ def _check_args(args) -> None:
         check_guidance_scale(args.guidance_scale, "--guidance-scale")
     for flag, value in (("--particles", args.particles), ("--sampler-opt", args.sampler_opt)):
         if value is not None and not args.sampler:
-            raise ValueError(f"{flag} applies to a sampler; add --sampler ({', '.join(sorted(SAMPLERS))})")
+            raise ValueError(f"{flag} applies to a sampler; add --sampler ({', '.join(SAMPLER_NAMES)})")
     if args.product_model and not args.product_prompt:
         raise ValueError("--product-model evaluates --product-prompt; add --product-prompt")
-    check_device(args.device)
+    for flag in ("noise_policy", "early_exit_heads"):
+        path = getattr(args, flag)
+        if path and not Path(path).expanduser().is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.model and args.model not in BUILTIN_MODELS:
+        validate.check_model_path(args.model)
+    validate.check_out(args.out, _is_run_file, args.force)
+    validate.check_device(args.device)
+
+
+def _write_run(out: Path, images, sheet, settings: dict, earlier: list[Path]) -> None:
+    """The images, grid.png and settings.json, all or none (``atomic.Batch``); then the earlier run's
+    files that were not replaced go (--force), so none of its images is left mixed in. A file that
+    cannot be written (a full disk) is named and the folder is left as it was."""
+    from ..atomic import Batch
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with Batch() as batch:
+            for i, image in enumerate(images):
+                batch.save_image(image, out / f"{i:03d}.png")
+            batch.save_image(sheet, out / "grid.png")
+            batch.write_text(out / "settings.json", json.dumps(settings, indent=2, default=str))
+            for path in earlier:
+                batch.remove(path)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        raise
 
 
 def grid(images, cols: int | None = None):
@@ -116,6 +162,9 @@ def _product_guidance(args, pipe, prompts: list[str], per_prompt: int, options: 
 
 
 def run(args) -> int:
+    prompts = _prompts(args)
+    _check_args(args)  # before importing torch and loading the model: fail fast
+
     import torch
 
     from . import from_pipe
@@ -123,9 +172,7 @@ def run(args) -> int:
     from .registry import load_pipeline, make_guidance, make_sampler, make_scheduler, parse_options
     from .validate import check_out, check_size
 
-    prompts = _prompts(args)
-    _check_args(args)
-    earlier = check_out(args.out, _is_run_file, args.force)  # before loading: fail fast
+    earlier = check_out(args.out, _is_run_file, args.force)
     if args.early_exit is not None or args.early_exit_heads:  # DeeDiff: a bad threshold fails before loading
         from ..samplers.early_exit import check_threshold
 
@@ -183,14 +230,6 @@ def run(args) -> int:
     images = result.images
     if sampler is not None and hasattr(result.sampler_output, "select"):
         images = result.sampler_output.select(images)  # one image per prompt: the sampler's choice
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in earlier:  # --force: the earlier run's files go, so none of its images is left mixed in
-        path.unlink()
-    for i, image in enumerate(images):
-        image.save(args.out / f"{i:03d}.png")
-    grid(images, cols=len(images) // len(prompts) if len(images) % len(prompts) == 0 and len(prompts) > 1 else None).save(
-        args.out / "grid.png"
-    )
     settings = {
         "model": args.model or "testbed",
         "pipeline": type(pipe).__name__,
@@ -216,7 +255,9 @@ def run(args) -> int:
     if sampler is not None:
         summary = result.sampler_output.summary() if hasattr(result.sampler_output, "summary") else {}
         settings["sampler"] = {"name": args.sampler, "class": type(sampler).__name__, **summary}
-    (args.out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    _write_run(args.out, images, grid(images, cols=len(images) // len(prompts)
+                                      if len(images) % len(prompts) == 0 and len(prompts) > 1 else None),
+               settings, earlier)
     replaced = f"; replaced an earlier run's {len(earlier)} files" if earlier else ""
     print(f"wrote {len(images)} images, grid.png and settings.json to {args.out} ({seconds:.1f} s, {result.nfe} NFE/image{replaced})")
     return 0

@@ -1,5 +1,8 @@
 """One place that checks what users pass to ``run(...)`` and ``diffplug sample``.
 
+Its top level imports nothing heavy (torch is imported inside the checks that need it), so
+``diffplug sample`` checks its arguments before importing torch.
+
 Each bad value raises a ``ValueError`` naming the argument and the fix; nothing is silently
 changed (no rounding of sizes, no dropped keywords). README's "What bad input gets" lists them.
 """
@@ -12,7 +15,7 @@ import tempfile
 import typing
 from pathlib import Path
 
-from ..guidance.base import check_guidance_scale
+from ..arguments import check_guidance_scale, positive_int
 
 __all__ = [
     "check_call", "check_device", "check_guidance_scale", "check_latents", "check_out", "check_options",
@@ -25,12 +28,6 @@ _HINTS = {
     "guidance_rescale": "pass it to the guidance: from_pipe(pipe, guidance=CFG(w, guidance_rescale=...))",
     "use_resolution_binning": "diffplug does no resolution binning; pass a valid height/width (False is accepted)",
 }
-
-
-def positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_size(family, height, width, names=("height", "width")) -> tuple[int, int]:

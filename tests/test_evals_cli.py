@@ -93,7 +93,7 @@ def test_bad_arguments_fail_clearly(setup):
         a = _parse(["--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--metrics", "fid,lpips",
                     "--out", str(tmp / "o")])
         run(a)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(ValueError, match="--generated .*nope: no such folder"):
         a = _parse(["--generated", str(tmp / "nope"), "--reference", str(tmp / "ref"), "--features",
                     "py:featmod:tiny_features", "--out", str(tmp / "o2"), "--no-progress"])
         run(a)
@@ -181,3 +181,68 @@ def test_image_folder_composites_alpha_on_white_and_matches_testbed_data(tmp_pat
     assert torch.equal(next(iter(loader)), fashion_mnist("test", 8)) and ident == "testbed-fashion_mnist-test-first8"
     with pytest.raises(ValueError, match="testbed:<dataset>:<split>"):
         image_loader("testbed:nope", 8, 0)
+
+
+def _prompted_pngs(folder, n=4):
+    _write_pngs(folder, n, 3)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"file": f"{i:03d}.png", "prompt": "a photo of a bag"}) + "\n"
+                                                  for i in range(n)))
+    return folder / "prompts.jsonl"
+
+
+@pytest.mark.parametrize("metric, opts", [("reward:testbed", []), ("reward:clip_score", ["--reward-opt", "scorer=testbed"])])
+def test_differentiable_rewards_write_the_report(tmp_path, metric, opts):
+    # the testbed scorer returns scores that require grad: report.html used to crash on .numpy()
+    prompts = _prompted_pngs(tmp_path / "gen")
+    args = _parse(["--generated", str(tmp_path / "gen"), "--prompts", str(prompts), "--metrics", metric, *opts,
+                   "--out", str(tmp_path / "out"), "--no-progress", "--num-workers", "0"])
+    assert args.func(args) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    name = metric.split(":")[1]
+    assert m[f"reward_{name}"] == pytest.approx(
+        sum(json.loads(line)[metric] for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()) / 4)
+    assert f"reward {name} per image" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_clip_score_without_a_folder_names_the_offline_scorer(tmp_path, capsys):
+    from diffplug.cli import build_parser, main
+
+    prompts = _prompted_pngs(tmp_path / "gen", 2)
+    argv = ["eval", "--generated", str(tmp_path / "gen"), "--prompts", str(prompts), "--metrics", "reward:clip_score",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    assert "scorer=testbed" in capsys.readouterr().err and not (tmp_path / "out" / "metrics.json").exists()
+    help_text = build_parser("eval")._subparsers._group_actions[0].choices["eval"].format_help()
+    assert "scorer=testbed" in help_text
+
+
+def test_a_full_disk_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import diffplug.atomic
+    from diffplug.cli import main
+
+    prompts = _prompted_pngs(tmp_path / "gen")
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):  # report.html gets 100 bytes written, then the disk is full
+        f = real_open(path, mode, *a, **k)
+        if "report" in str(path):
+            write = f.write
+
+            def partial(data):
+                write(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = partial
+        return f
+
+    monkeypatch.setattr(diffplug.atomic, "open", full_disk, raising=False)
+    out = tmp_path / "out"
+    argv = ["eval", "--generated", str(tmp_path / "gen"), "--prompts", str(prompts), "--metrics", "saturation,reward:testbed",
+            "--out", str(out), "--no-progress", "--num-workers", "0"]
+    assert main(argv) == 2  # as --help says: 2, nothing written
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'report.html'}: No space left on device" in err and "Traceback" not in err
+    assert list(out.iterdir()) == [], "no metrics.json without its report, no partial report, no temporary file"
+    monkeypatch.undo()
+    assert main(argv) == 0 and sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html", "scores.jsonl"]
