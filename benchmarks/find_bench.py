@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rollouts_per_prompt", type=int, default=40)
     ap.add_argument("--samples_per_prompt", type=int, default=8)
-    ap.add_argument("--policy_steps", type=int, default=5)
+    ap.add_argument("--policy_steps", type=int, default=1, help="optimiser steps per rollout (official 1; the results of 2026-11-28 used 5)")
     ap.add_argument("--dpo_steps", type=int, default=100)
     ap.add_argument("--dpo_per_prompt", type=int, default=4)
     ap.add_argument("--dpo_repeats", type=int, default=8)

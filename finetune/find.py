@@ -12,8 +12,9 @@ over the initial latent ``z_T`` (the latent's shape) is learned; the environment
    within each prompt's samples of the rollout instead, see below);
 3. ratio ``rho = exp(log pi_phi(z_T) - log pi_old(z_T))`` with log-probabilities *averaged* over the
    latent's elements (as the paper's code), clamped to ``[1 - 0.2, 1 + 0.2]``;
-4. ``L = -reward_weight * A * clamp(rho) + kl_weight * mean[(mu - 0)^2 + (sigma - 1)^2]``, a few
-   optimiser steps per rollout (``policy_steps``).
+4. ``L = -reward_weight * A * clamp(rho) + kl_weight * mean[(mu - 0)^2 + (sigma - 1)^2]``, one optimiser
+   step per rollout (official: ``dist_train2.py`` steps once per iteration; its ``p_step`` only divides
+   the logged averages). ``policy_steps > 1`` re-uses a rollout for several steps: our extension.
 
 Choices, paper / official code -> here:
 
@@ -78,7 +79,8 @@ class FINDConfig(TrainConfig):
     num_steps: int = opt(50, "denoising steps of the rollouts (paper: DDIM 50)")
     eta: float = opt(1.0, "DDIM eta of the rollouts (paper: 1 = stochastic; 0 = deterministic given z_T)")
     samples_per_prompt: int = opt(1, "z_T drawn per prompt per rollout (official num_samples: 1)")
-    policy_steps: int = opt(5, "optimiser steps per rollout (official p_step: 5)")
+    policy_steps: int = opt(1, "optimiser steps per rollout (official: 1; its p_step only scales the logs); "
+                            "> 1 re-uses each rollout (our extension)")
     value_steps: int = opt(5, "value-network AdamW steps per rollout (official v_step: 5); 0 = no value network, A = R")
     value_lr: float = opt(1e-4, "value-network learning rate (official v_lr)")
     value_hidden: int = opt(256, "width of the value network's three hidden layers")
@@ -90,8 +92,8 @@ class FINDConfig(TrainConfig):
     ratio_reference: str = choice("initial", ("initial", "rollout"),
                                   "pi_old: the initial N(0, I) (official) or the policy that drew the rollout (PPO)")
     clip_mode: str = choice("clamp", ("clamp", "ppo"), "clamp(rho) * A (official) or PPO's min(rho A, clamp(rho) A)")
-    # official defaults: 150 iterations x p_step 5, AdamW lr 1e-3, constant, no weight decay, clip 0.1
-    max_steps: int = opt(750, "optimiser steps (150 rollouts x policy_steps 5 for one prompt)")
+    # official defaults: 150 iterations (one optimiser step each), AdamW lr 1e-3, constant, no weight decay, clip 0.1
+    max_steps: int = opt(150, "optimiser steps (150 rollouts x policy_steps 1 for one prompt, as official)")
     learning_rate: float = opt(1e-3, "policy learning rate")
     lr_scheduler: str = choice("constant", LR_SCHEDULERS, "diffusers.optimization.get_scheduler name")
     adam_weight_decay: float = opt(0.0)
