@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from diffplug.evals.stats import gain
+from diffplug.evals.image_stats import sharpness
+from diffplug.evals.stats import gain, mean_se
 
-from testbed_lcm import laplacian_variance
 
 HERE = Path(__file__).resolve().parent
 TINT = torch.tensor([1.0, 0.3, 0.3]).view(1, 3, 1, 1)  # the synthetic style: red
@@ -145,23 +145,31 @@ def offline(args) -> list[str]:
             images = sample(folder / "final", prompts, 10_000, args.scale, pipe_name, steps)
         with torch.no_grad():
             align = (classifier(images).argmax(-1) == SNEAKER).float().mean().item()
-        rows.append((name, fid(held, images), fid(plain, images), fid(base, images), style_score(images, args.style).mean().item(),
-                     laplacian_variance(images).mean().item(), align, seconds))
-        print(rows[-1], flush=True)
+        rows.append((name, fid(held, images), fid(plain, images), fid(base, images), style_score(images, args.style),
+                     sharpness(images), align, seconds))
+        print(rows[-1][:4], flush=True)
     what = f"Offline: {args.style} sneakers, {'teacher (`testbed`), 30' if args.teacher else '4'}-step samples"
     lines = _header(args, what) + [
         f"{args.targets} training targets (Fashion-MNIST training sneakers, style `{args.style}`, \"{PROMPT}\"), "
         f"LoRA r 16, lr {args.lr} constant, batch {args.batch}, {args.steps} steps each"
         f"{'' if args.teacher else f', guidance scale {args.scale} (the UNet input)'}; sampled with guidance scale "
         f"{args.scale}. {args.images} held-out seeds per row. Targets (held-out test sneakers in the style): style score "
-        f"{style_score(held, args.style).mean().item():.3f} (base domain {style_score(plain, args.style).mean().item():.3f}), sharpness {laplacian_variance(held).mean().item():.4f}; FID targets vs "
+        f"{style_score(held, args.style).mean().item():.3f} (base domain {style_score(plain, args.style).mean().item():.3f}), sharpness {sharpness(held).mean().item():.4f}; FID targets vs "
         f"base domain (plain test sneakers) {fid(held, plain):.2f}.",
         "",
-        "| model | FID vs targets | FID vs base domain | FID vs base samples | style score | sharpness (Laplacian var.) | alignment (sneaker) | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "Style score and sharpness: mean ± s.e. over the held-out seeds; every row samples the same seeds, so the "
+        "comparisons are paired per seed (`diffplug.evals.stats.gain`: gain ± paired s.e., z in paired s.e.).",
+        "",
+        "| model | FID vs targets | FID vs base domain | FID vs base samples | style score | sharpness (Laplacian var.) "
+        "| sharpness vs base (paired) | sharpness vs sft (paired) | alignment (sneaker) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, f_t, f_d, f_b, red, sharp, align, sec in rows:
-        lines.append(f"| {name} | {f_t:.2f} | {f_d:.2f} | {f_b:.2f} | {red:.3f} | {sharp:.4f} | {100 * align:.1f} % | {sec:.0f} |")
+    sharp_base, sharp_sft = rows[0][5], rows[1][5] if len(rows) > 1 else None
+    for i, (name, f_t, f_d, f_b, style, sharp, align, sec) in enumerate(rows):
+        vs = [gain(ref, sharp, "sharpness") if ref is not None and i > k else None for k, ref in ((0, sharp_base), (1, sharp_sft))]
+        cells = ["–" if g is None else f"{g.gain:+.4f} ± {g.paired_se:.4f} ({g.z_paired:+.1f})" for g in vs]
+        lines.append(f"| {name} | {f_t:.2f} | {f_d:.2f} | {f_b:.2f} | {mean_se(style)} | {mean_se(sharp)} | {cells[0]} | {cells[1]} "
+                     f"| {100 * align:.1f} % | {sec:.0f} |")
     return lines
 
 
@@ -185,7 +193,7 @@ def online(args) -> list[str]:
         r = torch.as_tensor(reward(images, prompts)).float()
         with torch.no_grad():
             align = (classifier(images).argmax(-1) == labels).float().mean().item()
-        res[name] = (r, laplacian_variance(images).mean().item(), align)
+        res[name] = (r, sharpness(images).mean().item(), align)
     (rb, sb, ab), (rt, st, at) = res["base (sd-lcm)"], res["online PSO"]
     g = gain(rb, rt, args.reward)
     lines = _header(args, f"Online: reward `{args.reward}`, 4-step samples") + [

@@ -20,19 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from diffplug import testbed
+from diffplug.evals.image_stats import sharpness
 from diffplug.testbed import data as D
 
 HERE = Path(__file__).resolve().parent
-
-
-def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
-    """Sharpness per image: variance of the 3x3 Laplacian of the brightest channel (floats in [0, 1]; the
-    grey value of grey images, the red one of a red tint) -> (N,)."""
-    grey = images.float().amax(1, keepdim=True)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-    return torch.nn.functional.conv2d(grey, kernel).flatten(1).var(dim=1)
 
 
 def class_prompts(n: int) -> tuple[list[str], torch.Tensor]:
@@ -68,7 +60,7 @@ def measure(images: torch.Tensor, labels: torch.Tensor, classifier, real: torch.
         "align_10": (logits[:, : len(D.FASHION_CLASSES)].argmax(-1) == labels).float().mean().item(),
         "fid_real": fid(real, images),
         "fid_teacher": fid(teacher, images) if teacher is not None else 0.0,
-        "sharpness": laplacian_variance(images).mean().item(),
+        "sharpness": sharpness(images).mean().item(),
     }
 
 
@@ -113,7 +105,7 @@ def main(argv=None) -> None:
         f"{args.images} images per row, the same seeds; guidance scale {args.scale}. FID on the testbed "
         "classifier's features, against as many held-out Fashion-MNIST test images (real) and against the "
         "teacher's samples; sharpness = variance of the Laplacian (real test images: "
-        f"{laplacian_variance(real).mean().item():.4f}).",
+        f"{sharpness(real).mean().item():.4f}).",
         "",
         "| sampler | network calls | alignment (19 classes) | alignment (10) | FID vs real | FID vs teacher | sharpness | s / image |",
         "|---|---|---|---|---|---|---|---|",

@@ -151,3 +151,15 @@ def test_precision_recall_definition_on_toy_points():
     assert r.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="k=3"):
         precision_recall(real[:3], fake, k=3)
+
+
+def test_sharpness_is_laplacian_variance_and_falls_with_blur():
+    from diffplug.evals import sharpness
+
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0  # a point: the 3x3 Laplacian's valid 3x3 output is the kernel itself
+    kernel = torch.tensor([0.0, 1.0, 0.0, 1.0, -4.0, 1.0, 0.0, 1.0, 0.0])
+    assert torch.allclose(sharpness(x), kernel.var().view(1))
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = torch.nn.functional.avg_pool2d(img, 3, stride=1, padding=1)
+    assert (sharpness(blurred) < 0.5 * sharpness(img)).all() and sharpness(torch.full((1, 3, 8, 8), 0.3)).item() == 0
