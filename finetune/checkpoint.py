@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .. import atomic
 from .config import ConfigError
 
 STATE_FILE = "trainer_state.json"
@@ -96,7 +97,7 @@ def _fsync_tree(path: Path) -> None:
 
 def commit(tmp: Path, final: Path, state: dict) -> Path:
     """Finish a save: write the state file into ``tmp``, flush, rename ``tmp`` -> ``final``."""
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=2))  # a failed write names the file
     _fsync_tree(tmp)
     old = None
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, never delete first

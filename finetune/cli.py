@@ -3,12 +3,24 @@
 A thin layer over the one trainer: each method is a Config + Method pair; any config key can be
 given as ``--key value`` (``--key`` alone sets a boolean). Multi-GPU:
 ``accelerate launch -m diffplug.finetune spo --output_dir D ...``.
+
+Which input keys each method (and mode) reads is the table ``READS`` (printed by ``diffplug finetune
+--help``, copied in README): a key given to a method or mode that does not read it is an error, and
+every ``--prompts`` file and ``--data`` path is checked before any model loads.
+
+Exit status: 0 trained (``output_dir/final`` written); 2 error: a bad key, value or file (nothing
+trained), or a file that could not be written (named; a half-written checkpoint is removed, earlier
+checkpoints are kept, ``--resume latest`` continues from the last one).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
+
+from .config import ConfigError
 
 
 class _OverridesParser(argparse.ArgumentParser):
@@ -44,6 +56,86 @@ _HELP = {
 }
 
 
+# The input keys each method reads, per mode (pso: --mode; dpo, spo-pm: --data generate, or a file or
+# folder of pairs). Keys of the config a method or mode does not read are refused, not ignored.
+ADAPTER = ("adapter", "use_lora", "lora_rank", "lora_alpha", "lora_init", "lora_target_modules", "sara_threshold",
+           "sara_fraction", "sara_lambda_rank", "sara_rank_min_dim", "sara_progressive_step", "sara_exclude")
+GENERATE = ("reward", "prompts", "num_per_prompt", "generate_repeats", "generate_steps")
+READS = {
+    ("dpo", "data=generate"): ("data", *GENERATE, "adapter"),
+    ("dpo", "data=FILE|DIR"): ("data", "reward (as eval_reward)", "adapter"),
+    ("spo-pm", "data=generate"): ("data", *GENERATE, "tie_margin", "eval_repeats"),
+    ("spo-pm", "data=FILE|DIR"): ("data",),
+    ("spo", ""): ("prompts", "reward", "preference_model", "adapter"),
+    ("find", ""): ("prompts or prompt", "reward"),
+    ("deediff", ""): ("data",),
+    ("sft", ""): ("data", "adapter"),
+    ("pso", "mode=offline"): ("data", "reference_prompts", "num_references", "neg_defactor", "prior_loss_weight",
+                              "loss_type", "random_flip", "adapter"),
+    ("pso", "mode=online"): ("prompts", "reward", "eps", "share_initial_noise", "adapter"),
+}
+_CHECKED = {*ADAPTER, *GENERATE, "data", "prompt", "tie_margin", "eval_repeats", "reference_prompts", "num_references",
+            "neg_defactor", "prior_loss_weight", "loss_type", "random_flip", "eps", "share_initial_noise"}
+
+
+def _read_keys(reads: tuple) -> set:
+    """``READS`` entries -> config keys ("adapter" stands for every adapter key)."""
+    keys = set()
+    for entry in reads:
+        if entry == "adapter":
+            keys.update(ADAPTER)
+        else:
+            keys.update(entry.replace(" or ", " ").split(" (")[0].split())
+    return keys
+
+
+def mode_of(method: str, values: dict, config_cls) -> str:
+    """The ``READS`` mode of a run from its given values (else the config's defaults)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    if method == "pso":
+        return f"mode={values.get('mode', defaults['mode'])}"
+    if method in ("dpo", "spo-pm"):
+        return "data=generate" if values.get("data", defaults["data"]) == "generate" else "data=FILE|DIR"
+    return ""
+
+
+def check_reads(method: str, values: dict, config_cls) -> None:
+    """A given key the method (in its mode) does not read is an error naming the key and the mode."""
+    mode = mode_of(method, values, config_cls)
+    reads = _read_keys(READS[(method, mode)])
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    where = f"`{method}`" + (f" with {mode}" if mode else "")
+    for key in values:
+        if key in _CHECKED and key in known and key not in reads:
+            what = "adapter keys" if key in ADAPTER else "it"
+            hint = ("; it trains its own module, the diffusion model stays frozen" if key in ADAPTER else
+                    f"; {where} reads {', '.join(READS[(method, mode)])}")
+            raise ConfigError(f"{key}: {where} does not read {what}{hint}; drop --{key}")
+    if method == "find" and "prompt" in values and "prompts" in values:
+        raise ConfigError("prompt, prompts: `find` reads one of them; give --prompt P or --prompts (a list or a file)")
+
+
+def check_input_paths(method: str, config) -> None:
+    """Every prompts file and data path the run reads exists (checked before any model loads)."""
+    from .pairs import read_prompts
+
+    reads = _read_keys(READS[(method, mode_of(method, config.to_dict(), type(config)))])
+    if "prompts" in reads and not getattr(config, "prompt", ""):
+        read_prompts(config.prompts)
+    data = getattr(config, "data", "") if "data" in reads else ""
+    if data and data != "generate" and not data.startswith("testbed") and not Path(data).expanduser().exists():
+        raise ConfigError(f"data: {data!r} does not exist; give an existing file or folder"
+                          + (" or 'generate'" if method in ("dpo", "spo-pm") else " or testbed:SUBSET"))
+
+
+def reads_table() -> str:
+    """``READS`` as the text table of ``diffplug finetune --help``."""
+    lines = ["input keys each method reads (others are refused):"]
+    for (method, mode), reads in READS.items():
+        lines.append(f"  {method:8s} {mode or '-':14s} {', '.join(reads)}")
+    return "\n".join(lines)
+
+
 def add_methods(subparsers) -> None:
     from .config import describe
 
@@ -74,15 +166,20 @@ class _ListRewards(argparse.Action):
 
 def register(subparsers) -> None:
     """Add ``diffplug finetune ...`` to the ``diffplug`` command."""
-    p = subparsers.add_parser("finetune", help="fine-tune a diffusion model (Diffusion-DPO, SPO)")
+    p = subparsers.add_parser("finetune", help="fine-tune a diffusion model (Diffusion-DPO, SPO)",
+                              description=__doc__.split("\n\n")[0], epilog=_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list-rewards", action=_ListRewards, help="print the reward names (--reward NAME), one a line")
     methods = p.add_subparsers(dest="finetune_method", metavar="{dpo,spo,spo-pm,find,deediff,sft,pso}", parser_class=_OverridesParser)
     methods.required = True
     add_methods(methods)
 
 
+_EPILOG = reads_table() + "\n\n" + __doc__[__doc__.index("Exit status"):].strip()
+
+
 def run(args) -> int:
-    from .config import ConfigError, build_config, parse_overrides, read_yaml
+    from .config import build_config, parse_overrides, read_yaml
     from .trainer import Trainer
 
     method_cls = _methods()[args.method_name]
@@ -90,19 +187,26 @@ def run(args) -> int:
         overrides = parse_overrides(getattr(args, "overrides", []) or [])
         values = {k.replace("-", "_"): v for k, v in (read_yaml(args.config) if args.config else {}).items()}
         values.update(overrides)
+        check_reads(args.method_name, values, method_cls.Config)
         if hasattr(method_cls.Config, "apply_preset"):  # e.g. dpo --preset paper|lora
             values = method_cls.Config.apply_preset(values)
         config = build_config(method_cls.Config, values)
+        check_input_paths(args.method_name, config)
         trainer = Trainer(method_cls(config))
         trainer.train()
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:  # OSError: a file that could not be written (atomic.WriteError names it)
+        if isinstance(e, OSError) and "config" in locals():
+            from .checkpoint import clean_stale
+
+            clean_stale(config.output_dir)  # the half-written checkpoint; complete ones stay
         print(f"diffplug finetune {args.method_name}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffplug.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffplug.finetune", description=__doc__.split("\n\n")[0],
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list-rewards", action=_ListRewards, help="print the reward names (--reward NAME), one a line")
     methods = parser.add_subparsers(dest="finetune_method", metavar="{dpo,spo,spo-pm,find,deediff,sft,pso}", parser_class=_OverridesParser)
     methods.required = True

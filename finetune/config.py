@@ -137,7 +137,9 @@ class TrainConfig:
             raise ConfigError(f"resolution: must be a multiple of 8 (the VAE's factor); got {self.resolution}")
         if self.trained_adapter == "lora" and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: empty; name at least one UNet module (e.g. to_q)")
-        if self.use_lora is not None and self.adapter != "auto" and self.adapter != ("lora" if self.use_lora else "full"):
+        use_lora_default = next(f.default for f in dataclasses.fields(self) if f.name == "use_lora")
+        if (self.use_lora is not None and self.use_lora != use_lora_default and self.adapter != "auto"
+                and self.adapter != ("lora" if self.use_lora else "full")):  # a class's own default is not a contradiction
             raise ConfigError(f"use_lora: {self.use_lora} contradicts adapter {self.adapter!r}; use_lora is the old name "
                               "of adapter (true = lora, false = full): drop it (a --preset may set it)")
         if self.sara_threshold and self.sara_fraction:
@@ -295,7 +297,9 @@ def load_config(cls, config_file: str | None = None, overrides: dict | None = No
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     data = {"method": cfg.method, **cfg.to_dict()}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    from .. import atomic
+
+    atomic.write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def describe(cls) -> str:

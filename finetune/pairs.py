@@ -343,19 +343,27 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     tmp.rename(folder)
 
 
-def read_prompts(spec) -> list[str]:
-    """A list of prompts, or a path to a .txt (one per line) / .json (a list) file."""
+PROMPT_FILE_SUFFIXES = (".txt", ".json")
+
+
+def read_prompts(spec, key: str = "prompts") -> list[str]:
+    """A list of prompts, or a path to a .txt (one per line) / .json (a list) file. A single entry
+    that names a .txt/.json file must exist: a mistyped path is an error, never trained as a prompt."""
     if isinstance(spec, (list, tuple)):
-        if len(spec) == 1 and Path(str(spec[0])).suffix in (".txt", ".json") and Path(str(spec[0])).is_file():
+        if len(spec) == 1 and Path(str(spec[0])).suffix in PROMPT_FILE_SUFFIXES:
             spec = spec[0]
         else:
             return [str(p) for p in spec]
-    path = Path(str(spec))
+    path = Path(str(spec)).expanduser()
     if not path.is_file():
-        raise ConfigError(f"prompts: {spec!r} is not a file; pass a list of prompts or a .txt/.json file")
+        raise ConfigError(f"{key}: file {str(spec)!r} does not exist; pass an existing .txt (one prompt a line) or "
+                          ".json (a list) file, or the prompts themselves (comma-separated or a YAML list)")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise ConfigError(f"prompts: {path} must hold a JSON list of strings")
-        return [str(p) for p in data]
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}: {path} is not valid JSON ({e}); it must hold a list of strings") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise ConfigError(f"{key}: {path} must hold a JSON list of strings")
+        return list(data)
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]

@@ -104,6 +104,59 @@ def test_cli_bad_input(case, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists(), "a failed run leaves no output folder"
 
 
+# id -> (argv after `finetune`, words in the error); every case fails before any model loads
+FINETUNE = {
+    "ft-prompts-missing": (["find", "--reward", "testbed", "--prompts", "{tmp}/missing.txt"],
+                           ["prompts", "missing.txt", "does not exist"]),
+    "ft-pso-prompts-missing": (["pso", "--mode", "online", "--reward", "testbed", "--prompts", "{tmp}/missing.txt"],
+                               ["prompts", "missing.txt", "does not exist"]),
+    "ft-data-missing": (["dpo", "--data", "{tmp}/pairs.jsonl"], ["data", "pairs.jsonl", "does not exist"]),
+    "ft-unread-data": (["pso", "--mode", "online", "--reward", "testbed", "--data", "testbed:emoji-heldout"],
+                       ["data:", "mode=online", "does not read"]),
+    "ft-unread-reward": (["pso", "--mode", "offline", "--data", "testbed:emoji-heldout", "--reward", "testbed"],
+                         ["reward:", "mode=offline", "does not read"]),
+    "ft-prompt-and-prompts": (["find", "--reward", "testbed", "--prompt", "a photo of a bag", "--prompts", "a,b"],
+                              ["prompt, prompts", "one of them"]),
+    "ft-adapter-unread": (["deediff", "--adapter", "sara"], ["adapter:", "`deediff` does not read"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FINETUNE))
+def test_finetune_bad_input(case, tmp_path, capsys, monkeypatch):
+    extra, words = FINETUNE[case]
+
+    def no_training(*a, **k):
+        raise AssertionError("the trainer (and its model) started before the bad input was found")
+
+    monkeypatch.setattr("diffplug.finetune.trainer.Trainer", no_training)
+    argv = ["finetune", *[a.format(tmp=tmp_path) for a in extra], "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("diffplug finetune")]
+    assert len(line) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in line[0], (case, line[0])
+    assert "use_lora" not in line[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_reads_table_is_in_readme_and_help(capsys):
+    from diffplug.finetune.cli import READS
+
+    text = README.read_text()
+    section = text[text.index("| method | mode | reads |"):]
+    section = section[: section.index("\n\n")]
+    rows = [tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|")))
+            for line in section.splitlines()[2:]]
+    assert rows == [(m, mode or "-", ", ".join(reads)) for (m, mode), reads in READS.items()]
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for (m, mode), reads in READS.items():
+        assert f"{m} {mode or '-'} {', '.join(reads)}" in help_text
+    assert "Exit status: 0" in help_text
+
+
 def test_force_replaces_the_earlier_run_only(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -153,4 +206,4 @@ def test_every_readme_row_has_a_case():
     section = section[: section.find("\n## ", 4)]
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M)
     assert rows and len(rows) == len(set(rows))
-    assert set(rows) == set(API) | set(CLI)
+    assert set(rows) == set(API) | set(CLI) | set(FINETUNE)

@@ -58,3 +58,87 @@ def test_every_subcommand_registers():
     choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name in available():
         assert choices[name].add_help, f"{name}: its module did not register a real parser"
+
+
+def _disk_full_at(monkeypatch, marker: str):
+    """diffplug.atomic's writes into a path containing ``marker`` get 100 bytes on disk, then ENOSPC."""
+    import errno
+
+    import diffplug.atomic
+
+    real_open = open
+
+    def full_disk(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if marker in str(path):
+            write = f.write
+
+            def partial(data):
+                write(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = partial
+        return f
+
+    monkeypatch.setattr(diffplug.atomic, "open", full_disk, raising=False)
+
+
+def test_sample_on_a_full_disk_names_the_file_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--num-images", "2", "--steps", "2", "--out", str(out)]
+    _disk_full_at(monkeypatch, "grid")
+    assert main(args) == 2  # the exit status --help gives
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'grid.png'}: No space left on device" in err and "Traceback" not in err
+    assert not out.exists(), "no partial image, no images without their settings.json, no temporary file"
+    # an earlier run replaced with --force stays whole when the new one cannot be written
+    monkeypatch.undo()
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _disk_full_at(monkeypatch, "settings")
+    assert main(args[:-4] + ["--num-images", "1", "--steps", "3", "--out", str(out), "--force"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_sample_help_states_the_exit_status():
+    from diffplug.cli import build_parser
+
+    parser = build_parser("sample")
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["sample"]
+    assert "Exit status: 0 written; 2 error, nothing written" in " ".join(sub.format_help().split())
+
+
+def test_finetune_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ft"
+    argv = ["finetune", "sft", "--data", "testbed:food-drink", "--output_dir", str(out), "--train_batch_size", "2",
+            "--max_steps", "2", "--checkpoint_every", "1", "--tensorboard", "false", "--log_every", "1"]
+    _disk_full_at(monkeypatch, ".tmp-checkpoint-2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and ".tmp-checkpoint-2" in err and "No space left" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    monkeypatch.undo()
+    assert main(argv + ["--resume", "latest"]) == 0 and (out / "final").is_dir()
+
+
+@pytest.mark.parametrize("argv", [["sample", "--prompt", "a", "--steps", "0", "--out", "x"],
+                                  ["sample", "--prompt", "a", "--guidance", "cgf", "--out", "x"],
+                                  ["eval", "--generated", "no/such/dir", "--metrics", "saturation", "--out", "x"],
+                                  ["eval", "--generated", ".", "--metrics", "fid,sharpness", "--out", "x"]])
+def test_bad_arguments_are_refused_before_torch_is_imported(argv, tmp_path):
+    code = ("import sys; from diffplug.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print(rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert "error" in done.stderr
+
+
+def test_light_name_tables_match_the_registries():
+    from diffplug.evals.cli import PROTOCOL_NAMES
+    from diffplug.evals.resize import PROTOCOLS
+    from diffplug.guidance import GUIDANCE
+    from diffplug.pipelines.cli import GUIDANCE_NAMES, SAMPLER_NAMES
+    from diffplug.samplers import SAMPLERS
+
+    assert set(GUIDANCE_NAMES) == set(GUIDANCE) and set(SAMPLER_NAMES) == set(SAMPLERS)
+    assert PROTOCOL_NAMES == PROTOCOLS
