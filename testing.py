@@ -12,7 +12,9 @@ every code path (prompt encoding, latents, scheduler, decoding, guidance) is the
 ``"sd3"`` (alias ``"flow"``) is a StableDiffusion3Pipeline (rectified flow, transformer denoiser, no T5);
 ``"pixart"`` a PixArtSigmaPipeline (DiT with a masked text encoder; call it with ``max_sequence_length=32``);
 ``"flux"`` a FluxPipeline (packed 2x2 latents, dynamic shift, guidance embedding; ``"flux-schnell"``
-the same without the embedding); ``"chroma"`` a ChromaPipeline (Flux-shaped, T5 only, true CFG).
+the same without the embedding); ``"chroma"`` a ChromaPipeline (Flux-shaped, T5 only, true CFG);
+``"zimage"`` a ZImagePipeline (random Qwen3 text encoder, a chat template on the byte tokenizer; the
+stock pipeline defaults to 1024x1024, so pass ``height=32, width=32``).
 Flux and Chroma get a random ``T5EncoderModel`` over the same byte-level vocabulary; their images
 default to 32x32 (``pipe.default_sample_size`` = 16) and take ``max_sequence_length`` up to 512
 (32 keeps tests fast).
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "pixart", "flux", "flux-schnell", "chroma")
+FAMILIES = ("sd", "sdxl", "sd3", "pixart", "flux", "flux-schnell", "chroma", "zimage")
 ALIASES = {"flow": "sd3"}  # "flow" was the SD3 pipeline's first name here
 
 
@@ -141,6 +143,33 @@ def _flux_like(family: str, seed: int):
     return pipe
 
 
+def _zimage(seed: int):
+    """ZImagePipeline: a random ``Qwen3Model`` (its second-to-last hidden states are the caption) behind a
+    chat template, and a one-layer ``ZImageTransformer2DModel``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    text = Qwen3Model(Qwen3Config(
+        vocab_size=len(byte_level_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+    )).eval()
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+    ).eval()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text, tokenizer=tokenizer, transformer=transformer,
+    )
+
+
 def _unet(sdxl: bool, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
@@ -213,6 +242,8 @@ def tiny_pipeline(family: str = "sd", seed: int = 0):
         )
     if family in ("flux", "flux-schnell", "chroma"):
         return _flux_like(family, seed)
+    if family == "zimage":
+        return _zimage(seed)
     if family == "sd3":
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(

@@ -23,7 +23,7 @@ import torch
 from .families import Family, _second_pass, family_of
 from .graphs import GraphChoice
 from .loop import Sampler, denoise, evaluate
-from .validate import check_call
+from .validate import check_call, check_final_latents, check_guidance
 
 __all__ = ["DiffplugPipeline", "GenerationOutput", "Sampler", "denoise", "evaluate", "family_of", "from_pipe"]
 
@@ -61,7 +61,7 @@ class DiffplugPipeline:
     def __init__(self, pipe, guidance=None, sampler: Sampler | None = None, cuda_graph: bool | None = None):
         self.pipe = pipe
         self.family: Family = family_of(pipe)
-        self.guidance = guidance
+        self.guidance = check_guidance(self.family, guidance)
         self.sampler = sampler
         if hasattr(sampler, "check_scheduler"):  # e.g. FKC refuses a scheduler whose update it would ignore
             sampler.check_scheduler(pipe.scheduler)
@@ -110,6 +110,7 @@ class DiffplugPipeline:
             family, prompt=prompt, prompt_embeds=prompt_embeds, height=height, width=width,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
             guidance_scale=guidance_scale, latents=latents, output_type=output_type, family_kwargs=family_kwargs,
+            negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
         )
         if set(callback_on_step_end_tensor_inputs) - {"latents"}:
             raise ValueError("callback_on_step_end_tensor_inputs: diffplug's loop hands callbacks `latents` only")
@@ -128,7 +129,7 @@ class DiffplugPipeline:
             **family_kwargs,
         )
         guidance, conditions = family.distilled_guidance(guidance, conditions)  # LCM: w is a UNet input
-        batch = conditions["encoder_hidden_states"][0].shape[0]
+        batch = next(iter(conditions.values()))[0].shape[0]
         latents = family.prepare_latents(batch, height, width, generator, latents)
         told = getattr(pipe.scheduler, "told_guidance_scale", contextlib.nullcontext)
         with told(getattr(guidance, "guidance_scale", None)):  # DC-Solver: CPR ratios for the real scale
@@ -153,6 +154,7 @@ class DiffplugPipeline:
                 sampler=self.sampler, extra_step_kwargs=extra_step_kwargs, denoiser=family.denoiser,
                 on_step=on_step, progress=progress,
             )
+        check_final_latents(latents, len(steps))  # once per call: NaN/inf is an error, not a black image
         images, nsfw = family.decode(latents, output_type, generator)
         if hasattr(pipe, "maybe_free_model_hooks"):
             pipe.maybe_free_model_hooks()

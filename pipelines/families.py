@@ -60,6 +60,8 @@ class Family:
 
     # Stock-pipeline arguments accepted at the one value diffplug's loop behaves like.
     neutral_arguments: dict = {}
+    # Why this family's model call can never be replayed from a CUDA graph (None: it can; graphs.py)
+    no_cuda_graph: str | None = None
 
     def guidance_for(self, guidance, guidance_scale, call: dict):
         """The guidance that combines this call's passes. Here ``guidance_scale`` is CFG's w: with no
@@ -498,8 +500,96 @@ class ChromaFamily(FluxFamily):
         )[0].float()
 
 
+class ZImageFamily(Family):
+    """``ZImagePipeline``: single-stream DiT over per-sample lists (latent ``(C, 1, H, W)`` and the
+    caption's unpadded Qwen3 features), timestep input ``1 - σ``, output negated (the loop sees the
+    velocity ε − x0 as every flow family); mu from the token count; sigmas ``torch.linspace(1, 1/n, n)``.
+
+    ``guidance_scale`` is Z-Image's s (``pos + s·(pos − neg)``, w = 1 + s; default 5): with no guidance
+    object the stock combination runs (:class:`~diffplug.guidance.stock.ZImageCFG`, with
+    ``cfg_normalization`` and ``cfg_truncation``); with one, a copy of it at w = 1 + s.
+    """
+
+    name = "zimage"
+    denoiser_attr = "transformer"
+    no_cuda_graph = "ZImageTransformer2DModel takes per-sample lists of unpadded captions (a host read of their lengths per call)"
+
+    def default_size(self) -> tuple[int, int]:
+        return 1024, 1024  # as the stock pipeline, whatever the model
+
+    def size_factor(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    def call_arguments(self) -> set[str]:
+        return {"cfg_normalization", "cfg_truncation", "max_sequence_length"}
+
+    def guidance_for(self, guidance, guidance_scale, call: dict):
+        from ..guidance.stock import ZImageCFG
+
+        own = {k: call[k] for k in ("cfg_normalization", "cfg_truncation") if call.get(k) is not None}
+        s = stock_default(self.pipe, "guidance_scale", 5.0) if guidance_scale is None else guidance_scale
+        if guidance is None:
+            return ZImageCFG(s, **own)
+        if own:
+            raise ValueError(f"ZImagePipeline ({self.name}): {', '.join(own)} belong to Z-Image's own combination, "
+                             f"not to {type(guidance).__name__}; drop them or drop the guidance object")
+        if guidance_scale is None or not hasattr(guidance, "new"):
+            return guidance
+        return guidance.new(guidance_scale=1.0 + guidance_scale)  # Z-Image's s is w - 1
+
+    def encode(self, *, prompt=None, negative_prompt=None, num_images_per_prompt=1, prompt_embeds=None,
+               negative_prompt_embeds=None, max_sequence_length=None, **call) -> dict:
+        """The stock ``encode_prompt`` (lists of unpadded features), repeated per image, zero-padded to one
+        length with the lengths kept: ``cap_feats`` (n, L, D) and ``cap_lengths`` (n,)."""
+        prompt = [prompt] if isinstance(prompt, str) else (None if prompt is None else list(prompt))  # stock edits lists
+        if isinstance(negative_prompt, str) and prompt is not None and len(prompt) > 1:
+            negative_prompt = [negative_prompt] * len(prompt)
+        elif isinstance(negative_prompt, list):
+            negative_prompt = list(negative_prompt)
+        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        cond, uncond = self.pipe.encode_prompt(
+            prompt=prompt, device=self.device, do_classifier_free_guidance=True, negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **extra,
+        )
+        cond = [c for c in cond for _ in range(num_images_per_prompt)]
+        uncond = [u for u in uncond for _ in range(num_images_per_prompt)]
+        longest = max(f.shape[0] for f in cond + uncond)
+
+        def padded(feats):
+            rows = [torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[0])) for f in feats]
+            return torch.stack(rows), torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
+
+        (c, c_len), (u, u_len) = padded(cond), padded(uncond)
+        return {"cap_feats": (c, u), "cap_lengths": (c_len, u_len)}
+
+    def timesteps(self, num_inference_steps, timesteps=None, sigmas=None, latents=None, **kw):
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+        if timesteps is not None:
+            raise ValueError("ZImagePipeline takes sigmas=..., not timesteps=... (as the stock pipeline)")
+        config = self.pipe.scheduler.config
+        mu = calculate_shift(
+            (latents.shape[2] // 2) * (latents.shape[3] // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = get_default_z_image_sigmas(num_inference_steps) if sigmas is None else sigmas
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+
+    def model(self, x, t, cap_feats, cap_lengths):
+        transformer = self.pipe.transformer
+        timestep = (1000 - t.expand(x.shape[0])) / 1000  # 1 - σ
+        images = list(x.to(transformer.dtype).unsqueeze(2).unbind(dim=0))
+        captions = [c[:n] for c, n in zip(cap_feats, cap_lengths.tolist())]
+        out = transformer(images, timestep, captions, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out], dim=0).squeeze(2)  # the stock loop negates: ε − x0
+
+
 # Most specific first: SDXL pipelines also have `unet`, PixArt and SD3 both have `transformer`.
 _FAMILIES = {
+    "ZImagePipeline": ZImageFamily,
     "FluxPipeline": FluxFamily,
     "ChromaPipeline": ChromaFamily,
     "StableDiffusionXLPipeline": SDXLFamily,

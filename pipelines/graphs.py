@@ -108,6 +108,8 @@ class CUDAGraphModel:
 
 def graph_blocker(family, guidance=None) -> str | None:
     """Why ``family``'s denoiser cannot be replayed from CUDA graphs with ``guidance`` (None: it can)."""
+    if getattr(family, "no_cuda_graph", None):  # the family's model call itself (e.g. a host read)
+        return family.no_cuda_graph
     device = family.device
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"the pipeline runs on {device}, not a CUDA device (move it with pipe.to('cuda'))"

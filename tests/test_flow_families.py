@@ -181,3 +181,63 @@ def test_chroma_guidance_scale_is_cfg(pipes):
     assert torch.equal(a.images, b.images) and a.nfe == 6
     with pytest.raises(ValueError, match="true_cfg_scale"):
         from_pipe(pipe)("a cat", true_cfg_scale=2.0, **KW)
+
+
+# -- a third family: Z-Image (its own combination, w = 1 + s) -----------------------------------------
+ZKW = dict(KW, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def zimage():
+    pipe = tiny_pipeline("zimage")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _copy(kw):  # ZImagePipeline rewrites the prompt lists it is given (chat template): hand it copies
+    return {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    dict(negative_prompt=NEGATIVE, guidance_scale=3.0),
+    dict(guidance_scale=0.0),
+    dict(cfg_normalization=0.5, negative_prompt=NEGATIVE),
+    dict(cfg_truncation=0.3, cfg_normalization=True),
+], ids=["default", "negative", "s0", "normalised", "truncated"])
+def test_zimage_reproduces_the_stock_pipeline_exactly(zimage, extra):
+    stock = zimage(list(PROMPTS), generator=_gen(), **ZKW, **_copy(extra)).images
+    ours = from_pipe(zimage)(list(PROMPTS), generator=_gen(), **ZKW, **_copy(extra))
+    assert torch.equal(ours.images, stock)
+    passes = {"s0": 3, "truncated": 5}.get  # truncation: the last step's 1 - σ = 0.4 > 0.3 runs one pass
+    key = "s0" if extra.get("guidance_scale") == 0.0 else "truncated" if "cfg_truncation" in extra else None
+    assert ours.nfe == (passes(key) if key else 6)
+
+
+def test_zimage_decodes_and_combines_its_own_way(zimage):
+    kw = dict(ZKW, output_type="np", num_inference_steps=2)
+    assert abs(from_pipe(zimage)("a cat", generator=_gen(), **kw).images - zimage("a cat", generator=_gen(), **kw).images).max() == 0.0
+    plain = from_pipe(zimage)(list(PROMPTS), generator=_gen(), **ZKW).images
+    capped = from_pipe(zimage)(list(PROMPTS), generator=_gen(), cfg_normalization=0.5, **ZKW).images
+    assert not torch.allclose(plain, capped), "the norm cap must engage at 0.5 x |pos|"
+    # Z-Image's s is CFG's w - 1 (same maths, another order of operations)
+    w = from_pipe(zimage, guidance=CFG(6.0))(list(PROMPTS), generator=_gen(), **ZKW).images
+    assert torch.allclose(w, plain, atol=1e-4) and not torch.equal(w, plain)
+    copy = from_pipe(zimage, guidance=CFG(2.0))(list(PROMPTS), generator=_gen(), guidance_scale=5.0, **ZKW).images
+    assert torch.equal(copy, w)  # guidance_scale = s -> the object's copy at w = 1 + s
+    with pytest.raises(ValueError, match=r"ZImagePipeline \(zimage\): cfg_normalization"):
+        from_pipe(zimage, guidance=CFG(2.0))("a cat", cfg_normalization=True, **ZKW)
+
+
+@torch.no_grad()
+def test_zimage_velocity_is_the_flow_convention(zimage):
+    """The family's model output is ε − x0 (the stock loop negates the transformer's), so every
+    x0-space method (x0 = x − σ v, predictions.py) and the scheduler's Euler
+    direction is the stock one."""
+    family = family_of(zimage)
+    x = torch.randn(1, 4, 16, 16, generator=_gen(3))
+    cond = {k: v[0] for k, v in family.encode(prompt=["a cat"], max_sequence_length=32).items()}
+    t = torch.tensor(600.0)
+    raw = zimage.transformer([x.unsqueeze(2)[0]], (1000 - t.expand(1)) / 1000, [cond["cap_feats"][0][: int(cond["cap_lengths"][0])]],
+                             return_dict=False)[0][0]
+    assert torch.equal(family.model(x, t, **cond), -raw.float().squeeze(1).unsqueeze(0))
