@@ -289,13 +289,17 @@ class SaRA:
     def load_layout(self, path: str | Path, optimizer=None) -> list[tuple]:
         """Resume: restore values and the trained subset from a checkpoint's ``sara.safetensors``
         (read whole and checked before anything changes) -> ``(old delta, new delta)`` pairs."""
-        tensors, meta = _read(path)
+        from ..checked import UserFileError
+
+        sizes = {s.name: s.weight.numel() for s in self.slots}
+        tensors, meta = _read(path, sizes, layout=True, exact=True)  # everything checked before anything changes
         if meta.get("base_sha256") != self.base_sha256:
-            raise SaRAError(f"{path}: written for another base model (base_sha256 differs)")
+            raise UserFileError(_file(path), "written for another base model (base_sha256 differs)", what=WHAT,
+                                fix="resume with the base model the run started from")
         for s in self.slots:
-            idx, act = tensors.get(f"{s.name}.index"), tensors.get(f"{s.name}.active")
-            if idx is None or act is None or not torch.equal(idx, s.index.cpu()):
-                raise SaRAError(f"{path}: {s.name} missing or selected differently")
+            if not torch.equal(tensors[f"{s.name}.index"], s.index.cpu()):
+                raise UserFileError(_file(path), f"{s.name} was selected differently", what=WHAT,
+                                    fix="resume with the run's own SaRA settings (sara_threshold / sara_fraction)")
         pairs = []
         for s in self.slots:
             dev, values, active = s.weight.device, tensors[f"{s.name}.values"], tensors[f"{s.name}.active"]
@@ -322,19 +326,47 @@ def _ignore_sara_keys(module, incompatible):
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.rsplit(".", 1)[-1].startswith("sara_")]
 
 
-def _read(path: str | Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
+WHAT = f"a SaRA adapter ({FILE} written by sara.save or diffplug finetune --adapter sara)"
 
+
+def _file(path: str | Path) -> Path:
     path = Path(path)
-    if path.is_dir():
-        path = path / FILE
-    if not path.is_file():
-        raise SaRAError(f"{path}: no SaRA adapter here (expected {FILE}, written by sara.save or diffplug finetune)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise SaRAError(f"{path}: not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    return path / FILE if path.is_dir() else path
+
+
+def _read(path: str | Path, sizes: dict[str, int], *, layout: bool, exact: bool) -> tuple[dict, dict]:
+    """A SaRA file read whole and checked (``diffplug.checked``) before anything is applied: format,
+    ``<name>.index`` (int32, sorted, in [0, numel)) and ``<name>.values`` (float32, finite, as many)
+    for parameters of ``sizes`` (name -> numel), ``<name>.active`` (a subset of the index) with
+    ``layout``; ``exact``: every name of ``sizes`` present."""
+    from ..checked import Spec, UserFileError, read_header, read_safetensors
+
+    path = _file(path)
+    entries, meta = read_header(path, what=WHAT)
+    if meta.get("format") != FORMAT:
+        raise UserFileError(path, f"not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})", what=WHAT)
+    suffixes = ("index", "values", "active") if layout else ("index", "values")
+    names = sizes if exact else sorted({k.rsplit(".", 1)[0] for k in entries})
+    unknown = [n for n in names if n not in sizes]
+    if unknown:
+        raise UserFileError(path, f"names {unknown[0]!r}, which this model does not have as a floating parameter "
+                            f"({len(unknown)} such names)", what=WHAT, fix="load it into the model it was trained on")
+    expect = {}
+    for n in names:
+        expect[f"{n}.index"] = Spec((f"{n}#",), torch.int32, low=0, high=sizes[n], increasing=True)
+        expect[f"{n}.values"] = Spec((f"{n}#",), torch.float32)
+        if layout:
+            expect[f"{n}.active"] = Spec((f"{n}@",), torch.int32, low=0, high=sizes[n], increasing=True)
+    tensors = read_safetensors(path, expect, what=WHAT, allow_extra=not layout and all(
+        k.rsplit(".", 1)[-1] in suffixes + ("active",) for k in entries))
+    if layout:
+        for n in names:  # every trained entry is one of the selected ones
+            idx, act = tensors[f"{n}.index"], tensors[f"{n}.active"]
+            pos = torch.searchsorted(idx, act).clamp(max=max(idx.numel() - 1, 0))
+            if act.numel() and (idx.numel() == 0 or not torch.equal(idx[pos], act)):
+                raise UserFileError(path, f"tensor {n + '.active'!r} holds entries that {n + '.index'!r} does not",
+                                    what=WHAT)
+    return tensors, meta
 
 
 # -- the functional interface ---------------------------------------------------------------------------
@@ -388,7 +420,8 @@ def load(model: nn.Module, folder: str | Path) -> nn.Module:
     unchanged); refuses a model other than the base it was trained from."""
     if adapter_of(model) is not None:
         raise SaRAError("load: this model has a SaRA adapter attached; load into the plain base model")
-    tensors, meta = _read(folder)
+    sizes = {n: p.numel() for n, p in model.named_parameters() if p.is_floating_point()}
+    tensors, meta = _read(folder, sizes, layout=False, exact=False)  # checked whole: nothing applied from a bad file
     got = base_hash(model)
     if got != meta.get("base_sha256"):
         raise SaRAError(
@@ -396,13 +429,11 @@ def load(model: nn.Module, folder: str | Path) -> nn.Module:
             f"this model {got[:12]}...); load it into the model it was trained from, before any other change"
         )
     params = dict(model.named_parameters())
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    for name in names:
-        if name not in params:
-            raise SaRAError(f"load: {folder} names {name!r}, which this model does not have")
-    for name in names:
-        p = params[name]
-        p.view(-1)[tensors[f"{name}.index"].long().to(p.device)] = tensors[f"{name}.values"].to(p.device, p.dtype)
+    for key in tensors:
+        if key.endswith(".index"):
+            name = key[: -len(".index")]
+            p = params[name]
+            p.view(-1)[tensors[key].long().to(p.device)] = tensors[f"{name}.values"].to(p.device, p.dtype)
     return model
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
+from ..checked import Spec, UserFileError, like, read_header, read_json, read_safetensors
 from .checkpoint import CheckpointError
 
 MODEL_FILE = "trainable.safetensors"
@@ -42,6 +43,8 @@ def reading(path: Path):
         yield
     except CheckpointError:
         raise
+    except UserFileError as e:  # diffplug.checked: the message already names the file and the key
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # truncated safetensors, bad JSON, missing keys, wrong shapes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: {reason}") from None
@@ -101,17 +104,36 @@ def save_tree(folder: Path, name: str, obj) -> None:
     (folder / f"{name}.json").write_text(json.dumps({"tensors": bool(tensors), "tree": tree}))
 
 
+def _tensor_keys(node, out: set) -> set:
+    if isinstance(node, list):
+        for v in node:
+            _tensor_keys(v, out)
+    elif isinstance(node, dict):
+        if "__tensor__" in node:
+            out.add(node["__tensor__"])
+        for v in node.values():
+            _tensor_keys(v, out)
+    return out
+
+
 def load_tree(folder: Path, name: str):
+    """Read back :func:`save_tree`: the JSON (strict) and exactly the tensors it references, every
+    floating one finite (``diffplug.checked``): a NaN is named here, not as a NaN loss steps later."""
     doc_path, tensor_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    what = f"a training checkpoint's {name} state (written by diffplug finetune)"
+    fix = "resume from another checkpoint (--resume latest falls back past it) or start a new run"
     with reading(doc_path):
-        doc = json.loads(doc_path.read_text())
+        doc = read_json(doc_path, what=what)
         tree, has_tensors = doc["tree"], doc["tensors"]
     tensors = {}
     if has_tensors:
         with reading(tensor_path):
-            tensors = {k: v.clone() for k, v in load_file(str(tensor_path)).items()}
+            tensors = read_safetensors(tensor_path, {k: Spec() for k in _tensor_keys(tree, set())}, what=what)
     with reading(tensor_path if has_tensors else doc_path):
-        return _decode(tree, tensors)
+        try:
+            return _decode(tree, tensors)
+        except Exception as e:
+            raise UserFileError(doc_path, f"not a readable {name} state ({type(e).__name__}: {e})", what=what, fix=fix) from None
 
 
 # -- RNG ---------------------------------------------------------------------------------------------
@@ -148,20 +170,34 @@ def save_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> No
 
 
 def load_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:
+    """Check the file whole (keys, shapes, dtypes, finite values), then copy it into ``module``."""
+    what = "a training checkpoint's trained tensors (written by diffplug finetune for this model and adapter)"
     with reading(path):
-        if not trainable_only:
-            load_model(module, str(path), strict=True)
-            return
-        state, named = load_file(str(path)), _trainable(module)
-        missing, extra = sorted(set(named) - set(state)), sorted(set(state) - set(named))
-        if missing or extra:
-            raise KeyError(f"{len(missing)} trained tensors missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})")
-        for n, p in named.items():
-            if state[n].shape != p.shape:
-                raise ValueError(f"{n} has shape {tuple(state[n].shape)}, the model {tuple(p.shape)}")
+        if trainable_only:
+            named = _trainable(module)
+            state = read_safetensors(path, like(named), what=what)
+        else:
+            named = module.state_dict()
+            entries, _ = read_header(path, what=what)
+            state = read_safetensors(path, like({k: v for k, v in named.items() if k in entries}), what=what)
+            stored = {named[k].data_ptr() for k in state}
+            untied = sorted(k for k in named if k not in state and named[k].data_ptr() not in stored)
+            if untied:  # save_model writes a tied tensor once; any other absence is a missing tensor
+                raise UserFileError(path, f"{len(untied)} tensor(s) missing: {untied[:3]}", what=what)
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(state[n])
+                if n in state:
+                    p.copy_(state[n])
+
+
+def _check_shapes(path: Path, saved: list, live: list, what: str) -> None:
+    """Optimiser / EMA tensors of a parameter must have that parameter's shape (no broadcasting)."""
+    for i, (s, p) in enumerate(zip(saved, live)):
+        for key, v in (s.items() if isinstance(s, dict) else [("", s)]):
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise UserFileError(path, f"{what} {i}{'.' + key if key else ''} has shape {tuple(v.shape)}, its "
+                                    f"parameter {tuple(p.shape)}", what="a checkpoint of this run",
+                                    fix="resume from another checkpoint or start a new run")
 
 
 # -- a whole checkpoint --------------------------------------------------------------------------------
@@ -187,7 +223,15 @@ def load(folder: Path, rank: int, module, trainable_only: bool, optimizer, sched
     opt_state, sched_state = load_tree(folder, "optimizer"), load_tree(folder, "scheduler")
     ema_state = load_tree(folder, "ema") if ema is not None else None
     scaler_state = load_tree(folder, "scaler") if scaler is not None else None
-    load_module(module, folder / MODEL_FILE, trainable_only)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    with reading(folder / "optimizer.safetensors"):
+        state = opt_state.get("state", {}) if isinstance(opt_state, dict) else {}
+        _check_shapes(folder / "optimizer.safetensors", [state.get(i, {}) for i in range(len(params))], params,
+                      "optimizer state of parameter")
+    if ema is not None:
+        with reading(folder / "ema.safetensors"):
+            _check_shapes(folder / "ema.safetensors", list(ema_state.get("shadow", [])), list(ema.params), "EMA tensor")
+    load_module(module, folder / MODEL_FILE, trainable_only)  # nothing above changed the run; from here all is overwritten
     with reading(folder / "optimizer.json"):
         optimizer.load_state_dict(opt_state)
     with reading(folder / "scheduler.json"):

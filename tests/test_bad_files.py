@@ -153,3 +153,142 @@ def test_message_names_file_what_and_fix(tmp_path):
     err = UserFileError(tmp_path / "x", "is bad", what="a thing", fix="do this")
     assert str(err) == f"{tmp_path / 'x'}: is bad; it should be a thing; fix: do this" and isinstance(err, ValueError)
     assert json.loads(json.dumps(err.path)) == str(tmp_path / "x")
+
+
+# -- SaRA adapters (finetune/sara.py) ---------------------------------------------------------------------
+
+
+def _rewrite(path: Path, change) -> None:
+    """Apply ``change(tensors)`` to a safetensors file, keeping its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.fixture()
+def sara_adapter(tmp_path):
+    import copy
+
+    from diffplug.finetune import sara
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    base = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in sara.prepare(net, fraction=0.3):
+            p.add_(0.5)
+    sara.save(net, tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def _sara_load_refused(base, folder, *words):
+    from diffplug.finetune import sara
+
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    _raises(lambda: sara.load(base, folder), str(folder / sara.FILE), *words)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "a refused file changed the model"
+
+
+@row("sara-nan")
+def test_sara_load_nan_values(sara_adapter):
+    base, folder = sara_adapter
+    _rewrite(folder / "sara.safetensors", lambda t: t["2.weight.values"].__setitem__(0, NAN))
+    _sara_load_refused(base, folder, "'2.weight.values'", "NaN")
+
+
+@row("sara-index")
+def test_sara_load_bad_indices(sara_adapter):
+    base, folder = sara_adapter
+    path = folder / "sara.safetensors"
+    good = path.read_bytes()
+    for value, word in ((-1, "below"), (32, "below 32"), (10**6, "below 32")):  # 2.weight has 4 x 8 = 32 entries
+        path.write_bytes(good)
+        _rewrite(path, lambda t: t["2.weight.index"].__setitem__(-1, value))
+        _sara_load_refused(base, folder, "'2.weight.index'", word)
+    path.write_bytes(good)
+    _rewrite(path, lambda t: t.__setitem__("2.weight.values", t["2.weight.values"][:-1].clone()))
+    _sara_load_refused(base, folder, "'2.weight.values'")
+    path.write_bytes(good)
+    _rewrite(path, lambda t: t.update({"9.weight.index": t["2.weight.index"].clone(), "9.weight.values": t["2.weight.values"].clone()}))
+    _sara_load_refused(base, folder, "9.weight")
+
+
+# -- training checkpoints (finetune/state.py, finetune/sara.py) ------------------------------------------------
+
+SFT = ["sft", "--data", "testbed:food-drink", "--seed", "0", "--train_batch_size", "2", "--log_every", "1",
+       "--tensorboard", "false", "--learning_rate", "1e-3", "--adapter", "sara", "--sara_progressive_step", "2",
+       "--sara_rank_min_dim", "16", "--checkpoint_every", "2", "--max_steps", "5"]
+
+
+def _finetune(out, *extra):
+    from diffplug.cli import main
+
+    return main(["finetune", *SFT, "--output_dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def sara_run(tmp_path_factory):
+    """An uninterrupted SaRA run, 5 steps, checkpoints at steps 2 and 4 (re-selection at step 2)."""
+    out = tmp_path_factory.mktemp("sara") / "run"
+    assert _finetune(out) == 0
+    return out
+
+
+def _sara_final(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "sara.safetensors"))
+
+
+@row("resume-fallback-clean")
+def test_resume_latest_falls_back_from_clean_state(sara_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4", "config.yaml"):
+        (shutil.copytree if name.startswith("c") and "." not in name else shutil.copy)(sara_run / name, out / name)
+    (out / "logs.jsonl").write_text("".join((sara_run / "logs.jsonl").read_text().splitlines(True)[:4]))
+    bad = out / "checkpoint-4" / "sara.safetensors"
+
+    def out_of_range(t):  # the last selected tensor's last trained entry points past its weight
+        key = sorted(k for k in t if k.endswith(".active"))[-1]
+        t[key][-1] = 10**6
+    _rewrite(bad, out_of_range)
+    assert _finetune(out, "--resume", "latest") == 0
+    a, b = _sara_final(sara_run), _sara_final(out)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} final tensors differ from the uninterrupted run"
+    said = capsys.readouterr().out
+    assert f"cannot resume from checkpoint-4: {bad}" in said and "below" in said, said
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in said
+
+
+@row("resume-nan")
+def test_resume_nan_is_named_at_resume(sara_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "run" / "checkpoint-4"
+    shutil.copytree(sara_run / "checkpoint-4", folder)
+    key = sorted(load_file(str(folder / "trainable.safetensors")))[3]
+    _rewrite(folder / "trainable.safetensors", lambda t: t[key].view(-1).__setitem__(0, NAN))
+    assert _finetune(tmp_path / "run", "--resume", str(folder)) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert len(line) == 1 and "Traceback" not in err, err
+    for word in (str(folder / "trainable.safetensors"), repr(key), "NaN"):
+        assert word in line[0], (word, line[0])
+    # the optimiser's moments and the EMA-style trees are checked the same way
+    from diffplug.finetune import state as run_state
+
+    shutil.copytree(sara_run / "checkpoint-4", tmp_path / "opt")
+    opt = tmp_path / "opt" / "optimizer.safetensors"
+    key = sorted(k for k in load_file(str(opt)) if "exp_avg_sq" in k)[0]
+    _rewrite(opt, lambda t: t[key].view(-1).__setitem__(0, INF))
+    _raises(lambda: run_state.load_tree(tmp_path / "opt", "optimizer"), str(opt), repr(key), "inf")
