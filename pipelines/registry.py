@@ -24,8 +24,38 @@ SCHEDULERS = {
     "unipc-fast": "diffplug.samplers:FastUniPCScheduler",
     "dc-solver": "diffplug.samplers:DCSolverScheduler",
 }
-# Models that need no download: the project's testbed and the tiny random test pipelines.
-BUILTIN_MODELS = ("testbed", "testbed-lcm", "testbed-dit", "tiny-sd", "tiny-sdxl", "tiny-flow")
+# Models that need no download: the project's testbed and the tiny random test pipelines
+# (diffplug.testing.tiny_pipeline; tiny-flow is tiny-sd3's first name).
+BUILTIN_MODELS = (
+    "testbed", "testbed-lcm", "testbed-dit",
+    "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flow", "tiny-pixart", "tiny-flux", "tiny-flux-schnell", "tiny-chroma",
+    "tiny-zimage",
+)
+# testbed-NAME loads testbed.load(NAME), except these
+_TESTBED_NAMES = {"testbed": "sd", "testbed-lcm": "sd-lcm"}
+
+
+def canonical_model(name: str | None) -> str | None:
+    """A built-in model's canonical name, whichever spelling it comes in: ``tiny:sd`` and ``tiny-sd`` ->
+    ``"tiny-sd"``, ``testbed:dit`` and ``testbed-dit`` -> ``"testbed-dit"``, ``testbed:sd`` -> ``"testbed"``.
+    ``None`` for anything else (a local folder or a hub id). A ``tiny``/``testbed`` name that is no
+    built-in model (and no existing folder) is a ``ValueError`` listing them.
+
+    ``diffplug sample``, ``eval`` and ``finetune`` all resolve ``--model`` through this."""
+    if name is None:
+        return None
+    for prefix in ("tiny", "testbed"):
+        if name != prefix and not name.startswith((prefix + ":", prefix + "-")):
+            continue
+        canon = name if name == prefix else f"{prefix}-{name[len(prefix) + 1:]}"
+        canon = {"testbed-sd": "testbed", "testbed-sd-lcm": "testbed-lcm"}.get(canon, canon)
+        if canon in BUILTIN_MODELS:
+            return canon
+        if Path(name).expanduser().exists():
+            return None  # a folder that happens to be called so
+        raise ValueError(f"--model {name}: no built-in model of that name; built in: {', '.join(BUILTIN_MODELS)} "
+                         "(each also spelled with ':' after tiny/testbed), or a local folder or hub id")
+    return None
 
 
 def _resolve(table: dict, kind: str, name: str):
@@ -84,18 +114,19 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     from .validate import check_device
 
     model = model or "testbed"
+    builtin = canonical_model(model)
     check_device(device)
     torch_dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, "bad")
     if torch_dtype == "bad":
         raise ValueError(f"--dtype must be one of fp32, fp16, bf16 (got {dtype!r})")
-    if model in ("testbed", "testbed-lcm", "testbed-dit"):
+    if builtin and builtin.startswith("testbed"):
         from diffplug import testbed
 
-        pipe = testbed.load({"testbed": "sd", "testbed-lcm": "sd-lcm", "testbed-dit": "dit"}[model])
-    elif model.startswith("tiny-"):
+        pipe = testbed.load(_TESTBED_NAMES.get(builtin) or builtin.removeprefix("testbed-"))
+    elif builtin:
         from diffplug.testing import tiny_pipeline
 
-        pipe = tiny_pipeline(model.removeprefix("tiny-"))
+        pipe = tiny_pipeline(builtin.removeprefix("tiny-"))
     else:
         pipe = _from_pretrained(model, torch_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -241,3 +241,33 @@ def test_zimage_velocity_is_the_flow_convention(zimage):
     raw = zimage.transformer([x.unsqueeze(2)[0]], (1000 - t.expand(1)) / 1000, [cond["cap_feats"][0][: int(cond["cap_lengths"][0])]],
                              return_dict=False)[0][0]
     assert torch.equal(family.model(x, t, **cond), -raw.float().squeeze(1).unsqueeze(0))
+
+
+# -- built-in model names (issue 23 item 4) -----------------------------------------------------------
+def test_builtin_model_names_have_two_spellings(tmp_path, monkeypatch):
+    from diffplug.pipelines.registry import BUILTIN_MODELS, canonical_model, load_pipeline
+
+    for a, b in [("tiny:sd", "tiny-sd"), ("tiny:flux", "tiny-flux"), ("testbed:dit", "testbed-dit"),
+                 ("testbed:sd", "testbed"), ("testbed:sd-lcm", "testbed-lcm"), ("tiny:flow", "tiny-flow")]:
+        assert canonical_model(a) == canonical_model(b) == b and b in BUILTIN_MODELS
+    assert canonical_model("org/name") is None and canonical_model("./folder") is None
+    with pytest.raises(ValueError, match="tiny:nope: no built-in model.*tiny-flux"):
+        canonical_model("tiny:nope")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-mine").mkdir()
+    assert canonical_model("tiny-mine") is None  # an existing folder of that name is a folder
+    for name, cls in [("tiny:flux", "FluxPipeline"), ("tiny-chroma", "ChromaPipeline"), ("tiny-sd3", "StableDiffusion3Pipeline")]:
+        assert type(load_pipeline(name, "cpu")).__name__ == cls
+
+
+def test_sample_runs_tiny_flux(tmp_path):
+    import json
+
+    from diffplug.cli import main
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["sample", "--model", "tiny-flux", "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["pipeline"] == "FluxPipeline"
