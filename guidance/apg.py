@@ -170,8 +170,8 @@ class APG(Guidance):
         guidance_scale: ``w`` in ``uncond + w (cond − uncond)`` (w = 1: no guidance).
         eta: weight η of the parallel component (0: dropped, the paper's recommendation; 1: kept).
         norm_threshold: ``r``, the bound on ‖Δ_t‖ per sample; ``<= 0`` disables rescaling.
-        momentum: ``β`` of the running average ``M_t = Δ_t + β M_{t−1}`` (negative: reverse momentum;
-            0 disables it).
+        momentum: ``β`` of the running average ``M_t = Δ_t + β M_{t−1}``, in (-1, 1) (negative: the
+            paper's reverse momentum, e.g. -0.5; 0 disables it).
         space: ``"x0"`` (paper; needs diffplug's loop) or ``"model_output"`` (diffusers' behaviour).
         start, stop: fractions of the steps between which APG runs; outside, conditional-only steps.
         compile: run the update through ``torch.compile`` (fuses its ops into a few kernels; on a GPU
@@ -194,8 +194,11 @@ class APG(Guidance):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         for name, value in (("guidance_scale", guidance_scale), ("eta", eta), ("norm_threshold", norm_threshold), ("momentum", momentum)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not -1.0 < momentum < 1.0:  # M_t = Δ_t + β M_{t−1} sums β^k Δ_{t−k}: bounded only for |β| < 1
+            raise ValueError(f"momentum={momentum!r}: must be in (-1, 1) (the running average grows without bound "
+                             "otherwise); the paper uses negative values, e.g. -0.5 (SDXL), 0 disables it")
         super().__init__(guidance_scale, start, stop, enabled)
         self.eta = float(eta)
         self.norm_threshold = float(norm_threshold)

@@ -18,8 +18,9 @@ from pathlib import Path
 from ..arguments import check_guidance_scale, positive_int
 
 __all__ = [
-    "check_call", "check_device", "check_guidance_scale", "check_latents", "check_out", "check_options",
-    "check_size", "positive_int",
+    "NonFiniteLatentsError", "check_call", "check_device", "check_final_latents", "check_guidance", "check_guidance_scale",
+    "check_latents", "check_negative", "check_out", "check_options", "check_prompt", "check_scheduler", "check_size",
+    "positive_int",
 ]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -48,15 +49,110 @@ def check_size(family, height, width, names=("height", "width")) -> tuple[int, i
     return out[0], out[1]
 
 
+def check_prompt(prompt) -> None:
+    """``prompt``: a string or a non-empty list of strings (None: ``prompt_embeds`` are given)."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__} {prompt!r}")
+    if not prompt:
+        raise ValueError("prompt is an empty list: pass a string or a non-empty list of strings")
+    bad = [p for p in prompt if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompt must be a list of strings; it holds {type(bad[0]).__name__} {bad[0]!r}")
+
+
 def check_latents(family, latents, batch: int, height: int, width: int) -> None:
+    """Initial ``latents``: a float tensor of the call's shape, every value finite (one check per call)."""
     if latents is None:
         return
+    import torch
+
+    if not isinstance(latents, torch.Tensor):
+        kind = f"{type(latents).__module__}.{type(latents).__name__}"
+        raise ValueError(f"latents must be a torch.Tensor, got {kind}"
+                         + ("; convert it with torch.from_numpy(latents)" if kind.startswith("numpy.") else ""))
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be floating point (initial noise), got {latents.dtype}")
     want = family.latent_shape(batch, height, width)
     if tuple(latents.shape) != want:
         raise ValueError(
             f"latents has shape {tuple(latents.shape)} but this call needs {want} "
             f"({batch} images of {height}x{width}); pass matching height/width/prompts or omit latents"
         )
+    bad = int((~torch.isfinite(latents)).sum())  # the inputs' one host read; nothing is checked per step
+    if bad:
+        raise ValueError(f"latents hold {bad} non-finite values (NaN/inf) of {latents.numel()}; pass finite initial noise")
+
+
+class NonFiniteLatentsError(ValueError):
+    """The denoised latents hold NaN/inf: no image is decoded from them."""
+
+
+def check_final_latents(latents, num_steps: int) -> None:
+    """After the loop, once (one host read per call, none per step): non-finite final latents are an
+    error, never a black image. The inputs were checked, so the cause is the model or a plugin."""
+    import torch
+
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise NonFiniteLatentsError(
+            f"the denoised latents hold {bad} non-finite values (NaN/inf) of {latents.numel()} after {num_steps} steps; "
+            "no image was decoded. The inputs were finite: check the model's weights (a NaN weight gives this), "
+            "a custom guidance or scheduler, and the dtype (fp16 can overflow; try --dtype fp32)")
+
+
+def check_guidance(family, guidance):
+    """``from_pipe(pipe, guidance=...)``: None (CFG), or a guidance object the loop can drive (a
+    ``diffusers`` ``BaseGuidance``: ``set_state``, ``prepare_inputs``, called on the batches). A
+    guidance-distilled UNet (LCM: the scale is a UNet input, one conditional pass) takes plain CFG
+    without options it would ignore."""
+    if guidance is None:
+        return None
+    missing = [m for m in ("set_state", "prepare_inputs", "__call__") if not callable(getattr(guidance, m, None))]
+    if missing:
+        raise ValueError(f"guidance={type(guidance).__name__}: not a guidance object (no {', '.join(missing)}); pass "
+                         "one of diffplug.guidance (CFG(7.5), APG(...), AdaptiveGuidance(...)), a diffusers BaseGuidance, "
+                         "or None for CFG at guidance_scale")
+    if _distilled(family):
+        config = dict(getattr(guidance, "config", None) or {})
+        ignored = [f"{k}={config[k]!r}" for k, v in _CFG_NEUTRAL.items() if k in config and config[k] != v]
+        if ignored:
+            raise ValueError(f"this UNet is guidance-distilled (LCM: the guidance scale is a UNet input and each step is "
+                             f"one conditional pass); it would ignore {', '.join(ignored)}: drop them (--guidance-opt) "
+                             "and pass only the guidance scale")
+    return guidance
+
+
+# CFG options a guidance-distilled UNet cannot apply, with the values that change nothing
+_CFG_NEUTRAL = {"start": 0.0, "stop": 1.0, "guidance_rescale": 0.0}
+
+
+def _distilled(family) -> bool:
+    denoiser = getattr(family, "denoiser", None)
+    return getattr(getattr(denoiser, "config", None), "time_cond_proj_dim", None) is not None
+
+
+def check_negative(family, negative_prompt, negative_prompt_embeds) -> None:
+    """A guidance-distilled UNet runs no unconditional pass: a negative prompt would change nothing."""
+    if (negative_prompt is not None or negative_prompt_embeds is not None) and _distilled(family):
+        raise ValueError("negative_prompt: this UNet is guidance-distilled (LCM: one conditional pass per step, the "
+                         "guidance scale is a UNet input), so a negative prompt changes nothing; drop it (--negative-prompt)")
+
+
+def check_scheduler(family) -> None:
+    """A flow-matching scheduler needs a flow-matching model (SD3, Flux, ...), which diffusers' pipeline
+    class declares as its scheduler type; on an epsilon/v model it fails deep inside (no init_noise_sigma)."""
+    from ..predictions import is_flow_scheduler
+
+    pipe = family.pipe
+    declared = inspect.signature(type(pipe).__init__).parameters.get("scheduler")
+    declared = str(getattr(declared, "annotation", ""))
+    if is_flow_scheduler(pipe.scheduler) and "FlowMatch" not in declared:
+        kind = getattr(pipe.scheduler.config, "prediction_type", None) or "epsilon"
+        raise ValueError(f"scheduler {type(pipe.scheduler).__name__} is a flow-matching scheduler, but "
+                         f"{type(pipe).__name__} is a diffusion model ({kind} prediction); use a diffusion scheduler "
+                         "(--scheduler ddim, euler, dpm++, unipc, unipc-fast or dc-solver)")
 
 
 def _batch(prompt, prompt_embeds, num_images_per_prompt: int) -> int:
@@ -66,10 +162,12 @@ def _batch(prompt, prompt_embeds, num_images_per_prompt: int) -> int:
 
 
 def check_call(family, *, prompt, prompt_embeds, height, width, num_inference_steps, num_images_per_prompt,
-               guidance_scale, latents, output_type, family_kwargs: dict) -> tuple[int, int]:
+               guidance_scale, latents, output_type, family_kwargs: dict, negative_prompt=None,
+               negative_prompt_embeds=None) -> tuple[int, int]:
     """Everything ``run(...)`` takes, checked before any work; returns (height, width)."""
     if prompt is None and prompt_embeds is None:
         raise ValueError("pass `prompt` (a string or a list of strings) or `prompt_embeds`")
+    check_prompt(prompt)
     positive_int(num_inference_steps, "num_inference_steps")
     positive_int(num_images_per_prompt, "num_images_per_prompt")
     if guidance_scale is not None:
@@ -77,6 +175,8 @@ def check_call(family, *, prompt, prompt_embeds, height, width, num_inference_st
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
     _check_keywords(family, family_kwargs)
+    check_scheduler(family)
+    check_negative(family, negative_prompt, negative_prompt_embeds)
     height, width = check_size(family, height, width)
     check_latents(family, latents, _batch(prompt, prompt_embeds, num_images_per_prompt), height, width)
     return height, width

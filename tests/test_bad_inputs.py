@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,32 @@ API = {
     "unknown-kwarg": ([lambda r: r("a cat", foo=1)], ["foo", "clip_skip"]),
     "stock-kwarg": ([lambda r: r("a cat", guidance_rescale=0.7)], ["guidance_rescale", "CFG("]),
     "output-type": ([lambda r: r("a cat", output_type="numpy")], ["output_type", "np"]),
+    "prompt-empty": ([lambda r: r([])], ["prompt", "empty list"]),
+    "prompt-type": ([lambda r: r(123), lambda r: r(["a cat", None])], ["prompt", "string"]),
+    "latents-numpy": ([lambda r: r("a cat", latents=np.zeros((1, 4, 16, 16), np.float32))],
+                      ["latents must be a torch.Tensor", "torch.from_numpy"]),
+    "latents-nan": ([lambda r: r("a cat", latents=torch.full((1, 4, 16, 16), NAN)),
+                     lambda r: r("a cat", latents=torch.zeros(1, 4, 16, 16).index_fill_(3, torch.tensor([5]), INF))],
+                    ["latents hold", "non-finite"]),
+    "final-nonfinite": ([lambda r: _with_nan_weight(r, lambda: r("a cat", num_inference_steps=2))],
+                        ["denoised latents hold", "non-finite", "no image was decoded"]),
+    "apg-momentum": ([lambda r: APG(momentum=5), lambda r: APG(momentum=-1.0)], ["momentum", "(-1, 1)"]),
+    "guidance-object": ([lambda r: from_pipe(r.pipe, guidance=object()), lambda r: from_pipe(r.pipe, guidance="cfg")],
+                        ["not a guidance object", "CFG(7.5)"]),
 }
+
+
+def _with_nan_weight(run, call):
+    """``call()`` with one UNet weight set to NaN (a broken checkpoint), restored afterwards."""
+    weight = run.pipe.unet.conv_out.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = NAN
+    try:
+        return call()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 @pytest.mark.parametrize("case", list(API))
@@ -75,6 +101,13 @@ CLI = {
     "cli-model-pickle": (["--model", "{tmp}/pickled"], ["safetensors"], False),
     "cli-device-foo": (["--device", "foo"], ["--device", "cpu"], True),
     "cli-device-cuda": (["--device", "cuda"], ["no CUDA GPU", "--device cpu"], True),
+    "cli-scheduler-flow": (["--scheduler", "flow-euler"], ["FlowMatchEulerDiscreteScheduler", "flow-matching",
+                                                           "--scheduler ddim"], False),
+    "cli-lcm-negative": (["--model", "testbed-lcm", "--negative-prompt", "blurry"], ["negative_prompt", "guidance-distilled"],
+                         False),
+    "cli-lcm-stop": (["--model", "testbed-lcm", "--guidance-opt", "stop=0.5"], ["stop=0.5", "guidance-distilled"], False),
+    "cli-lcm-rescale": (["--model", "testbed-lcm", "--guidance-opt", "guidance_rescale=0.7"],
+                        ["guidance_rescale=0.7", "guidance-distilled"], False),
 }
 
 
