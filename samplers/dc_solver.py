@@ -69,6 +69,8 @@ __all__ = [
     "SearchResult",
     "compensation_weights",
     "cpr_features",
+    "cpr_fit_record",
+    "flow_shift_of",
     "cpr_ratios",
     "fit_cpr",
     "reference_trajectory",
@@ -84,8 +86,18 @@ __all__ = [
 # for 7.5 and sampled at 1 gave 2.5x UniPC's error on the testbed (benchmarks/dc_solver_results.md), so
 # without ``set_guidance_scale`` (``from_pipe`` calls it) or ``cpr_guidance_scale`` it runs as UniPC.
 DEFAULT_CPR_FIT = "testbed"
+# Flow-matching schedules (use_flow_sigmas) default to this fit: the flow testbed's, once it is fitted
+# (``diffplug bench dc-search --model testbed-flow ... --ship testbed-flow``); until then they fall back.
+DEFAULT_FLOW_CPR_FIT = "testbed-flow"
 # CPR fits shipped with the package, by name (``cpr_coefficients="sd2.1"``): JSON files next to this module.
-CPR_FITS = {"sd2.1": "dc_solver_cpr_sd21.json", "testbed": "dc_solver_cpr_testbed.json"}
+# Any other fit file (``cpr_coefficients="DIR/cpr_fit.json"``, written by ``diffplug bench dc-search``) works too.
+CPR_FITS = {
+    "sd2.1": "dc_solver_cpr_sd21.json",
+    "testbed": "dc_solver_cpr_testbed.json",
+    "testbed-flow": "dc_solver_cpr_testbed_flow.json",
+}
+# The scheduler config keys a fit's box records (``fitted_on.config``); VP fits add timestep_spacing.
+CPR_BOX_KEYS = ("solver_order", "solver_type", "predict_x0", "lower_order_final", "final_sigmas_type", "use_flow_sigmas")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,31 +132,70 @@ def compensation_weights(times: Sequence[float], ratio):
 # b_kj = sum_m P_kjm n^(2-m), with c = CFG / 12, n = NFE / 50, x = step / NFE; linear in the 36 P_kjm.
 
 
+def _is_fit_file(fit) -> bool:
+    return isinstance(fit, str) and fit not in CPR_FITS and fit.endswith(".json")
+
+
+def _load_fit(fit: str) -> dict:
+    """A CPR fit by shipped name, or read from a ``.json`` fit file (checked: 36 finite coefficients)."""
+    if _is_fit_file(fit):
+        path = Path(fit)
+        try:
+            fit = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cpr_coefficients={fit!r}: cannot read the CPR fit file ({e})") from None
+        coefficients = fit.get("coefficients") if isinstance(fit, dict) else None
+        if not isinstance(coefficients, list) or len(coefficients) != 36 or not all(_is_number(c) for c in coefficients):
+            raise ValueError(f"{path}: a CPR fit file needs 'coefficients': 36 finite numbers (diffplug bench dc-search writes one)")
+        return fit
+    return _shipped_fit(fit)
+
+
 @functools.lru_cache(maxsize=None)
 def _shipped_fit(name: str) -> dict:
     if name not in CPR_FITS:
-        raise ValueError(f"unknown CPR fit {name!r}; shipped fits: {', '.join(CPR_FITS)} (or pass 36 numbers)")
+        raise ValueError(f"unknown CPR fit {name!r}; shipped fits: {', '.join(CPR_FITS)}, a .json fit file, or 36 numbers")
     path = Path(__file__).with_name(CPR_FITS[name])
     if not path.is_file():
-        raise ValueError(f"the {name!r} CPR fit is not in this install ({path.name} missing)")
+        raise ValueError(
+            f"the {name!r} CPR fit is not in this install ({path.name} missing)"
+            + (": no flow-matching fit ships yet, see DCSolverScheduler's docstring for fitting one" if name == DEFAULT_FLOW_CPR_FIT else "")
+        )
     return json.loads(path.read_text())
 
 
 def shipped_cpr_coefficients(name: str) -> list[float]:
-    """The 36 CPR coefficients of a shipped fit: ``"sd2.1"`` (the paper's authors) or ``"testbed"``."""
-    return list(_shipped_fit(name)["coefficients"])
+    """The 36 CPR coefficients of a shipped fit (``"sd2.1"``, the paper's authors; ``"testbed"``) or a fit file."""
+    return list(_load_fit(name)["coefficients"])
 
 
-def cpr_outside_fit(fit: str | Sequence[float], guidance_scale: float, num_inference_steps: int, config) -> str | None:
-    """Why CPR would extrapolate here (guidance, NFE or scheduler config outside what the fit saw), or None.
+def flow_shift_of(config, mu: float | None = None) -> float | None:
+    """The shift ``s`` of a flow-matching schedule (``sigma -> s sigma / (1 + (s - 1) sigma)``), or None (VP).
+
+    Dynamic shifting (Flux) is the same map with ``s = exp(mu)`` (diffusers' "exponential" time shift).
+    """
+    if not config.get("use_flow_sigmas"):
+        return None
+    if config.get("use_dynamic_shifting"):
+        return None if mu is None else math.exp(mu)
+    return float(config.get("flow_shift", 1.0))
+
+
+def cpr_outside_fit(
+    fit: str | Sequence[float], guidance_scale: float, num_inference_steps: int, config, mu: float | None = None
+) -> str | None:
+    """Why CPR would extrapolate here (guidance, NFE, scheduler config or flow shift outside what the fit saw), or None.
 
     A cubic-in-step, quadratic-in-(guidance, NFE) polynomial fitted on a small grid explodes outside
-    it (the testbed fit predicts rho = 21.7 at NFE 20, -31 at NFE 25).  Only shipped fits record their
-    box (``fitted_on`` in the JSON); 36 numbers of your own are trusted everywhere.
+    it (the testbed fit predicts rho = 21.7 at NFE 20, -31 at NFE 25).  Shipped fits and fit files
+    record their box (``fitted_on``); 36 numbers of your own are trusted everywhere.  On flow-matching
+    schedules the box also bounds the shift (``flow_shift``, or ``exp(mu)`` with dynamic shifting).
     """
     if not isinstance(fit, str):
         return None
-    box = _shipped_fit(fit)["fitted_on"]
+    box = _load_fit(fit).get("fitted_on")
+    if not box:
+        return None
     (g_lo, g_hi), (n_lo, n_hi) = box["guidance_scale"], box["num_inference_steps"]
     if not g_lo <= guidance_scale <= g_hi:
         return f"guidance scale {guidance_scale:g} outside the fitted {g_lo:g}-{g_hi:g}"
@@ -153,6 +204,12 @@ def cpr_outside_fit(fit: str | Sequence[float], guidance_scale: float, num_infer
     for key, allowed in box.get("config", {}).items():
         if config.get(key) not in allowed:
             return f"{key}={config.get(key)!r}, fitted for {' or '.join(map(repr, allowed))}"
+    shift = flow_shift_of(config, mu)
+    if shift is not None and "shift" in box:
+        lo, hi = box["shift"]
+        if not lo * (1 - 1e-6) <= shift <= hi * (1 + 1e-6):
+            where = f"mu={mu:.4g} (shift exp(mu) = {shift:.4g})" if config.get("use_dynamic_shifting") else f"flow_shift={shift:g}"
+            return f"{where} outside the fitted shift {lo:.4g}-{hi:.4g} (mu {math.log(lo):.4g}-{math.log(hi):.4g})"
     return None
 
 
@@ -179,15 +236,16 @@ def cpr_ratios(
 ) -> list[float]:
     """Compensation ratios for steps 1..NFE predicted by CPR (the raw polynomial; see ``cpr_outside_fit``).
 
-    ``coefficients``: 36 numbers, or the name of a shipped fit (``CPR_FITS``); default ``"sd2.1"``.
+    ``coefficients``: 36 numbers, the name of a shipped fit (``CPR_FITS``) or a ``.json`` fit file; default ``"sd2.1"``.
     Steps that cannot be compensated (``step <= dc_order``, too few buffered outputs) get ratio 1.
-    ``clamp``: keep each ratio inside the range of the searched ratios a shipped fit was fitted on.
+    ``clamp``: keep each ratio inside the range of the searched ratios a named fit was fitted on.
     """
     name = (coefficients or "sd2.1") if coefficients is None or isinstance(coefficients, str) else None
     P = np.asarray(shipped_cpr_coefficients(name) if name else coefficients, dtype=np.float64)
     if P.shape != (36,):
         raise ValueError(f"cpr_coefficients must be 36 numbers (4 x 3 x 3), got shape {P.shape}")
-    lo, hi = _shipped_fit(name)["fitted_on"]["ratios"] if clamp and name else (-math.inf, math.inf)
+    box = _load_fit(name).get("fitted_on") if clamp and name else None
+    lo, hi = box["ratios"] if box else (-math.inf, math.inf)
     return [
         1.0 if s <= dc_order else float(np.clip(cpr_features(guidance_scale, num_inference_steps, s) @ P, lo, hi))
         for s in range(1, num_inference_steps + 1)
@@ -211,6 +269,35 @@ def fit_cpr(searched: Iterable[tuple[float, int, Sequence[float]]], dc_order: in
         raise ValueError("fit_cpr needs at least one searched ratio list with NFE > dc_order")
     P, *_ = np.linalg.lstsq(np.stack(rows), np.asarray(targets), rcond=None)
     return [float(p) for p in P]
+
+
+def cpr_fit_record(searched: Iterable[tuple[float, int, Sequence[float], float | None]], config, dc_order: int = 2,
+                   **about) -> dict:
+    """The content of a CPR fit file: coefficients and the box the scheduler trusts them in.
+
+    ``searched`` yields ``(guidance_scale, NFE, ratios, mu)`` per searched configuration (``mu``:
+    dynamic shifting's, else None); ``config`` is the searched scheduler's.  The box (``fitted_on``)
+    spans the guidance scales, NFEs and ratios seen, pins the solver keys ``CPR_BOX_KEYS`` (and a VP
+    schedule's ``timestep_spacing``) to the searched values and, on flow schedules, spans the shifts
+    seen (``flow_shift``, or ``exp(mu)``).  ``about``: description, source, ... stored as given.
+    """
+    rows = list(searched)
+    coefficients = fit_cpr(((g, n, r) for g, n, r, _ in rows), dc_order)
+    seen = [float(r) for _, _, ratios, _ in rows for r in ratios]
+    keys = CPR_BOX_KEYS if config.get("use_flow_sigmas") else (*CPR_BOX_KEYS, "timestep_spacing")
+    box = {
+        "guidance_scale": [min(g for g, *_ in rows), max(g for g, *_ in rows)],
+        "num_inference_steps": [min(n for _, n, *_ in rows), max(n for _, n, *_ in rows)],
+        "ratios": [min(seen), max(seen)],
+        "config": {key: [config.get(key)] for key in keys},
+    }
+    if config.get("use_flow_sigmas"):
+        shifts = [flow_shift_of(config, mu) for *_, mu in rows]
+        if None in shifts:
+            raise ValueError("cpr_fit_record: a dynamic-shifting schedule needs the mu each configuration was searched at")
+        box["shift"] = [min(shifts), max(shifts)]
+    model = "rho(c, n, x) = sum_k a_k x^k, a_k = sum_j b_kj c^(2-j), b_kj = sum_m P[k][j][m] n^(2-m); c = CFG / 12, n = NFE / 50, x = step / NFE"
+    return {**about, "model": model, "fitted_on": box, "coefficients": coefficients}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,8 +329,12 @@ def _validate_dc_config(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scal
         if not isinstance(dc_ratios, (list, tuple)) or not all(_is_number(r) for r in dc_ratios):
             raise ValueError(f"dc_ratios must be a list of finite floats (one per step), null or 'cpr', got {dc_ratios!r}")
     if isinstance(cpr_coefficients, str):
-        if cpr_coefficients not in CPR_FITS:
-            raise ValueError(f"cpr_coefficients={cpr_coefficients!r}: name one of {', '.join(CPR_FITS)} or pass 36 numbers")
+        if _is_fit_file(cpr_coefficients):
+            _load_fit(cpr_coefficients)  # a clear error now, naming the file, rather than at set_timesteps
+        elif cpr_coefficients not in CPR_FITS:
+            raise ValueError(
+                f"cpr_coefficients={cpr_coefficients!r}: name one of {', '.join(CPR_FITS)}, a .json fit file, or pass 36 numbers"
+            )
     elif cpr_coefficients is not None and (
         not isinstance(cpr_coefficients, (list, tuple)) or len(cpr_coefficients) != 36
         or not all(_is_number(c) for c in cpr_coefficients)
@@ -324,15 +415,23 @@ class _DynamicCompensation:
     def _cpr_schedule(self, n: int, custom: bool) -> list[float]:
         """CPR ratios, or ``rho = 1`` with a warning where the fit would extrapolate."""
         cfg, scale = self.config, self.cpr_guidance
-        fit = cfg.cpr_coefficients or DEFAULT_CPR_FIT
-        if scale is None:
+        flow = bool(cfg.get("use_flow_sigmas"))
+        fit = cfg.cpr_coefficients or (DEFAULT_FLOW_CPR_FIT if flow else DEFAULT_CPR_FIT)
+        if flow and fit == DEFAULT_FLOW_CPR_FIT and not Path(__file__).with_name(CPR_FITS[fit]).is_file():
+            why = (
+                "no CPR fit for flow-matching schedules ships yet; fit one for your model with `diffplug bench "
+                "dc-search --model M --guidance-scale G1 G2 --steps N1 N2 --out DIR` and pass "
+                "cpr_coefficients='DIR/cpr_fit.json'"
+            )
+        elif scale is None:
             why = "guidance scale unknown: run the pipeline through diffplug's from_pipe, or set cpr_guidance_scale"
         else:
-            why = "custom timesteps/sigmas" if custom else cpr_outside_fit(fit, scale, n, cfg)
+            why = "custom timesteps/sigmas" if custom else cpr_outside_fit(fit, scale, n, cfg, self._schedule_mu)
         if why is None:
             return cpr_ratios(scale, n, fit, cfg.dc_order, clamp=True)
+        name = repr(fit) if isinstance(fit, str) else "given"
         warnings.warn(
-            f"DC-Solver: the {fit if isinstance(fit, str) else 'given'} CPR fit cannot predict ratios here ({why}); "
+            f"DC-Solver: the {name} CPR fit cannot predict ratios here ({why}); "
             "sampling without compensation (rho = 1, plain UniPC). Search ratios for it "
             "(`diffplug bench dc-search`) or pass dc_ratios=[...]",
             stacklevel=4,
@@ -434,6 +533,7 @@ class DCDPMSolverScheduler(_DynamicCompensation, PrecomputedSteps, DPMSolverMult
         """DPM-Solver's ``set_timesteps`` (``sigmas`` is not supported by it)."""
         if sigmas is not None:
             raise ValueError("DCDPMSolverScheduler.set_timesteps does not take `sigmas`; pass num_inference_steps or timesteps")
+        self._schedule_mu = mu
         self._check_set_timesteps(num_inference_steps, timesteps, sigmas)
         super().set_timesteps(num_inference_steps, device=None, mu=mu, timesteps=timesteps)
         self._after_set_timesteps(device, custom=timesteps is not None)
@@ -482,6 +582,9 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def reference_trajectory(model_fn: ModelFn, scheduler, noise: torch.Tensor, steps: int = 200) -> list[torch.Tensor]:
     """Ground truth at *exactly* the solver's points: a fine DDIM (eta = 0) run from ``noise``.
 
+    On a flow-matching schedule (``x = (1 - s) x0 + s eps``) the DDIM step *is* the Euler step of the
+    flow ODE, ``x' = x + (s' - s) v``: the reference is then a fine Euler trajectory.
+
     ``scheduler`` is a DC scheduler after ``set_timesteps``; returns ``[x_{t_0}, ..., x_{t_N}]`` (float32),
     ``x_{t_N}`` at the schedule's final noise level.  About ``steps`` model calls in total, split over the
     solver's intervals in proportion to their length in time, with the solver's own noise levels at its
@@ -524,6 +627,7 @@ class SearchResult:
     losses_searched: list[float] = field(default_factory=list)  # per-step MSE at the chosen rho
     final_mse: float = float("nan")  # MSE of the sampler's result (searched ratios) to the reference
     searched_with: object = None  # the DC scheduler the ratios were searched for
+    mu: float | None = None  # dynamic shifting's mu of the searched schedule (flow pipelines such as Flux)
 
     def scheduler(self):
         """The searched DC scheduler with these ratios in its config (``save_pretrained`` keeps them)."""
@@ -564,7 +668,7 @@ def search_ratios(
     if len(ref) != N + 1:
         raise ValueError(f"reference must hold N + 1 = {N + 1} latents (one per solver point), got {len(ref)}")
 
-    result = SearchResult(ratios=[1.0] * N, searched_with=type(sched).from_config(sched.config))
+    result = SearchResult(ratios=[1.0] * N, searched_with=type(sched).from_config(sched.config), mu=mu)
     x = (noise * sched.init_noise_sigma).float()
     with torch.no_grad():
         for i in range(N):
@@ -625,9 +729,15 @@ def search_ratios_for_pipe(
     reference_steps: int = 200,
     iters: int = 20,
     lr: float = 0.1,
+    mu: float | None = None,
     **family_kwargs,
 ) -> SearchResult:
     """``search_ratios`` on a diffusers pipeline: one noise per prompt, CFG at ``guidance_scale``.
+
+    Flow-matching pipelines (Flux, SD3, ...) are searched on their own flow schedule (``sigmas``,
+    dynamic shifting's ``mu``) against a fine Euler trajectory of the flow ODE (DDIM with eta = 0 on
+    the flow path *is* the Euler step, ``reference_trajectory``).  ``mu`` replaces the pipeline's
+    own dynamic-shift ``mu`` (to search other resolutions' schedules at this one).
 
     ``pipe.scheduler`` is the scheduler searched for: a DC scheduler, or any scheduler a
     ``DCSolverScheduler`` is made from (``from_config``); it is left in place.  The pipeline's prompt
@@ -643,6 +753,10 @@ def search_ratios_for_pipe(
         height=height, width=width, scheduler=sched, **family_kwargs,
     )  # fmt: skip
     schedule = pipeline_schedule(pipe, sched, num_inference_steps, x_T, **family_kwargs)
+    if mu is not None:
+        if not sched.config.get("use_dynamic_shifting"):
+            raise ValueError("mu: this pipeline's scheduler does not use dynamic shifting (use_dynamic_shifting=False)")
+        schedule["mu"] = float(mu)
     return search_ratios(model_fn, sched, x_T, reference_steps=reference_steps, iters=iters, lr=lr, **schedule)
 
 

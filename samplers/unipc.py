@@ -76,6 +76,13 @@ def lincomb(coefficients: Sequence[float], tensors: Sequence[torch.Tensor | None
     return out
 
 
+def _stock_flow_sigmas(sigmas) -> bool:
+    """Whether ``sigmas`` are flow pipelines' stock base schedule ``linspace(1, 1/n, n)`` (before the
+    shift); it is within 1e-3 of UniPC's own flow base ``linspace(1, 1/1000, n + 1)[:-1]``."""
+    s = np.asarray([float(v) for v in sigmas], dtype=np.float64)
+    return len(s) > 0 and bool(np.allclose(s, np.linspace(1.0, 1.0 / len(s), len(s)), rtol=0, atol=1e-6))
+
+
 def translate_flow_match(cls, config):
     """A FlowMatch* scheduler config expressed in the keys UniPC / DPM-Solver use for flow matching.
 
@@ -117,6 +124,7 @@ class PrecomputedSteps:
         self.lower_order_nums = 0
         self._rows: dict[int, list[_Row]] = {}
         self._times: list[float] = []
+        self._schedule_mu = getattr(self, "_schedule_mu", None)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -128,12 +136,45 @@ class PrecomputedSteps:
             check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
 
     def _after_set_timesteps(self, device, custom: bool = False) -> None:
-        """Reset the buffers for the new schedule (timesteps still on the host), then move them.
+        """Check the new schedule, reset the buffers (timesteps still on the host), then move them.
 
-        ``custom``: the schedule came from explicit ``timesteps`` / ``sigmas`` (used by subclasses)."""
+        ``custom``: the schedule came from explicit ``timesteps`` / ``sigmas`` (used by subclasses).
+        ``_times``: the steps' times, the timesteps, or on flow schedules ``sigma * T`` unrounded
+        (diffusers rounds flow timesteps down to integers)."""
         self._reset()
-        self._times = [float(t) for t in self.timesteps.tolist()]
+        self._check_schedule()
+        if self.config.get("use_flow_sigmas"):
+            self._times = (self.sigmas[:-1].double() * self.config.num_train_timesteps).tolist()
+        else:
+            self._times = [float(t) for t in self.timesteps.tolist()]
         self.timesteps = self.timesteps.to(device)
+
+    def _check_schedule(self) -> None:
+        """Every step must lower the noise level: a step of zero length is 0/0 in the multistep
+        coefficients (diffusers' solvers return NaN). Step counts near ``num_train_timesteps`` do this:
+        'linspace' rounds two timesteps to one at 1000 steps, 'leading' with steps_offset=1 reaches
+        timestep 1000 (outside 0..999, clamped to 999's noise level) at 999."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        t, sigma = self.timesteps.tolist(), self.sigmas.double().tolist()
+        where = f"timestep_spacing={cfg.timestep_spacing!r}" + (
+            f", steps_offset={cfg.steps_offset}" if cfg.timestep_spacing == "leading" else ""
+        )
+        where = f"{len(t)} timesteps with {where}"
+        fix = f"use fewer steps, or timestep_spacing={'linspace' if cfg.timestep_spacing == 'trailing' else 'trailing'!r}"
+        if not cfg.get("use_flow_sigmas"):
+            out = [v for v in t if not 0 <= v <= T - 1]
+            if out:
+                raise ValueError(
+                    f"{type(self).__name__}: {where}: timestep {out[0]} is outside the model's 0..{T - 1}; its noise "
+                    f"level is clamped to the nearest one's, so one step has zero length (diffusers' solvers return NaN); {fix}"
+                )
+        for j in range(len(sigma) - 1):
+            if not sigma[j + 1] < sigma[j]:
+                nxt = f"timestep {t[j + 1]}" if j + 1 < len(t) else "the final noise level"
+                raise ValueError(
+                    f"{type(self).__name__}: {where}: the step from timestep {t[j]} to {nxt} does not lower the noise "
+                    f"level ({sigma[j]:.6g} -> {sigma[j + 1]:.6g}), a step of zero length (diffusers' solvers return NaN); {fix}"
+                )
 
     def _rows_for(self, start: int) -> list[_Row]:
         """The linear rows of every step from ``start`` on (built once per schedule and start index)."""
@@ -255,11 +296,13 @@ class FastUniPCScheduler(PrecomputedSteps, UniPCMultistepScheduler):
     ):
         """UniPC's ``set_timesteps`` plus custom ``timesteps`` (descending training timesteps)."""
         self._check_set_timesteps(num_inference_steps, timesteps, sigmas)
+        self._schedule_mu = mu  # dynamic shifting's mu (DC-Solver's CPR box checks it)
         if timesteps is not None:
             self._set_custom_timesteps(timesteps, num_inference_steps, sigmas, mu)
         else:
             super().set_timesteps(num_inference_steps, device=None, sigmas=sigmas, mu=mu)
-        self._after_set_timesteps(device, custom=timesteps is not None or sigmas is not None)
+        stock = sigmas is not None and _stock_flow_sigmas(sigmas)  # what Chroma/SD3-style pipelines pass
+        self._after_set_timesteps(device, custom=timesteps is not None or (sigmas is not None and not stock))
 
     def _set_custom_timesteps(self, timesteps, num_inference_steps, sigmas, mu) -> None:
         cfg = self.config

@@ -537,3 +537,193 @@ def test_defaults_on_the_testbed_no_worse_than_unipc():
                 err[name] = torch.mean((run(sched, model_fn, noise, n)[-1] - truth) ** 2).item()
         assert math.isfinite(err["dc"]) and err["dc"] <= 1.05 * err["unipc"], (spacing, g, n, err)
         assert (dc.compensation_ratios != [1.0] * n) == compensates
+
+
+# ---- step counts whose schedule has a zero-length step (issue 24) -----------------------------------
+
+
+@pytest.mark.parametrize("cls", [DCSolverScheduler, DCDPMSolverScheduler])
+@pytest.mark.parametrize(
+    "spacing, steps, why, fewer",
+    [("leading", 999, "timestep 1000 is outside the model's 0..999", 998),
+     ("linspace", 1000, "from timestep 500 to timestep 500", 999),
+     ("leading", 1000, "from timestep 1 to timestep 1", 998),
+     ("trailing", 998, "timestep -1 is outside", 999)],
+)
+def test_step_counts_with_a_zero_length_step_are_refused_with_the_cause(cls, spacing, steps, why, fewer):
+    """Where diffusers' UniPC returns NaN (or fails an assert), two steps at one noise level, DC-Solver
+    names the cause at set_timesteps; a step count that avoids it is accepted."""
+    config = DDIMScheduler(**SD, steps_offset=1, timestep_spacing=spacing).config
+    sched = cls.from_config(config, dc_ratios=None)
+    with pytest.raises(ValueError, match=f"{why}.*zero length.*use fewer steps"):
+        sched.set_timesteps(steps)
+    sched.set_timesteps(fewer)
+
+
+def test_the_zero_length_step_is_what_makes_stock_unipc_return_nan():
+    config = DDIMScheduler(**SD, steps_offset=1, timestep_spacing="leading").config
+    for steps, finite in [(999, False), (998, True)]:
+        stock, ours = UniPCMultistepScheduler.from_config(config), DCSolverScheduler.from_config(config, dc_ratios=None)
+        stock.set_timesteps(steps)
+        x = NOISE[:1].clone()
+        for t in stock.timesteps:
+            x = stock.step(0.1 * x, t, x).prev_sample
+        assert bool(torch.isfinite(x).all()) == finite
+        if finite:
+            ours.set_timesteps(steps)
+            y = NOISE[:1].clone()
+            for t in ours.timesteps:
+                y = ours.step(0.1 * y, t, y).prev_sample
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+
+
+# ---- flow-matching schedules (issue 23) -------------------------------------------------------------
+
+FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+def _fit_file(tmp_path, searched, config, name="cpr_fit.json"):
+    from diffplug.samplers.dc_solver import cpr_fit_record
+
+    path = tmp_path / name
+    path.write_text(json.dumps(cpr_fit_record(searched, config, about="test")))
+    return str(path)
+
+
+def test_flow_box_is_keyed_on_the_shift_and_mu(tmp_path):
+    from diffplug.samplers.dc_solver import cpr_outside_fit
+
+    r6, r10 = [1, 1, 0.9, 1.1, 1.0, 1.2], [1, 1, 0.8, 0.9, 1.0, 1.1, 1.0, 0.95, 1.05, 1.3]
+    static = DCSolverScheduler(**FLOW, flow_shift=3.0).config
+    fit = _fit_file(tmp_path, [(2.0, 6, r6, None), (5.0, 10, r10, None)], static)
+    box = json.loads(open(fit).read())["fitted_on"]
+    assert box["shift"] == [3.0, 3.0] and box["config"]["use_flow_sigmas"] == [True]
+    assert box["guidance_scale"] == [2.0, 5.0] and box["num_inference_steps"] == [6, 10] and box["ratios"] == [0.8, 1.3]
+    assert cpr_outside_fit(fit, 4.0, 8, static) is None
+    assert "flow_shift=2 outside the fitted shift 3-3" in cpr_outside_fit(fit, 4.0, 8, dict(static, flow_shift=2.0))
+    assert "use_flow_sigmas=False" in cpr_outside_fit(fit, 4.0, 8, DCSolverScheduler(**SD).config)
+    assert "guidance scale 7" in cpr_outside_fit(fit, 7.0, 8, static)
+    dynamic = DCSolverScheduler(**FLOW, use_dynamic_shifting=True).config  # Flux: shift = exp(mu)
+    fit = _fit_file(tmp_path, [(2.0, 6, r6, 0.4), (5.0, 10, r10, 0.8)], dynamic, "dynamic.json")
+    assert json.loads(open(fit).read())["fitted_on"]["shift"] == pytest.approx([math.exp(0.4), math.exp(0.8)])
+    assert cpr_outside_fit(fit, 4.0, 8, dynamic, mu=0.6) is None
+    assert "mu=1.1 (shift exp(mu) = 3.004) outside the fitted shift" in cpr_outside_fit(fit, 4.0, 8, dynamic, mu=1.1)
+    sched = DCSolverScheduler(**FLOW, use_dynamic_shifting=True, cpr_coefficients=fit, cpr_guidance_scale=4.0)
+    sched.set_timesteps(8, mu=0.6)
+    assert sched.compensation_ratios[2:] != [1.0] * 6 and all(0.8 <= r <= 1.3 for r in sched.compensation_ratios)
+    with pytest.warns(UserWarning, match=r"dynamic.json' CPR fit cannot predict ratios here \(mu=1.1"):
+        sched.set_timesteps(8, mu=1.1)
+    assert sched.compensation_ratios == [1.0] * 8
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"coefficients": [1.0] * 35}))
+    with pytest.raises(ValueError, match=r"bad.json: a CPR fit file needs 'coefficients': 36 finite numbers"):
+        DCSolverScheduler(cpr_coefficients=str(bad))
+    with pytest.raises(ValueError, match="cannot read the CPR fit file"):
+        DCSolverScheduler(cpr_coefficients=str(tmp_path / "missing.json"))
+
+
+def test_no_flow_fit_ships_yet_so_flow_schedules_fall_back_loudly():
+    sched = DCSolverScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, cpr_guidance_scale=4.0)
+    with pytest.warns(UserWarning, match="no CPR fit for flow-matching schedules ships yet.*diffplug bench dc-search"):
+        sched.set_timesteps(8)
+    assert sched.compensation_ratios == [1.0] * 8
+
+
+def test_flow_reference_is_a_fine_euler_trajectory():
+    """On a flow schedule the reference (DDIM, eta = 0) is the Euler integration of the flow ODE: the
+    same as diffusers' FlowMatchEulerDiscreteScheduler stepping through the same 200 noise levels."""
+    sched = DCSolverScheduler(**FLOW, flow_shift=3.0, dc_ratios=None)
+    sched.set_timesteps(1)  # one interval, sigma_0 -> 0, split into 200 Euler steps
+    model_fn = lambda x, t: torch.tanh(x) - 0.5 * MU  # noqa: E731 (any velocity field of x)
+    ours = reference_trajectory(model_fn, sched, NOISE, 200)[-1]
+    euler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    euler.set_timesteps(sigmas=np.linspace(float(sched.sigmas[0]), 0.0, 201)[:-1].tolist())
+    x = NOISE.clone()
+    for t in euler.timesteps:
+        x = euler.step(model_fn(x, t), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+FLUX_G, FLUX_N = 4.0, 8
+
+
+@pytest.fixture(scope="module")
+def flux_search(tmp_path_factory):
+    """One ratio search on a tiny stock FluxPipeline (true CFG 4, 8 steps, its own dynamic-shift mu)
+    against the 200-step Euler reference, and a CPR fit file made from it."""
+    from diffplug.samplers.dc_solver import search_ratios_for_pipe
+    from diffplug.testing import tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline("flux-schnell")
+    flux_config = pipe.scheduler.config  # FlowMatchEulerDiscreteScheduler with dynamic shifting
+    pipe.scheduler = DCSolverScheduler.from_config(flux_config)
+    result = search_ratios_for_pipe(pipe, ["a cat"], FLUX_G, FLUX_N, generator=torch.Generator().manual_seed(0), iters=10)
+    fit = _fit_file(tmp_path_factory.mktemp("flux"), [(FLUX_G, FLUX_N, result.ratios, result.mu)], pipe.scheduler.config)
+    return pipe, result, fit, flux_config
+
+
+def test_search_on_a_flux_pipeline_reduces_error_to_the_euler_reference(flux_search):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from diffplug.samplers.dc_solver import guided_denoiser
+
+    pipe, result, *_ = flux_search
+    assert result.mu == pytest.approx(calculate_shift(64, 256, 4096, 0.5, 1.15))  # 32x32 px = 8x8 packed tokens
+    assert result.ratios[:2] == [1.0, 1.0] and any(abs(r - 1) > 0.02 for r in result.ratios[2:])
+    model_fn, x_T = guided_denoiser(pipe, ["a cat"], FLUX_G, generator=torch.Generator().manual_seed(0))
+    plain = DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=None)
+    plain.set_timesteps(FLUX_N, mu=result.mu)
+    truth = reference_trajectory(model_fn, plain, x_T, 200)[-1]
+    with torch.no_grad():
+        err_plain = torch.mean((run(plain, model_fn, x_T)[-1] - truth) ** 2).item()
+    assert result.final_mse < 0.9 * err_plain, (result.final_mse, err_plain)
+
+
+def test_compensation_engages_in_a_stock_flux_pipeline_inside_the_box_only(flux_search):
+    import warnings
+
+    from diffplug.samplers import FastUniPCScheduler
+
+    pipe, _, fit, config = flux_search
+
+    def sample(scheduler, g=FLUX_G, n=FLUX_N, size=32):
+        pipe.scheduler = scheduler  # the diffusers way, then the stock pipe(...)
+        return pipe("a cat", negative_prompt="", true_cfg_scale=g, num_inference_steps=n, height=size, width=size,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    dc = DCSolverScheduler.from_config(config, cpr_coefficients=fit, cpr_guidance_scale=FLUX_G)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inside = sample(dc)
+    assert not [w for w in caught if "DC-Solver" in str(w.message)]
+    assert dc.compensation_ratios[2:] != [1.0] * (FLUX_N - 2)
+    plain = sample(FastUniPCScheduler.from_config(config))
+    assert torch.isfinite(inside).all() and (inside - plain).abs().max() > 1e-4  # compensated != plain UniPC
+    for kw, why in [({"g": 12.0}, "guidance scale 12 outside"), ({"n": 16}, "16 steps outside"),
+                    ({"size": 64}, r"mu=0.5 \(shift exp\(mu\) = 1.649\) outside the fitted shift 1.596")]:
+        outside = DCSolverScheduler.from_config(config, cpr_coefficients=fit, cpr_guidance_scale=kw.get("g", FLUX_G))
+        with pytest.warns(UserWarning, match=f"CPR fit cannot predict ratios here \\({why}.*plain UniPC"):
+            got = sample(outside, **kw)
+        assert outside.compensation_ratios == [1.0] * kw.get("n", FLUX_N)
+        torch.testing.assert_close(got, sample(FastUniPCScheduler.from_config(config), **kw), rtol=0, atol=1e-6)
+
+
+def test_dc_search_cli_fits_a_flow_cpr_file_the_scheduler_loads(tmp_path):
+    """``diffplug bench dc-search`` with several configurations writes cpr_fit.json (coefficients and
+    box) for any pipeline, flow ones included; the scheduler compensates with it inside its box."""
+    from diffplug.cli import main
+
+    args = ["bench", "dc-search", "--model", "tiny-flow", "--device", "cpu", "--steps", "5", "6", "--prompt", "a cat",
+            "--guidance-scale", "3", "5", "--reference-steps", "8", "--iters", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    fit = json.loads((tmp_path / "cpr_fit.json").read_text())
+    box = fit["fitted_on"]
+    assert len(fit["coefficients"]) == 36 and box["shift"] == [3.0, 3.0] and box["num_inference_steps"] == [5, 6]
+    assert box["guidance_scale"] == [3.0, 5.0] and "dc-search" in fit["source"]
+    sched = DCSolverScheduler.from_config(
+        FlowMatchEulerDiscreteScheduler(shift=3.0).config, cpr_coefficients=str(tmp_path / "cpr_fit.json"), cpr_guidance_scale=4.0
+    )
+    sched.set_timesteps(6)
+    assert sched.compensation_ratios == cpr_ratios(4.0, 6, str(tmp_path / "cpr_fit.json"), clamp=True)
+    assert sched.compensation_ratios != [1.0] * 6
