@@ -2,13 +2,15 @@
 denoiser (Tang et al., arXiv:2309.17074; the model side is ``diffplug.samplers.EarlyExit``).
 
 For a noisy latent ``x_t = alpha_t x_0 + sigma_t eps`` (``t`` uniform, one ``eps`` for every head)
-the wrapped model gives each block's head output ``g_i`` and per-token uncertainty ``u_i``:
+the wrapped model gives each block's head output ``g_i`` and per-token uncertainty ``u_i``; ``y`` is
+the model's regression target (``eps`` for PixArt; the velocity ``eps - x_0`` for the rectified-flow
+transformers, Flux and SD3, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
 
-    L_simple = ||g_N - eps||^2                                 (the final layer's epsilon-MSE)
-    u_hat_i  = tanh(|g_i - eps|), averaged over each token's patch (pseudo-label, no gradient)
+    L_simple = ||g_N - y||^2                                   (the final layer's MSE)
+    u_hat_i  = tanh(|g_i - y|), averaged over each token's patch (pseudo-label, no gradient)
     L_u      = sum_{i<N} mean_tokens (u_i - u_hat_i)^2
-    L_UAL    = sum_{i<N} mean_tokens (1 - u_i) ||g_i - eps||^2_token
-    L        = L_simple + lambda L_u + beta L_UAL (+ gamma_layer sum_{i<N} ||g_i - eps||^2)
+    L_UAL    = sum_{i<N} mean_tokens (1 - u_i) ||g_i - y||^2_token
+    L        = L_simple + lambda L_u + beta L_UAL (+ gamma_layer sum_{i<N} ||g_i - y||^2)
 
 ``lambda = beta = 1`` and ``gamma_layer = 0`` are the paper's. The spec's ambiguities, resolved:
 
@@ -29,9 +31,14 @@ the wrapped model gives each block's head output ``g_i`` and per-token uncertain
   frozen backbone keeps quality better. ``train_backbone=true`` trains it jointly (the paper's
   set-up) and saves it next to the heads.
 
+Models: PixArt (the testbed DiT), SD3 (joint blocks) and Flux (double- then single-stream blocks;
+its latents are packed 2x2 as the stock pipeline packs them, the loss is taken on the packed tokens,
+the guidance embedding of a guidance-distilled transformer is the pipeline's default, 3.5, as at
+sampling). Flow models draw ``t`` uniform as the paper does (not SD3's logit-normal).
+
 Data: ``data=testbed``, the images and captions the testbed denoisers were trained on (Fashion-MNIST
 1,000 per class + training emoji), encoded by the pipeline's own VAE (posterior sample) and text
-encoder; captions are dropped to the empty prompt with ``prompt_dropout`` so that the heads also
+encoder(s); captions are dropped to the empty prompt with ``prompt_dropout`` so that the heads also
 serve CFG's unconditional pass.
 
     diffplug finetune deediff --output_dir runs/deediff --max_steps 3000 --seed 0
@@ -55,7 +62,8 @@ HEADS_FILE = "early_exit.safetensors"
 
 @dataclass
 class DeeDiffConfig(TrainConfig):
-    model: str = opt("testbed:dit", "a PixArt pipeline: 'testbed:dit' (the testbed DiT) or a local diffusers folder")
+    model: str = opt("testbed:dit", "a PixArt, SD3 or Flux pipeline: 'testbed:dit' (the testbed DiT), 'tiny:sd3', "
+                     "'tiny:flux' or a local diffusers folder")
     data: str = opt("testbed", "training images and captions: 'testbed' (the testbed denoisers' training set)")
     train_backbone: bool = opt(False, "train the transformer jointly with the heads (paper); false = frozen backbone")
     lambda_u: float = opt(1.0, "lambda: weight of the uncertainty loss L_u (paper: 1)")
@@ -104,16 +112,20 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 def per_token(values: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, L): the mean over each p x p patch and the channels, in the tokens' order."""
+    """(B, C, H, W) -> (B, L): the mean over each p x p patch and the channels, in the tokens' order;
+    (B, L, F) tokens (Flux's packed latents) -> their mean over F."""
+    if values.dim() == 3:
+        return values.mean(dim=-1)
     b, c, h, w = values.shape
     return values.reshape(b, c, h // patch, patch, w // patch, patch).mean(dim=(1, 3, 5)).flatten(1)
 
 
 def deediff_loss(preds: list, uncertainties: list, eps: torch.Tensor, patch: int, lambda_u: float = 1.0,
                  beta_ual: float = 1.0, gamma_layer: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """The module docstring's loss from :meth:`EarlyExit.all_exits`' outputs -> ``(loss, logs)``."""
+    """The module docstring's loss from :meth:`EarlyExit.all_exits`' outputs -> ``(loss, logs)``;
+    ``eps`` is the regression target ``y``, shaped as the model's output."""
     channels = eps.shape[1]
-    preds = [p[:, :channels].float() for p in preds]  # learned-sigma models: the epsilon half
+    preds = [(p[:, :channels] if eps.dim() == 4 else p).float() for p in preds]  # learned sigma: the mean half
     l_simple = (preds[-1] - eps).pow(2).mean()
     l_u = l_ual = l_layer = preds[-1].new_zeros(())
     logs = {"l_simple": l_simple.detach()}
@@ -130,10 +142,14 @@ def deediff_loss(preds: list, uncertainties: list, eps: torch.Tensor, patch: int
     return loss, logs
 
 
+# Condition tensors that differ per caption; the rest (Flux's RoPE ids, guidance) are one row for all.
+PER_CAPTION = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+
+
 class DeeDiff(Method):
     name = "deediff"
     Config = DeeDiffConfig
-    families = ("pixart",)
+    families = ("pixart", "sd3", "flux")
 
     def trainable(self, trainer):
         from ..samplers.early_exit import EarlyExit
@@ -155,27 +171,47 @@ class DeeDiff(Method):
         data = diffusion_set()
         captions = sorted({c for cs in data.captions for c in cs} | {""})
         self.caption_index = {c: i for i, c in enumerate(captions)}
-        self.embeds, self.masks = self._encode(trainer, captions)
+        self.conditions, self.shared = self._encode(trainer, captions)
         return CaptionedImages(data.images, data.captions), CaptionedImages.collate
 
     @torch.no_grad()
     def _encode(self, trainer, captions: list[str], chunk: int = 256):
-        """Every caption once, through the pipeline's own ``encode_prompt`` (masked, as PixArt)."""
+        """Every caption once, through the family adapter (the pipeline's own ``encode_prompt``; masked
+        for PixArt) -> ``({keyword: (captions, ...)}, {keyword: one row shared by all})``."""
         import logging
 
         family, pipe = trainer.model.family, trainer.model.pipe
         length = min(300, int(getattr(pipe.tokenizer, "model_max_length", 300)))
+        size = trainer.resolution
         log = logging.getLogger(type(pipe).__module__)  # its per-chunk "truncated" notice: long names are cut, as in training
-        level, embeds, masks = log.level, [], []
+        level, parts, shared = log.level, {}, {}
         log.setLevel(logging.ERROR)
         try:
             for i in range(0, len(captions), chunk):
-                cond = family.encode(prompt=captions[i : i + chunk], num_images_per_prompt=1, max_sequence_length=length)
-                embeds.append(cond["encoder_hidden_states"][0].float().cpu())
-                masks.append(cond["encoder_attention_mask"][0].cpu())
+                cond = family.encode(prompt=captions[i : i + chunk], num_images_per_prompt=1, max_sequence_length=length,
+                                     height=size, width=size, unconditional=False)
+                for key, (value, _) in cond.items():
+                    if key in PER_CAPTION:
+                        parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+                    else:
+                        shared[key] = value[0].cpu()
         finally:
             log.setLevel(level)
-        return torch.cat(embeds), torch.cat(masks)
+        return {k: torch.cat(v) for k, v in parts.items()}, shared
+
+    def model_inputs(self, trainer, x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> dict:
+        """The transformer's forward arguments for the family, as its stock pipeline makes them."""
+        family, device = trainer.model.family.name, trainer.device
+        cond = {k: v[idx].to(device) for k, v in self.conditions.items()}
+        if family == "pixart":
+            return dict(hidden_states=x_t, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond)
+        if family == "sd3":  # the timestep input is sigma * 1000
+            return dict(hidden_states=x_t, timestep=t.float(), **cond)
+        inputs = dict(hidden_states=x_t, timestep=t.float() / 1000, txt_ids=self.shared["txt_ids"].to(device),
+                      img_ids=self.shared["img_ids"].to(device), **cond)  # flux: the timestep input is sigma
+        if "guidance" in self.shared:
+            inputs["guidance"] = self.shared["guidance"].to(device).expand(x_t.shape[0])
+        return inputs
 
     def loss(self, trainer, batch):
         cfg, model, device = self.config, trainer.model, trainer.device
@@ -184,17 +220,14 @@ class DeeDiff(Method):
         pick, drop = D.rand(gens), D.rand(gens) < cfg.prompt_dropout
         captions = ["" if d else cs[int(r * len(cs))] for cs, r, d in zip(batch["captions"], pick.tolist(), drop.tolist())]
         idx = torch.tensor([self.caption_index[c] for c in captions])
-        shape = model.latent_shape(trainer.resolution)
+        shape = model.latent_shape(trainer.resolution)  # the denoiser's layout (Flux: packed 2x2 tokens)
         images = batch["images"].float() / 127.5 - 1.0
         x0 = model.encode_images(images.to(device), D.randn(gens, shape).to(device))
-        t = D.randint(gens, 0, model.num_train_timesteps).to(device)
+        t = D.randint(gens, 0, model.num_train_timesteps).to(device)  # uniform, as the paper (flow too)
         eps = D.randn(gens, shape).to(device)
         x_t, target = model.noisy(x0, eps, t)
-        preds, uncertainties = trainer.unet(
-            x_t, self.embeds[idx].to(device), t, encoder_attention_mask=self.masks[idx].to(device),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_all_exits=True,
-        )
-        patch = model.unet.config.patch_size
+        preds, uncertainties = trainer.unet(**self.model_inputs(trainer, x_t, t, idx), return_all_exits=True)
+        patch = getattr(model.unet.config, "patch_size", 1)
         return deediff_loss(preds, uncertainties, target, patch, cfg.lambda_u, cfg.beta_ual, cfg.gamma_layer)
 
     def save_final(self, trainer, module, folder):
