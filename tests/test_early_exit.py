@@ -191,3 +191,102 @@ def test_deediff_config_errors_name_the_key():
                        ("use_lora", True)):
         with pytest.raises(ConfigError, match=f"^{key}:"):
             DeeDiffConfig(output_dir="x", **{key: value}).validate()
+
+
+# -- bad heads files (issue 24, bad case 3): one clear error naming the file, nothing applied ---------------
+
+
+def _heads_file(tmp_path, buckets=16, name="heads.safetensors"):
+    ee = EarlyExit(_transformer(), uem_buckets=buckets)
+    with torch.no_grad():
+        for p in ee.uems.parameters():
+            p.add_(0.25)
+    return ee, ee.save_heads(tmp_path / name)
+
+
+def _rewrite(path, **changes):
+    """The heads file at ``path`` with some tensors replaced (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state.update({k.replace("__", "."): v for k, v in changes.items()})
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def _refused(call, path, *words):
+    with pytest.raises(ValueError) as err:
+        call()
+    msg = str(err.value)
+    for word in (str(path), *words):
+        assert word in msg, (word, msg)
+    return msg
+
+
+def test_nan_heads_are_refused_naming_the_file(tmp_path):
+    _, path = _heads_file(tmp_path)
+    bad = torch.full((32,), float("nan"))
+    _rewrite(path, heads__2__proj_out__bias=bad)  # the UEMs intact, as in the probe
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "heads.2.proj_out.bias", "non-finite", "finetune deediff")
+
+
+def test_a_scalar_where_a_bias_belongs_is_not_broadcast(tmp_path):
+    _, path = _heads_file(tmp_path, buckets=16)
+    _rewrite(path, uems__0__bias=torch.zeros(1))
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "uems.0.bias", "(1,)", "(16,)")
+    _, path = _heads_file(tmp_path, buckets=1, name="h1.safetensors")
+    _rewrite(path, heads__0__proj_out__bias=torch.zeros(1))
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "heads.0.proj_out.bias", "(1,)", "(32,)")
+
+
+def test_truncated_huge_header_wrong_shape_and_damaged_config(tmp_path):
+    _, path = _heads_file(tmp_path)
+    data = path.read_bytes()
+    for cut in (5, 100, len(data) - 7):
+        path.write_bytes(data[:cut])
+        _refused(lambda: EarlyExit(_transformer(), heads=path), path, "truncated")
+    path.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "header")
+    path.write_bytes(data)
+    _rewrite(path, heads__1__proj_out__weight=torch.zeros(32, 15))
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "heads.1.proj_out.weight", "(32, 15)", "(32, 16)")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"diffplug_early_exit": "{not json"})
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "damaged diffplug_early_exit config")
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"diffplug_early_exit": json.dumps({"uem_buckets": -3})})
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "uem_buckets -3")
+    save_file({"x": torch.zeros(1)}, str(path))
+    _refused(lambda: EarlyExit(_transformer(), heads=path), path, "not an early-exit heads file")
+
+
+def test_nothing_is_applied_until_every_tensor_is_checked(tmp_path):
+    ee, path = _heads_file(tmp_path)
+    other = EarlyExit(_transformer(), uem_buckets=16)  # fresh heads: every tensor differs from the file's UEMs
+    before = {k: v.clone() for k, v in other.heads_state().items()}
+    keys = sorted(before)
+    _rewrite(path, **{keys[-1].replace(".", "__"): torch.full_like(before[keys[-1]], float("inf"))})  # the last key read
+    _refused(lambda: other.load_heads(path), path, keys[-1])
+    assert all(torch.equal(v, other.heads_state()[k]) for k, v in before.items())
+    pipe = tiny_pipeline("pixart")
+    original = pipe.transformer
+    with pytest.raises(ValueError):
+        from diffplug.samplers.early_exit import attach
+
+        attach(pipe, 0.3, path)
+    assert pipe.transformer is original
+
+
+def test_cli_bad_heads_exit_2_naming_the_file(tmp_path, capsys):
+    from diffplug.cli import main
+
+    ee = EarlyExit.from_testbed()
+    path = ee.save_heads(tmp_path / "heads.safetensors")
+    _rewrite(path, uems__1__bias=torch.tensor([float("nan")]))
+    out = tmp_path / "out"
+    assert main(["sample", "--model", "testbed-dit", "--early-exit", "0.3", "--early-exit-heads", str(path),
+                 "--prompt", "a photo of a bag", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "uems.1.bias" in err and not (out / "settings.json").exists()
