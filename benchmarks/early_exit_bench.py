@@ -59,13 +59,14 @@ def piece_flops(ee: EarlyExit, tokens_len: int = 20) -> dict:
             out = fn()
         return counter.get_total_flops(), out
 
-    embed, (tok, temb, emb, c, m, cm) = count(lambda: ee.embed(x, ctx, t, ADDED, None, mask))
-    block, _ = count(lambda: ee.transformer.transformer_blocks[0](tok, encoder_hidden_states=c, encoder_attention_mask=cm,
-                                                                   timestep=temb))
-    head, _ = count(lambda: ee.head(1, tok, emb, (size, size)))
-    final, _ = count(lambda: ee.head(ee.num_blocks, tok, emb, (size, size)))
-    uem, _ = count(lambda: ee.uncertainty(1, tok, emb, t))
-    norm = 5 * tok.numel()  # the UEM's parameter-free LayerNorm input (flop_counter counts no elementwise ops)
+    embed, p = count(lambda: ee.embed(x, encoder_hidden_states=ctx, timestep=t, added_cond_kwargs=ADDED,
+                                      encoder_attention_mask=mask))
+    block, _ = count(lambda: ee.blocks[0](p.x, encoder_hidden_states=p.rows["ctx"], encoder_attention_mask=p.rows["ctx_mask"],
+                                          timestep=p.rows["temb"]))
+    head, _ = count(lambda: ee.head(1, p))
+    final, _ = count(lambda: ee.head(ee.num_blocks, p))
+    uem, _ = count(lambda: ee.uncertainty(1, p))
+    norm = 5 * p.x.numel()  # the UEM's parameter-free LayerNorm input (flop_counter counts no elementwise ops)
     return {"embed": embed, "block": block, "head": head, "final": final, "uem": uem + norm}
 
 
