@@ -39,7 +39,20 @@ the search.
 Defaults.  ``DCSolverScheduler.from_config(config)`` compensates with the shipped testbed CPR fit at
 the guidance scale ``from_pipe`` tells it (or ``cpr_guidance_scale``), clamps the predicted ratios to
 the range the fit saw, and falls back to ``rho = 1`` (plain UniPC, with a warning) where the scale is
-unknown or the fit would extrapolate (guidance, NFE or solver config outside its ``fitted_on`` box).
+unknown or the fit would extrapolate (guidance, NFE or solver config outside its ``fitted_on`` box,
+``cpr_fit_box``).
+
+Flow matching (Flux, SD3, Chroma: ``use_flow_sigmas``).  The compensation acts on the same UniPC
+data-prediction update; the times are ``sigma * 1000`` unrounded.  A fit's box then also bounds the
+shift (``flow_shift``, or ``exp(mu)`` under dynamic shifting, where ``mu`` grows with the image's
+token count).  Flow schedules default to the ``"testbed-flow"`` fit, which ships once the flow testbed
+exists; until then they fall back to UniPC.  Fit one for any pipeline with one command::
+
+    diffplug bench dc-search --model M --guidance-scale 1.5 3 7.5 --steps 5 6 8 10 [--mu 0.5 0.8 1.15] --out DIR
+    pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, cpr_coefficients="DIR/cpr_fit.json",
+                                                   cpr_guidance_scale=4.0)
+
+(``--ship testbed-flow`` also writes it as the package's flow default.)
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ __all__ = [
     "SearchResult",
     "compensation_weights",
     "cpr_features",
+    "cpr_fit_box",
     "cpr_fit_record",
     "flow_shift_of",
     "cpr_ratios",
@@ -169,6 +183,12 @@ def shipped_cpr_coefficients(name: str) -> list[float]:
     return list(_load_fit(name)["coefficients"])
 
 
+def cpr_fit_box(fit: str = DEFAULT_CPR_FIT) -> dict | None:
+    """Where a named fit or fit file holds (its ``fitted_on``): guidance scales, NFEs, ratios seen,
+    scheduler config values and, for flow fits, the shift.  Outside it DC-Solver runs as UniPC."""
+    return _load_fit(fit).get("fitted_on")
+
+
 def flow_shift_of(config, mu: float | None = None) -> float | None:
     """The shift ``s`` of a flow-matching schedule (``sigma -> s sigma / (1 + (s - 1) sigma)``), or None (VP).
 
@@ -193,7 +213,7 @@ def cpr_outside_fit(
     """
     if not isinstance(fit, str):
         return None
-    box = _load_fit(fit).get("fitted_on")
+    box = cpr_fit_box(fit)
     if not box:
         return None
     (g_lo, g_hi), (n_lo, n_hi) = box["guidance_scale"], box["num_inference_steps"]
@@ -472,12 +492,13 @@ class DCSolverScheduler(_DynamicCompensation, FastUniPCScheduler):
     All of ``UniPCMultistepScheduler``'s config, plus:
 
     * ``dc_ratios``: ``"cpr"`` (default) predicts one ratio per step with the cascade polynomial
-      regression from ``cpr_coefficients`` (a shipped fit by name, ``"testbed"`` (default) or
-      ``"sd2.1"`` (the authors'), or 36 numbers) at the guidance scale the pipeline tells it
+      regression from ``cpr_coefficients`` (a shipped fit by name, ``"testbed"`` (default; flow
+      schedules: ``"testbed-flow"``) or ``"sd2.1"`` (the authors'), a ``.json`` fit file written by
+      ``diffplug bench dc-search``, or 36 numbers) at the guidance scale the pipeline tells it
       (``set_guidance_scale``; ``from_pipe`` does), else ``cpr_guidance_scale``.  Predicted ratios
       are clamped to the range the fit saw; where the scale is unknown (a stock ``pipe(...)`` call
-      without ``cpr_guidance_scale``) or outside the fitted (guidance, NFE, config) box the
-      scheduler warns and uses rho = 1 (plain UniPC).
+      without ``cpr_guidance_scale``) or outside the fitted (guidance, NFE, config, flow shift) box
+      (``cpr_fit_box``) the scheduler warns and uses rho = 1 (plain UniPC).
       A list: searched ratios (``search_ratios``), one per step.  ``null``: plain UniPC.
     * ``dc_order``: Lagrange order K of the compensation (K + 1 buffered outputs; paper: 2).
 
