@@ -10,6 +10,13 @@
 - ``load("dit")``: a stock ``PixArtSigmaPipeline`` whose transformer (PixArtTransformer2DModel,
   epsilon prediction) is trained on the same latents. Call it with ``use_resolution_binning=False``
   (PixArt's aspect-ratio bins only exist for 256..2048 pixel models).
+- ``load("flux")``: a stock ``FluxPipeline`` whose transformer (FluxTransformer2DModel, 3 double- +
+  5 single-stream blocks, rectified flow, no guidance embedding) is trained on the same latents, with
+  MiniLM in both text-encoder slots (pooled = BERT's pooler output, sequence = its tokens) and
+  ``FlowMatchEulerDiscreteScheduler`` (shift 1). Call it with
+  ``max_sequence_length=pipe.tokenizer_2.model_max_length`` (the length it was trained at; FluxPipeline
+  pads to 512 by default and MiniLM, run with no mask, then gives other embeddings) and guide it with
+  ``negative_prompt="", true_cfg_scale=w``.
 - ``load_classifier()``: logits over :data:`diffplug.testbed.data.CLASSES` (10 Fashion-MNIST
   classes + 9 emoji categories) for images in [0, 1], N x 3 x H x W, any size.
 - ``load_scorer()``: a LiT-style image-text scorer; ``scorer(images, prompts)`` -> cosine
@@ -82,14 +89,19 @@ def load(
 ):
     """A ready testbed pipeline, offline: ``"sd"`` (StableDiffusionPipeline), ``"sd-lcm"`` (the same
     pipeline with the few-step LCM student and ``LCMScheduler``: 1-4 steps, ``guidance_scale`` is a UNet
-    input, no CFG pass) or ``"dit"`` (PixArtSigmaPipeline). Weights are stored in fp16 and loaded in ``dtype``; ``weights`` is
-    the folder (default: the package's ``testbed/weights``)."""
+    input, no CFG pass), ``"dit"`` (PixArtSigmaPipeline) or ``"flux"`` (FluxPipeline, rectified flow:
+    pass ``max_sequence_length=pipe.tokenizer_2.model_max_length``). Weights are stored in fp16 and
+    loaded in ``dtype``; ``weights`` is the folder (default: the package's ``testbed/weights``)."""
     from .models import load_model, load_text_encoder
 
-    if name not in ("sd", "sd-lcm", "dit"):
+    if name not in ("sd", "sd-lcm", "dit", "flux"):
         raise ValueError(f"name={name!r}: use 'sd' (UNet, StableDiffusionPipeline), 'sd-lcm' (its few-step "
-                         "student, StableDiffusionPipeline + LCMScheduler) or 'dit' (PixArtSigmaPipeline)")
+                         "student, StableDiffusionPipeline + LCMScheduler), 'dit' (PixArtSigmaPipeline) or "
+                         "'flux' (rectified-flow transformer, FluxPipeline)")
     folder = Path(weights) if weights is not None else WEIGHTS_DIR
+    if name == "flux":
+        pipe = _load_flux(folder)
+        return pipe.to(device=device, dtype=dtype) if device is not None or dtype != torch.float32 else pipe
     text_encoder, tokenizer = load_text_encoder()
     # Both testbed denoisers were trained on MiniLM run with its attention mask; this config flag
     # makes StableDiffusionPipeline.encode_prompt pass it (PixArt always does).
@@ -121,6 +133,35 @@ def load(
             scheduler=load_scheduler(),
         )
     return pipe.to(device=device, dtype=dtype) if device is not None or dtype != torch.float32 else pipe
+
+
+def _load_flux(folder: Path):
+    """FluxPipeline with the testbed VAE, MiniLM in both text-encoder slots and the flow transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from .models import FLOW_SCHEDULER_CONFIG, FLUX_TEXT_LENGTH, load_model, load_text_encoder
+
+    text_encoder, tokenizer = load_text_encoder()
+    _, tokenizer_2 = load_text_encoder()  # a tokenizer per slot, as from_pretrained gives them
+    # The transformer was trained on MiniLM padded to FLUX_TEXT_LENGTH with no mask (FluxPipeline passes
+    # none): the pooled slot pads to tokenizer.model_max_length, the sequence slot to the call's
+    # max_sequence_length, which should be tokenizer_2.model_max_length.
+    tokenizer.model_max_length = tokenizer_2.model_max_length = FLUX_TEXT_LENGTH
+    vae = load_model("vae", folder)
+    vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes z / scaling_factor + shift_factor
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder,
+        tokenizer_2=tokenizer_2,
+        transformer=load_model("flux", folder),
+    )
+    # 32x32 images when height/width are not given (FluxPipeline's default is 128 latent pixels,
+    # 256 px here); a folder written by ``diffplug testbed export`` loads with diffusers' default again.
+    pipe.default_sample_size = vae.config.sample_size // pipe.vae_scale_factor
+    return pipe
 
 
 def load_classifier(device: str | torch.device | None = None, weights: str | Path | None = None):

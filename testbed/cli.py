@@ -1,7 +1,8 @@
 """``diffplug testbed export DIR``: write the testbed as a folder diffusers loads offline.
 
-``StableDiffusionPipeline.from_pretrained(DIR)`` (or ``PixArtSigmaPipeline`` with ``--model dit``)
-then loads it with no network. A non-empty DIR is refused unless ``--force``.
+``StableDiffusionPipeline.from_pretrained(DIR)`` (``PixArtSigmaPipeline`` with ``--model dit``,
+``FluxPipeline`` with ``--model flux``; ``DiffusionPipeline`` reads the class from the folder) then
+loads it with no network. A non-empty DIR is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 
 def export(directory: str | Path, model: str = "sd", force: bool = False) -> Path:
-    """Save the testbed pipeline ``model`` ("sd" or "dit") to ``directory`` (fp32 safetensors)."""
+    """Save the testbed pipeline ``model`` ("sd", "dit" or "flux") to ``directory`` (fp32 safetensors)."""
     from . import load
 
     out = Path(directory).expanduser()
@@ -30,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         out = export(args.dir, model=args.model, force=args.force)
     except FileExistsError as err:
         raise SystemExit(f"diffplug testbed export: {err}") from None
-    cls = "StableDiffusionPipeline" if args.model == "sd" else "PixArtSigmaPipeline"
+    cls = {"sd": "StableDiffusionPipeline", "dit": "PixArtSigmaPipeline", "flux": "FluxPipeline"}[args.model]
     print(f"wrote {out}; load it with diffusers.{cls}.from_pretrained({str(out)!r})")
     return 0
 
@@ -41,7 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="testbed_command", required=True)
     exp = sub.add_parser("export", help="write the testbed pipeline to DIR (diffusers from_pretrained layout)")
     exp.add_argument("dir", metavar="DIR", help="output folder (must be empty or new unless --force)")
-    exp.add_argument("--model", choices=["sd", "dit"], default="sd", help="which testbed pipeline (default sd)")
+    exp.add_argument("--model", choices=["sd", "dit", "flux"], default="sd", help="which testbed pipeline (default sd)")
     exp.add_argument("--force", action="store_true", help="write into a non-empty DIR")
     exp.set_defaults(func=_run)
     return parser

@@ -59,6 +59,41 @@ DIT_CONFIG = dict(
     use_additional_conditions=False,
 )
 
+# The rectified-flow transformer (``load("flux")``): Flux's double-stream then single-stream blocks on
+# the 2x2-packed 16x16x4 latents (64 image tokens of 16 channels) and the MiniLM tokens (384-d) of
+# FLUX_TEXT_LENGTH; no guidance embedding (it is guided by true CFG, APG, AG: a second pass).
+FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=3,
+    num_single_layers=5,
+    attention_head_dim=32,
+    num_attention_heads=3,
+    joint_attention_dim=384,
+    pooled_projection_dim=384,
+    guidance_embeds=False,
+    axes_dims_rope=(8, 12, 12),
+)
+# FluxPipeline runs the second text encoder with no attention mask on tokens padded to
+# ``max_sequence_length`` (default 512), and MiniLM's token embeddings change with that length: the
+# model is trained at this length, which ``load("flux")`` sets as ``tokenizer_2.model_max_length``;
+# call the pipeline with ``max_sequence_length=pipe.tokenizer_2.model_max_length``.
+FLUX_TEXT_LENGTH = TEXT_MAX_LENGTH
+# FlowMatchEulerDiscreteScheduler for ``flux``: shift 1 (none). FluxPipeline always computes mu from
+# the image-token count and passes it; with base_shift = max_shift = log(1) = 0, mu is 0 at every
+# resolution and the exponential time shift exp(mu) / (exp(mu) + 1/sigma - 1) is the identity, the
+# same sigmas as training used (a scheduler that reads ``shift`` instead gets 1 too).
+FLOW_SHIFT = 1.0
+FLOW_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=FLOW_SHIFT,
+    use_dynamic_shifting=True,
+    base_shift=0.0,
+    max_shift=0.0,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
 # Stable Diffusion v1's training schedule (scaled_linear betas 0.00085..0.012, 1000 steps).
 SCHEDULE = dict(
     num_train_timesteps=1000,
@@ -117,6 +152,21 @@ def encode_text(encoder, tokenizer, texts: list[str], masked: bool, batch_size: 
     return (torch.cat(embeds), torch.cat(masks)) if masked else torch.cat(embeds)
 
 
+@torch.no_grad()
+def encode_flux_text(encoder, tokenizer, texts: list[str], length: int = FLUX_TEXT_LENGTH, batch_size: int = 256):
+    """(token embeddings (N, length, 384), pooled (N, 384)) exactly as FluxPipeline computes them with
+    MiniLM in both encoder slots: padded to ``length``, no attention mask; the sequence is output [0]
+    (``_get_t5_prompt_embeds``), the pooled vector is BERT's ``pooler_output`` (``_get_clip_prompt_embeds``)."""
+    seqs, pooled = [], []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[i : i + batch_size], padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids)
+        seqs.append(out[0].float())
+        pooled.append(out.pooler_output.float())
+    return torch.cat(seqs), torch.cat(pooled)
+
+
 # ----------------------------------------------------------------------------------- weight I/O
 def save_weights(module: nn.Module, name: str, config: dict, folder: Path = WEIGHTS_DIR) -> Path:
     """``<name>.safetensors`` in fp16 and ``<name>.json`` with ``config``."""
@@ -149,7 +199,7 @@ def load_weights(module: nn.Module, name: str, folder: Path = WEIGHTS_DIR) -> nn
 
 def build(name: str, config: dict | None = None):
     """A fresh (untrained) testbed model from its config."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
 
     if name == "vae":
         return AutoencoderKL(**(config or VAE_CONFIG))
@@ -159,11 +209,13 @@ def build(name: str, config: dict | None = None):
         return UNet2DConditionModel(**(config or dict(UNET_CONFIG, time_cond_proj_dim=LCM_COND_DIM)))
     if name == "dit":
         return PixArtTransformer2DModel(**(config or DIT_CONFIG))
+    if name == "flux":
+        return FluxTransformer2DModel(**(config or FLUX_CONFIG))
     if name == "classifier":
         return Classifier(**(config or {}))
     if name == "scorer":
         return ImageTower(**(config or {}))
-    raise ValueError(f"name={name!r}: use one of vae, unet, unet_lcm, dit, classifier, scorer")
+    raise ValueError(f"name={name!r}: use one of vae, unet, unet_lcm, dit, flux, classifier, scorer")
 
 
 def load_model(name: str, folder: Path = WEIGHTS_DIR):

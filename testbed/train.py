@@ -1,11 +1,11 @@
-"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|lcm|classifier|scorer``.
+"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|flux|lcm|classifier|scorer``.
 
 Every run is seeded and stops at ``--steps`` or after ``--minutes`` (whichever comes first); it
 writes ``testbed/weights/<name>.safetensors`` (fp16), ``<name>.json`` (config) and
 ``<name>.record.json`` (device, threads, minutes, steps, final loss, the command). Rerun with
 ``--steps`` set to the recorded count to repeat a run. Existing weights are kept unless ``--force``.
 
-Order: ``vae`` first (the diffusion models train on its latents), then ``unet`` and ``dit``, then
+Order: ``vae`` first (the diffusion models train on its latents), then ``unet``, ``dit`` and ``flux``, then
 ``lcm`` (the few-step student ``unet_lcm``, distilled from ``unet``);
 ``classifier`` and ``scorer`` train on pixels and need nothing else.
 """
@@ -330,6 +330,87 @@ class DiffusionData:
         return tuple(x.to(self.device) for x in out)
 
 
+def flux_text_embeddings(unique: list[str]):
+    """MiniLM (token embeddings (N, L, 384), pooled (N, 384)) of ``unique`` as FluxPipeline computes
+    them at L = :data:`models.FLUX_TEXT_LENGTH` (no attention mask), fp16, cached."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(("\n".join(unique) + f"|flux|{M.FLUX_TEXT_LENGTH}").encode()).hexdigest()[:16]
+    path = _cache_dir() / f"minilm-flux-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["embeds"], t["pooled"]
+    encoder, tokenizer = M.load_text_encoder()
+    embeds, pooled = M.encode_flux_text(encoder, tokenizer, unique)
+    save_file({"embeds": embeds.half().contiguous(), "pooled": pooled.half().contiguous()}, str(path))
+    return embeds.half(), pooled.half()
+
+
+class FlowData(DiffusionData):
+    """:class:`DiffusionData`'s latents, captions and prompt dropout, with FluxPipeline's text
+    embeddings (sequence + pooled) and the rectified-flow path x_sigma = (1 - sigma) x_0 + sigma eps."""
+
+    def __init__(self, folder: Path, generator: torch.Generator, drop: float = 0.1, device: str = "cpu"):
+        vae = M.load_model("vae", folder).to(device)
+        self.scaling = vae.config.scaling_factor
+        data = diffusion_set()
+        self.mean, self.std = latents_of(vae, data.images, folder / "vae.safetensors")
+        unique, self.index = caption_table(data.captions)
+        self.embeds, self.pooled = flux_text_embeddings(unique)
+        self.weights = torch.where(data.labels >= len(D.FASHION_CLASSES), float(EMOJI_REPEAT), 1.0)
+        self.generator, self.drop, self.device = generator, drop, device
+
+    def batch(self, size: int):
+        """(x_sigma, sigma, token embeddings, pooled, velocity target eps - x_0). sigma is logit-normal
+        (SD3's pre-training density, m = 0, s = 1: sigma = sigmoid(u), u ~ N(0, 1)), shifted by
+        :data:`models.FLOW_SHIFT` as the sampler shifts it."""
+        g = self.generator
+        z0, cap = self.clean(size)
+        eps = torch.randn(z0.shape, generator=g)
+        sigma = torch.sigmoid(torch.randn(size, generator=g))
+        s = M.FLOW_SHIFT
+        sigma = s * sigma / (1 + (s - 1) * sigma)
+        sb = sigma.view(-1, 1, 1, 1)
+        xs = (1 - sb) * z0 + sb * eps  # x_sigma (flow.md section 1)
+        out = (xs, sigma, self.embeds[cap].float(), self.pooled[cap].float(), eps - z0)
+        return tuple(x.to(self.device) for x in out)
+
+
+def train_flux(args) -> None:
+    """The rectified-flow transformer of ``load("flux")``: v-prediction (v = eps - x_0) on the packed
+    latents, called exactly as FluxPipeline calls it (timestep = sigma, no guidance embedding)."""
+    from diffusers import FluxPipeline
+
+    run = Run(args, "flux")
+    batches = FlowData(Path(args.out), run.generator, device=args.device)
+    model = run.init(M.build("flux")).to(args.device).train()
+    ema = EMA(model, args.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    c, h, w = batches.mean.shape[1:]
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, args.device, torch.float32)
+    txt_ids = torch.zeros(M.FLUX_TEXT_LENGTH, 3, device=args.device)
+    extra = dict(ema_decay=args.ema, prompt_dropout=batches.drop, objective="rectified flow, velocity target eps - x0",
+                 sigma_sampling="logit-normal (m=0, s=1), as SD3 pre-trains", shift=M.FLOW_SHIFT,
+                 text_length=M.FLUX_TEXT_LENGTH, scheduler=M.FLOW_SCHEDULER_CONFIG)
+    next_save = args.save_minutes
+    while run.running():
+        xs, sigma, emb, pooled, target = batches.batch(args.batch_size)
+        n = xs.shape[0]
+        with run.autocast():
+            pred = model(hidden_states=FluxPipeline._pack_latents(xs, n, c, h, w), timestep=sigma,
+                         pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
+                         return_dict=False)[0].float()
+        loss = (pred - FluxPipeline._pack_latents(target, n, c, h, w)).pow(2).mean()
+        run.optimize(opt, loss, clip=model, cosine=True)
+        ema.update(model)
+        if run.minutes() >= next_save:  # a usable checkpoint every --save-minutes
+            next_save += args.save_minutes
+            run.finish(ema.model, _config(model), **extra)
+    run.finish(ema.model, _config(model), **extra)
+
+
 def _train_denoiser(args, name: str, model: nn.Module, forward) -> None:
     run = Run(args, name)
     batches = DiffusionData(Path(args.out), run.generator, device=args.device, offset_noise=args.offset_noise)
@@ -553,7 +634,7 @@ def heldout_retrieval(image_tower: nn.Module, text_of) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the CLI
-STAGES = {"vae": train_vae, "unet": train_unet, "dit": train_dit, "lcm": train_lcm, "classifier": train_classifier,
+STAGES = {"vae": train_vae, "unet": train_unet, "dit": train_dit, "flux": train_flux, "lcm": train_lcm, "classifier": train_classifier,
           "scorer": train_scorer}
 
 
@@ -567,12 +648,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=M.default_threads())
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the per-element KL")
-    p.add_argument("--ema", type=float, default=0.999, help="unet/dit: EMA decay of the saved weights")
+    p.add_argument("--ema", type=float, default=0.999, help="unet/dit/flux: EMA decay of the saved weights")
     p.add_argument("--offset-noise", type=float, default=0.0,
                    help="unet/dit: std of a per-channel constant added to the training noise (0: off)")
     p.add_argument("--w-min", type=float, default=2.0, help="lcm: smallest guidance scale distilled")
     p.add_argument("--w-max", type=float, default=8.0, help="lcm: largest guidance scale distilled")
-    p.add_argument("--save-minutes", type=float, default=5.0, help="lcm: write the weights every this many minutes")
+    p.add_argument("--save-minutes", type=float, default=5.0, help="lcm/flux: write the weights every this many minutes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(M.WEIGHTS_DIR), help="weights folder (default: the package's)")
     p.add_argument("--force", action="store_true", help="overwrite existing weights")
@@ -585,6 +666,7 @@ DEFAULTS = {  # (batch size, learning rate)
     "vae": (64, 1e-3),
     "unet": (64, 1e-3),
     "dit": (64, 5e-4),
+    "flux": (64, 5e-4),
     "lcm": (32, 2e-4),
     "classifier": (128, 2e-3),
     "scorer": (256, 2e-3),
