@@ -2,6 +2,10 @@
 
     python benchmarks/dc_solver_mse.py --model toy                       # analytic guided Gaussian, seconds
     python benchmarks/dc_solver_mse.py --model testbed --num-prompts 4   # the project's testbed SD model
+    python benchmarks/dc_solver_mse.py --model tiny-flux --nfe 5 8 --guidance-scale 3 5  # any pipeline, flow too
+
+On flow pipelines every solver runs the pipeline's flow schedule (shift, Flux's dynamic-shift mu) and
+the ground truth is a 200-step Euler trajectory (DDIM on the flow path is Euler).
 
 For every guidance scale g and NFE n: the ground truth is a 200-step DDIM (eta = 0) from t = T to sigma = 0
 from the same noise.  Solvers, all with diffusers' defaults on the model's own schedule config, with
@@ -64,23 +68,27 @@ def toy_problem(guidance_scale: float, batch: int, seed: int):
         return uncond + guidance_scale * (eps(x, a, s, mu_c, s_c) - uncond)  # CFG on epsilon
 
     noise = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
-    return model_fn, noise, config
+    return model_fn, noise, config, None
 
 
 def pipe_problem(pipe, prompts, guidance_scale: float, seed: int, height=None, width=None):
-    from diffplug.samplers.dc_solver import guided_denoiser
+    """(model_fn, noise, scheduler config, mu) for any pipeline diffplug knows; ``mu``: a flow pipeline's
+    dynamic-shift mu (Flux), else None."""
+    from diffplug.samplers.dc_solver import guided_denoiser, pipeline_schedule
 
     model_fn, noise = guided_denoiser(
         pipe, prompts, guidance_scale, generator=torch.Generator().manual_seed(seed), height=height, width=width
     )
     # "linspace" spacing: every solver and the ground truth start at t = T - 1 (with SD's "leading"
     # spacing each NFE would start from noise at a different, lower t and solve a different problem)
-    return model_fn, noise, {**pipe.scheduler.config, "timestep_spacing": "linspace", "steps_offset": 0}
+    config = {**DCSolverScheduler.from_config(pipe.scheduler.config).config, "timestep_spacing": "linspace", "steps_offset": 0}
+    mu = pipeline_schedule(pipe, DCSolverScheduler.from_config(config), 2, noise).get("mu")
+    return model_fn, noise, config, mu
 
 
 @torch.no_grad()
-def sample(scheduler, model_fn, noise, nfe):
-    scheduler.set_timesteps(nfe, device=noise.device)
+def sample(scheduler, model_fn, noise, nfe, mu=None):
+    scheduler.set_timesteps(nfe, device=noise.device, **({} if mu is None else {"mu": mu}))
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.step(model_fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
@@ -124,24 +132,25 @@ def main() -> None:
 
     rows, searched, problems = [], {}, {}
     for g in args.guidance_scale:
-        model_fn, noise, config = make(g, args.num_prompts, args.seed)
-        search_fn, search_noise, _ = make(g, args.search_prompts, args.seed + 1)
+        model_fn, noise, config, mu = make(g, args.num_prompts, args.seed)
+        search_fn, search_noise, *_ = make(g, args.search_prompts, args.seed + 1)
+        at = {} if mu is None else {"mu": mu}  # flow pipelines with dynamic shifting (Flux)
         gt_sched = DCSolverScheduler.from_config(config)
-        gt_sched.set_timesteps(1, device=noise.device)  # one interval T -> 0: a plain 200-step DDIM
+        gt_sched.set_timesteps(1, device=noise.device, **at)  # one interval T -> 0: a plain 200-step DDIM (flow: Euler)
         truth = reference_trajectory(model_fn, gt_sched, noise, args.reference_steps)[-1]
-        problems[g] = (model_fn, noise, config, truth)
+        problems[g] = (model_fn, noise, config, mu, truth)
         for n in args.nfe:
             dc = DCSolverScheduler.from_config(config)
-            dc.set_timesteps(n, device=search_noise.device)
+            dc.set_timesteps(n, device=search_noise.device, **at)
             ref = reference_trajectory(search_fn, dc, search_noise, args.reference_steps)  # search ground truth
-            result = search_ratios(search_fn, dc, search_noise, n, reference=ref, iters=args.iters)
+            result = search_ratios(search_fn, dc, search_noise, n, reference=ref, iters=args.iters, **at)
             searched[(g, n)] = result.ratios
             dpm = DCDPMSolverScheduler.from_config(config)
-            dpm.set_timesteps(n)
+            dpm.set_timesteps(n, **at)
             same = torch.equal(dpm.timesteps.cpu(), dc.timesteps.cpu()) and torch.equal(dpm.sigmas, dc.sigmas)
             dpm_ratios = search_ratios(
                 search_fn, dpm, search_noise, n, reference=ref if same else None,
-                reference_steps=args.reference_steps, iters=args.iters,
+                reference_steps=args.reference_steps, iters=args.iters, **at,
             ).ratios  # fmt: skip
             plain = {k: v for k, v in config.items() if not k.startswith(("dc_", "cpr_"))}
             solvers = {
@@ -153,7 +162,7 @@ def main() -> None:
             }
             row = {"guidance_scale": g, "nfe": n, "ratios_searched": result.ratios}
             for name, sched in solvers.items():
-                row[name] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
+                row[name] = float(torch.mean((sample(sched, model_fn, noise, n, mu) - truth) ** 2))
             rows.append(row)
             print(f"g={g} n={n}: " + ", ".join(f"{k} {row[k]:.4g}" for k in solvers), flush=True)
     # DC (CPR): leave-one-out fits over the searched grid
@@ -163,9 +172,9 @@ def main() -> None:
         if len(others) < 2:
             continue
         ratios = cpr_ratios(g, n, fit_cpr(others))
-        model_fn, noise, config, truth = problems[g]
+        model_fn, noise, config, mu, truth = problems[g]
         sched = DCSolverScheduler.from_config(config, dc_ratios=ratios)
-        row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n) - truth) ** 2))
+        row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n, mu) - truth) ** 2))
         row["ratios_cpr"] = ratios
 
     names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)", "DC-DPM++ (searched)"]
@@ -189,8 +198,14 @@ def main() -> None:
 
         import diffplug.samplers as samplers
 
-        target = Path(samplers.__file__).parent / f"dc_solver_cpr_{args.ship_cpr}.json"
-        shipped = json.loads(target.read_text()) if target.is_file() else {}
+        from diffplug.samplers.dc_solver import CPR_FITS, cpr_fit_record
+
+        name = CPR_FITS.get(args.ship_cpr, f"dc_solver_cpr_{args.ship_cpr}.json")
+        target = Path(samplers.__file__).parent / name
+        _, _, config, mu, _ = next(iter(problems.values()))
+        # a new fit file starts from the box cpr_fit_record derives (config keys, flow shift); an existing one keeps its own
+        shipped = json.loads(target.read_text()) if target.is_file() else cpr_fit_record(
+            ((g, n, r, mu) for (g, n), r in searched.items()), config)
         shipped["source"] = (
             f"python benchmarks/dc_solver_mse.py {' '.join(sys.argv[1:])} "
             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.device}): least-squares fit (fit_cpr) on the ratios "
