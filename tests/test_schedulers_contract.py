@@ -108,6 +108,16 @@ def test_set_timesteps_rejects_bad_step_counts(cls, bad):
 
 
 @pytest.mark.parametrize("cls", SCHEDULERS)
+@pytest.mark.parametrize("spacing, steps", [("linspace", 1000), ("leading", 999)])
+def test_step_counts_that_repeat_a_noise_level_are_refused(cls, spacing, steps):
+    """1000 'linspace' steps round two timesteps to one, 999 'leading' steps (offset 1) reach timestep
+    1000: a zero-length step, NaN in diffusers' solvers; ours say so at set_timesteps."""
+    sched = cls(**SD, timestep_spacing=spacing, steps_offset=1)
+    with pytest.raises(ValueError, match="zero length.*use fewer steps"):
+        sched.set_timesteps(steps)
+
+
+@pytest.mark.parametrize("cls", SCHEDULERS)
 def test_unknown_prediction_type_fails_at_construction(cls):
     with pytest.raises(ValueError, match="prediction_type"):
         cls(**SD, prediction_type="bogus")
