@@ -27,7 +27,7 @@ SCHEDULERS = {
 # Models that need no download: the project's testbed and the tiny random test pipelines
 # (diffplug.testing.tiny_pipeline; tiny-flow is tiny-sd3's first name).
 BUILTIN_MODELS = (
-    "testbed", "testbed-lcm", "testbed-dit",
+    "testbed", "testbed-lcm", "testbed-dit", "testbed-flux",
     "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flow", "tiny-pixart", "tiny-flux", "tiny-flux-schnell", "tiny-chroma",
     "tiny-zimage",
 )
