@@ -31,7 +31,7 @@ transformers, Flux and SD3, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
   frozen backbone keeps quality better. ``train_backbone=true`` trains it jointly (the paper's
   set-up) and saves it next to the heads.
 
-Models: PixArt (the testbed DiT), SD3 (joint blocks) and Flux (double- then single-stream blocks;
+Models: PixArt (the testbed DiT), SD3 (joint blocks), Flux and Chroma (double- then single-stream blocks;
 its latents are packed 2x2 as the stock pipeline packs them, the loss is taken on the packed tokens,
 the guidance embedding of a guidance-distilled transformer is the pipeline's default, 3.5, as at
 sampling). Flow models draw ``t`` uniform as the paper does (not SD3's logit-normal).
@@ -62,8 +62,8 @@ HEADS_FILE = "early_exit.safetensors"
 
 @dataclass
 class DeeDiffConfig(TrainConfig):
-    model: str = opt("testbed:dit", "a PixArt, SD3 or Flux pipeline: 'testbed:dit' (the testbed DiT), 'tiny:sd3', "
-                     "'tiny:flux' or a local diffusers folder")
+    model: str = opt("testbed:dit", "a PixArt, SD3, Flux or Chroma pipeline: 'testbed:dit' (the testbed DiT), "
+                     "'tiny:sd3', 'tiny:flux', 'tiny:chroma' or a local diffusers folder")
     data: str = opt("testbed", "training images and captions: 'testbed' (the testbed denoisers' training set)")
     train_backbone: bool = opt(False, "train the transformer jointly with the heads (paper); false = frozen backbone")
     lambda_u: float = opt(1.0, "lambda: weight of the uncertainty loss L_u (paper: 1)")
@@ -143,13 +143,13 @@ def deediff_loss(preds: list, uncertainties: list, eps: torch.Tensor, patch: int
 
 
 # Condition tensors that differ per caption; the rest (Flux's RoPE ids, guidance) are one row for all.
-PER_CAPTION = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+PER_CAPTION = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "attention_mask")
 
 
 class DeeDiff(Method):
     name = "deediff"
     Config = DeeDiffConfig
-    families = ("pixart", "sd3", "flux")
+    families = ("pixart", "sd3", "flux", "chroma")
 
     def trainable(self, trainer):
         from ..samplers.early_exit import EarlyExit
@@ -208,7 +208,7 @@ class DeeDiff(Method):
         if family == "sd3":  # the timestep input is sigma * 1000
             return dict(hidden_states=x_t, timestep=t.float(), **cond)
         inputs = dict(hidden_states=x_t, timestep=t.float() / 1000, txt_ids=self.shared["txt_ids"].to(device),
-                      img_ids=self.shared["img_ids"].to(device), **cond)  # flux: the timestep input is sigma
+                      img_ids=self.shared["img_ids"].to(device), **cond)  # flux, chroma: the timestep input is sigma
         if "guidance" in self.shared:
             inputs["guidance"] = self.shared["guidance"].to(device).expand(x_t.shape[0])
         return inputs

@@ -30,10 +30,13 @@ Supported (one :class:`Trunk` each: input stage, block call, final layer, in the
 * ``FluxTransformer2DModel``: double-stream then single-stream blocks, one exit after each; the head
   is ``norm_out`` (adaLN on ``temb``) + ``proj_out`` on that block's image tokens; output packed
   tokens, as the model's;
+* ``ChromaTransformer2DModel``: Flux's blocks modulated by slices of one ``pooled_temb``; the
+  single-stream blocks run on ``[text, image]`` joined and the heads read the image tail; ``norm_out``
+  takes ``pooled_temb``'s last two rows, the UEM its last (the final scale) as ``emb``;
 * ``SD3Transformer2DModel`` (SD3 / 3.5): joint blocks, the same head as Flux, unpatchified.
   ``skip_layers`` (skip-layer guidance) is honoured.
 
-For Flux and SD3 the head's table is a learned offset (zeros at first) added to ``norm_out``'s
+For Flux, Chroma and SD3 the head's table is a learned offset (zeros at first) added to ``norm_out``'s
 ``(scale, shift)``: a copy of ``norm_out.linear`` per head would cost ``2 D^2`` parameters each (19 M
 on Flux.1). ControlNet residuals and IP-Adapter embeddings are refused (not carried per row).
 
@@ -104,6 +107,10 @@ class Trunk:
         """What a heads file must match (besides the UEM buckets)."""
         return {"model_class": type(self.tr).__name__, "num_layers": len(self.blocks()),
                 "dim": self.tr.proj_out.in_features, "out_features": self.tr.proj_out.out_features, "uem_key": "sigma"}
+
+    def image(self, p: "Pass") -> torch.Tensor:
+        """The image tokens of ``p`` (what heads and UEMs read)."""
+        return p.x
 
     def refuse(self, call: dict, *names) -> None:
         given = [n for n in names if call.get(n) is not None]
@@ -234,6 +241,58 @@ class FluxTrunk(FlowTrunk):
         return self.exit_tokens(head, x, rows)
 
 
+class ChromaTrunk(FluxTrunk):
+    """Chroma: Flux's blocks, modulated by per-block slices of one ``pooled_temb`` (no pooled text);
+    the single-stream blocks run on ``[text, image]`` joined, the image tokens being the tail."""
+
+    def embed(self, call: dict) -> Pass:
+        """Chroma's forward up to the blocks (``timestep`` is sigma)."""
+        self.refuse(call, "controlnet_block_samples", "controlnet_single_block_samples")
+        tr, hidden = self.tr, call["hidden_states"]
+        batch, sigma = hidden.shape[0], call["timestep"]
+        x = tr.x_embedder(hidden)
+        pooled_temb = tr.distilled_guidance_layer(tr.time_text_embed(sigma.to(x.dtype) * 1000))
+        ctx = tr.context_embedder(call["encoder_hidden_states"])
+        txt_ids, img_ids = call["txt_ids"], call["img_ids"]
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        rows = {"key": _per_row(sigma, batch, hidden.device), "temb": pooled_temb, "ctx": ctx,
+                "mask": call.get("attention_mask")}
+        return Pass(x, rows, {"image_rotary_emb": rotary, "joint_attention_kwargs": call.get("joint_attention_kwargs"),
+                              "text": ctx.shape[1]})
+
+    def block(self, index, block, p: Pass) -> None:
+        tr, r, double = self.tr, p.rows, len(self.tr.transformer_blocks)
+        common = dict(image_rotary_emb=p.shared["image_rotary_emb"], attention_mask=r["mask"],
+                      joint_attention_kwargs=p.shared["joint_attention_kwargs"])
+        if index < double:  # the model's slices of pooled_temb: image then text modulations of block `index`
+            img = 3 * len(tr.single_transformer_blocks) + 6 * index
+            txt = 3 * len(tr.single_transformer_blocks) + 6 * double + 6 * index
+            temb = torch.cat((r["temb"][:, img : img + 6], r["temb"][:, txt : txt + 6]), dim=1)
+            r["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=r["ctx"], temb=temb, **common)
+            return
+        if index == double:  # the single-stream blocks run on [text, image] joined
+            p.x, p.shared = torch.cat([r["ctx"], p.x], dim=1), {**p.shared, "joined": True}
+        start = 3 * (index - double)
+        p.x = block(hidden_states=p.x, temb=r["temb"][:, start : start + 3], **common)
+
+    def image(self, p: Pass) -> torch.Tensor:
+        return p.x[:, p.shared["text"]:] if p.shared.get("joined") else p.x
+
+    def final(self, p: Pass):
+        return self.tr.proj_out(self.tr.norm_out(self.image(p), p.rows["temb"][:, -2:]))
+
+    def exit(self, head, x, rows, size):
+        """``norm_out`` (shift, scale from ``pooled_temb``'s last two rows) with the head's offset, then ``proj_out``."""
+        norm = self.tr.norm_out
+        shift, scale = torch.chunk((rows["temb"][:, -2:] + head.scale_shift_table).flatten(1, 2).to(x.dtype), 2, dim=1)
+        return head.proj_out(norm.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :])
+
+    def uem_inputs(self, x, rows):  # the final norm's scale row: the model's own timestep vector of width D
+        return self.tr.norm_out.norm(x), rows["temb"][:, -1]
+
+
 class SD3Trunk(FlowTrunk):
     """SD3 / SD3.5: joint (MMDiT) blocks; ``timestep`` is sigma * 1000 (the scheduler's timesteps)."""
 
@@ -266,7 +325,8 @@ class SD3Trunk(FlowTrunk):
         return self._out(self.exit_tokens(head, x, rows), size)
 
 
-TRUNKS = {"PixArtTransformer2DModel": PixArtTrunk, "FluxTransformer2DModel": FluxTrunk, "SD3Transformer2DModel": SD3Trunk}
+TRUNKS = {"PixArtTransformer2DModel": PixArtTrunk, "FluxTransformer2DModel": FluxTrunk,
+          "ChromaTransformer2DModel": ChromaTrunk, "SD3Transformer2DModel": SD3Trunk}
 SUPPORTED = tuple(TRUNKS)
 
 
@@ -322,7 +382,7 @@ class EarlyExit(nn.Module):
         kind = type(transformer).__name__
         if kind not in TRUNKS:
             raise TypeError(f"EarlyExit wraps {', '.join(SUPPORTED)} (PixArt-alpha/Sigma and the testbed DiT, "
-                            f"Flux.1, SD3/3.5); got {kind}")
+                            f"Flux.1, Chroma, SD3/3.5); got {kind}")
         meta = read_heads_config(heads) if heads is not None else {"uem_buckets": uem_buckets}
         self.transformer = transformer
         trunk = PixArtTrunk(transformer, meta.get("num_train_timesteps", 1000)) if kind == "PixArtTransformer2DModel" \
@@ -460,11 +520,13 @@ class EarlyExit(nn.Module):
 
     def head(self, i: int, p: Pass) -> torch.Tensor:
         """``g_i`` on the tokens of ``p`` after block ``i`` (1-based); ``i = N`` is the model's own final layer."""
-        return self.trunk.final(p) if i == self.num_blocks else self.trunk.exit(self.heads[i - 1], p.x, p.rows, p.size)
+        if i == self.num_blocks:
+            return self.trunk.final(p)
+        return self.trunk.exit(self.heads[i - 1], self.trunk.image(p), p.rows, p.size)
 
     def uncertainty(self, i: int, p: Pass) -> torch.Tensor:
         """Per-token ``u_i`` (B, L) on the tokens of ``p`` after block ``i`` (1-based, < N)."""
-        normed, vec = self.trunk.uem_inputs(p.x, p.rows)
+        normed, vec = self.trunk.uem_inputs(self.trunk.image(p), p.rows)
         return self.uems[i - 1](normed, vec, p.rows["key"])
 
     def all_exits(self, *args, **kwargs):
@@ -504,7 +566,7 @@ class EarlyExit(nn.Module):
             if not bool(done.any()):
                 continue
             rows = torch.arange(batch, device=p.x.device) if active is None else active
-            exited = self.trunk.exit(self.heads[i - 1], p.x[done], {k: None if v is None else v[done]
+            exited = self.trunk.exit(self.heads[i - 1], self.trunk.image(p)[done], {k: None if v is None else v[done]
                                                                     for k, v in p.rows.items()}, p.size)
             if out is None:
                 out = exited.new_empty((batch, *exited.shape[1:]))

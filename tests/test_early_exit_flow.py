@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import load_file
 
 from diffplug.pipelines import from_pipe
@@ -24,6 +24,15 @@ def _flux(guidance: bool = True, double: int = 2, single: int = 2, seed: int = 0
         patch_size=1, in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance,
         axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def _chroma(seed: int = 0):
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=1,
     ).eval()
 
 
@@ -51,6 +60,14 @@ def _flux_inputs(guidance: bool = True, batch: int = 6, seed: int = 1):
     return kw
 
 
+def _chroma_inputs(batch: int = 6, seed: int = 1):
+    kw = _flux_inputs(False, batch, seed)
+    del kw["pooled_projections"]
+    mask = torch.ones(batch, 5 + 16)  # text then image tokens, as ChromaPipeline masks them
+    mask[::2, 3:5] = 0
+    return {**kw, "attention_mask": mask}
+
+
 def _sd3_inputs(batch: int = 6, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return dict(
@@ -64,6 +81,7 @@ def _sd3_inputs(batch: int = 6, seed: int = 1):
 CASES = {
     "flux": (lambda: _flux(True), lambda **k: _flux_inputs(True, **k)),
     "flux-no-guidance": (lambda: _flux(False), lambda **k: _flux_inputs(False, **k)),
+    "chroma": (_chroma, _chroma_inputs),
     "sd3": (_sd3, _sd3_inputs),
 }
 
@@ -77,7 +95,8 @@ def _block_rows(ee: EarlyExit) -> list[list[int]]:
     """Rows each block (Flux: double-stream, then single-stream) receives, by forward hooks."""
     rows = [[] for _ in ee.blocks]
     for i, block in enumerate(ee.blocks):
-        block.register_forward_hook(lambda m, args, out, i=i: rows[i].append(out[1].shape[0]))
+        block.register_forward_hook(  # double-stream blocks return (text, image); Chroma's single ones a tensor
+            lambda m, args, out, i=i: rows[i].append((out[1] if isinstance(out, tuple) else out).shape[0]))
     return rows
 
 
@@ -97,7 +116,7 @@ def test_threshold_zero_is_the_wrapped_model_exactly(case):
     assert torch.equal(ee(**kw).sample, tr(**kw).sample)
     assert torch.equal(ee(**kw, return_dict=False)[0], tr(**kw, return_dict=False)[0])
     n = ee.num_blocks
-    assert n == (4 if case.startswith("flux") else 3)
+    assert n == (3 if case == "sd3" else 4)
     assert ee.stats()["exits_per_block"] == [0] * (n - 1) + [12]
     if case == "sd3":  # skip-layer guidance's argument is honoured
         assert torch.equal(ee(**kw, skip_layers=[1]).sample, tr(**kw, skip_layers=[1]).sample)
@@ -125,9 +144,23 @@ def test_threshold_one_exits_after_block_one_through_norm_out_and_proj_out(case)
     assert out.shape == tr(**kw).sample.shape
 
 
+@torch.no_grad()
+def test_chroma_heads_read_the_image_tail_of_the_joined_sequence():
+    tr = _chroma()
+    ee = EarlyExit(tr, threshold=1.0)
+    kw = _chroma_inputs()
+    p = ee.embed(**kw)
+    for i in range(3):  # two double-stream blocks, then the first single-stream one
+        ee.trunk.block(i, ee.blocks[i], p)
+    assert p.x.shape[1] == 5 + 16 and ee.trunk.image(p).shape[1] == 16
+    assert torch.equal(ee.head(3, p), tr.proj_out(tr.norm_out(p.x[:, 5:], p.rows["temb"][:, -2:])))
+
+
 @pytest.mark.parametrize("case,layer,expect_rows", [
     ("flux", 3, [[6], [6], [6], [3]]),  # exits after the first single-stream block
     ("flux", 1, [[6], [3], [3], [3]]),  # after the first double-stream block
+    ("chroma", 3, [[6], [6], [6], [3]]),  # Chroma's single-stream blocks run on [text, image] joined
+    ("chroma", 2, [[6], [6], [3], [3]]),
     ("sd3", 1, [[6], [3], [3]]),
 ])
 @torch.no_grad()
@@ -175,7 +208,7 @@ def test_refuses_controlnet_residuals_with_the_reason():
 CALL = dict(prompt=["a cat", "a dog"], num_inference_steps=3, output_type="latent", max_sequence_length=32)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 @torch.no_grad()
 def test_stock_pipeline_and_diffplug_loop(family):
     pipe = tiny_pipeline(family)
@@ -190,7 +223,7 @@ def test_stock_pipeline_and_diffplug_loop(family):
     pipe.transformer.threshold = 1.0  # every row exits after block 1 (of 2)
     pipe.transformer.reset_stats()
     out = from_pipe(pipe)(**call, generator=torch.manual_seed(0)).images
-    rows = 2 * 3 * (2 if family == "sd3" else 1)  # SD3 runs CFG's two passes; Flux-dev one (the embedding)
+    rows = 2 * 3 * (1 if family == "flux" else 2)  # SD3 and Chroma run CFG's two passes; Flux-dev one (the embedding)
     assert pipe.transformer.stats()["exits_per_block"] == [rows, 0]
     assert torch.isfinite(out).all() and not torch.equal(out, loop)
 
@@ -248,6 +281,15 @@ def test_deediff_flux_resume_is_bit_identical(tmp_path, flux_run):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_deediff_trains_chroma_heads(tmp_path):
+    torch.set_num_threads(1)
+    run = _train(tmp_path / "chroma", "tiny:chroma", checkpoint_every=0, max_steps=3)
+    logs = _logs(run)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs) and logs[-1]["loss"] < logs[0]["loss"]
+    ee = EarlyExit(tiny_pipeline("chroma").transformer, heads=run / "final" / "early_exit.safetensors")
+    assert ee.heads_config()["model_class"] == "ChromaTransformer2DModel"
 
 
 def test_deediff_trains_sd3_heads(tmp_path):
