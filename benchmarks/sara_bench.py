@@ -23,7 +23,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -54,12 +53,13 @@ def build(model: str):
 
 def setup(unet, kind: str, value):
     from diffplug.finetune import sara
-    from diffplug.finetune.model import DiffusionModel
+    from diffplug.finetune.adapters import add_lora
 
     if kind == "full":
         unet.requires_grad_(True)
     elif kind == "lora":  # the trainer's own LoRA set-up
-        DiffusionModel.add_lora(SimpleNamespace(unet=unet), value, 0, TARGETS, "gaussian")
+        unet.requires_grad_(False)
+        add_lora(unet, {"rank": value, "alpha": value, "target_modules": TARGETS, "init": "gaussian"})
     else:
         sara.prepare(unet, fraction=value)
     return [p for p in unet.parameters() if p.requires_grad]

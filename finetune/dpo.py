@@ -10,10 +10,20 @@ denoising errors (mean over C,H,W)
     Delta = [e_theta(x^w) - e_ref(x^w)] - [e_theta(x^l) - e_ref(x^l)]
     L     = -log sigmoid(-(beta/2) * Delta)                       (Eq. 14, beta T omega(lambda_t) -> beta)
 
-``target`` is the model's own regression target (epsilon, v or x0). ``beta = 5000`` with the 1/2
+``target`` is the model's own regression target (epsilon, v, x0, or the velocity ``u = eps - x0`` of a
+flow model: SD3, Flux, Chroma). ``beta = 5000`` with the 1/2
 factor is the official code's ``beta_dpo``; diffusers' research script writes the same loss as
 ``-logsigmoid(beta' (ref_diff - model_diff))`` with ``beta' = beta/2 = 2500``. Options: ``hinge``
 (``relu(1 - inside)``) and ``ipo`` (``(-Delta - 1/beta)^2``, i.e. diffusers' ``(logits - 1/(2 beta'))^2``).
+
+On flow models (``/work/shared/methods/flow.md`` §6) the errors are velocity MSEs and the timestep
+is ``t = 1000 sigma`` with sigma drawn as the family pre-trains (SD3's logit-normal and the
+scheduler's shift, ``DiffusionModel.sample_timesteps``), shared by winner and loser, policy and
+reference. At a fixed sigma, ``eps - eps_theta = (1 - sigma)(u - u_theta)``, so mean(d eps^2) =
+(1 - sigma)^2 mean(d u^2): the default ``flow_beta=epsilon`` uses ``beta_v(sigma) = beta (1 - sigma)^2``
+on the velocity errors, which is *exactly* the epsilon-DPO loss at ``beta`` (tested); ``constant``
+applies ``beta`` to the velocity errors as they are (third-party Flux DPO scripts do; it up-weights
+high sigma by 1/(1 - sigma)^2; not verified here).
 
 Presets (``--preset``; keys given on the command line or in YAML win over a preset):
 
@@ -41,6 +51,7 @@ import torch.nn.functional as F
 from . import data as D
 from .config import ConfigError, choice, opt
 from .pairs import PairDataConfig, PreferencePairs, pair_dataset
+from .model import FAMILIES
 from .trainer import Method
 
 PRETRAIN_LR_RATIO = 1e-3 / 1e-4  # testbed UNet / SD v1 pre-training learning rate: the scaling rule
@@ -76,7 +87,10 @@ class DPOConfig(PairDataConfig):
     beta: float = opt(5000.0, "beta of Eq. 14 (official beta_dpo; the loss scale is beta/2)")
     loss_type: str = choice("sigmoid", ("sigmoid", "hinge", "ipo"), "DPO loss; the paper's is sigmoid")
     random_flip: bool = opt(True, "flip each pair (both images together) horizontally with p = 0.5")
-    timestep_subset: list = opt([], "train only on these timesteps (e.g. SDXL-Turbo: 249, 499, 749, 999)")
+    timestep_subset: list = opt([], "train only on these timesteps (e.g. SDXL-Turbo: 249, 499, 749, 999; flow "
+                                "models: t = 1000 sigma)")
+    flow_beta: str = choice("epsilon", ("epsilon", "constant"), "flow models: beta(sigma) = beta (1 - sigma)^2 on "
+                            "velocity errors (exactly epsilon-DPO at beta), or beta as it is (up-weights high sigma)")
 
     method = "dpo"
     apply_preset = staticmethod(apply_preset)  # the CLI applies it beneath the given keys
@@ -116,9 +130,18 @@ def dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta: float, loss_t
     return losses, inside
 
 
+def error_weight(prediction_type: str, alpha: torch.Tensor, rule: str = "epsilon") -> torch.Tensor | float:
+    """The factor on the per-sample errors that makes ``beta`` mean the same as on epsilon errors:
+    flow (``alpha = 1 - sigma``) with ``rule="epsilon"``: ``(1 - sigma)^2`` (flow.md §6), else 1."""
+    if prediction_type == "flow" and rule == "epsilon":
+        return alpha.flatten().pow(2)
+    return 1.0
+
+
 class DiffusionDPO(Method):
     name = "dpo"
     Config = DPOConfig
+    families = FAMILIES
 
     def setup(self, trainer):
         cfg = self.config
@@ -146,7 +169,7 @@ class DiffusionDPO(Method):
         if len(self.timesteps):
             t = self.timesteps[D.randint(gens, 0, len(self.timesteps))]
         else:
-            t = D.randint(gens, 0, model.num_train_timesteps)
+            t = model.sample_timesteps(gens)
         eps = D.randn(gens, shape).to(device)
         t2, eps2 = torch.cat([t, t]).to(device), torch.cat([eps, eps])  # shared by winner and loser
         x_t, target = model.noisy(x0, eps2, t2)
@@ -154,9 +177,11 @@ class DiffusionDPO(Method):
         cond = {k: torch.cat([v, v]) for k, v in cond.items()}
 
         pred = trainer.predict(trainer.unet, x_t, t2, cond)
-        model_err = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        model_err = (pred - target).pow(2).flatten(1).mean(1)
         with trainer.reference() as ref:
-            ref_err = (trainer.predict(ref, x_t, t2, cond) - target).pow(2).mean(dim=(1, 2, 3))
+            ref_err = (trainer.predict(ref, x_t, t2, cond) - target).pow(2).flatten(1).mean(1)
+        weight = error_weight(model.prediction_type, model.levels(t2, x_t)[0], cfg.flow_beta)
+        model_err, ref_err = model_err * weight, ref_err * weight  # beta_v(sigma) = beta (1 - sigma)^2 (flow)
         losses, inside = dpo_loss(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], cfg.beta, cfg.loss_type)
         logs = {
             "implicit_acc": (inside > 0).float().mean().detach(),
@@ -167,4 +192,4 @@ class DiffusionDPO(Method):
         return losses.mean(), logs
 
 
-__all__ = ["DPOConfig", "DiffusionDPO", "dpo_loss"]
+__all__ = ["DPOConfig", "DiffusionDPO", "dpo_loss", "error_weight"]

@@ -3,9 +3,12 @@
     diffplug finetune sft --adapter sara --data testbed:emoji-heldout --max_steps 300 --output_dir runs/sft
     diffplug finetune sft --adapter lora --data my_images/ ...     # metadata.jsonl or one .txt per image
 
-For an image ``x`` with caption ``c``: ``x0 ~ VAE posterior``, ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``,
-``L = ||target - f(alpha_t x0 + sigma_t eps, t, c)||^2`` with the scheduler's own target (epsilon, v
-or x0). Every draw comes from the sample's own generator (exact resumption, any process count).
+For an image ``x`` with caption ``c``: ``x0 ~ VAE posterior``, ``t`` drawn as the family pre-trains
+(``t ~ U{0..T-1}``; flow models: SD3's logit-normal sigma, ``DiffusionModel.sample_timesteps``),
+``eps ~ N(0, I)``, ``L = ||target - f(alpha_t x0 + sigma_t eps, t, c)||^2`` with the scheduler's own
+target (epsilon, v, x0, or the velocity eps - x0 of SD3/Flux: rectified-flow matching, unweighted).
+Runs on every family (UNets, PixArt, SD3, Flux, Chroma) with any adapter. Every draw comes from the
+sample's own generator (exact resumption, any process count).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from ..testbed.data import EMOJI_CATEGORIES, FASHION_CLASSES
 from . import data as D
 from .config import ConfigError, TrainConfig, opt
+from .model import FAMILIES
 from .trainer import Method
 
 
@@ -136,6 +140,7 @@ def encode_targets(trainer, images: torch.Tensor, gens, random_flip: bool) -> to
 class SFT(Method):
     name = "sft"
     Config = SFTConfig
+    families = FAMILIES
 
     def setup(self, trainer):
         dataset = CaptionedImages(self.config.data, trainer.resolution)
@@ -147,7 +152,7 @@ class SFT(Method):
         gens = trainer.generators(batch["positions"])
         x0 = encode_targets(trainer, batch["images"], gens, self.config.random_flip)
         shape = model.latent_shape(trainer.resolution)
-        t = D.randint(gens, 0, model.num_train_timesteps).to(device)
+        t = model.sample_timesteps(gens).to(device)
         x_t, target = model.noisy(x0, D.randn(gens, shape).to(device), t)
         cond = model.encode_prompts(batch["captions"], trainer.resolution)
         pred = trainer.predict(trainer.unet, x_t, t, cond)

@@ -6,7 +6,8 @@
 A method (:class:`Method`) gives the trainer a dataset, optionally expands a batch into micro-batches
 (online methods roll out samples there), and computes a loss; the trainer does the rest:
 accelerate (DDP, FSDP/DeepSpeed through ``accelerate launch --config_file``), mixed precision,
-gradient accumulation, LoRA or full fine-tuning with the reference model, EMA, seeded data order,
+gradient accumulation, the adapter that trains in the denoiser (``adapters.py``: LoRA, SaRA, full) and its
+reference model, EMA, seeded data order,
 atomic checkpoints (safetensors + JSON, no pickle: ``state.py``) and exact resumption, logs (tqdm,
 JSONL, TensorBoard), sample grids and the final weights.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from . import checkpoint as ckpt
 from . import state as run_state
 from .config import ConfigError, TrainConfig, save_config
@@ -207,33 +209,21 @@ class Trainer:
         set_seed(cfg.seed)  # the same LoRA initialisation on every process
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self.model = model = DiffusionModel(load_pipeline(cfg.model), getattr(self.method, "families", None), cfg.guidance_scale)
-        self.resolution = cfg.resolution or model.default_resolution()
+        self.resolution = model.resolution = cfg.resolution or model.default_resolution()
+        model.check_resolution(self.resolution)
         model.freeze_encoders(self.device, weight_dtype)
         module = self.method.trainable(self)
+        self.adapter = None
         if module is not None:  # the method trains its own module; the diffusion model stays frozen
             model.unet.requires_grad_(False).eval().to(self.device)
             if weight_dtype != torch.float32:
                 model.unet.to(dtype=weight_dtype)
             trained, params = module, [p for p in module.parameters() if p.requires_grad]
-        elif cfg.trained_adapter == "sara":
-            self._print("sara: " + model.add_sara(cfg, self.device, weight_dtype))
-            if cfg.sara_reselect_at and acc.num_processes > 1:
-                raise ConfigError("sara_progressive_step: re-selection resizes the trained tensors, which DDP cannot "
-                                  "follow; pass --sara_progressive_step 0 for multi-process runs")
-            trained, params = model.unet, model.trainable_parameters()
-        elif cfg.trained_adapter == "lora":
-            model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_init)
-            model.unet.to(self.device)
-            if weight_dtype != torch.float32:  # frozen base in the autocast dtype
-                model.unet.to(dtype=weight_dtype)
-            for p in model.trainable_parameters():  # adapters train in float32
-                p.data = p.data.float()
-            trained, params = model.unet, model.trainable_parameters()
-        else:
-            model.make_full_trainable(weight_dtype)
-            model.unet.to(self.device)
-            model.reference_copy.to(self.device)
-            trained, params = model.unet, model.trainable_parameters()
+        else:  # an adapter (LoRA, SaRA, full) trains inside the denoiser
+            self.adapter = model.adapter = adapters.make(cfg, model)
+            trained, params = model.unet, self.adapter.attach(self.device, weight_dtype, acc.num_processes)
+            if self.adapter.describe():
+                self._print(self.adapter.describe())
         if cfg.gradient_checkpointing and module is None:
             model.unet.enable_gradient_checkpointing()
         self.custom_module = module is not None
@@ -254,7 +244,7 @@ class Trainer:
         self.ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
         # what a checkpoint holds of the model: LoRA adapters only, else the trained module's state
         self._state_module = trained
-        self._trainable_only = cfg.trained_adapter in ("lora", "sara") and not self.custom_module
+        self._trainable_only = self.adapter is not None and self.adapter.trainable_only
 
         self.start_step = 0
         if candidates:
@@ -279,9 +269,8 @@ class Trainer:
                         f"resume: {folder} was written by {state['num_processes']} processes, this run has "
                         f"{acc.num_processes}; resume with the same number of processes"
                     )
-                if self.model.sara is not None:  # SaRA's trained subset first: it sizes the tensors below
-                    with run_state.reading(folder / "sara.safetensors"):
-                        self._sara_swap(self.model.sara.load_layout(folder / "sara.safetensors", self.optimizer))
+                if self.adapter is not None:  # the adapter's own state first (SaRA: it sizes the tensors below)
+                    self.adapter.load_state(folder, self.optimizer, self.params)
                 run_state.load(folder, acc.process_index, **self._state_parts())
                 with run_state.reading(folder):
                     self.method.restore_run_state(self, folder)
@@ -328,31 +317,6 @@ class Trainer:
             raise ConfigError(f"resume: {self.out} holds a `{old.get('method')}` run, not `{self.config.method}`")
         if changed:
             self._print(f"warning: resuming with changed config keys {changed} (saved config: {saved})")
-
-    # -- SaRA -----------------------------------------------------------------------------------------
-    def _sara_penalty(self, step: int):
-        """SaRA's nuclear-norm penalty for this step (the penalised weight drawn from seed and step), or None."""
-        cfg, sara = self.config, self.model.sara
-        if sara is None or not cfg.sara_lambda_rank:
-            return None
-        from .sara import penalty_generator
-
-        return sara.rank_penalty(cfg.sara_lambda_rank, cfg.sara_rank_min_dim, penalty_generator(cfg.seed, step))
-
-    def _sara_swap(self, pairs) -> None:
-        """Point the trainer's (and EMA's) parameter list at SaRA's new deltas."""
-        new = {id(old): p for old, p, *_ in pairs}
-        self.params[:] = [new.get(id(p), p) for p in self.params]
-
-    def _sara_reselect(self, step: int) -> None:
-        before = self.model.sara.num_trainable()
-        pairs = self.model.sara.reselect(self.optimizer)
-        if self.ema is not None:  # the frozen entries leave the EMA at their trained values
-            keep = {id(old): k for old, _, k in pairs}
-            self.ema.shadow = [sh[keep[id(p)].to(sh.device)] for sh, p in zip(self.ema.shadow, self.ema.params)]
-        self._sara_swap(pairs)
-        self._print(f"sara: re-selected at step {step}: {self.model.sara.num_trainable():,} of {before:,} entries "
-                    "still below the threshold keep training; optimizer state re-initialised")
 
     # -- logging ---------------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -418,8 +382,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         run_state.save(tmp, acc.process_index, **self._state_parts())
-        if self.model.sara is not None and acc.is_main_process:
-            self.model.sara.save(tmp, layout=True)
+        if self.adapter is not None and acc.is_main_process:
+            self.adapter.save_state(tmp)
         self.method.save_run_state(self, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -550,10 +514,10 @@ class Trainer:
                     with contextlib.nullcontext() if last else acc.no_sync(self.unet):
                         with acc.autocast():
                             loss, logs = self.method.loss(self, part)
-                        penalty = self._sara_penalty(step) if last else None
-                        acc.backward(loss / accum + (penalty if penalty is not None else 0.0))
+                        penalty = self.adapter.penalty(step) if last and self.adapter is not None else None
+                        acc.backward(loss / accum + (penalty[1] if penalty is not None else 0.0))
                         if penalty is not None:
-                            sums["sara_rank_loss"] = sums.get("sara_rank_loss", 0.0) + float(penalty.detach())
+                            sums[penalty[0]] = sums.get(penalty[0], 0.0) + float(penalty[1].detach())
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / (accum * len(parts))
@@ -568,8 +532,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-            if self.model.sara is not None and step + 1 == cfg.sara_reselect_at:
-                self._sara_reselect(step + 1)
+            if self.adapter is not None:
+                message = self.adapter.after_step(step + 1, self.optimizer, self.ema, self.params)
+                if message:
+                    self._print(message)
             count += 1
             done = step + 1
             if not math.isfinite(sums["loss"]):

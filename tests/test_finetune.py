@@ -381,5 +381,5 @@ def test_sdxl_full_finetune_with_ema(tmp_path, pairs):
     from diffplug.testing import tiny_pipeline
 
     base = tiny_pipeline("sdxl").unet.state_dict()
-    ref = trainer.model.reference_copy.state_dict()
+    ref = trainer.adapter.copy.state_dict()
     assert all(torch.equal(base[k], ref[k]) for k in base)
