@@ -17,7 +17,7 @@ then values: floating tensors finite, optional ``low``/``high`` ([low, high)), `
 (a ``ValueError``) naming the file, what it was meant to be and the fix.
 
 Model folders load through diffusers' ``from_pretrained``; :func:`check_finite_weights` scans the
-freshly loaded pipeline or module once (one reduction per tensor, one host sync per device).
+freshly loaded pipeline or module once (a min and max per tensor, one host sync per device).
 """
 
 from __future__ import annotations
@@ -245,20 +245,21 @@ def _modules(obj) -> dict[str, torch.nn.Module]:
 @torch.no_grad()
 def nonfinite_weights(obj) -> list[str]:
     """Names (``component.param``) of floating parameters/buffers of a module, pipeline or
-    ``{name: module}`` map holding NaN or inf. One fp32 sum per tensor, one host sync per device; a
-    non-finite sum (NaN, inf, or an overflow) is confirmed element-wise."""
-    sums: dict[torch.device, list] = {}
+    ``{name: module}`` map holding NaN or inf: per tensor its min and max (NaN propagates through
+    both; no copy of the weights), one host sync per device."""
+    found: dict[torch.device, list] = {}
     for comp, module in _modules(obj).items():
         seen = set()
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta" or id(t) in seen:
                 continue
             seen.add(id(t))
-            sums.setdefault(t.device, []).append((f"{comp}.{name}" if comp else name, t, t.sum(dtype=torch.float32)))
+            lo, hi = torch.aminmax(t.detach().reshape(-1))
+            found.setdefault(t.device, []).append((f"{comp}.{name}" if comp else name, torch.stack([lo, hi]).float()))
     bad = []
-    for rows in sums.values():
-        finite = torch.isfinite(torch.stack([s for _, _, s in rows])).tolist()
-        bad += [n for (n, t, _), ok in zip(rows, finite) if not ok and not bool(torch.isfinite(t).all())]
+    for rows in found.values():
+        finite = torch.isfinite(torch.stack([m for _, m in rows])).all(1).tolist()
+        bad += [n for (n, _), ok in zip(rows, finite) if not ok]
     return bad
 
 

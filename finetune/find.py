@@ -62,9 +62,9 @@ from . import data as D
 from . import state as run_state
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
 from .pairs import HARD_FASHION_PROMPTS, read_prompts, resolve_reward
+from ..samplers.noise_policy import FORMAT, NoisePolicy, load_noise_policy  # noqa: F401  (re-exported)
 from .trainer import Method
 
-FORMAT = "diffplug-find-noise-policy/1"
 
 
 @dataclass
@@ -199,97 +199,7 @@ class NoiseValueNet(nn.Module):
         return self.net(torch.cat([mean.flatten(1), std.flatten(1), text], 1))[:, 0]
 
 
-# -- the learned policy as a file ------------------------------------------------------------------------
-
-
-class NoisePolicy:
-    """A learned FIND policy: per prompt N(mean, std^2) over z_T, plus what it was trained with."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, prompts: list[str], meta: dict):
-        self.mean, self.std, self.prompts, self.meta = mean, std, list(prompts), dict(meta)
-        self.latent_shape = tuple(mean.shape[1:])
-
-    def save(self, path) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"format": FORMAT, "prompts": json.dumps(self.prompts), "latent_shape": json.dumps(self.latent_shape),
-                **{k: json.dumps(v) for k, v in self.meta.items()}}
-        save_file({"mean": self.mean.detach().float().cpu().contiguous(), "std": self.std.detach().float().cpu().contiguous()},
-                  str(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path) -> "NoisePolicy":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--noise-policy {path}: no such file (a `diffplug finetune find` run writes "
-                                    "D/final/noise_policy.safetensors)")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"not a FIND noise policy (format {meta.get('format')!r}, expected {FORMAT!r})")
-                mean, std = f.get_tensor("mean"), f.get_tensor("std")
-            fields = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-        except Exception as e:  # truncated file, bad JSON, missing tensors
-            raise ValueError(f"--noise-policy {path}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        prompts = fields.pop("prompts")
-        fields.pop("latent_shape")
-        if mean.shape != std.shape or mean.shape[0] != len(prompts):
-            raise ValueError(f"--noise-policy {path}: mean {tuple(mean.shape)} / std {tuple(std.shape)} do not fit its "
-                             f"{len(prompts)} prompts")
-        return cls(mean, std, prompts, fields)
-
-    def index(self, prompts) -> list[int]:
-        """Each prompt's row; a prompt the policy was not trained on is an error."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        unknown = [p for p in prompts if p not in self.prompts]
-        if unknown:
-            raise ValueError(f"prompt {unknown[0]!r}: the noise policy has no distribution for it; it was trained on "
-                             f"{self.prompts} (train one with `diffplug finetune find --prompt ...`)")
-        return [self.prompts.index(p) for p in prompts]
-
-    def check(self, pipe=None, height=None, width=None, **settings) -> None:
-        """Latent shape must match (error); ``settings`` (num_inference_steps, guidance_scale, eta,
-        scheduler, guidance) that differ from training are warned about."""
-        if pipe is not None:
-            from ..pipelines import family_of
-
-            family = family_of(pipe)
-            h0, w0 = family.default_size()
-            shape = tuple(family.latent_shape(1, height or h0, width or w0)[1:])
-            if shape != self.latent_shape:
-                raise ValueError(f"latents: the noise policy draws latents of shape {self.latent_shape}, this pipeline "
-                                 f"at {height or h0}x{width or w0} needs {shape}; sample at the size and model it was "
-                                 f"trained on ({self.meta.get('model')})")
-            settings.setdefault("scheduler", type(pipe.scheduler).__name__)
-        for key, value in settings.items():
-            trained = self.meta.get(key)
-            if value is not None and trained is not None and value != trained:
-                warnings.warn(f"noise policy: trained with {key}={trained!r}, sampling with {value!r}; its "
-                              "distribution was fitted to the training settings", stacklevel=3)
-
-    def sample_initial_noise(self, prompts, num_images_per_prompt: int = 1, generator=None, *, pipe=None, height=None,
-                             width=None, **settings) -> torch.Tensor:
-        """``latents=`` for ``pipe(prompts, num_images_per_prompt=n, latents=...)``: prompt-major rows
-        ``mean + std * eps``. With one ``generator`` eps is the pipeline's own draw, so an untrained
-        policy (0, 1) reproduces ``pipe(..., generator=g)``; a list gives one generator per row."""
-        rows = [i for i in self.index(prompts) for _ in range(num_images_per_prompt)]
-        self.check(pipe, height, width, **settings)
-        shape = (len(rows), *self.latent_shape)
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != len(rows):
-                raise ValueError(f"generator: {len(generator)} generators for {len(rows)} latents")
-            eps = D.randn(generator, self.latent_shape)
-        else:
-            eps = torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu")
-        z = self.mean[rows].to(eps.device) + self.std[rows].to(eps.device) * eps
-        return z.to(pipe.device) if pipe is not None else z
-
-
-def load_noise_policy(path) -> NoisePolicy:
-    return NoisePolicy.load(path)
+# -- the learned policy as a file: samplers/noise_policy.py (sampling reads it; FIND writes it)
 
 
 # -- the method on the shared trainer ---------------------------------------------------------------------

@@ -136,8 +136,15 @@ def test_weight_scan(tmp_path):
     _raises(lambda: check_finite_weights({"unet": net}, path=tmp_path, what="a model folder"), str(tmp_path),
             "unet.1.running_var")
     net[1].running_var[1] = 1.0
-    net[0].weight.data = torch.full((3, 3), 3e38)  # the fp32 sum overflows; the values are finite
+    net[0].weight.data = torch.full((3, 3), 3e38)  # large but finite
     check_finite_weights(net, path=tmp_path, what="a model folder")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        half = torch.nn.Linear(64, 64).to(dtype)
+        for bad in (NAN, INF, -INF):
+            half.weight.data[5, 7] = bad
+            _raises(lambda: check_finite_weights({"unet": half}, path=tmp_path, what="a model folder"), "unet.weight")
+            half.weight.data[5, 7] = 0
+        check_finite_weights({"unet": half}, path=tmp_path, what="a model folder")
 
 
 def test_every_readme_row_has_a_test():
@@ -292,3 +299,54 @@ def test_resume_nan_is_named_at_resume(sara_run, tmp_path, capsys):
     key = sorted(k for k in load_file(str(opt)) if "exp_avg_sq" in k)[0]
     _rewrite(opt, lambda t: t[key].view(-1).__setitem__(0, INF))
     _raises(lambda: run_state.load_tree(tmp_path / "opt", "optimizer"), str(opt), repr(key), "inf")
+
+
+# -- noise policies (samplers/noise_policy.py) ----------------------------------------------------------------
+
+
+def _sample_cli(tmp_path, capsys, extra, monkeypatch=None):
+    """`diffplug sample` on the tiny SD pipeline -> (exit status, the error line or None)."""
+    from diffplug.cli import main
+
+    if monkeypatch is not None:
+        def no_loading(*a, **k):
+            raise AssertionError("the model was loaded before the bad file was found")
+        monkeypatch.setattr("diffplug.pipelines.registry.load_pipeline", no_loading)
+    rc = main(["sample", "--model", "tiny-sd", "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+               "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("diffplug sample: error:")]
+    assert len(lines) <= 1
+    return rc, lines[0] if lines else None
+
+
+@row("policy-values")
+def test_noise_policy_values(tmp_path, capsys, monkeypatch):
+    from diffplug.samplers.noise_policy import NoisePolicy
+
+    shape = (1, 4, 16, 16)  # the tiny SD pipeline's latents
+    cases = {"nan-mean": (torch.zeros(shape).index_fill_(1, torch.tensor([2]), NAN), torch.ones(shape), "'mean'"),
+             "inf-std": (torch.zeros(shape), torch.full(shape, INF), "'std'"),
+             "negative-std": (torch.zeros(shape), torch.full(shape, -1e6), "'std'"),
+             "zero-std": (torch.zeros(shape), torch.zeros(shape), "'std'")}
+    for name, (mean, std, word) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        NoisePolicy(mean, std, ["a cat"], {}).save(path)
+        rc, line = _sample_cli(tmp_path, capsys, ["--noise-policy", str(path)], monkeypatch)
+        assert rc == 2 and str(path) in line and word in line, (name, line)
+        assert not (tmp_path / "out").exists()
+
+
+@row("policy-shape")
+def test_noise_policy_shape(tmp_path, capsys, monkeypatch):
+    from diffplug.samplers.noise_policy import FORMAT
+
+    path = tmp_path / "p.safetensors"
+    meta = {"format": FORMAT, "prompts": json.dumps(["a cat"]), "latent_shape": json.dumps([4, 16, 16])}
+    for mean, std, word in ((torch.zeros(1, 4, 16, 16), torch.ones(1), "'std' has shape (1,), expected (1, 4, 16, 16)"),
+                            (torch.zeros(2, 4, 16, 16), torch.ones(2, 4, 16, 16), "expected (1, 4, 16, 16)"),
+                            (torch.zeros(1, 4, 16, 16).half(), torch.ones(1, 4, 16, 16), "float16, not float32")):
+        save_file({"mean": mean, "std": std}, str(path), metadata=meta)
+        rc, line = _sample_cli(tmp_path, capsys, ["--noise-policy", str(path)], monkeypatch)
+        assert rc == 2 and str(path) in line and word in line, line
