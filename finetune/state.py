@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_model
 
+from .. import atomic
 from ..checked import Spec, UserFileError, like, read_header, read_json, read_safetensors
 from .checkpoint import CheckpointError
 
@@ -100,8 +101,8 @@ def save_tree(folder: Path, name: str, obj) -> None:
     tensors: dict = {}
     tree = _encode(obj, tensors, name)
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
-    (folder / f"{name}.json").write_text(json.dumps({"tensors": bool(tensors), "tree": tree}))
+        atomic.save_safetensors(tensors, folder / f"{name}.safetensors")  # a failed write names the file
+    atomic.write_text(folder / f"{name}.json", json.dumps({"tensors": bool(tensors), "tree": tree}))
 
 
 def _tensor_keys(node, out: set) -> set:
@@ -164,9 +165,10 @@ def _trainable(module: torch.nn.Module) -> dict:
 
 def save_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:
     if trainable_only:
-        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(module).items()}, str(path))
+        atomic.save_safetensors({n: p.detach().cpu().contiguous() for n, p in _trainable(module).items()}, path)
     else:
-        save_model(module, str(path))  # the whole state_dict; tied tensors once
+        with atomic.replacing(path) as tmp:
+            save_model(module, str(tmp))  # the whole state_dict; tied tensors once
 
 
 def load_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:
