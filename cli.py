@@ -10,9 +10,9 @@ from pathlib import Path
 
 # command -> (the folder whose cli.py registers it, one-line help). A folder's cli.py is imported
 # only when its command runs, so `diffplug --help` stays instant (no torch/diffusers import).
-# Exit status of every command: 0 done; 2 error (one line on stderr naming the argument or file;
-# a file that could not be written, e.g. on a full disk, is named and nothing partial is left);
-# `diffplug eval` also 1 (metrics written, some skipped), see its --help.
+EXIT_STATUS = ("Exit status: 0 done; 2 error, one line on stderr naming the argument or file (a file that could "
+               "not be written, e.g. on a full disk, is named and nothing partial is left); diffplug eval also 1: "
+               "metrics written, some skipped. Each command's --help says what it writes.")
 SUBCOMMANDS = {
     "sample": ("pipelines", "generate images through diffplug's loop"),
     "eval": ("evals", "FID/KID, precision/recall, CLIP score ... of image folders or a generation spec"),
@@ -55,7 +55,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (``"*"``: every module)."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="diffplug", description="Sampling, guidance and fine-tuning plugins for diffusers.")
+    parser = argparse.ArgumentParser(prog="diffplug", description="Sampling, guidance and fine-tuning plugins for diffusers.",
+                                     epilog=EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"diffplug {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (folder, help_text) in available().items():
