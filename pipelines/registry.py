@@ -128,7 +128,10 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
 
         pipe = tiny_pipeline(builtin.removeprefix("tiny-"))
     else:
+        from diffplug.checked import check_finite_weights
+
         pipe = _from_pretrained(model, torch_dtype)
+        check_finite_weights(pipe, path=model, what="--model: a diffusers pipeline with finite weights")  # once per load
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = pipe.to(device)
     if torch_dtype is not None:

@@ -350,3 +350,21 @@ def test_noise_policy_shape(tmp_path, capsys, monkeypatch):
         save_file({"mean": mean, "std": std}, str(path), metadata=meta)
         rc, line = _sample_cli(tmp_path, capsys, ["--noise-policy", str(path)], monkeypatch)
         assert rc == 2 and str(path) in line and word in line, line
+
+
+# -- model folders (pipelines/registry.py: one scan after from_pretrained) --------------------------------------
+
+
+@row("model-nan")
+def test_model_folder_with_nan_weights(tmp_path, capsys):
+    from diffplug.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    with torch.no_grad():
+        pipe.unet.conv_out.weight[0, 0, 0, 0] = NAN
+    pipe.save_pretrained(tmp_path / "model")
+    rc, line = _sample_cli(tmp_path, capsys, ["--model", str(tmp_path / "model")])
+    assert rc == 2 and line is not None, "a NaN UNet gave an image"
+    for word in (str(tmp_path / "model"), "unet.conv_out.weight", "NaN"):
+        assert word in line, (word, line)
+    assert not (tmp_path / "out").exists()
