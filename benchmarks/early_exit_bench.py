@@ -16,6 +16,11 @@ time (process time inside the transformer's forward), and quality: FID and preci
 testbed classifier's features (``--features inception`` for the real Inception) against real test
 images of the same prompts, alignment (testbed classifier top-1 on the prompted class), PSNR to the
 full model. Then where exits happen along the trajectory (mean blocks per third of the steps).
+
+    python benchmarks/early_exit_bench.py --flow-flops benchmarks/early_exit_flow_flops.md
+
+counts instead what heads and UEMs cost on real-size Flux.1-dev and SD3-medium shapes (meta device,
+no weights; no trained heads exist for them here).
 """
 
 from __future__ import annotations
@@ -138,6 +143,89 @@ def head_errors(pipe, ee, items, timesteps=(100, 300, 500, 700, 900), seed: int 
     return out
 
 
+# Published shapes, built on the meta device (no weights, no memory): 1024x1024 images.
+FLOW_MODELS = {
+    "Flux.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)), 512),
+    "SD3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192), 77 + 256),
+}
+
+
+@torch.no_grad()
+def flow_flops(name: str) -> dict:
+    """Per-row FLOPs of each piece of a real-size Flux / SD3 transformer wrapped in EarlyExit, counted on
+    the meta device. flop_counter counts matmuls and attention only: the UEM (elementwise) is counted
+    by hand as 7 T D + 2 D (LayerNorm ~5 T D, a dot product per token 2 T D, the embedding's 2 D)."""
+    import diffusers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cls, config, text = FLOW_MODELS[name]
+    with torch.device("meta"):
+        ee = EarlyExit(getattr(diffusers, cls)(**config))
+        if cls.startswith("Flux"):
+            tokens = 64 * 64
+            kw = dict(hidden_states=torch.randn(1, tokens, 64), pooled_projections=torch.randn(1, 768),
+                      encoder_hidden_states=torch.randn(1, text, 4096), timestep=torch.full((1,), 0.5),
+                      guidance=torch.full((1,), 3.5), txt_ids=torch.zeros(text, 3), img_ids=torch.zeros(tokens, 3))
+        else:
+            kw = dict(hidden_states=torch.randn(1, 16, 128, 128), pooled_projections=torch.randn(1, 2048),
+                      encoder_hidden_states=torch.randn(1, text, 4096), timestep=torch.full((1,), 500.0))
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    p = ee.embed(**kw)
+    out = {"name": name, "cls": cls, "text": text, "blocks": ee.num_blocks, "embed": count(lambda: ee.embed(**kw))}
+    kinds = {}
+    for i, block in enumerate(ee.blocks):
+        kind = type(block).__name__
+        if kind not in kinds:  # one block of each kind (the others are the same shape)
+            kinds[kind] = [count(lambda i=i, block=block: ee.trunk.block(i, block, p)), 0]
+        else:
+            ee.trunk.block(i, block, p)
+        kinds[kind][1] += 1
+    t, d = ee.trunk.image(p).shape[1:]
+    out.update(kinds=kinds, tokens=t, dim=d, head=count(lambda: ee.head(1, p)), final=count(lambda: ee.head(ee.num_blocks, p)),
+               uem=7 * t * d + 2 * d)
+    out["full"] = out["embed"] + sum(f * c for f, c in kinds.values()) + out["final"]
+    return out
+
+
+def write_flow_flops(path: Path, argv) -> None:
+    lines = ["# DeeDiff early exit on real-size flow transformers: the cost of heads and UEMs", "",
+             f"Command: `python benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+             f"torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Theoretical FLOPs of one row "
+             "(one sample, one pass) at 1024x1024, counted with torch.utils.flop_counter on the published shapes built "
+             "on the meta device (no weights: the numbers depend on shapes only). No trained heads exist for these "
+             "models here: this says what an exit costs and saves, not how good early answers are.", "",
+             "| model | image / text tokens | blocks | input stage GFLOPs | block GFLOPs (count) | exit head GFLOPs | UEM GFLOPs "
+             "| head + UEM / block | full pass GFLOPs | pass exiting after block N/2 |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for name in FLOW_MODELS:
+        f = flow_flops(name)
+        kinds = list(f["kinds"].items())
+        mean_block = sum(v * c for v, c in f["kinds"].values()) / f["blocks"]
+        half, done, cost = f["blocks"] // 2, 0, f["embed"]
+        for flops, c in f["kinds"].values():  # blocks in order, with a UEM after each, then the exit head
+            k = min(c, half - done)
+            cost, done = cost + k * (flops + f["uem"]), done + k
+        cost += f["head"]
+        lines.append(
+            f"| {name} (`{f['cls']}`) | {f['tokens']} / {f['text']} | {f['blocks']} | {f['embed'] / 1e9:.1f} | "
+            + ", ".join(f"{k.replace('TransformerBlock', '')}: {v / 1e9:.0f} ({c})" for k, (v, c) in kinds) + " | "
+            f"{f['head'] / 1e9:.2f} | {f['uem'] / 1e9:.3f} | {(f['head'] + f['uem']) / mean_block:.3%} | "
+            f"{f['full'] / 1e9:.0f} | {cost / 1e9:.0f} ({1 - cost / f['full']:.1%} saved) |")
+        print(lines[-1], flush=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=96)
@@ -150,7 +238,11 @@ def main(argv=None) -> None:
     p.add_argument("--heads", default=None, help="heads file (default: the shipped testbed heads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=HERE / "early_exit_results.md")
+    p.add_argument("--flow-flops", type=Path, default=None,
+                   help="only count the FLOPs of heads and UEMs on real-size Flux.1 / SD3 shapes (meta device) into this file")
     args = p.parse_args(argv)
+    if args.flow_flops is not None:
+        return write_flow_flops(args.flow_flops, argv)
 
     torch.manual_seed(0)
     pipe = testbed.load("dit").to(args.device)
