@@ -280,6 +280,12 @@ class PixArtFamily(Family):
         return out
 
 
+def _mu(config, mu: float) -> dict:
+    """``{"mu": mu}`` for a scheduler with dynamic shifting. The stock Flux-style pipelines pass mu always;
+    FlowMatchEuler ignores it without ``use_dynamic_shifting``, and DPM-Solver-style schedulers refuse it."""
+    return {"mu": mu} if config.get("use_dynamic_shifting", False) else {}
+
+
 def _second_pass(guidance) -> bool:
     """Whether ``guidance`` may ask for an unconditional pass (plain CFG at w = 1, or disabled, never does)."""
     from ..guidance.base import CFG
@@ -302,7 +308,6 @@ class FluxFamily(Family):
 
     name = "flux"
     denoiser_attr = "transformer"
-    stock_drops_sigmas = True  # FluxPipeline passes sigmas=None to a scheduler with use_flow_sigmas
 
     def default_size(self) -> tuple[int, int]:
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -421,7 +426,7 @@ class FluxFamily(Family):
         config = self.pipe.scheduler.config
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if self.stock_drops_sigmas and config.get("use_flow_sigmas", False):
+        if config.get("use_flow_sigmas", False):  # as FluxPipeline (ChromaPipeline would pass them, and fail)
             sigmas = None
         mu = calculate_shift(
             latents.shape[1],
@@ -430,7 +435,7 @@ class FluxFamily(Family):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, **_mu(config, mu))
 
     def prepare_latents(self, batch, height, width, generator, latents):
         channels = self.denoiser.config.in_channels // 4
@@ -468,7 +473,6 @@ class ChromaFamily(FluxFamily):
     name = "chroma"
 
     call_arguments = Family.call_arguments
-    stock_drops_sigmas = False  # ChromaPipeline passes its sigmas even with use_flow_sigmas
 
     def guidance_for(self, guidance, guidance_scale, call: dict):
         return Family.guidance_for(self, guidance, guidance_scale, call)
@@ -539,8 +543,9 @@ class ZImageFamily(Family):
 
     def encode(self, *, prompt=None, negative_prompt=None, num_images_per_prompt=1, prompt_embeds=None,
                negative_prompt_embeds=None, max_sequence_length=None, **call) -> dict:
-        """The stock ``encode_prompt`` (lists of unpadded features), repeated per image, zero-padded to one
-        length with the lengths kept: ``cap_feats`` (n, L, D) and ``cap_lengths`` (n,)."""
+        """The stock ``encode_prompt`` (lists of unpadded features), repeated per image, zero-padded to
+        ``max_sequence_length`` (the tokenizer's cut, so conditions encoded apart, e.g. ProductGuidance's
+        second prompt, batch together) with the lengths kept: ``cap_feats`` (n, L, D), ``cap_lengths`` (n,)."""
         prompt = [prompt] if isinstance(prompt, str) else (None if prompt is None else list(prompt))  # stock edits lists
         if isinstance(negative_prompt, str) and prompt is not None and len(prompt) > 1:
             negative_prompt = [negative_prompt] * len(prompt)
@@ -553,7 +558,7 @@ class ZImageFamily(Family):
         )
         cond = [c for c in cond for _ in range(num_images_per_prompt)]
         uncond = [u for u in uncond for _ in range(num_images_per_prompt)]
-        longest = max(f.shape[0] for f in cond + uncond)
+        longest = max([f.shape[0] for f in cond + uncond] + [max_sequence_length or stock_default(self.pipe, "max_sequence_length", 512)])
 
         def padded(feats):
             rows = [torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[0])) for f in feats]
@@ -576,7 +581,10 @@ class ZImageFamily(Family):
             config.get("max_shift", 1.15),
         )
         sigmas = get_default_z_image_sigmas(num_inference_steps) if sigmas is None else sigmas
-        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
+        # an array, not the stock list: FlowMatchEuler reads both alike (np.array(sigmas)), solvers need one;
+        # None for diffusers' solvers in flow mode (use_flow_sigmas), which make their own, as FluxPipeline
+        sigmas = None if config.get("use_flow_sigmas", False) else np.asarray(sigmas)
+        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, self.device, sigmas=sigmas, **_mu(config, mu))
 
     def model(self, x, t, cap_feats, cap_lengths):
         transformer = self.pipe.transformer

@@ -271,3 +271,21 @@ def test_sample_runs_tiny_flux(tmp_path):
         assert main(["sample", "--model", "tiny-flux", "--prompt", "a cat", "--steps", "2", "--device", "cpu",
                      "--out", str(out)]) == 0
     assert json.loads((out / "settings.json").read_text())["pipeline"] == "FluxPipeline"
+
+
+def test_x0_space_guidance_on_flux_uses_x_minus_sigma_v(pipes):
+    """APG/AG see x0 = x − σ v (predictions.py) with σ = t / 1000 of Flux's shifted schedule."""
+
+    class Probe(CFG):
+        def forward(self, pred_cond, pred_uncond=None):
+            self.seen.append((self._context, self._timestep, pred_cond))
+            return super().forward(pred_cond, pred_uncond)
+
+    probe = Probe(3.0)
+    probe.seen = []
+    from_pipe(pipes["flux"], guidance=probe)("a cat", negative_prompt="blurry", **KW)
+    assert len(probe.seen) == 3
+    for ctx, t, v in probe.seen:
+        sigma = t.float() / 1000
+        assert ctx.prediction_type == "flow" and torch.allclose(ctx.sigma, sigma)
+        assert torch.allclose(ctx.to_x0(v), ctx.sample - sigma * v, atol=1e-6)
