@@ -206,18 +206,18 @@ def check_args(args) -> None:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.spec:
         if not Path(args.spec).is_file():
-            raise ValueError(f"--spec {args.spec}: no such file")
+            raise FileNotFoundError(f"--spec {args.spec}: no such file")
     else:
         metrics = _metric_names(args.metrics)
         if not args.generated or (any(m in metrics for m in FEATURE_METRICS) and not args.reference):
             raise ValueError("give --generated DIR and --reference DIR|fashion-mnist:test (--reference may be left out "
                              "when --metrics has none of fid,kid,precision,recall), or --spec FILE")
         if not Path(args.generated).is_dir():
-            raise ValueError(f"--generated {args.generated}: no such folder")
+            raise FileNotFoundError(f"--generated {args.generated}: no such folder")
         if args.prompts and not Path(args.prompts).is_file():
-            raise ValueError(f"--prompts {args.prompts}: no such file")
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
     if args.reference and not _is_named_set(args.reference) and not Path(args.reference).exists():
-        raise ValueError(f"--reference {args.reference}: no such folder or file (or use fashion-mnist:test, "
+        raise FileNotFoundError(f"--reference {args.reference}: no such folder or file (or use fashion-mnist:test, "
                          "testbed:<dataset>:<split>)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -93,7 +93,7 @@ def test_bad_arguments_fail_clearly(setup):
         a = _parse(["--generated", str(tmp / "gen"), "--reference", str(tmp / "ref"), "--metrics", "fid,lpips",
                     "--out", str(tmp / "o")])
         run(a)
-    with pytest.raises(ValueError, match="--generated .*nope: no such folder"):
+    with pytest.raises(FileNotFoundError, match="--generated .*nope: no such folder"):
         a = _parse(["--generated", str(tmp / "nope"), "--reference", str(tmp / "ref"), "--features",
                     "py:featmod:tiny_features", "--out", str(tmp / "o2"), "--no-progress"])
         run(a)
