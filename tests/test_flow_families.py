@@ -289,3 +289,26 @@ def test_x0_space_guidance_on_flux_uses_x_minus_sigma_v(pipes):
         sigma = t.float() / 1000
         assert ctx.prediction_type == "flow" and torch.allclose(ctx.sigma, sigma)
         assert torch.allclose(ctx.to_x0(v), ctx.sample - sigma * v, atol=1e-6)
+
+
+def test_flux_without_dynamic_shifting(pipes):
+    """FLUX.1-schnell's scheduler (shift 1, no dynamic shifting): the stock pipeline passes mu anyway and
+    FlowMatchEuler ignores it; diffplug passes it only to schedulers that shift with it (DPM-Solver-style
+    ones assert on an unused mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffplug.samplers import DCDPMSolverScheduler
+
+    pipe = pipes["flux-schnell"]
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        stock, ours = _both(pipe)
+        assert torch.equal(ours.images, stock)
+        pipe.scheduler = DCDPMSolverScheduler.from_config(pipe.scheduler.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = from_pipe(pipe)(PROMPTS, generator=_gen(), **KW).images
+        assert torch.isfinite(out).all() and not torch.allclose(out, stock)
+    finally:
+        pipe.scheduler = original
