@@ -386,8 +386,9 @@ class FluxFamily(Family):
                 raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too (Flux has two encoders)")
             if negative_prompt_embeds is None:
                 negative_prompt = negative_prompt or ""
-                if isinstance(negative_prompt, str) and isinstance(prompt, list):
-                    negative_prompt = [negative_prompt] * len(prompt)
+                if isinstance(negative_prompt, str):  # one per prompt (the stock pipeline would encode one)
+                    prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(cond)
+                    negative_prompt = [negative_prompt] * prompts
             uncond, pooled_uncond, _ = pipe.encode_prompt(
                 prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
                 pooled_prompt_embeds=negative_pooled_prompt_embeds, **common,
@@ -462,6 +463,13 @@ class FluxFamily(Family):
         if output_type == "latent":
             return latents, None  # packed, as the stock pipeline returns them
         height, width = size or getattr(self, "_size", None) or self.default_size()
+        f = self.pipe.vae_scale_factor * 2
+        if (height // f) * (width // f) != latents.shape[1]:  # not the last run's latents
+            side = math.isqrt(latents.shape[1])
+            if side * side != latents.shape[1]:
+                raise ValueError(f"decode: {latents.shape[1]} packed tokens are not {height}x{width} pixels; "
+                                 "pass size=(height, width)")
+            height = width = side * f
         unpacked = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
         return super().decode(unpacked, output_type, generator)
 

@@ -312,3 +312,24 @@ def test_flux_without_dynamic_shifting(pipes):
         assert torch.isfinite(out).all() and not torch.allclose(out, stock)
     finally:
         pipe.scheduler = original
+
+
+@torch.no_grad()
+def test_flux_inputs_beyond_prompts(pipes):
+    pipe = pipes["flux"]
+    # one negative prompt for a list of prompts: one per prompt (the stock pipeline would batch it once)
+    ours = from_pipe(pipe)(PROMPTS, negative_prompt="blurry", true_cfg_scale=3.0, generator=_gen(), **KW).images
+    stock = pipe(PROMPTS, negative_prompt=["blurry"] * 2, true_cfg_scale=3.0, generator=_gen(), **KW).images
+    assert torch.equal(ours, stock)
+    # precomputed embeddings, with the empty negative prompt built per row
+    embeds, pooled, _ = pipe.encode_prompt(PROMPTS, max_sequence_length=32)
+    with pytest.warns(UserWarning, match="empty prompt"):
+        out = from_pipe(pipe, guidance=CFG(3.0))(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_gen(), **KW)
+    assert torch.equal(out.images, pipe(PROMPTS, negative_prompt=["", ""], true_cfg_scale=3.0, generator=_gen(), **KW).images)
+    # decode unpacks latents of another run's (square) size, and says what to pass when it cannot tell
+    run = from_pipe(pipe)
+    big = run("a cat", height=64, width=64, generator=_gen(), **KW).images
+    run("a cat", generator=_gen(), **KW)
+    assert run.family.decode(big, "np")[0].shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="size=\\(height, width\\)"):
+        run.family.decode(big[:, :32], "np")
