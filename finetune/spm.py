@@ -264,16 +264,32 @@ class StepAwarePreferenceModel(nn.Module):
     @classmethod
     def load(cls, folder: str | Path, backbone: str | None = None) -> "StepAwarePreferenceModel":
         """``backbone``: the user's ``--backbone``; required to match a recorded ``module:function``."""
-        from safetensors.torch import load_file
+        from ..checked import UserFileError, like, read_safetensors
 
         folder = Path(folder)
         if not (folder / "spm_config.json").is_file():
             raise ConfigError(f"preference_model: {str(folder)!r} holds no spm_config.json (train one with `diffplug finetune spo-pm`)")
-        config = json.loads((folder / "spm_config.json").read_text())
-        model = cls.from_backbone(checked_backbone(folder, config.get("backbone", ""), backbone), config["freq_dim"])
-        model.load_state_dict(load_file(str(folder / "spm.safetensors")))
+        try:  # checked whole (keys, shapes, finite values) before the model takes any of it
+            config = _config(folder)
+            if not isinstance(config.get("freq_dim"), int) or config["freq_dim"] <= 0:
+                raise UserFileError(folder / "spm_config.json", f"freq_dim {config.get('freq_dim')!r} is not a positive "
+                                    "integer", what=WHAT)
+            model = cls.from_backbone(checked_backbone(folder, config.get("backbone", ""), backbone), config["freq_dim"])
+            state = read_safetensors(folder / "spm.safetensors", like(model.state_dict(), dtype=False), what=WHAT)
+        except UserFileError as e:
+            raise ConfigError(f"preference_model: {e}") from None
+        model.load_state_dict(state)
         model.info = config
         return model
+
+
+WHAT = "an SPO step-aware preference model (spm.safetensors + spm_config.json written by diffplug finetune spo-pm)"
+
+
+def _config(folder: Path) -> dict:
+    from ..checked import read_json
+
+    return read_json(folder / "spm_config.json", what=WHAT)
 
 
 def load_preference_model(spec: str, reward: str | None = None, backbone: str | None = None) -> StepAwarePreferenceModel:
@@ -286,7 +302,12 @@ def load_preference_model(spec: str, reward: str | None = None, backbone: str | 
         folder = folder / "final"
     if folder is None or not (folder / "spm_config.json").is_file():
         raise ConfigError(f"preference_model: {spec!r} is not a trained step-aware preference model; {how}")
-    info = json.loads((folder / "spm_config.json").read_text())
+    from ..checked import UserFileError
+
+    try:
+        info = _config(folder)
+    except UserFileError as e:
+        raise ConfigError(f"preference_model: {e}") from None
     if not info.get("steps"):
         raise ConfigError(f"preference_model: {str(folder)!r} is untrained (no spo-pm training steps recorded); {how}")
     if reward is not None and info.get("reward") != reward:

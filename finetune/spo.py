@@ -295,15 +295,33 @@ class SPO(Method):
         save_file(tensors or {"empty": torch.zeros(0)}, str(path), metadata=meta)
 
     def _load_queue(self, path: Path) -> None:
-        from safetensors import safe_open
+        """The unfinished rollout, read whole and checked (``diffplug.checked``: keys, one latent shape,
+        finite values, weights >= 0) before the run takes any of it."""
+        from ..checked import Spec, UserFileError, read_header, read_safetensors
 
+        what = "SPO's unfinished rollout in a checkpoint (written by diffplug finetune spo)"
         if not path.is_file():
             raise ConfigError(f"resume: {path.parent} has no {path.name} (SPO's unfinished rollout); it was not written by this SPO")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            prompts = json.loads(meta["prompts"])
-            self.queue = [{**{k: f.get_tensor(f"{i}.{k}") for k in self.KEYS + ("weight",)}, "prompts": p} for i, p in enumerate(prompts)]
-        self.batch_logs, self.stats = json.loads(meta["logs"]), json.loads(meta["stats"])
+        entries, meta = read_header(path, what=what)
+        try:
+            prompts, logs, stats = (json.loads(meta[k]) for k in ("prompts", "logs", "stats"))
+            if not (isinstance(prompts, list) and all(isinstance(p, list) for p in prompts)):
+                raise ValueError("prompts is not a list of prompt lists")
+            if not (isinstance(logs, dict) and isinstance(stats, dict)):
+                raise ValueError("logs / stats are not JSON objects")
+        except (KeyError, ValueError) as e:
+            raise UserFileError(path, f"bad metadata ({type(e).__name__}: {e})", what=what) from None
+        rank = len(entries.get("0.x_w", (None, (0, 0, 0, 0)))[1])
+        latent = Spec(("n0",) + tuple(f"d{j}" for j in range(1, rank)), (torch.float32, torch.float16, torch.bfloat16))
+        expect = {"empty": Spec((0,))} if not prompts else {}
+        for i, p in enumerate(prompts):
+            n = (len(p),)  # one prompt per transition
+            expect.update({f"{i}.{k}": Spec(n + latent.shape[1:], latent.dtype) for k in self.KEYS if k != "t"})
+            expect[f"{i}.t"] = Spec(n, finite=True)
+            expect[f"{i}.weight"] = Spec((), low=0.0)
+        tensors = read_safetensors(path, expect, what=what)
+        self.queue = [{**{k: tensors[f"{i}.{k}"] for k in self.KEYS + ("weight",)}, "prompts": p} for i, p in enumerate(prompts)]
+        self.batch_logs, self.stats = logs, stats
 
     def save_final(self, trainer, module, folder: Path) -> None:
         """The LoRA / UNet as usual, and a loud warning when the run learned nothing."""

@@ -368,3 +368,62 @@ def test_model_folder_with_nan_weights(tmp_path, capsys):
     for word in (str(tmp_path / "model"), "unet.conv_out.weight", "NaN"):
         assert word in line, (word, line)
     assert not (tmp_path / "out").exists()
+
+
+# -- SPO preference models (finetune/spm.py) ----------------------------------------------------------------
+
+
+@row("preference-model")
+def test_preference_model_files(tmp_path):
+    from diffplug.finetune.spm import StepAwarePreferenceModel, load_preference_model
+
+    folder = tmp_path / "pm"
+    StepAwarePreferenceModel.from_backbone("testbed").save(folder, reward="r", steps=1)
+    good = (folder / "spm.safetensors").read_bytes()
+    load_preference_model(str(folder), backbone="testbed")
+    weights = folder / "spm.safetensors"
+    key = sorted(k for k in _read(weights) if k.startswith("t_embedder"))[0]
+
+    def bad(change, *words):
+        weights.write_bytes(good)
+        change()
+        _raises(lambda: load_preference_model(str(folder), backbone="testbed"), *words)
+    bad(lambda: weights.write_bytes(good[: len(good) // 2]), str(weights), "truncated")
+    bad(lambda: weights.write_bytes((10**12).to_bytes(8, "little") + good[8:]), str(weights), "header")
+    bad(lambda: _rewrite(weights, lambda t: t.__setitem__(key, t[key][:1].clone())), str(weights), repr(key), "shape")
+    bad(lambda: _rewrite(weights, lambda t: t[key].view(-1).__setitem__(0, NAN)), str(weights), repr(key), "NaN")
+    bad(lambda: (folder / "spm_config.json").write_text('{"backbone": "testbed", "freq_'), str(folder / "spm_config.json"),
+        "JSON")
+
+
+def _read(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# -- SPO's unfinished rollout in a checkpoint (finetune/spo.py) ------------------------------------------------
+
+
+@row("spo-rollout")
+def test_spo_rollout_queue(tmp_path):
+    from diffplug.finetune.spo import SPO
+
+    spo = SPO.__new__(SPO)  # only the queue's file methods are used
+    spo.batch_logs, spo.stats = {"valid_pair_fraction": 0.5}, {"rollouts": 1, "valid": 3, "empty_rollouts": 0}
+    spo.queue = [{**{k: torch.randn(n, 4, 8, 8) for k in ("x_t_w", "x_w", "x_t_l", "x_l")}, "t": torch.tensor([10, 500, 900][:n]),
+                  "weight": torch.tensor(1.0 / n), "prompts": ["a"] * n} for n in (3, 2)]
+    path = tmp_path / "spo_rollout_0.safetensors"
+    spo._save_queue(path)
+    good, queue = path.read_bytes(), spo.queue
+    spo._load_queue(path)
+    assert all(torch.equal(a["x_w"], b["x_w"]) for a, b in zip(queue, spo.queue))
+    for change, words in ((lambda t: t["1.x_l"].view(-1).__setitem__(3, NAN), ["'1.x_l'", "NaN"]),
+                          (lambda t: t.__setitem__("0.x_w", t["0.x_w"][:, :, :4].clone()), ["'0.x_w'", "shape"]),
+                          (lambda t: t.__setitem__("1.weight", torch.tensor(-1.0)), ["'1.weight'", "below"]),
+                          (lambda t: t.pop("0.t"), ["missing", "'0.t'"])):
+        path.write_bytes(good)
+        _rewrite(path, change)
+        spo.queue = "untouched"
+        _raises(lambda: spo._load_queue(path), str(path), *words)
+        assert spo.queue == "untouched"
