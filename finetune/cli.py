@@ -100,18 +100,23 @@ def mode_of(method: str, values: dict, config_cls) -> str:
 
 
 def check_reads(method: str, values: dict, config_cls) -> None:
-    """A given key the method (in its mode) does not read is an error naming the key and the mode."""
+    """A key given (with a value other than its default) that the method, in its mode, does not read is
+    an error naming the key and the mode."""
+    from .config import _coerce, _fields
+
     mode = mode_of(method, values, config_cls)
     reads = _read_keys(READS[(method, mode)])
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    types = _fields(config_cls)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config_cls)}
     where = f"`{method}`" + (f" with {mode}" if mode else "")
-    for key in values:
-        if key in _CHECKED and key in known and key not in reads:
+    for key, value in values.items():
+        if key in _CHECKED and key in types and key not in reads and _coerce(key, value, types[key]) != defaults[key]:
             what = "adapter keys" if key in ADAPTER else "it"
             hint = ("; it trains its own module, the diffusion model stays frozen" if key in ADAPTER else
                     f"; {where} reads {', '.join(READS[(method, mode)])}")
             raise ConfigError(f"{key}: {where} does not read {what}{hint}; drop --{key}")
-    if method == "find" and "prompt" in values and "prompts" in values:
+    if method == "find" and values.get("prompt") and "prompts" in values:
         raise ConfigError("prompt, prompts: `find` reads one of them; give --prompt P or --prompts (a list or a file)")
 
 
