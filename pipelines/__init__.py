@@ -102,8 +102,9 @@ class DiffplugPipeline:
         with one, a copy of it at this scale (omit it to keep the object's own scale).
         Flux (guidance-distilled transformers): the guidance *embedding*, as stock; the guidance
         object (or ``true_cfg_scale`` with ``negative_prompt``) runs the second pass (``FluxFamily``).
-        Family-specific arguments (``prompt_2``, ``original_size``, ``mu``, ``max_sequence_length``...)
-        pass through to the pipeline's own encoding.
+        Z-Image: its s (w = 1 + s). Each family's rule is its ``guidance_for``.
+        Family-specific arguments (``prompt_2``, ``original_size``, ``mu``, ``max_sequence_length``,
+        Flux's ``true_cfg_scale``, Z-Image's ``cfg_normalization``...) pass through to the family adapter.
         """
         pipe, family = self.pipe, self.family
         height, width = check_call(

@@ -79,7 +79,7 @@ class Family:
         warned = self.__dict__.setdefault("_warned", set())
         if message not in warned:
             warned.add(message)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=5)  # the user's run(...) call
 
     def distilled_guidance(self, guidance, conditions: dict):
         """A guidance-distilled UNet (``time_cond_proj_dim``, e.g. LCM) takes CFG's scale as an input, as
