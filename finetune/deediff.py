@@ -163,6 +163,8 @@ class DeeDiff(Method):
         except TypeError as e:
             raise ConfigError(f"model: {e}") from None
         module.transformer.requires_grad_(cfg.train_backbone)
+        if cfg.gradient_checkpointing and cfg.train_backbone:  # EarlyExit's training view honours the model's flag
+            module.transformer.enable_gradient_checkpointing()
         return module.to(trainer.device)
 
     def setup(self, trainer):

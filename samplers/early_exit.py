@@ -112,6 +112,14 @@ class Trunk:
         """The image tokens of ``p`` (what heads and UEMs read)."""
         return p.x
 
+    def call(self, block, **kwargs):
+        """One block; under the model's gradient checkpointing (training), recomputed in backward."""
+        if self.tr.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, use_reentrant=False, **kwargs)
+        return block(**kwargs)
+
     def refuse(self, call: dict, *names) -> None:
         given = [n for n in names if call.get(n) is not None]
         jak = call.get("joint_attention_kwargs") or {}
@@ -159,8 +167,9 @@ class PixArtTrunk(Trunk):
 
     def block(self, index, block, p: Pass) -> None:
         r = p.rows
-        p.x = block(p.x, attention_mask=r["mask"], encoder_hidden_states=r["ctx"], encoder_attention_mask=r["ctx_mask"],
-                    timestep=r["temb"], cross_attention_kwargs=p.shared["cross_attention_kwargs"], class_labels=None)
+        p.x = self.call(block, hidden_states=p.x, attention_mask=r["mask"], encoder_hidden_states=r["ctx"],
+                        encoder_attention_mask=r["ctx_mask"], timestep=r["temb"],
+                        cross_attention_kwargs=p.shared["cross_attention_kwargs"], class_labels=None)
 
     def _layer(self, tokens, embedded, table, proj, size):
         tr = self.tr
@@ -230,9 +239,9 @@ class FluxTrunk(FlowTrunk):
         return Pass(x, rows, {"image_rotary_emb": rotary, "joint_attention_kwargs": call.get("joint_attention_kwargs")})
 
     def block(self, index, block, p: Pass) -> None:
-        p.rows["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
-                                   image_rotary_emb=p.shared["image_rotary_emb"],
-                                   joint_attention_kwargs=p.shared["joint_attention_kwargs"])
+        p.rows["ctx"], p.x = self.call(block, hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
+                                       image_rotary_emb=p.shared["image_rotary_emb"],
+                                       joint_attention_kwargs=p.shared["joint_attention_kwargs"])
 
     def final(self, p: Pass):
         return self.final_tokens(p)
@@ -270,12 +279,12 @@ class ChromaTrunk(FluxTrunk):
             img = 3 * len(tr.single_transformer_blocks) + 6 * index
             txt = 3 * len(tr.single_transformer_blocks) + 6 * double + 6 * index
             temb = torch.cat((r["temb"][:, img : img + 6], r["temb"][:, txt : txt + 6]), dim=1)
-            r["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=r["ctx"], temb=temb, **common)
+            r["ctx"], p.x = self.call(block, hidden_states=p.x, encoder_hidden_states=r["ctx"], temb=temb, **common)
             return
         if index == double:  # the single-stream blocks run on [text, image] joined
             p.x, p.shared = torch.cat([r["ctx"], p.x], dim=1), {**p.shared, "joined": True}
         start = 3 * (index - double)
-        p.x = block(hidden_states=p.x, temb=r["temb"][:, start : start + 3], **common)
+        p.x = self.call(block, hidden_states=p.x, temb=r["temb"][:, start : start + 3], **common)
 
     def image(self, p: Pass) -> torch.Tensor:
         return p.x[:, p.shared["text"]:] if p.shared.get("joined") else p.x
@@ -311,8 +320,8 @@ class SD3Trunk(FlowTrunk):
     def block(self, index, block, p: Pass) -> None:
         if index in p.shared["skip"]:
             return
-        p.rows["ctx"], p.x = block(hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
-                                   joint_attention_kwargs=p.shared["joint_attention_kwargs"])
+        p.rows["ctx"], p.x = self.call(block, hidden_states=p.x, encoder_hidden_states=p.rows["ctx"], temb=p.rows["temb"],
+                                       joint_attention_kwargs=p.shared["joint_attention_kwargs"])
 
     def _out(self, tokens, size):
         patch = self.tr.config.patch_size

@@ -182,6 +182,30 @@ def test_exits_keyed_on_sigma_skip_compute_and_match_running_alone(case, layer, 
     assert not torch.allclose(out[3:], full[3:], atol=1e-3)
 
 
+@pytest.mark.parametrize("case", ["flux", "chroma", "sd3"])
+def test_training_view_under_gradient_checkpointing_gives_the_same_gradients(case):
+    from diffplug.finetune.deediff import deediff_loss
+
+    make, inputs = CASES[case]
+    grads = []
+    for checkpointing in (False, True):
+        ee = EarlyExit(make())
+        if checkpointing:
+            ee.transformer.enable_gradient_checkpointing()
+        calls = [0] * ee.num_blocks
+        for i, block in enumerate(ee.blocks):
+            block.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        kw = inputs()
+        preds, us = ee(**kw, return_all_exits=True)
+        target = torch.randn_like(preds[-1], generator=torch.Generator().manual_seed(0))
+        deediff_loss(preds, us, target, patch=getattr(ee.config, "patch_size", 1))[0].backward()
+        grads.append({n: p.grad for n, p in ee.named_parameters() if p.grad is not None})
+        assert calls == [2 if checkpointing else 1] * ee.num_blocks  # recomputed in backward
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("transformer.") for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_heads_round_trip_and_another_models_heads(tmp_path):
     ee = EarlyExit(_flux(), uem_buckets=2)
     with torch.no_grad():
