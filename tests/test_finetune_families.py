@@ -1,5 +1,5 @@
 """One trainer for every family: DPO and SFT with LoRA, SaRA and full fine-tuning on tiny random SD,
-SDXL, PixArt, SD3 and Flux pipelines; exact resume; the tuned weights loaded back through
+SDXL, PixArt, SD3, Flux and Chroma pipelines; exact resume; the tuned weights loaded back through
 ``adapters.load`` (diffplug.checked); flow DPO's beta rule; flow sigma sampling; refusals.
 """
 
@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 COMMON = dict(max_steps=2, log_every=1, train_batch_size=2, learning_rate=1e-2, lr_scheduler="constant",
               tensorboard=False, seed=0, sara_rank_min_dim=4, sara_fraction=0.2)
 # every family runs both methods and every adapter: (method, adapter) per family
-MATRIX = [(f, m, a) for f in ("sd", "sdxl", "pixart", "sd3", "flux")
+MATRIX = [(f, m, a) for f in ("sd", "sdxl", "pixart", "sd3", "flux", "chroma")
           for m, a in (("dpo", "lora"), ("sft", "sara"), ("dpo", "full"))]
 
 
@@ -67,7 +67,7 @@ def test_every_family_trains_and_loads_back(tmp_path, pairs, family, method, ada
     record = json.loads((tmp_path / "run" / "logs.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and torch.isfinite(torch.tensor(record["loss"]))
     model = trainer.model
-    assert model.family.name == family and model.is_flow == (family in ("sd3", "flux"))
+    assert model.family.name == family and model.is_flow == (family in ("sd3", "flux", "chroma"))
     trained = _probe(model, trainer.unet)
     with trainer.reference() as ref:
         initial = _probe(model, ref)
@@ -98,10 +98,10 @@ def test_lora_targets_per_family_and_stock_loader(tmp_path, pairs):
     assert adapters.lora_targets("flux", ["to_q"]) == ["to_q"]  # a given list is kept
 
 
-def _cli(out: Path, family: str, method: str, adapter: str, pairs: Path, *extra) -> int:
+def _cli(out: Path, model: str, method: str, adapter: str, pairs: Path, *extra) -> int:
     from diffplug.finetune.cli import main
 
-    argv = [method, "--model", f"tiny:{family}", "--output_dir", str(out), "--adapter", adapter, "--seed", "0",
+    argv = [method, "--model", model, "--output_dir", str(out), "--adapter", adapter, "--seed", "0",
             "--train_batch_size", "2", "--log_every", "1", "--tensorboard", "false", "--learning_rate", "1e-2",
             "--checkpoint_every", "2", "--sara_rank_min_dim", "4", "--sara_fraction", "0.2", *extra]
     argv += ["--data", str(pairs), "--beta", "500"] if method == "dpo" else ["--data", "testbed:food-drink"]
@@ -110,13 +110,19 @@ def _cli(out: Path, family: str, method: str, adapter: str, pairs: Path, *extra)
 
 @pytest.mark.parametrize("family,method,adapter", [("flux", "sft", "sara"), ("flux", "dpo", "full"), ("sd", "dpo", "lora")])
 def test_resume_is_bit_identical(tmp_path, pairs, family, method, adapter):
-    """``diffplug finetune`` 4 steps, vs 4 steps resumed from the step-2 checkpoint (SaRA re-selects at 2)."""
+    """``diffplug finetune`` 4 steps, vs 4 steps resumed from the step-2 checkpoint (SaRA re-selects at 2).
+    flux-sft-sara trains a local pipeline folder (``--model DIR``)."""
+    model = f"tiny:{family}"
+    extra = ["--max_steps", "4"]
+    if adapter == "sara":
+        tiny_pipeline(family).save_pretrained(str(tmp_path / "model"))
+        model, extra = str(tmp_path / "model"), [*extra, "--resolution", "32"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _cli(a, family, method, adapter, pairs, "--max_steps", "4") == 0
+    assert _cli(a, model, method, adapter, pairs, *extra) == 0
     shutil.copytree(a, b)
     shutil.rmtree(b / "final")
     shutil.rmtree(b / "checkpoint-4")
-    assert _cli(b, family, method, adapter, pairs, "--max_steps", "4", "--resume", "latest") == 0
+    assert _cli(b, model, method, adapter, pairs, *extra, "--resume", "latest") == 0
     assert (a / "logs.jsonl").read_text() == (b / "logs.jsonl").read_text()
     files = sorted(p.relative_to(a / "final") for p in (a / "final").rglob("*.safetensors"))
     assert files
@@ -210,3 +216,25 @@ def test_adapter_loader_refuses_other_bases_and_bad_files(tmp_path, pairs):
         adapters.load(pipe, bad)
     after = _probe(DiffusionModel(pipe, FAMILIES), pipe.transformer)
     assert torch.equal(before, after)  # nothing applied from the bad file
+
+
+def _matrix_rows() -> set[str]:
+    """The fine-tuning table as the code has it: each method's ``families`` and what it trains."""
+    from diffplug.finetune.cli import _methods
+    from diffplug.finetune.model import NOT_TRAINABLE
+    from diffplug.finetune.trainer import Method
+
+    columns = [*FAMILIES, *NOT_TRAINABLE]
+    rows = {"| method | trains | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)}
+    for name, cls in _methods().items():
+        families = getattr(cls, "families", SUPPORTED)
+        trains = "own module" if cls.trainable is not Method.trainable else "adapter"
+        rows.add(f"| {name} | {trains} | " + " | ".join("yes" if f in families else "no" for f in columns) + " |")
+    return rows
+
+
+@pytest.mark.parametrize("readme", ["README.md", "finetune/README.md"])
+def test_readme_matrix_is_the_code(readme):
+    text = (Path(__file__).parent.parent / readme).read_text()
+    block = text.split("<!-- finetune-matrix")[1].split("<!-- /finetune-matrix -->")[0]
+    assert {line for line in block.splitlines()[1:] if line.strip()} == _matrix_rows()
