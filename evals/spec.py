@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
+
 METHOD_KEYS = {"name", "guidance", "options", "scheduler", "scheduler_options"}
 SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "accuracy")
 
@@ -168,7 +170,7 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         folder.mkdir(parents=True, exist_ok=True)
         from PIL import Image
         for i, im in enumerate(images):
-            Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+            atomic.save_image(Image.fromarray(im.permute(1, 2, 0).numpy()), folder / f"{i:04d}.png")
         if need_net:
             feats = torch.cat([net(images[i:i + batch].to(device)) for i in range(0, len(images), batch)])
             if "fid" in metrics:
@@ -216,7 +218,7 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         protocol["reference"] = ref.get("dataset")
         protocol["n_reference"] = int(ref["n"])
     result = {"runs": runs, "protocol": protocol, "spec": spec, "device": str(device)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))  # never partial
 
     plots = []
     for key in [m for m in ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "clip_white",
