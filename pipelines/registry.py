@@ -58,6 +58,16 @@ def canonical_model(name: str | None) -> str | None:
     return None
 
 
+def builtin_model(name: str | None) -> tuple[str, str] | None:
+    """``("tiny", FAMILY)`` (for ``testing.tiny_pipeline``) or ``("testbed", NAME)`` (for ``testbed.load``)
+    for a built-in model in either spelling (:func:`canonical_model`); None for a folder or hub id."""
+    canon = canonical_model(name)
+    if canon is None:
+        return None
+    kind = "testbed" if canon.startswith("testbed") else "tiny"
+    return kind, _TESTBED_NAMES.get(canon) or canon.removeprefix(kind + "-")
+
+
 def _resolve(table: dict, kind: str, name: str):
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
@@ -114,19 +124,19 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     from .validate import check_device
 
     model = model or "testbed"
-    builtin = canonical_model(model)
+    builtin = builtin_model(model)
     check_device(device)
     torch_dtype = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, "bad")
     if torch_dtype == "bad":
         raise ValueError(f"--dtype must be one of fp32, fp16, bf16 (got {dtype!r})")
-    if builtin and builtin.startswith("testbed"):
+    if builtin and builtin[0] == "testbed":
         from diffplug import testbed
 
-        pipe = testbed.load(_TESTBED_NAMES.get(builtin) or builtin.removeprefix("testbed-"))
+        pipe = testbed.load(builtin[1])
     elif builtin:
         from diffplug.testing import tiny_pipeline
 
-        pipe = tiny_pipeline(builtin.removeprefix("tiny-"))
+        pipe = tiny_pipeline(builtin[1])
     else:
         from diffplug.checked import check_finite_weights
 

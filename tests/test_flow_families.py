@@ -251,6 +251,12 @@ def test_builtin_model_names_have_two_spellings(tmp_path, monkeypatch):
                  ("testbed:sd", "testbed"), ("testbed:sd-lcm", "testbed-lcm"), ("tiny:flow", "tiny-flow")]:
         assert canonical_model(a) == canonical_model(b) == b and b in BUILTIN_MODELS
     assert canonical_model("org/name") is None and canonical_model("./folder") is None
+    from diffplug.pipelines.registry import builtin_model
+
+    assert builtin_model("tiny:flux") == builtin_model("tiny-flux") == ("tiny", "flux")
+    assert builtin_model("testbed") == builtin_model("testbed:sd") == ("testbed", "sd")
+    assert builtin_model("testbed-lcm") == ("testbed", "sd-lcm") and builtin_model("testbed:dit") == ("testbed", "dit")
+    assert builtin_model("org/name") is None
     with pytest.raises(ValueError, match="tiny:nope: no built-in model.*tiny-flux"):
         canonical_model("tiny:nope")
     monkeypatch.chdir(tmp_path)
