@@ -631,13 +631,18 @@ def attach(pipe, threshold: float, heads: str | Path | None = None) -> EarlyExit
     if isinstance(transformer, EarlyExit):
         transformer.threshold = threshold
         return transformer
-    if heads is None:
+    shipped = heads is None
+    if shipped:
         from ..testbed.models import WEIGHTS_DIR
 
         heads = WEIGHTS_DIR / TESTBED_HEADS
     try:
         wrapped = EarlyExit(transformer, heads=heads, threshold=threshold)
-    except UserFileError:
+    except UserFileError as err:
+        if shipped and "another model" in err.problem:
+            raise ValueError(f"--early-exit: no --early-exit-heads given, and the shipped heads are the testbed DiT's; "
+                             f"train heads for this {type(transformer).__name__} with `diffplug finetune deediff "
+                             "--model ...` and pass D/final/early_exit.safetensors with --early-exit-heads") from None
         raise  # names the file, what it should be and the fix
     except (TypeError, ValueError) as err:
         raise ValueError(f"--early-exit: {err}; train heads for this model with `diffplug finetune deediff` "

@@ -222,6 +222,16 @@ def test_heads_round_trip_and_another_models_heads(tmp_path):
         EarlyExit(_flux(double=1, single=3), heads=path)  # as many blocks, another split
 
 
+def test_attach_without_heads_on_a_flow_model_says_to_train_them():
+    from diffplug.samplers.early_exit import attach
+
+    pipe = tiny_pipeline("flux")
+    original = pipe.transformer
+    with pytest.raises(ValueError, match="no --early-exit-heads given.*FluxTransformer2DModel.*finetune deediff"):
+        attach(pipe, 0.2)
+    assert pipe.transformer is original
+
+
 def test_refuses_controlnet_residuals_with_the_reason():
     ee = EarlyExit(_sd3())
     kw = _sd3_inputs()
