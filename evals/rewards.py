@@ -278,9 +278,16 @@ class Aesthetic(nn.Module):
 
     def __init__(self, path=None, clip_path=None, clip_model: str | None = None, device=None):
         super().__init__()
-        from safetensors.torch import load_file
+        from ..checked import UserFileError, like, read_header, read_safetensors
 
-        head = _need_file(path, "path", "LAION aesthetic MLP weights (safetensors, keys layers.{0,2,4,6,7}.*)")
+        what = "LAION aesthetic MLP weights (safetensors, keys layers.{0,2,4,6,7}.*)"
+        head = _need_file(path, "path", what)
+        shape = read_header(head, what=what)[0].get("layers.0.weight", (None, ()))[1]
+        if len(shape) != 2:  # the head is read and checked whole before the CLIP loads
+            raise UserFileError(head, "has no 2-D tensor 'layers.0.weight'", what=what)
+        self.mlp = AestheticMLP(shape[1])
+        self.mlp.load_state_dict(read_safetensors(head, like(self.mlp.state_dict()), what=what))
+        self.mlp.eval().requires_grad_(False)
         cp = _need_file(clip_path, "clip_path", "the CLIP ViT-L/14 the head was trained on: a transformers "
                         "folder, or an open_clip .safetensors with clip_model='ViT-L-14'", suffix=None)
         if clip_model is None:
@@ -295,10 +302,6 @@ class Aesthetic(nn.Module):
             self.size = self.size if isinstance(self.size, int) else self.size[0]
             self._encode = self.clip.encode_image
         self.clip.eval().requires_grad_(False)
-        sd = load_file(str(head))
-        self.mlp = AestheticMLP(sd["layers.0.weight"].shape[1])
-        self.mlp.load_state_dict(sd)
-        self.mlp.eval().requires_grad_(False)
         if device is not None:
             self.to(device)
 
@@ -325,10 +328,17 @@ def _imagereward(path=None, med_config=None, device="cpu"):
     except ImportError as e:
         raise RuntimeError("reward 'imagereward' needs the model code: pip install image-reward") from e
     from PIL import Image
-    from safetensors.torch import load_file
+
+    from ..checked import UserFileError, like, read_header, read_safetensors
 
     model = _IR(med_config=str(mc), device=device)
-    model.load_state_dict(load_file(str(p)), strict=False)
+    what, own = "ImageReward weights converted to safetensors (the model's state dict)", model.state_dict()
+    keys = read_header(p, what=what)[0]
+    unknown = sorted(set(keys) - set(own))
+    if unknown:
+        raise UserFileError(p, f"{len(unknown)} tensor(s) ImageReward does not have, e.g. {unknown[:3]}", what=what)
+    model.load_state_dict(read_safetensors(p, like({k: v for k, v in own.items() if k in keys}, dtype=False), what=what),
+                          strict=False)
     model.eval()
 
     def score(images, prompts):

@@ -482,3 +482,22 @@ def test_reference_statistics(tmp_path):
         path.write_bytes(good)
         change()
         _raises(lambda: reference_stats(str(path), net, need_features=True), str(path), *words)
+
+
+# -- reward weights (evals/rewards.py) ---------------------------------------------------------------------
+
+
+@row("reward-weights")
+def test_aesthetic_head(tmp_path):
+    from diffplug.evals.rewards import AestheticMLP, get_reward
+
+    path = tmp_path / "head.safetensors"
+    save_file(AestheticMLP(16).state_dict(), str(path))
+    good = path.read_bytes()
+    for change, words in ((lambda: path.write_bytes(good[:-9]), ["truncated"]),
+                          (lambda: _rewrite(path, lambda t: t["layers.4.weight"].__setitem__((0, 0), NAN)), ["'layers.4.weight'", "NaN"]),
+                          (lambda: _rewrite(path, lambda t: t.__setitem__("layers.7.bias", torch.zeros(3))), ["'layers.7.bias'", "(3,)"]),
+                          (lambda: _rewrite(path, lambda t: t.pop("layers.6.bias")), ["missing", "'layers.6.bias'"])):
+        path.write_bytes(good)
+        change()
+        _raises(lambda: get_reward("aesthetic", path=str(path), clip_path=str(tmp_path)), str(path), *words)
