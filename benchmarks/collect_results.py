@@ -25,6 +25,7 @@ TOPICS = [  # (file, title)
     ("early_exit_results.md", "DeeDiff early exit on the testbed DiT"),
     ("testbed_lcm_results.md", "The few-step testbed model (LCM)"),
     ("pso_results.md", "PSO on the few-step testbed"),
+    ("weight_scan_results.md", "Checked loading: the NaN scan of a loaded model"),
 ]
 
 HEADER = """# Benchmark results

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 from pathlib import Path
@@ -85,7 +86,8 @@ def main() -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = f"OMP_NUM_THREADS={args.threads} python benchmarks/weight_scan.py --config {args.config} --threads {args.threads}"
     text = f"""Command: `{cmd}` ({when}, {platform.processor() or platform.machine()} CPU, torch {torch.__version__},
-{args.threads} thread(s), best of {args.repeats}; the 2-core machine was shared with other work).
+{args.threads} thread(s), best of {args.repeats}; the 2-core machine was shared with other work: load average
+{os.getloadavg()[0]:.1f} at the end).
 
 `diffusers.UNet2DConditionModel` with {"SDXL" if args.config == "sdxl" else "SD 1.5"}'s config, random weights
 ({n / 1e9:.3f} B parameters; allocating and filling them took {built:.0f} s). `diffplug.checked.nonfinite_weights`
@@ -97,9 +99,9 @@ planted NaN.
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-`diffplug sample --model DIR` runs the scan once after `from_pretrained` (a few seconds against the tens of
-seconds an SDXL folder takes to load on this CPU); on a GPU it is one pass over the weights at memory
-bandwidth and one host sync.
+`diffplug sample --model DIR` runs the scan once, right after `from_pretrained` and before the pipeline moves
+to its device, so on this CPU an SDXL-size UNet adds the scan time above to its load (an upper bound: the
+machine was loaded). The scan reads each weight once, allocates nothing weight-sized and syncs once per device.
 """
     OUT.write_text(text)
     print(text)
