@@ -214,13 +214,8 @@ class DiffusionModel:
         """Condition tensors ``{model keyword: tensor}``; with ``uncond`` each value is ``(cond, uncond)``.
         Flux-dev's guidance embedding takes the stock pipeline's default scale (3.5), as diffusers' Flux
         training scripts do."""
-        call = dict(prompt=list(prompts), num_images_per_prompt=1, height=size, width=size)
-        tokenizer = getattr(self.pipe, LONG_TOKENIZER.get(self.family.name, ""), None)
-        if tokenizer is not None:
-            from ..pipelines.families import stock_default
-
-            call["max_sequence_length"] = min(stock_default(self.pipe, "max_sequence_length", 512), tokenizer.model_max_length)
-        conditions = self.family.encode(**call)
+        conditions = self.family.encode(prompt=list(prompts), num_images_per_prompt=1, height=size, width=size,
+                                        **self.prompt_arguments())
         dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if dim:  # an LCM-style UNet takes the guidance scale as an input, as StableDiffusionPipeline gives it
             w = self.guidance_embedding(len(prompts), dim)
@@ -232,6 +227,16 @@ class DiffusionModel:
         if uncond:
             return {k: (f32(v[0]), f32(v[1])) for k, v in conditions.items()}
         return {k: f32(v[0]) for k, v in conditions.items()}
+
+    def prompt_arguments(self) -> dict:
+        """``max_sequence_length`` for families with a T5-style prompt: the stock default, capped by the
+        tokenizer's ``model_max_length`` (training and the trainer's sample grids encode alike)."""
+        tokenizer = getattr(self.pipe, LONG_TOKENIZER.get(self.family.name, ""), None)
+        if tokenizer is None:
+            return {}
+        from ..pipelines.families import stock_default
+
+        return {"max_sequence_length": min(stock_default(self.pipe, "max_sequence_length", 512), tokenizer.model_max_length)}
 
     def guidance_embedding(self, n: int, dim: int) -> torch.Tensor:
         if self.guidance_scale is None:

@@ -435,7 +435,7 @@ class Trainer:
             g = torch.Generator(device="cpu").manual_seed(cfg.seed)
             images = from_pipe(self.model.pipe, guidance=CFG(cfg.guidance_scale))(
                 list(prompts), num_inference_steps=cfg.sample_steps, generator=g, num_images_per_prompt=per_prompt,
-                height=self.resolution, width=self.resolution, output_type="pt",
+                height=self.resolution, width=self.resolution, output_type="pt", **self.model.prompt_arguments(),
             ).images
         unet.train()
         return images.float().clamp(0, 1).cpu()

@@ -63,7 +63,9 @@ def _probe(model: DiffusionModel, module, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("family,method,adapter", MATRIX)
 def test_every_family_trains_and_loads_back(tmp_path, pairs, family, method, adapter):
-    trainer = _train(tmp_path / "run", family, method, adapter, pairs)
+    grid = dict(sample_every=2, sample_prompts=["a"], sample_steps=2) if adapter == "lora" else {}
+    trainer = _train(tmp_path / "run", family, method, adapter, pairs, **grid)
+    assert not grid or (tmp_path / "run" / "samples" / "step-000002.png").is_file()  # the trainer's sample grid
     record = json.loads((tmp_path / "run" / "logs.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and torch.isfinite(torch.tensor(record["loss"]))
     model = trainer.model
