@@ -4,7 +4,7 @@ denoiser (Tang et al., arXiv:2309.17074; the model side is ``diffplug.samplers.E
 For a noisy latent ``x_t = alpha_t x_0 + sigma_t eps`` (``t`` uniform, one ``eps`` for every head)
 the wrapped model gives each block's head output ``g_i`` and per-token uncertainty ``u_i``; ``y`` is
 the model's regression target (``eps`` for PixArt; the velocity ``eps - x_0`` for the rectified-flow
-transformers, Flux and SD3, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
+transformers, SD3, Flux and Chroma, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
 
     L_simple = ||g_N - y||^2                                   (the final layer's MSE)
     u_hat_i  = tanh(|g_i - y|), averaged over each token's patch (pseudo-label, no gradient)
@@ -31,15 +31,19 @@ transformers, Flux and SD3, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
   frozen backbone keeps quality better. ``train_backbone=true`` trains it jointly (the paper's
   set-up) and saves it next to the heads.
 
-Models: PixArt (the testbed DiT), SD3 (joint blocks), Flux and Chroma (double- then single-stream blocks;
-its latents are packed 2x2 as the stock pipeline packs them, the loss is taken on the packed tokens,
-the guidance embedding of a guidance-distilled transformer is the pipeline's default, 3.5, as at
-sampling). Flow models draw ``t`` uniform as the paper does (not SD3's logit-normal).
+Models: PixArt (the testbed DiT), SD3 (joint blocks), Flux and Chroma (double- then single-stream
+blocks; their latents are packed 2x2 as the stock pipelines pack them and the loss is taken on the
+packed tokens; a guidance-distilled Flux gets the pipeline's default embedding, 3.5, as at sampling).
+Flow models draw ``t`` uniform as the paper does (not SD3's logit-normal the other methods use).
+``gradient_checkpointing`` with ``train_backbone`` recomputes the blocks in backward.
+
+    diffplug finetune deediff --model testbed:flux --output_dir runs/deediff-flux --max_steps 3000
 
 Data: ``data=testbed``, the images and captions the testbed denoisers were trained on (Fashion-MNIST
 1,000 per class + training emoji), encoded by the pipeline's own VAE (posterior sample) and text
-encoder(s); captions are dropped to the empty prompt with ``prompt_dropout`` so that the heads also
-serve CFG's unconditional pass.
+encoder(s) (at most ``min(300, first tokenizer's max length)`` tokens: the captions are short);
+captions are dropped to the empty prompt with ``prompt_dropout`` so that the heads also serve CFG's
+unconditional pass.
 
     diffplug finetune deediff --output_dir runs/deediff --max_steps 3000 --seed 0
     -> runs/deediff/final/early_exit.safetensors (EarlyExit(transformer, heads=...))
@@ -202,7 +206,8 @@ class DeeDiff(Method):
         return {k: torch.cat(v) for k, v in parts.items()}, shared
 
     def model_inputs(self, trainer, x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> dict:
-        """The transformer's forward arguments for the family, as its stock pipeline makes them."""
+        """The transformer's forward arguments for the family, as its stock pipeline makes them (the family
+        adapters' ``model`` in ``pipelines/families.py`` make the same call; here all exits are asked for)."""
         family, device = trainer.model.family.name, trainer.device
         cond = {k: v[idx].to(device) for k, v in self.conditions.items()}
         if family == "pixart":
