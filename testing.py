@@ -14,7 +14,8 @@ every code path (prompt encoding, latents, scheduler, decoding, guidance) is the
 ``"flux"`` a FluxPipeline (packed 2x2 latents, dynamic shift, guidance embedding; ``"flux-schnell"``
 the same without the embedding); ``"chroma"`` a ChromaPipeline (Flux-shaped, T5 only, true CFG);
 ``"zimage"`` a ZImagePipeline (random Qwen3 text encoder, a chat template on the byte tokenizer; the
-stock pipeline defaults to 1024x1024, so pass ``height=32, width=32``).
+stock pipeline defaults to 1024x1024, so pass ``height=32, width=32``); ``"qwenimage"`` a QwenImagePipeline
+(random Qwen2.5-VL text encoder, a byte-level ``Qwen2Tokenizer`` made here, the Qwen-Image 3D VAE).
 Flux and Chroma get a random ``T5EncoderModel`` over the same byte-level vocabulary; their images
 default to 32x32 (``pipe.default_sample_size`` = 16) and take ``max_sequence_length`` up to 512
 (32 keeps tests fast).
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "pixart", "flux", "flux-schnell", "chroma", "zimage")
+FAMILIES = ("sd", "sdxl", "sd3", "pixart", "flux", "flux-schnell", "chroma", "zimage", "qwenimage")
 ALIASES = {"flow": "sd3"}  # "flow" was the SD3 pipeline's first name here
 
 
@@ -170,6 +171,58 @@ def _zimage(seed: int):
     )
 
 
+def _qwen_tokenizer():
+    """A real ``Qwen2Tokenizer``: GPT-2 byte-level alphabet, no merges, Qwen's chat specials."""
+    from transformers import Qwen2Tokenizer
+
+    chars = [t for t in byte_level_vocab() if not t.endswith("</w>") and not t.startswith("<|")]
+    vocab = {**{c: i for i, c in enumerate(chars)}, "<|endoftext|>": len(chars)}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = Qwen2Tokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def _qwenimage(seed: int):
+    """QwenImagePipeline: random Qwen2.5-VL (text tower used), 3D VAE with 4 latent channels, one-block
+    ``QwenImageTransformer2DModel`` on 2x2-packed latents."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_tokenizer()
+    n = len(tokenizer)
+    text = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, bos_token_id=None, eos_token_id=n - 3,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(seed)
+    encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=n, hidden_size=32,
+                         bos_token_id=None, eos_token_id=n - 3)
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.0, 2.5]).eval()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's: dynamic shift, exponential time shift
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+    )
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = 16
+    return pipe
+
+
 def _unet(sdxl: bool, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
@@ -244,6 +297,8 @@ def tiny_pipeline(family: str = "sd", seed: int = 0):
         return _flux_like(family, seed)
     if family == "zimage":
         return _zimage(seed)
+    if family == "qwenimage":
+        return _qwenimage(seed)
     if family == "sd3":
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(

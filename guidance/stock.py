@@ -51,3 +51,21 @@ class ZImageCFG(Guidance):
                 rows.append(torch.where(norm > cap, row * (cap / norm), row))
             pred = torch.stack(rows)
         return self.output(pred, pred_cond, pred_uncond)
+
+
+class QwenImageCFG(Guidance):
+    """``QwenImagePipeline``'s combination: CFG at ``true_cfg_scale`` w, then each token's vector rescaled
+    to the conditional prediction's norm: ``pred = c · ‖cond‖ / ‖c‖`` with ``c = uncond + w (cond − uncond)``,
+    norms over the packed channels (last dim)."""
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 4.0):
+        super().__init__(guidance_scale)
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
+        if pred_uncond is None:
+            return self.output(pred_cond, pred_cond)
+        combined = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
+        cond_norm = torch.norm(pred_cond, dim=-1, keepdim=True)
+        pred = combined * (cond_norm / torch.norm(combined, dim=-1, keepdim=True))
+        return self.output(pred, pred_cond, pred_uncond)

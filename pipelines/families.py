@@ -603,8 +603,140 @@ class ZImageFamily(Family):
         return -torch.stack([o.float() for o in out], dim=0).squeeze(2)  # the stock loop negates: ε − x0
 
 
+class QwenImageFamily(FluxFamily):
+    """``QwenImagePipeline``: Flux-style packed latents, a Qwen2.5-VL text encoder (last hidden states,
+    template tokens dropped, masked), ``img_shapes`` for RoPE, timestep σ; the stock loop runs the
+    conditional and negative passes apart, each with its own text length, and combines them with
+    :class:`~diffplug.guidance.stock.QwenImageCFG` (CFG, then the conditional prediction's per-token norm).
+
+    Scales as stock: ``true_cfg_scale`` (default 4) is the second pass's w, used when a negative prompt
+    is given; ``guidance_scale`` is the guidance embedding (``guidance_embeds`` transformers only). A
+    guidance object runs the second pass (no negative prompt: the empty one, said once).
+    """
+
+    name = "qwenimage"
+    no_cuda_graph = ("QwenImageTransformer2DModel runs each pass with its own text length (a host read of the "
+                     "lengths per call)")
+
+    def call_arguments(self) -> set[str]:
+        return {"true_cfg_scale", "max_sequence_length", "prompt_embeds_mask", "negative_prompt_embeds_mask"}
+
+    def guidance_for(self, guidance, guidance_scale, call: dict):
+        from ..guidance.base import CFG, check_guidance_scale
+        from ..guidance.stock import QwenImageCFG
+
+        if guidance_scale is not None and not self.has_embedding:
+            raise ValueError(
+                f"QwenImagePipeline ({self.name}): guidance_scale={guidance_scale} is the guidance embedding's scale "
+                f"and this transformer has none (guidance_embeds=False); the CFG scale is true_cfg_scale (with "
+                f"negative_prompt), or from_pipe(pipe, guidance=...)"
+            )
+        if guidance_scale is None and self.has_embedding:
+            raise ValueError("QwenImagePipeline (qwenimage): this transformer is guidance-distilled; pass guidance_scale")
+        true_cfg = call.get("true_cfg_scale")
+        if true_cfg is not None:
+            check_guidance_scale(true_cfg, "true_cfg_scale")
+        negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+        if guidance is None:
+            w = stock_default(self.pipe, "true_cfg_scale", 4.0) if true_cfg is None else true_cfg
+            if w <= 1 or not (negative or true_cfg is not None):  # stock: no negative prompt, no second pass
+                guidance = CFG(1.0)
+            else:
+                guidance = QwenImageCFG(w)
+        elif true_cfg is not None:
+            guidance = guidance.new(guidance_scale=true_cfg)
+        if _second_pass(guidance) and not negative:
+            self._warn_once(f"QwenImagePipeline: the second (unconditional) pass of {type(guidance).__name__} uses "
+                            f"the empty prompt \"\"; pass negative_prompt to choose it")
+        elif negative and not _second_pass(guidance):
+            self._warn_once("QwenImagePipeline: negative_prompt is unused, no second pass runs (true_cfg_scale <= 1)")
+        return guidance
+
+    def encode(self, *, prompt=None, negative_prompt=None, num_images_per_prompt=1, prompt_embeds=None,
+               negative_prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds_mask=None,
+               max_sequence_length=None, guidance_scale=None, unconditional=True, height=None, width=None, **call) -> dict:
+        """The stock ``encode_prompt`` per pass; both zero-padded to ``max_sequence_length``, each row keeping
+        its pass's own length and whether it had a mask (``text_layout``), so the model call splits them back."""
+        pipe = self.pipe
+        common = dict(device=self.device, num_images_per_prompt=num_images_per_prompt)
+        if max_sequence_length is not None:
+            common["max_sequence_length"] = max_sequence_length
+        passes = [pipe.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask, **common)]
+        if unconditional:
+            if negative_prompt_embeds is None:
+                negative_prompt = negative_prompt or ""
+                if isinstance(negative_prompt, str):
+                    prompts = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else len(passes[0][0])
+                    negative_prompt = [negative_prompt] * prompts
+            passes.append(pipe.encode_prompt(prompt=negative_prompt, prompt_embeds=negative_prompt_embeds,
+                                             prompt_embeds_mask=negative_prompt_embeds_mask, **common))
+        else:
+            passes.append(passes[0])
+        n = passes[0][0].shape[0]
+        # one width for every condition, also those encoded apart (ProductGuidance's second prompt): the cut
+        longest = max([e.shape[1] for e, _ in passes] + [max_sequence_length or stock_default(pipe, "max_sequence_length", 512)])
+        f = pipe.vae_scale_factor * 2
+        h, w = (height, width) if height is not None else self.default_size()
+        hw = torch.tensor([[int(h) // f, int(w) // f]], device=self.device).expand(n, -1)
+        out = {"encoder_hidden_states": [], "encoder_hidden_states_mask": [], "text_layout": [], "img_hw": (hw, hw)}
+        for embeds, mask in passes:
+            pad = longest - embeds.shape[1]
+            full = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+            out["encoder_hidden_states"].append(torch.nn.functional.pad(embeds, (0, 0, 0, pad)))
+            out["encoder_hidden_states_mask"].append(torch.nn.functional.pad(full, (0, pad)))
+            layout = torch.tensor([[embeds.shape[1], int(mask is not None)]], device=embeds.device).expand(n, -1)
+            out["text_layout"].append(layout)
+        conditions = {k: tuple(v) for k, v in out.items()}
+        if self.has_embedding:
+            g = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(n)
+            conditions["guidance"] = (g, g)
+        return conditions
+
+    def prepare_latents(self, batch, height, width, generator, latents):
+        self._size = (height, width)
+        channels = self.denoiser.config.in_channels // 4
+        return self.pipe.prepare_latents(batch, channels, height, width, torch.float32, self.device, generator, latents).float()
+
+    def model(self, x, t, encoder_hidden_states, encoder_hidden_states_mask, text_layout, img_hw, guidance=None):
+        """One transformer call per run of rows that share a text layout (the stock pipeline's passes)."""
+        transformer = self.pipe.transformer
+        timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
+        layout = torch.cat([text_layout, img_hw], dim=1).tolist()
+        outs, start = [], 0
+        while start < len(layout):
+            stop = start + 1
+            while stop < len(layout) and layout[stop] == layout[start]:
+                stop += 1
+            length, masked, h, w = layout[start]
+            rows = slice(start, stop)
+            outs.append(transformer(
+                hidden_states=x[rows].to(transformer.dtype),
+                timestep=timestep[rows],
+                guidance=None if guidance is None else guidance[rows],
+                encoder_hidden_states_mask=encoder_hidden_states_mask[rows, :length] if masked else None,
+                encoder_hidden_states=encoder_hidden_states[rows, :length],
+                img_shapes=[[(1, h, w)]] * (stop - start),
+                return_dict=False,
+            )[0].float())
+            start = stop
+        return torch.cat(outs)
+
+    def decode(self, latents, output_type, generator=None, size: tuple[int, int] | None = None):
+        if output_type == "latent":
+            return latents, None
+        pipe, vae = self.pipe, self.pipe.vae
+        height, width = size or getattr(self, "_size", None) or self.default_size()
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        image = vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type=output_type), None
+
+
 # Most specific first: SDXL pipelines also have `unet`, PixArt and SD3 both have `transformer`.
 _FAMILIES = {
+    "QwenImagePipeline": QwenImageFamily,
     "ZImagePipeline": ZImageFamily,
     "FluxPipeline": FluxFamily,
     "ChromaPipeline": ChromaFamily,

@@ -9,7 +9,7 @@ them equal. To change a cell, edit ``EXPECTED`` and run ``python tests/test_fami
 rewrites README's table).
 
 Cells other engineers own, expected to flip as their work lands:
-* ``EarlyExit`` on UNets and Z-Image (early exit beyond PixArt/Flux/SD3/Chroma: ``samplers/early_exit.py``);
+* ``EarlyExit`` on UNets, Z-Image and Qwen-Image (early exit beyond PixArt/Flux/SD3/Chroma: ``samplers/early_exit.py``);
 * ``FKC+DCSolver`` (FKC refusing a scheduler whose update it would ignore: ``samplers/fkc.py``).
 """
 
@@ -45,6 +45,7 @@ FAMILIES = {  # row -> (tiny_pipeline name, diffusers classes)
     "flux": ("flux", "FluxPipeline"),
     "chroma": ("chroma", "ChromaPipeline"),
     "zimage": ("zimage", "ZImagePipeline"),
+    "qwenimage": ("qwenimage", "QwenImagePipeline"),
 }
 GUIDANCE = ("CFG", "APG", "AdaptiveGuidance", "LinearAG", "ProductGuidance")
 SCHEDULERS = ("DCSolver", "FastUniPC", "DCDPMSolver", "own scheduler")
@@ -66,8 +67,10 @@ EXPECTED.update({
     ("sd", "EarlyExit"): refuses(TypeError, r"EarlyExit wraps .*got UNet2DConditionModel"),
     ("sdxl", "EarlyExit"): refuses(TypeError, r"EarlyExit wraps .*got UNet2DConditionModel"),
     ("zimage", "EarlyExit"): refuses(TypeError, r"EarlyExit wraps .*got ZImageTransformer2DModel"),
+    ("qwenimage", "EarlyExit"): refuses(TypeError, r"EarlyExit wraps .*got QwenImageTransformer2DModel"),
     # CUDA graphs: on this CPU the only blocker must be the device, except where the family's call forbids them
     ("zimage", "CUDA graph"): refuses(ValueError, r"ZImageTransformer2DModel takes per-sample lists"),
+    ("qwenimage", "CUDA graph"): refuses(ValueError, r"QwenImageTransformer2DModel runs each pass with its own text"),
 })
 
 STEPS = 3

@@ -339,3 +339,47 @@ def test_flux_inputs_beyond_prompts(pipes):
     assert run.family.decode(big, "np")[0].shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="size=\\(height, width\\)"):
         run.family.decode(big[:, :32], "np")
+
+
+# -- a fourth family: Qwen-Image (passes apart, each its own text length; per-token norm rescale) ------
+@pytest.fixture(scope="module")
+def qwen():
+    pipe = tiny_pipeline("qwenimage")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+QKW = dict(num_inference_steps=3, output_type="latent")
+
+
+@pytest.mark.parametrize("extra, passes", [
+    ({}, 1),  # stock default true_cfg_scale 4, but no negative prompt: one pass
+    (dict(negative_prompt=NEGATIVE), 2),
+    (dict(negative_prompt=["blurry", "a much longer negative prompt"], true_cfg_scale=2.5), 2),
+    (dict(negative_prompt=NEGATIVE, true_cfg_scale=1.0), 1),
+], ids=["default", "negative", "longer-negative", "w1"])
+def test_qwenimage_reproduces_the_stock_pipeline_exactly(qwen, extra, passes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = qwen(list(PROMPTS), generator=_gen(), **QKW, **_copy(extra)).images
+        ours = from_pipe(qwen)(list(PROMPTS), generator=_gen(), **QKW, **_copy(extra))
+    assert torch.equal(ours.images, stock) and ours.nfe == 3 * passes
+
+
+def test_qwenimage_decodes_and_combines_its_own_way(qwen):
+    from diffplug.guidance.stock import QwenImageCFG
+
+    kw = dict(num_inference_steps=2, output_type="np")
+    assert abs(from_pipe(qwen)("a cat", generator=_gen(), **kw).images - qwen("a cat", generator=_gen(), **kw).images).max() == 0.0
+    cond, uncond = torch.randn(2, 2, 64, 16, generator=_gen(1)).unbind(0)
+    out = QwenImageCFG(3.0).forward(cond, uncond).pred
+    assert torch.allclose(out.norm(dim=-1), cond.norm(dim=-1), atol=1e-5)  # each token at the conditional's norm
+    combined = uncond + 3.0 * (cond - uncond)
+    assert torch.allclose(out / out.norm(dim=-1, keepdim=True), combined / combined.norm(dim=-1, keepdim=True), atol=1e-5)
+    # a guidance object runs the second pass; no negative prompt: the empty one, said once
+    with pytest.warns(UserWarning, match="QwenImagePipeline: the second .* empty prompt"):
+        plain = from_pipe(qwen, guidance=CFG(3.0))(list(PROMPTS), generator=_gen(), **QKW)
+    assert plain.nfe == 6
+    with pytest.raises(ValueError, match=r"QwenImagePipeline \(qwenimage\): guidance_scale=3.5 .*guidance_embeds=False"):
+        from_pipe(qwen)("a cat", guidance_scale=3.5, **QKW)
+
