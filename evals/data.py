@@ -59,15 +59,23 @@ def load_image(path) -> torch.Tensor:
 def sample_manifest(folder: str | os.PathLike) -> list[dict] | None:
     """The per-image list ``[{"file", "prompt"}, ...]`` that ``diffplug sample`` writes into
     ``settings.json``, or None when the folder has none."""
+    from ..checked import UserFileError, read_json
+
     f = Path(folder) / "settings.json"
     if not f.is_file():
         return None
-    try:
-        images = json.loads(f.read_text()).get("images")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+    what = "the settings.json of a `diffplug sample` folder (or any JSON file)"
+    fix = "restore it from the sample run, or remove it to score every image in the folder"
+    try:  # a damaged file is named, not read as "no list of images" (which would drop the prompts)
+        doc = read_json(f, what=what, kind=None)
+    except UserFileError as e:
+        raise UserFileError(f, e.problem, what=what, fix=fix) from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if images is None:
         return None
-    ok = isinstance(images, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in images)
-    return images if ok else None
+    if not (isinstance(images, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in images)):
+        raise UserFileError(f, '"images" is not a list of {"file": ..., "prompt": ...} entries', what=what, fix=fix)
+    return images
 
 
 def select_images(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:

@@ -128,10 +128,15 @@ def prune(output_dir: str | Path, keep: int) -> list[Path]:
 
 def read_state(path: str | Path) -> dict:
     """``trainer_state.json`` of a checkpoint; a bad file raises a ConfigError naming it."""
+    from ..checked import UserFileError, read_json
+
     file = Path(path) / STATE_FILE
     try:
-        state = json.loads(file.read_text())
-        int(state["step"])
-    except Exception as e:  # missing, truncated or not a trainer state
-        raise CheckpointError(f"{file}: not a readable trainer state ({type(e).__name__}: {e})") from None
+        state = read_json(file, what="a checkpoint's trainer state (written by diffplug finetune)")
+        if not (isinstance(state.get("step"), int) and state["step"] >= 0):
+            raise ValueError(f"step {state.get('step')!r} is not a step number")
+    except UserFileError as e:  # missing, truncated, NaN, not UTF-8
+        raise CheckpointError(f"{file}: not a readable trainer state ({e.problem})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file}: not a readable trainer state ({e})") from None
     return state

@@ -501,3 +501,21 @@ def test_aesthetic_head(tmp_path):
         path.write_bytes(good)
         change()
         _raises(lambda: get_reward("aesthetic", path=str(path), clip_path=str(tmp_path)), str(path), *words)
+
+
+# -- a sample folder's settings.json (evals/data.py) ---------------------------------------------------------
+
+
+@row("settings-json")
+def test_sample_settings_json(tmp_path):
+    from diffplug.evals.data import sample_manifest
+
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps({"images": [{"file": "000.png", "prompt": "a cat"}]}))
+    assert sample_manifest(tmp_path) == [{"file": "000.png", "prompt": "a cat"}]
+    text = f.read_text()
+    for bad, word in ((text[: len(text) // 2], "not valid JSON"), ('{"images": "000.png"}', '"images"')):
+        f.write_text(bad)
+        _raises(lambda: sample_manifest(tmp_path), str(f), word, "remove it")
+    f.write_text('{"something": "else"}')  # a JSON file of the user's own: the folder is scored as plain images
+    assert sample_manifest(tmp_path) is None
