@@ -209,6 +209,29 @@ def read_safetensors(path, expect: Mapping[str, Spec], *, what: str, allow_extra
     return out
 
 
+@torch.no_grad()
+def read_into(module: torch.nn.Module, path, *, what: str, trainable_only: bool = False, dtype: bool = True) -> None:
+    """Load a state file into ``module`` all or nothing: the file is checked against the module's own
+    ``state_dict`` (its trainable parameters with ``trainable_only``): keys exactly (a tied tensor may be
+    stored once, as ``save_model`` writes it), shapes, dtypes (``dtype=False``: any, cast on copy),
+    finite values; only then is anything copied."""
+    path = Path(path)
+    if trainable_only:
+        own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        state = read_safetensors(path, like(own, dtype=dtype), what=what)
+    else:
+        own = module.state_dict()
+        entries, _ = read_header(path, what=what)
+        state = read_safetensors(path, like({k: v for k, v in own.items() if k in entries}, dtype=dtype), what=what)
+        stored = {own[k].data_ptr() for k in state}
+        untied = sorted(k for k in own if k not in state and own[k].data_ptr() not in stored)
+        if untied:
+            raise UserFileError(path, f"{len(untied)} tensor(s) missing: {_keys(untied)}", what=what)
+    for name, t in own.items():
+        if name in state:
+            t.copy_(state[name])
+
+
 # -- JSON ---------------------------------------------------------------------------------------------
 
 
@@ -272,5 +295,5 @@ def check_finite_weights(obj, *, path, what: str, fix: str | None = None) -> Non
                             fix=fix or "the weights are damaged: download or save the model again")
 
 
-__all__ = ["UserFileError", "Spec", "like", "read_header", "read_metadata", "read_safetensors", "read_json",
+__all__ = ["UserFileError", "Spec", "like", "read_header", "read_metadata", "read_safetensors", "read_into", "read_json",
            "nonfinite_weights", "check_finite_weights", "MAX_HEADER"]

@@ -48,9 +48,7 @@ or ``diffplug sample --noise-policy D/final/noise_policy.safetensors --prompt P`
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_model
 
 from .. import atomic
-from ..checked import Spec, UserFileError, like, read_header, read_json, read_safetensors
+from ..checked import Spec, UserFileError, read_into, read_json, read_safetensors
 from .checkpoint import CheckpointError
 
 MODEL_FILE = "trainable.safetensors"
@@ -173,23 +173,9 @@ def save_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> No
 
 def load_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:
     """Check the file whole (keys, shapes, dtypes, finite values), then copy it into ``module``."""
-    what = "a training checkpoint's trained tensors (written by diffplug finetune for this model and adapter)"
     with reading(path):
-        if trainable_only:
-            named = _trainable(module)
-            state = read_safetensors(path, like(named), what=what)
-        else:
-            named = module.state_dict()
-            entries, _ = read_header(path, what=what)
-            state = read_safetensors(path, like({k: v for k, v in named.items() if k in entries}), what=what)
-            stored = {named[k].data_ptr() for k in state}
-            untied = sorted(k for k in named if k not in state and named[k].data_ptr() not in stored)
-            if untied:  # save_model writes a tied tensor once; any other absence is a missing tensor
-                raise UserFileError(path, f"{len(untied)} tensor(s) missing: {untied[:3]}", what=what)
-        with torch.no_grad():
-            for n, p in named.items():
-                if n in state:
-                    p.copy_(state[n])
+        read_into(module, path, trainable_only=trainable_only,
+                  what="a training checkpoint's trained tensors (written by diffplug finetune for this model and adapter)")
 
 
 def _check_shapes(path: Path, saved: list, live: list, what: str) -> None:
