@@ -27,17 +27,16 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on a header
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    **{k: getattr(torch, v) for k, v in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")) if hasattr(torch, v)},
-}
+# safetensors dtype name -> torch dtype name (torch is imported on first use: read_json needs no torch)
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+           "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 _FIX = "write the file again with the tool that made it, or pass the right path"
 
 
@@ -85,6 +84,8 @@ def _need_file(path: Path, what: str) -> None:
 def read_header(path, *, what: str) -> tuple[dict[str, tuple[torch.dtype, tuple]], dict[str, str]]:
     """``({key: (dtype, shape)}, metadata)`` of a safetensors file, checked for truncation, a huge
     header and format errors without reading any tensor."""
+    import torch
+
     path = Path(path)
     _need_file(path, what)
     size = path.stat().st_size
@@ -111,7 +112,7 @@ def read_header(path, *, what: str) -> tuple[dict[str, tuple[torch.dtype, tuple]
     data, entries, end = size - 8 - n, {}, 0
     for key, e in header.items():
         try:
-            dtype, shape, (lo, hi) = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            dtype, shape, (lo, hi) = getattr(torch, _DTYPES[e["dtype"]]), tuple(int(s) for s in e["shape"]), e["data_offsets"]
             nbytes = math.prod(shape) * dtype.itemsize
             if min(shape, default=0) < 0 or not (0 <= lo <= hi and hi - lo == nbytes):
                 raise ValueError
@@ -141,6 +142,8 @@ def _dtype_name(d) -> str:
 
 
 def _check_values(path, key: str, t: torch.Tensor, spec: Spec, what: str) -> None:
+    import torch
+
     def bad(problem: str):
         raise UserFileError(path, f"tensor {key!r} {problem}", what=what)
 
@@ -209,7 +212,6 @@ def read_safetensors(path, expect: Mapping[str, Spec], *, what: str, allow_extra
     return out
 
 
-@torch.no_grad()
 def read_into(module: torch.nn.Module, path, *, what: str, trainable_only: bool = False, dtype: bool = True) -> None:
     """Load a state file into ``module`` all or nothing: the file is checked against the module's own
     ``state_dict`` (its trainable parameters with ``trainable_only``): keys exactly (a tied tensor may be
@@ -227,9 +229,12 @@ def read_into(module: torch.nn.Module, path, *, what: str, trainable_only: bool 
         untied = sorted(k for k in own if k not in state and own[k].data_ptr() not in stored)
         if untied:
             raise UserFileError(path, f"{len(untied)} tensor(s) missing: {_keys(untied)}", what=what)
-    for name, t in own.items():
-        if name in state:
-            t.copy_(state[name])
+    import torch
+
+    with torch.no_grad():
+        for name, t in own.items():
+            if name in state:
+                t.copy_(state[name])
 
 
 # -- JSON ---------------------------------------------------------------------------------------------
@@ -259,17 +264,20 @@ def read_json(path, *, what: str, kind: type | tuple | None = dict):
 
 
 def _modules(obj) -> dict[str, torch.nn.Module]:
+    import torch
+
     if isinstance(obj, torch.nn.Module):
         return {"": obj}
     components = getattr(obj, "components", obj)  # a DiffusionPipeline, or a {name: module} map
     return {n: m for n, m in components.items() if isinstance(m, torch.nn.Module)}
 
 
-@torch.no_grad()
 def nonfinite_weights(obj) -> list[str]:
     """Names (``component.param``) of floating parameters/buffers of a module, pipeline or
     ``{name: module}`` map holding NaN or inf: per tensor its min and max (NaN propagates through
     both; no copy of the weights), one host sync per device."""
+    import torch
+
     found: dict[torch.device, list] = {}
     for comp, module in _modules(obj).items():
         seen = set()
@@ -277,7 +285,8 @@ def nonfinite_weights(obj) -> list[str]:
             if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta" or id(t) in seen:
                 continue
             seen.add(id(t))
-            lo, hi = torch.aminmax(t.detach().reshape(-1))
+            with torch.no_grad():
+                lo, hi = torch.aminmax(t.detach().reshape(-1))
             found.setdefault(t.device, []).append((f"{comp}.{name}" if comp else name, torch.stack([lo, hi]).float()))
     bad = []
     for rows in found.values():
