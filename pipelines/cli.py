@@ -36,11 +36,14 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=None, help="w in uncond + w (cond - uncond) (default 7.5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="w in uncond + w (cond - uncond) (default 7.5); on Flux / Qwen-Image without --guidance: the "
+                        "guidance embedding's scale, as the stock pipeline (no second pass)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
     p.add_argument("--scheduler-opt", action="append", metavar="KEY=VALUE",
                    help="scheduler config override (of --scheduler, else of the model's own scheduler)")
-    p.add_argument("--guidance", choices=GUIDANCE_NAMES, default="cfg")
+    p.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None,
+                   help="default: cfg; on Flux / Qwen-Image: the stock pipeline's single pass (give one to add a second pass)")
     p.add_argument("--guidance-opt", action="append", metavar="KEY=VALUE", help="guidance option, e.g. eta=0")
     p.add_argument("--product-prompt", action="append", default=None,
                    help="a second prompt multiplied in (product of experts, ProductGuidance): one for all prompts or "
@@ -191,7 +194,14 @@ def run(args) -> int:
         early_exit = attach(pipe, args.early_exit, args.early_exit_heads)
     if args.scheduler or args.scheduler_opt:
         pipe.scheduler = make_scheduler(args.scheduler, pipe, **parse_options(args.scheduler_opt))
-    check_size(family_of(pipe), args.height, args.width, names=("--height", "--width"))
+    family = family_of(pipe)
+    check_size(family, args.height, args.width, names=("--height", "--width"))
+    # Flux-like: with no --guidance the run is the stock one (guidance_scale = the embedding, one pass)
+    stock_scale = args.guidance is None and family.guidance_scale_is == "embedding"
+    if stock_scale and (args.guidance_opt or args.product_prompt):
+        raise ValueError(f"--guidance-opt / --product-prompt need --guidance on {type(pipe).__name__}: without it the run "
+                         "is the stock single pass (--guidance-scale sets the guidance embedding)")
+    args.guidance = args.guidance or "cfg"
     guidance_options = parse_options(args.guidance_opt)
     if args.guidance_scale is not None:
         guidance_options["guidance_scale"] = args.guidance_scale
@@ -202,7 +212,9 @@ def run(args) -> int:
             sampler_options["num_particles"] = args.particles
         sampler = make_sampler(args.sampler, **sampler_options)
         per_prompt = args.num_images * getattr(sampler, "num_particles", 1)  # SMC: K particles per output image
-    if args.product_prompt:
+    if stock_scale:
+        guidance = None
+    elif args.product_prompt:
         guidance = _product_guidance(args, pipe, prompts, per_prompt, guidance_options)
     else:
         guidance = make_guidance(args.guidance, **guidance_options)
@@ -224,6 +236,7 @@ def run(args) -> int:
         width=args.width,
         generator=generator,
         latents=latents,
+        **({"guidance_scale": args.guidance_scale} if stock_scale else {}),
     )
     seconds = time.perf_counter() - start
 
@@ -240,7 +253,8 @@ def run(args) -> int:
         "seed": args.seed,
         "scheduler": {"name": args.scheduler or "model default", "class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
         "guidance": {"name": args.guidance, "class": type(guidance).__name__, "config": dict(guidance.config),
-                     "product_prompt": args.product_prompt, "product_model": args.product_model},
+                     "product_prompt": args.product_prompt, "product_model": args.product_model}
+        if guidance is not None else {"name": "stock", "embedding_scale": args.guidance_scale},
         "sampler": None,
         "noise_policy": str(args.noise_policy) if args.noise_policy else None,
         "nfe_per_image": result.nfe,

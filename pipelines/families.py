@@ -60,6 +60,9 @@ class Family:
 
     # Stock-pipeline arguments accepted at the one value diffplug's loop behaves like.
     neutral_arguments: dict = {}
+    # What the stock pipeline's ``guidance_scale`` is: CFG's w ("cfg"), or a guidance-distilled
+    # transformer's embedding input ("embedding", Flux / Qwen-Image: CFG is a second, opt-in pass).
+    guidance_scale_is = "cfg"
     # Why this family's model call can never be replayed from a CUDA graph (None: it can; graphs.py)
     no_cuda_graph: str | None = None
 
@@ -308,6 +311,7 @@ class FluxFamily(Family):
 
     name = "flux"
     denoiser_attr = "transformer"
+    guidance_scale_is = "embedding"
 
     def default_size(self) -> tuple[int, int]:
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -479,6 +483,7 @@ class ChromaFamily(FluxFamily):
     no guidance embedding; ``guidance_scale`` is classifier-free guidance (default 5, negative "")."""
 
     name = "chroma"
+    guidance_scale_is = "cfg"
 
     call_arguments = Family.call_arguments
 

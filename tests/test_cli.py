@@ -31,6 +31,20 @@ def test_sample_writes_grid_images_and_settings(tmp_path):
     assert (out / "000.png").read_bytes() == (again / "000.png").read_bytes()
 
 
+def test_sample_on_flux_is_the_stock_single_pass_unless_a_guidance_is_given(tmp_path, capsys):
+    """Flux: --guidance-scale is the guidance embedding (one pass per step, as FluxPipeline); --guidance adds
+    the second pass; on a transformer without the embedding a scale is refused, never ignored."""
+    base = ["sample", "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32"]
+    assert main(base + ["--model", "tiny-flux", "--guidance-scale", "3", "--out", str(tmp_path / "stock")]) == 0
+    settings = json.loads((tmp_path / "stock" / "settings.json").read_text())
+    assert settings["guidance"] == {"name": "stock", "embedding_scale": 3.0} and settings["nfe_per_image"] == 2
+    assert main(base + ["--model", "tiny-flux", "--guidance", "cfg", "--guidance-scale", "3", "--out", str(tmp_path / "cfg")]) == 0
+    assert json.loads((tmp_path / "cfg" / "settings.json").read_text())["nfe_per_image"] == 4
+    capsys.readouterr()
+    assert main(base + ["--model", "tiny-flux-schnell", "--guidance-scale", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "guidance_embeds=False" in capsys.readouterr().err
+
+
 def test_bad_input_is_named(tmp_path, capsys):
     assert main(["sample", "--model", "tiny-sd", "--out", str(tmp_path / "x")]) == 2
     assert "--prompt" in capsys.readouterr().err
