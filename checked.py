@@ -14,7 +14,8 @@ safetensors), keys (exactly; ``allow_extra`` tolerates more), shapes (exactly: n
 ``str`` dimension is a symbol that must take one value across the file, ``None`` any size), dtypes,
 then values: floating tensors finite, optional ``low``/``high`` ([low, high)), ``positive``
 (> 0), ``increasing`` (strictly, e.g. sorted unique indices). Every error is a :class:`UserFileError`
-(a ``ValueError``) naming the file, what it was meant to be and the fix.
+(a ``ValueError``) naming the file, what it was meant to be and the fix (every reader takes
+``fix=``: the consumer's own advice, e.g. "train it again with diffplug finetune find").
 
 Model folders load through diffusers' ``from_pretrained``; :func:`check_finite_weights` scans the
 freshly loaded pipeline or module once (a min and max per tensor, one host sync per device).
@@ -81,6 +82,22 @@ def _need_file(path: Path, what: str) -> None:
         raise UserFileError(path, "no such file", what=what, fix="check the path")
 
 
+def _with_fix(fn):
+    """``fix=`` on a reader replaces the generic fix of its errors by the consumer's own."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, fix: str | None = None, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserFileError as e:
+            if fix is None or e.fix != _FIX:
+                raise
+            raise UserFileError(e.path, e.problem, what=e.what, fix=fix) from None
+    return wrapper
+
+
+@_with_fix
 def read_header(path, *, what: str) -> tuple[dict[str, tuple[torch.dtype, tuple]], dict[str, str]]:
     """``({key: (dtype, shape)}, metadata)`` of a safetensors file, checked for truncation, a huge
     header and format errors without reading any tensor."""
@@ -124,6 +141,7 @@ def read_header(path, *, what: str) -> tuple[dict[str, tuple[torch.dtype, tuple]
     return entries, meta
 
 
+@_with_fix
 def read_metadata(path, *, what: str) -> dict[str, str]:
     """The string metadata of a safetensors file (checked like :func:`read_header`)."""
     return read_header(path, what=what)[1]
@@ -167,6 +185,7 @@ def _check_values(path, key: str, t: torch.Tensor, spec: Spec, what: str) -> Non
         bad("is not strictly increasing (values must be sorted with no repeats)")
 
 
+@_with_fix
 def read_safetensors(path, expect: Mapping[str, Spec], *, what: str, allow_extra: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` named by ``expect`` (CPU), returned only after the file, every key,
     shape, dtype and value passed; otherwise a :class:`UserFileError`. ``allow_extra``: keys the file
@@ -212,6 +231,7 @@ def read_safetensors(path, expect: Mapping[str, Spec], *, what: str, allow_extra
     return out
 
 
+@_with_fix
 def read_into(module: torch.nn.Module, path, *, what: str, trainable_only: bool = False, dtype: bool = True) -> None:
     """Load a state file into ``module`` all or nothing: the file is checked against the module's own
     ``state_dict`` (its trainable parameters with ``trainable_only``): keys exactly (a tied tensor may be
@@ -244,6 +264,7 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+@_with_fix
 def read_json(path, *, what: str, kind: type | tuple | None = dict):
     """The parsed JSON of ``path`` (strict: no NaN/Infinity), of type ``kind`` (``None``: any)."""
     path = Path(path)

@@ -327,6 +327,7 @@ def _ignore_sara_keys(module, incompatible):
 
 
 WHAT = f"a SaRA adapter ({FILE} written by sara.save or diffplug finetune --adapter sara)"
+FIX = "save it again (sara.save or diffplug finetune --adapter sara), or pass the folder that holds the right file"
 
 
 def _file(path: str | Path) -> Path:
@@ -342,9 +343,9 @@ def _read(path: str | Path, sizes: dict[str, int], *, layout: bool, exact: bool)
     from ..checked import Spec, UserFileError, read_header, read_safetensors
 
     path = _file(path)
-    entries, meta = read_header(path, what=WHAT)
+    entries, meta = read_header(path, what=WHAT, fix=FIX)
     if meta.get("format") != FORMAT:
-        raise UserFileError(path, f"not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})", what=WHAT)
+        raise UserFileError(path, f"not a SaRA adapter (format {meta.get('format')!r}, expected {FORMAT!r})", what=WHAT, fix=FIX)
     suffixes = ("index", "values", "active") if layout else ("index", "values")
     names = sizes if exact else sorted({k.rsplit(".", 1)[0] for k in entries})
     unknown = [n for n in names if n not in sizes]
@@ -357,7 +358,7 @@ def _read(path: str | Path, sizes: dict[str, int], *, layout: bool, exact: bool)
         expect[f"{n}.values"] = Spec((f"{n}#",), torch.float32)
         if layout:
             expect[f"{n}.active"] = Spec((f"{n}@",), torch.int32, low=0, high=sizes[n], increasing=True)
-    tensors = read_safetensors(path, expect, what=WHAT, allow_extra=not layout and all(
+    tensors = read_safetensors(path, expect, what=WHAT, fix=FIX, allow_extra=not layout and all(
         k.rsplit(".", 1)[-1] in suffixes + ("active",) for k in entries))
     if layout:
         for n in names:  # every trained entry is one of the selected ones
@@ -365,7 +366,7 @@ def _read(path: str | Path, sizes: dict[str, int], *, layout: bool, exact: bool)
             pos = torch.searchsorted(idx, act).clamp(max=max(idx.numel() - 1, 0))
             if act.numel() and (idx.numel() == 0 or not torch.equal(idx[pos], act)):
                 raise UserFileError(path, f"tensor {n + '.active'!r} holds entries that {n + '.index'!r} does not",
-                                    what=WHAT)
+                                    what=WHAT, fix=FIX)
     return tensors, meta
 
 

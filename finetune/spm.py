@@ -275,7 +275,7 @@ class StepAwarePreferenceModel(nn.Module):
                 raise UserFileError(folder / "spm_config.json", f"freq_dim {config.get('freq_dim')!r} is not a positive "
                                     "integer", what=WHAT)
             model = cls.from_backbone(checked_backbone(folder, config.get("backbone", ""), backbone), config["freq_dim"])
-            state = read_safetensors(folder / "spm.safetensors", like(model.state_dict(), dtype=False), what=WHAT)
+            state = read_safetensors(folder / "spm.safetensors", like(model.state_dict(), dtype=False), what=WHAT, fix=FIX)
         except UserFileError as e:
             raise ConfigError(f"preference_model: {e}") from None
         model.load_state_dict(state)
@@ -284,12 +284,13 @@ class StepAwarePreferenceModel(nn.Module):
 
 
 WHAT = "an SPO step-aware preference model (spm.safetensors + spm_config.json written by diffplug finetune spo-pm)"
+FIX = "train it again with `diffplug finetune spo-pm --output_dir D` and pass --preference_model D"
 
 
 def _config(folder: Path) -> dict:
     from ..checked import read_json
 
-    return read_json(folder / "spm_config.json", what=WHAT)
+    return read_json(folder / "spm_config.json", what=WHAT, fix=FIX)
 
 
 def load_preference_model(spec: str, reward: str | None = None, backbone: str | None = None) -> StepAwarePreferenceModel:

@@ -35,6 +35,7 @@ from ..checked import Spec, UserFileError, read_into, read_json, read_safetensor
 from .checkpoint import CheckpointError
 
 MODEL_FILE = "trainable.safetensors"
+FIX = "resume from another checkpoint (--resume latest falls back past it) or start a new run"
 
 
 @contextlib.contextmanager
@@ -122,14 +123,14 @@ def load_tree(folder: Path, name: str):
     floating one finite (``diffplug.checked``): a NaN is named here, not as a NaN loss steps later."""
     doc_path, tensor_path = folder / f"{name}.json", folder / f"{name}.safetensors"
     what = f"a training checkpoint's {name} state (written by diffplug finetune)"
-    fix = "resume from another checkpoint (--resume latest falls back past it) or start a new run"
+    fix = FIX
     with reading(doc_path):
-        doc = read_json(doc_path, what=what)
+        doc = read_json(doc_path, what=what, fix=fix)
         tree, has_tensors = doc["tree"], doc["tensors"]
     tensors = {}
     if has_tensors:
         with reading(tensor_path):
-            tensors = read_safetensors(tensor_path, {k: Spec() for k in _tensor_keys(tree, set())}, what=what)
+            tensors = read_safetensors(tensor_path, {k: Spec() for k in _tensor_keys(tree, set())}, what=what, fix=fix)
     with reading(tensor_path if has_tensors else doc_path):
         try:
             return _decode(tree, tensors)
@@ -174,7 +175,7 @@ def save_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> No
 def load_module(module: torch.nn.Module, path: Path, trainable_only: bool) -> None:
     """Check the file whole (keys, shapes, dtypes, finite values), then copy it into ``module``."""
     with reading(path):
-        read_into(module, path, trainable_only=trainable_only,
+        read_into(module, path, trainable_only=trainable_only, fix=FIX,
                   what="a training checkpoint's trained tensors (written by diffplug finetune for this model and adapter)")
 
 

@@ -19,6 +19,7 @@ import torch
 
 FORMAT = "diffplug-find-noise-policy/1"
 WHAT = "a FIND noise policy (D/final/noise_policy.safetensors written by diffplug finetune find)"
+FIX = "train it again with `diffplug finetune find` (it writes D/final/noise_policy.safetensors), or pass the right file"
 
 
 class NoisePolicy:
@@ -43,10 +44,10 @@ class NoisePolicy:
         from ..checked import Spec, UserFileError, read_metadata, read_safetensors
 
         path = Path(path)
-        meta = read_metadata(path, what=WHAT)
+        meta = read_metadata(path, what=WHAT, fix=FIX)
         if meta.get("format") != FORMAT:
             raise UserFileError(path, f"not a FIND noise policy (format {meta.get('format')!r}, expected {FORMAT!r})",
-                                what=WHAT)
+                                what=WHAT, fix=FIX)
         try:
             fields = {k: json.loads(v) for k, v in meta.items() if k != "format"}
             prompts, shape = fields.pop("prompts"), tuple(fields.pop("latent_shape"))
@@ -55,10 +56,10 @@ class NoisePolicy:
             if not all(isinstance(s, int) and s > 0 for s in shape):
                 raise ValueError(f"latent_shape {list(shape)} is not a list of sizes")
         except (ValueError, KeyError, TypeError) as e:
-            raise UserFileError(path, f"bad metadata ({type(e).__name__}: {e})", what=WHAT) from None
+            raise UserFileError(path, f"bad metadata ({type(e).__name__}: {e})", what=WHAT, fix=FIX) from None
         rows = (len(prompts), *shape)
         t = read_safetensors(path, {"mean": Spec(rows, torch.float32), "std": Spec(rows, torch.float32, positive=True)},
-                             what=WHAT)
+                             what=WHAT, fix=FIX)
         return cls(t["mean"], t["std"], prompts, fields)
 
     def index(self, prompts) -> list[int]:
