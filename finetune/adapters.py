@@ -46,6 +46,7 @@ LORA_TARGETS = {
     "sd3": UNET_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
     "flux": UNET_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
     "chroma": UNET_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "zimage": UNET_TARGETS,  # single-stream: one attention per block (and in the refiners)
 }
 
 

@@ -24,14 +24,9 @@ from .config import ConfigError
 
 UNET_FAMILIES = ("sd", "sdxl")
 # every family the trainer runs: the two UNets, PixArt's DiT (epsilon, learned sigma), and the
-# rectified-flow transformers SD3 and Flux/Chroma (velocity, packed latents for Flux/Chroma)
-FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux", "chroma")
+# rectified-flow transformers SD3, Flux/Chroma (packed latents) and Z-Image (velocity)
+FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux", "chroma", "zimage")
 SUPPORTED = UNET_FAMILIES  # a method that declares no `families` runs on the UNets only
-# what the trainer cannot run, and why (the family list of a method never lifts these)
-NOT_TRAINABLE = {
-    "zimage": "ZImageTransformer2DModel takes per-sample lists of unpadded captions, which the trainer's batched "
-              "losses do not build",
-}
 
 
 def load_pipeline(spec: str):
@@ -79,7 +74,8 @@ def load_pipeline(spec: str):
 
 # the tokenizer of each family's long (T5-style) prompt sequence: prompts are encoded at the stock
 # max_sequence_length, capped by that tokenizer's model_max_length
-LONG_TOKENIZER = {"pixart": "tokenizer", "chroma": "tokenizer", "flux": "tokenizer_2", "sd3": "tokenizer_3"}
+LONG_TOKENIZER = {"pixart": "tokenizer", "chroma": "tokenizer", "flux": "tokenizer_2", "sd3": "tokenizer_3",
+                  "zimage": "tokenizer"}
 
 
 class _Called:
@@ -116,8 +112,6 @@ class DiffusionModel:
             raise ConfigError(f"model: {e}") from None
         families = families or SUPPORTED  # a method may support more (dpo, sft: every family)
         name = self.family.name
-        if name in NOT_TRAINABLE:
-            raise ConfigError(f"model: {type(pipe).__name__} ({name}) cannot be fine-tuned here: {NOT_TRAINABLE[name]}")
         if name not in families:
             raise ConfigError(
                 f"model: {type(pipe).__name__} ({name}) is not supported by this method; it runs on "
@@ -170,7 +164,7 @@ class DiffusionModel:
         """One training timestep per sample, from its generator (one draw each).
 
         VP models (SD, SDXL, PixArt): ``t ~ U{0, ..., T-1}`` as DDPM pre-training. Flow models (SD3, Flux,
-        Chroma): SD3's logit-normal, ``sigma = sigmoid(u)``, ``u ~ N(0, 1)`` (Esser et al. 2024, §3.1,
+        Chroma, Z-Image): SD3's logit-normal, ``sigma = sigmoid(u)``, ``u ~ N(0, 1)`` (Esser et al. 2024, §3.1,
         m = 0, s = 1; diffusers' ``weighting_scheme="logit_normal"``), then the scheduler's own time shift,
         the one its sampler applies at this resolution (SD3 §5.3.2): the static ``shift`` (SD3: 3), or
         Flux's dynamic shift with ``mu`` from the image token count. ``t = 1000 sigma`` (float).
@@ -188,8 +182,7 @@ class DiffusionModel:
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             size = self.resolution or self.default_resolution()
-            tokens = self.family.latent_shape(1, size, size)
-            seq_len = tokens[1] if self.packed else (tokens[2] // self.unet.config.patch_size) * (tokens[3] // self.unet.config.patch_size)
+            seq_len = (size // self.family.size_factor()) ** 2  # image tokens (VAE factor x patch or packing)
             mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                                  config.get("base_shift", 0.5), config.get("max_shift", 1.15))
             return self.scheduler.time_shift(mu, 1.0, sigma)
