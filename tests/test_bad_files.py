@@ -519,3 +519,24 @@ def test_sample_settings_json(tmp_path):
         _raises(lambda: sample_manifest(tmp_path), str(f), word, "remove it")
     f.write_text('{"something": "else"}')  # a JSON file of the user's own: the folder is scored as plain images
     assert sample_manifest(tmp_path) is None
+
+
+def test_read_into_is_all_or_nothing(tmp_path):
+    """``read_into`` (checkpoints; the --adapter loaders): a tied tensor may be stored once, anything
+    else wrong leaves the module as it was."""
+    from safetensors.torch import save_model
+
+    from diffplug.checked import read_into
+
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4))
+    src[2].weight = src[1].weight  # tied: save_model writes it once
+    save_model(src, str(tmp_path / "m.safetensors"))
+    dst = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4))
+    dst[2].weight = dst[1].weight
+    read_into(dst, tmp_path / "m.safetensors", what="a model")
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    _rewrite(tmp_path / "m.safetensors", lambda t: t["2.bias"].__setitem__(3, NAN))
+    _raises(lambda: read_into(dst, tmp_path / "m.safetensors", what="a model", fix="do X"), "'2.bias'", "do X")
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
