@@ -115,7 +115,7 @@ class DiffusionModel:
         if name not in families:
             raise ConfigError(
                 f"model: {type(pipe).__name__} ({name}) is not supported by this method; it runs on "
-                f"{', '.join(families)} (README: the fine-tuning table); dpo and sft run on every family"
+                f"{', '.join(families)} (README: the fine-tuning table says which method runs on which family)"
             )
         self.unet = self.denoiser = self.family.denoiser
         self.scheduler = pipe.scheduler
