@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..checked import UserFileError
 from .config import ConfigError
 
 
@@ -199,7 +200,7 @@ def run(args) -> int:
         check_input_paths(args.method_name, config)
         trainer = Trainer(method_cls(config))
         trainer.train()
-    except (ConfigError, OSError) as e:  # OSError: a file that could not be written (atomic.WriteError names it)
+    except (ConfigError, UserFileError, OSError) as e:  # OSError: a file not written (atomic.WriteError names it)
         if isinstance(e, OSError) and "config" in locals():
             from .checkpoint import clean_stale
 

@@ -182,7 +182,7 @@ def run(args) -> int:
         check_threshold(args.early_exit, "--early-exit")
     policy = None
     if args.noise_policy:  # FIND: unknown prompts fail before the model loads
-        from ..finetune.find import load_noise_policy
+        from ..samplers.noise_policy import load_noise_policy
 
         policy = load_noise_policy(args.noise_policy)
         policy.index(prompts)
