@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffplug.checked import UserFileError
-from diffplug.finetune import ConfigError, Trainer, load_config
-from diffplug.finetune import adapters
+from diffplug.finetune import ConfigError, Trainer, adapters, load_config
 from diffplug.finetune.dpo import DiffusionDPO, DPOConfig, dpo_loss, error_weight
 from diffplug.finetune.model import FAMILIES, SUPPORTED, DiffusionModel
 from diffplug.finetune.sft import SFT, SFTConfig
