@@ -52,8 +52,8 @@ LORA_TARGETS = {
 
 def fingerprint(denoiser: torch.nn.Module) -> str:
     """The base model's fingerprint, defined once: sha256 over the denoiser's parameter names, shapes
-    and float32 values (``sara.base_hash``; SaRA files carry the same hash). One pass over the
-    weights: a few seconds per GB."""
+    and float32 values (``sara.base_hash``; SaRA files carry the same hash): one read of every
+    weight, at the start of a run and in :func:`load`."""
     from .sara import base_hash
 
     return base_hash(denoiser)
