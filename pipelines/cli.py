@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE")
     p.add_argument("--early-exit", type=float, default=None, metavar="TAU",
                    help="DeeDiff early exit (transformer models, e.g. testbed-dit): rows exit at the first block whose uncertainty < TAU; 0 = full model")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="what `diffplug finetune` wrote (its final/ folder: LoRA, SaRA or full weights), applied to --model's "
+                        "denoiser; refused when it was trained from another base model")
     p.add_argument("--early-exit-heads", default=None, help="heads file for --early-exit (default: the testbed DiT's shipped heads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise-policy", type=Path, default=None,
@@ -105,6 +108,9 @@ def _check_args(args) -> None:
         path = getattr(args, flag)
         if path and not Path(path).expanduser().is_file():
             raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.adapter and not (Path(args.adapter).expanduser() / "adapter.json").is_file():
+        raise ValueError(f"--adapter {args.adapter}: no adapter.json there; give the final/ (or a checkpoint's) folder "
+                         "that `diffplug finetune` wrote")
     if args.model and args.model not in BUILTIN_MODELS:
         validate.check_model_path(args.model)
     validate.check_out(args.out, _is_run_file, args.force)
@@ -187,6 +193,10 @@ def run(args) -> int:
         policy = load_noise_policy(args.noise_policy)
         policy.index(prompts)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.adapter:  # checked in full (record, base fingerprint, every tensor) before anything is applied
+        from ..finetune.adapters import load as load_adapter
+
+        load_adapter(pipe, Path(args.adapter).expanduser())
     early_exit = None
     if args.early_exit is not None:
         from ..samplers.early_exit import attach
@@ -257,6 +267,7 @@ def run(args) -> int:
         if guidance is not None else {"name": "stock", "embedding_scale": args.guidance_scale},
         "sampler": None,
         "noise_policy": str(args.noise_policy) if args.noise_policy else None,
+        "adapter": str(args.adapter) if args.adapter else None,
         "nfe_per_image": result.nfe,
         "seconds": round(seconds, 3),
         "device": str(pipe.device),

@@ -156,3 +156,22 @@ def test_light_name_tables_match_the_registries():
 
     assert set(GUIDANCE_NAMES) == set(GUIDANCE) and set(SAMPLER_NAMES) == set(SAMPLERS)
     assert PROTOCOL_NAMES == PROTOCOLS
+
+
+def test_sample_with_a_finetune_output_folder(tmp_path, capsys):
+    """fine-tune, then sample with --adapter: the tuned model's images; another base model is refused (exit 2)."""
+    run = tmp_path / "tune"
+    assert main(["finetune", "sft", "--model", "tiny:sd", "--data", "testbed:food-drink", "--adapter", "lora",
+                 "--max_steps", "2", "--train_batch_size", "2", "--learning_rate", "0.05", "--lora_init", "gaussian",
+                 "--tensorboard", "false", "--resolution", "32", "--output_dir", str(run)]) == 0
+    base = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--steps", "2", "--seed", "3"]
+    assert main(base + ["--out", str(tmp_path / "base")]) == 0
+    assert main(base + ["--adapter", str(run / "final"), "--out", str(tmp_path / "tuned")]) == 0
+    settings = json.loads((tmp_path / "tuned" / "settings.json").read_text())
+    assert settings["adapter"] == str(run / "final")
+    assert (tmp_path / "base" / "000.png").read_bytes() != (tmp_path / "tuned" / "000.png").read_bytes()
+    capsys.readouterr()
+    assert main(["sample", "--model", "tiny-sd3", "--prompt", "a", "--steps", "1", "--adapter", str(run / "final"),
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "adapter.json" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert main(base + ["--adapter", str(tmp_path), "--out", str(tmp_path / "none")]) == 2
