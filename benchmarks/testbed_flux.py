@@ -82,8 +82,8 @@ def main(argv=None) -> None:
         BEGIN,
         "## Rectified-flow transformer (`load(\"flux\")`): prompt alignment",
         "",
-        f"- After {minutes:.0f} minutes of training ({steps:,} steps of batch {record['batch_size']}; "
-        f"weights of {record['date']}){' (in progress)' if args.in_progress else ''}.",
+        f"- After {minutes:.0f} minutes of training{' (in progress)' if args.in_progress else ''}: {steps:,} steps of "
+        f"batch {record['batch_size']}, weights of {record['date']}.",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Device: CPU ({platform.machine()}), "
         f"{args.threads} thread(s), shared with other jobs (1-min load {os.getloadavg()[0]:.1f}): times are upper bounds.",
         f"- Command: `{cmd}` ({(time.time() - start) / 60:.1f} min).",
