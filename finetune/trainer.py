@@ -405,11 +405,17 @@ class Trainer:
             if acc.is_main_process:
                 tmp = self.out / ".tmp-final"
                 shutil.rmtree(tmp, ignore_errors=True)
-                if hasattr(self.method, "save_final"):
-                    self.method.save_final(self, unet, tmp)
-                else:
-                    self.model.save_final(unet, tmp)
-                save_config(self.config, tmp / "config.yaml")
+                try:  # staged whole, then renamed: a failed write (full disk) leaves the earlier final/ as it was
+                    if hasattr(self.method, "save_final"):
+                        self.method.save_final(self, unet, tmp)
+                    else:
+                        self.model.save_final(unet, tmp)
+                    save_config(self.config, tmp / "config.yaml")
+                except Exception as err:  # safetensors raises its own error type on ENOSPC
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    from ..atomic import WriteError
+
+                    raise (err if isinstance(err, WriteError) else WriteError(final, err)) from err
                 old = self.out / ".old-final"
                 if final.exists():
                     shutil.rmtree(old, ignore_errors=True)

@@ -134,6 +134,27 @@ def test_finetune_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tm
     assert main(argv + ["--resume", "latest"]) == 0 and (out / "final").is_dir()
 
 
+def test_finetune_final_weights_on_a_full_disk_name_the_folder_and_leave_no_partial_final(tmp_path, capsys, monkeypatch):
+    """safetensors reports ENOSPC with its own error type: the trainer names final/ and leaves no half folder."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **k):
+        if ".tmp-final" in str(filename):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "ft"
+    argv = ["finetune", "sft", "--data", "testbed:food-drink", "--output_dir", str(out), "--train_batch_size", "2",
+            "--max_steps", "1", "--checkpoint_every", "0", "--tensorboard", "false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {out / 'final'}" in err and "StorageFull" in err and "Traceback" not in err
+    assert not (out / "final").exists() and not (out / ".tmp-final").exists()
+
+
 @pytest.mark.parametrize("argv", [["sample", "--prompt", "a", "--steps", "0", "--out", "x"],
                                   ["sample", "--prompt", "a", "--guidance", "cgf", "--out", "x"],
                                   ["eval", "--generated", "no/such/dir", "--metrics", "saturation", "--out", "x"],
