@@ -236,6 +236,8 @@ def main(argv=None) -> None:
     p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
     p.add_argument("--features", default="testbed", help="testbed (classifier features) or inception")
     p.add_argument("--heads", default=None, help="heads file (default: the shipped testbed heads)")
+    p.add_argument("--backbone", default=None, help="a PixArt transformer folder to wrap instead of the testbed DiT, e.g. "
+                   "the final/transformer of `finetune deediff --train_backbone true` (pair it with that run's --heads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=HERE / "early_exit_results.md")
     p.add_argument("--flow-flops", type=Path, default=None,
@@ -245,7 +247,15 @@ def main(argv=None) -> None:
         return write_flow_flops(args.flow_flops, argv)
 
     torch.manual_seed(0)
-    pipe = testbed.load("dit").to(args.device)
+    pipe = testbed.load("dit")
+    if args.backbone:
+        from diffusers import PixArtTransformer2DModel
+
+        from diffplug.checked import check_finite_weights
+
+        pipe.transformer = PixArtTransformer2DModel.from_pretrained(args.backbone, use_safetensors=True)
+        check_finite_weights(pipe.transformer, path=args.backbone, what="--backbone transformer")
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     ee = EarlyExit(pipe.transformer, heads=args.heads or testbed.WEIGHTS_DIR / "dit_early_exit.safetensors")
     pipe.transformer = ee
@@ -278,7 +288,8 @@ def write(args, rows, flops, n, argv, errors) -> None:
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
         f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), a shared "
         f"machine: wall times are noisy), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
-        f"Model: the testbed DiT ({n} blocks) with the shipped heads `testbed/weights/dit_early_exit.safetensors`; "
+        f"Model: {'the transformer `' + str(args.backbone) + '`' if args.backbone else 'the testbed DiT'} ({n} blocks) with "
+        f"{'the heads `' + str(args.heads) + '`' if args.heads else 'the shipped heads `testbed/weights/dit_early_exit.safetensors`'}; "
         f"{args.images} images (half Fashion-MNIST class prompts, half held-out emoji), {args.steps} DDIM steps, CFG {args.scale:g}, "
         f"the same seeds for every threshold. FID/precision/recall on {args.features} features against real test images "
         "of the same prompts (small sample: compare rows, not with other tables).",
