@@ -23,6 +23,7 @@ TOPICS = [  # (file, title)
     ("find_results.md", "FIND: initial-noise policies"),
     ("sara_results.md", "SaRA vs LoRA vs full fine-tuning"),
     ("early_exit_results.md", "DeeDiff early exit on the testbed DiT"),
+    ("early_exit_flow_flops.md", "DeeDiff early exit on real-size flow transformers: cost of heads and UEMs"),
     ("testbed_lcm_results.md", "The few-step testbed model (LCM)"),
     ("pso_results.md", "PSO on the few-step testbed"),
     ("weight_scan_results.md", "Checked loading: the NaN scan of a loaded model"),
@@ -53,6 +54,12 @@ presets were rebuilt, FIND, SaRA, DeeDiff, the few-step (LCM) testbed model and 
 defaults grid, Adaptive Guidance's defaults, APG's op count and the loop's host-sync counts. Up to
 seven benchmarks and test runs shared the 2-core machine then: wall-clock figures of that day are
 upper bounds (each section gives the load where it was noted); quality numbers do not depend on it.
+
+**2026-12-07 (CPU).** New this day: PSO's offline rows re-judged with the released prior term and paired
+s.e.; DeeDiff trained jointly with the backbone; the exit heads' cost on real-size Flux / SD3 shapes; the
+NaN scan's cost; the flow-matching testbed's first training hours (testbed section). One statistic for every
+table from now on (`diffplug.evals.stats`: gain ± paired s.e. as the headline, two-sample s.e. beside it);
+sections measured before this day used the unpaired or base-only s.e. their own text names.
 
 """
 
