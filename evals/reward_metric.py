@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+
+from .stats import mean_se
 
 
 def reward_options(pairs) -> dict:
@@ -68,11 +69,6 @@ def reward_prompts(rewards: dict, files: list, args) -> dict | None:
     return None
 
 
-def mean_stderr(x: torch.Tensor) -> tuple[float, float | None]:
-    x = x.double()
-    return float(x.mean()), (float(x.std() / len(x) ** 0.5) if len(x) > 1 else None)
-
-
 def summarize(rewards: dict, scores: dict, opts: dict, prompts: dict | None, prompts_source: str | None,
               result: dict, protocol: dict, skipped: dict) -> None:
     """Per reward: mean and standard error into ``result``, its settings into ``protocol``, or the
@@ -82,13 +78,14 @@ def summarize(rewards: dict, scores: dict, opts: dict, prompts: dict | None, pro
         if sc is None or not len(sc):
             skipped[f"reward:{name}"] = "no generated image decoded"
             continue
-        result[f"reward_{name}"], result[f"reward_{name}_stderr"] = mean_stderr(sc)
+        m = mean_se(sc, f"reward:{name}")
+        result[f"reward_{name}"], result[f"reward_{name}_stderr"] = m.mean, (m.se if m.n > 1 else None)  # JSON: no nan
         protocol[f"reward:{name}"] = {
             "options": json.loads(json.dumps(opts, default=str)),
             "higher_is_better": getattr(reward, "higher_is_better", True),
             "prompts": "none (the reward does not use them)" if prompts is None else
                        (prompts_source or "settings.json of diffplug sample"),
-            "stderr": "std (ddof=1) / sqrt(n)"}
+            "stderr": "std (ddof=1) / sqrt(n) (diffplug.evals.stats.mean_se)"}
 
 
 def scores_jsonl(files: list, scores: dict, prompts: dict | None) -> str:
