@@ -74,32 +74,10 @@ def test_every_subcommand_registers():
         assert choices[name].add_help, f"{name}: its module did not register a real parser"
 
 
-def _disk_full_at(monkeypatch, marker: str):
-    """diffplug.atomic's writes into a path containing ``marker`` get 100 bytes on disk, then ENOSPC."""
-    import errno
-
-    import diffplug.atomic
-
-    real_open = open
-
-    def full_disk(path, mode="r", *a, **k):
-        f = real_open(path, mode, *a, **k)
-        if marker in str(path):
-            write = f.write
-
-            def partial(data):
-                write(data[:100])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            f.write = partial
-        return f
-
-    monkeypatch.setattr(diffplug.atomic, "open", full_disk, raising=False)
-
-
-def test_sample_on_a_full_disk_names_the_file_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
+def test_sample_on_a_full_disk_names_the_file_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, disk_full_at):
     out = tmp_path / "run"
     args = ["sample", "--model", "tiny-sd", "--prompt", "a cat", "--num-images", "2", "--steps", "2", "--out", str(out)]
-    _disk_full_at(monkeypatch, "grid")
+    disk_full_at("grid")
     assert main(args) == 2  # the exit status --help gives
     err = capsys.readouterr().err
     assert f"could not write {out / 'grid.png'}: No space left on device" in err and "Traceback" not in err
@@ -108,7 +86,7 @@ def test_sample_on_a_full_disk_names_the_file_and_leaves_the_folder_as_it_was(tm
     monkeypatch.undo()
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _disk_full_at(monkeypatch, "settings")
+    disk_full_at("settings")
     assert main(args[:-4] + ["--num-images", "1", "--steps", "3", "--out", str(out), "--force"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -121,11 +99,11 @@ def test_sample_help_states_the_exit_status():
     assert "Exit status: 0 written; 2 error, nothing written" in " ".join(sub.format_help().split())
 
 
-def test_finetune_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+def test_finetune_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, disk_full_at):
     out = tmp_path / "ft"
     argv = ["finetune", "sft", "--data", "testbed:food-drink", "--output_dir", str(out), "--train_batch_size", "2",
             "--max_steps", "2", "--checkpoint_every", "1", "--tensorboard", "false", "--log_every", "1"]
-    _disk_full_at(monkeypatch, ".tmp-checkpoint-2")
+    disk_full_at(".tmp-checkpoint-2")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "could not write" in err and ".tmp-checkpoint-2" in err and "No space left" in err and "Traceback" not in err

@@ -216,27 +216,11 @@ def test_clip_score_without_a_folder_names_the_offline_scorer(tmp_path, capsys):
     assert "scorer=testbed" in help_text
 
 
-def test_a_full_disk_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
-    import errno
-
-    import diffplug.atomic
+def test_a_full_disk_leaves_no_partial_output(tmp_path, monkeypatch, capsys, disk_full_at):
     from diffplug.cli import main
 
     prompts = _prompted_pngs(tmp_path / "gen")
-    real_open = open
-
-    def full_disk(path, mode="r", *a, **k):  # report.html gets 100 bytes written, then the disk is full
-        f = real_open(path, mode, *a, **k)
-        if "report" in str(path):
-            write = f.write
-
-            def partial(data):
-                write(data[:100])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            f.write = partial
-        return f
-
-    monkeypatch.setattr(diffplug.atomic, "open", full_disk, raising=False)
+    disk_full_at("report")  # report.html gets 100 bytes written, then the disk is full
     out = tmp_path / "out"
     argv = ["eval", "--generated", str(tmp_path / "gen"), "--prompts", str(prompts), "--metrics", "saturation,reward:testbed",
             "--out", str(out), "--no-progress", "--num-workers", "0"]
