@@ -30,7 +30,16 @@ SUPPORTED = UNET_FAMILIES  # a method that declares no `families` runs on the UN
 
 
 def load_pipeline(spec: str):
-    """``spec`` ('testbed', 'testbed:NAME', 'tiny:FAMILY', a local folder, a hub id) -> pipeline."""
+    """``spec`` ('testbed', 'testbed:NAME', 'tiny:FAMILY' -- or 'testbed-NAME', 'tiny-FAMILY' --, a local
+    folder, a hub id) -> pipeline."""
+    from ..pipelines.registry import builtin_model
+
+    try:
+        builtin = builtin_model(spec)  # one spelling rule for sample, eval and finetune
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if builtin is not None:
+        spec = ":".join(builtin)
     if spec == "testbed" or spec.startswith("testbed:"):
         name = spec.split(":", 1)[1] if ":" in spec else "sd"
         try:

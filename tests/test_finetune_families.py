@@ -238,3 +238,13 @@ def test_readme_matrix_is_the_code(readme):
     text = (Path(__file__).parent.parent / readme).read_text()
     block = text.split("<!-- finetune-matrix")[1].split("<!-- /finetune-matrix -->")[0]
     assert {line for line in block.splitlines()[1:] if line.strip()} == _matrix_rows()
+
+
+def test_finetune_accepts_both_spellings_of_built_in_models():
+    from diffplug.finetune.config import ConfigError
+    from diffplug.finetune.model import load_pipeline
+
+    assert type(load_pipeline("tiny-flux")) is type(load_pipeline("tiny:flux"))
+    assert type(load_pipeline("testbed-dit")).__name__ == "PixArtSigmaPipeline"
+    with pytest.raises(ConfigError, match="no built-in model"):
+        load_pipeline("tiny-nope")
