@@ -18,6 +18,16 @@ and listed in ``skipped_images`` (``--bad-images error`` stops at the first one 
 A metric that cannot be computed (e.g. precision with no more than k images) is listed with its
 reason under ``skipped``; the others are still written.
 
+``judge`` scores each image with the independent testbed judge (never a training reward): accuracy on
+the prompted class (``judge_accuracy``) and mean log-probability of it (``judge_logprob``);
+``sharpness`` is the variance of the Laplacian per image (mean and s.e.).
+
+    diffplug eval --compare A B --metrics reward:NAME,judge,sharpness[,fid --reference R] --out OUT
+
+compares two ``diffplug sample`` folders made with the same prompts, seed and number of images (refused
+otherwise): per metric the gain of A over B with its paired s.e. (headline) and two-sample s.e., FID of
+each, the grids side by side, and the label "reward hacking?" (see ``diffplug.evals.compare``).
+
 Exit status: 0 every metric computed; 1 metrics.json written but some metric skipped; 2 error,
 nothing written (a bad argument or file, or a file that could not be written, e.g. a full disk: the
 error names it, and metrics.json, scores.jsonl and report.html are written together or not at all).
@@ -33,7 +43,7 @@ import time
 from pathlib import Path
 
 # Nothing heavy at the top: `diffplug eval` parses and checks its arguments before importing torch.
-ALL_METRICS = ("fid", "kid", "precision", "recall", "saturation", "contrast", "reward:NAME")
+ALL_METRICS = ("fid", "kid", "precision", "recall", "saturation", "contrast", "judge", "sharpness", "reward:NAME")
 FEATURE_METRICS = ("fid", "kid", "precision", "recall")
 GRID_N = 32
 PROTOCOL_NAMES = ("clean", "torchmetrics", "tf1", "legacy_pytorch")  # evals.resize.PROTOCOLS (tests keep them equal)
@@ -44,6 +54,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "eval", help="FID/KID/precision/recall (and pixel statistics) of generated images",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generated", help="folder of generated images (png/jpg/webp, recursive)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two diffplug sample folders (same prompts, seed, number of images): paired gain of A over B "
+                        "for reward:NAME, judge, sharpness; FID of each with --reference")
     p.add_argument("--spec", help="generation spec (YAML/JSON): generate a sweep, then score it "
                                   "(see diffplug.evals.spec); replaces --generated")
     p.add_argument("--reference",
@@ -204,7 +217,14 @@ def check_args(args) -> None:
         raise ValueError(f"--device {args.device!r}: use auto, cpu, cuda, cuda:N or mps")
     if args.num_workers is not None and args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.spec:
+    if getattr(args, "compare", None):
+        if args.generated or args.spec:
+            raise ValueError("--compare A B replaces --generated and --spec; give one of them")
+        _metric_names(args.metrics)
+        for folder in args.compare:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"--compare {folder}: no such folder")
+    elif args.spec:
         if not Path(args.spec).is_file():
             raise FileNotFoundError(f"--spec {args.spec}: no such file")
     else:
@@ -255,11 +275,16 @@ def run(args) -> dict:
 
     if args.spec:
         return _run_spec(args)
+    if getattr(args, "compare", None):
+        from .compare import run_compare
+
+        return run_compare(args)
     metrics, reward_names = _parse_metrics(args.metrics)
     need_net = any(m in metrics for m in FEATURE_METRICS)
     out = Path(args.out)
     reward_opts = reward_options(args.reward_opt)
     rewards = make_rewards(reward_names, reward_opts)
+    extra = _per_image(metrics)  # judge, sharpness: scored beside the rewards, never rewards themselves
     rank, world = _maybe_init_distributed()
     device = _device(args.device)
     progress = not args.no_progress and rank == 0
@@ -268,7 +293,7 @@ def run(args) -> dict:
 
     gen_loader, gen_id = image_loader(args.generated, args.batch_size, args.num_workers, args.limit,
                                       shard=(rank, world))
-    prompts = reward_prompts(rewards, gen_loader.dataset.files, args) if rewards else None
+    prompts = reward_prompts({**rewards, **extra}, gen_loader.dataset.files, args) if rewards or extra else None
     excluded = gen_loader.dataset.left_out
     if excluded and progress:
         print(f"eval: left out {len(excluded)} file(s) of --generated, e.g. {excluded[0]['file']} "
@@ -281,7 +306,7 @@ def run(args) -> dict:
 
     stats_gen = _PixelStats("saturation" in metrics, "contrast" in metrics)
     gen = _scan(gen_loader, net, device, stats_gen, progress, "generated", want_features=need_net,
-                bad_images=args.bad_images, rewards=rewards, prompts=prompts)
+                bad_images=args.bad_images, rewards={**rewards, **extra}, prompts=prompts)
     gen_feats, gen_grid, n_gen = gen.feats, gen.grid, gen.n
     skipped_images = [{**x, "set": "generated"} for x in gen.skipped]
     if world > 1:  # every process scored its shard: gather features, per-image statistics, scores
@@ -364,7 +389,9 @@ def run(args) -> dict:
             if k in pix_ref:
                 result[f"reference_{k}"] = float(pix_ref[k].mean())
         protocol["contrast"] = "std of gray intensity in [0,1]; clip_* = fraction of pixels within 1/255 of 0 or 1"
-    summarize(rewards, gen.scores, reward_opts, prompts, args.prompts, result, protocol, skipped)
+    summarize(rewards, {k: v for k, v in gen.scores.items() if k in rewards}, reward_opts, prompts, args.prompts,
+              result, protocol, skipped)
+    _summarize_per_image(extra, gen.scores, result, protocol, skipped)
 
     result["protocol"] = protocol
     result["n_generated"] = n_gen
@@ -445,6 +472,42 @@ def _run_spec(args) -> dict:
         for r in result["runs"]:
             print(json.dumps({k: v for k, v in r.items() if k != "options"}))
     return result
+
+
+def _per_image(metrics: list[str]) -> dict:
+    """``judge`` -> judge_logprob and judge_accuracy, ``sharpness``: callables ``(batch, prompts) -> (N,)``."""
+    out = {}
+    if "judge" in metrics:
+        from .compare import judge_metric
+
+        judge = judge_metric()
+        out["judge_logprob"] = lambda im, p: judge(im, p)["judge_logprob"]
+        out["judge_accuracy"] = lambda im, p: judge(im, p)["judge_accuracy"]
+        for fn in out.values():
+            fn.needs_prompts = True
+    if "sharpness" in metrics:
+        from .image_stats import sharpness
+
+        out["sharpness"] = lambda im, p: sharpness(im)
+        out["sharpness"].needs_prompts = False
+    return out
+
+
+def _summarize_per_image(extra: dict, scores: dict, result: dict, protocol: dict, skipped: dict) -> None:
+    from .stats import mean_se
+
+    for name in extra:
+        sc = scores.get(name)
+        if sc is None or not len(sc):
+            skipped[name] = "no generated image decoded"
+            continue
+        m = mean_se(sc, name)
+        result[name], result[f"{name}_stderr"] = m.mean, (m.se if m.n > 1 else None)
+    if "judge_logprob" in extra:
+        protocol["judge"] = ("diffplug.testbed.load_judge(): patch transformer trained on images the classifier "
+                             "never saw (testbed/weights/judge.record.json); class = the one the prompt names")
+    if "sharpness" in extra:
+        protocol["sharpness"] = "variance of the 3x3 Laplacian of the brightest channel per image"
 
 
 def _sigma_n(ref: dict, device) -> tuple:
