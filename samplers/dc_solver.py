@@ -74,7 +74,16 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput  # noqa: F401 (see unipc.py)
 
 from ..predictions import noise_levels, split
-from .unipc import _PREDICTION, FastUniPCScheduler, PrecomputedSteps, check_prediction_type, lincomb
+from .unipc import (
+    _PREDICTION,
+    FastUniPCScheduler,
+    PrecomputedSteps,
+    check_prediction_type,
+    flow_shift_config,
+    lincomb,
+    merged_signature,
+    pop_flow_shift,
+)
 
 __all__ = [
     "DCDPMSolverScheduler",
@@ -324,14 +333,6 @@ def cpr_fit_record(searched: Iterable[tuple[float, int, Sequence[float], float |
 # The schedulers: the fast (precomputed-rows) solvers of ``unipc.py`` plus dynamic compensation
 
 
-def _merged_signature(base_init, extra: Callable, **defaults) -> inspect.Signature:
-    """``base_init``'s parameters followed by ``extra``'s keyword parameters (the DC config keys)."""
-    base = list(inspect.signature(base_init).parameters.values())
-    added = [p for p in inspect.signature(extra).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    added = [p.replace(kind=p.POSITIONAL_OR_KEYWORD, default=defaults.get(p.name, p.default)) for p in added]
-    return inspect.Signature([*base, *added])
-
-
 def _dc_config(
     *, dc_ratios: list[float] | str | None = "cpr", dc_order: int = 2,
     cpr_coefficients: list[float] | str | None = None, cpr_guidance_scale: float | None = None,
@@ -510,7 +511,7 @@ class DCSolverScheduler(_DynamicCompensation, FastUniPCScheduler):
         super().__init__(*args, **kwargs)
         self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
 
-    _init.__signature__ = _merged_signature(UniPCMultistepScheduler.__init__, _dc_config)
+    _init.__signature__ = merged_signature(UniPCMultistepScheduler.__init__, _dc_config, flow_shift_config)
     __init__ = register_to_config(_init)
     del _init
 
@@ -527,7 +528,7 @@ class DCDPMSolverScheduler(_DynamicCompensation, PrecomputedSteps, DPMSolverMult
 
     def _init(self, *args, dc_ratios=None, dc_order=2, cpr_coefficients=None, cpr_guidance_scale=None, **kwargs):
         check_prediction_type(kwargs.get("prediction_type", "epsilon"))
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **pop_flow_shift(kwargs))
         if self.config.algorithm_type not in ("dpmsolver++", "dpmsolver"):
             raise ValueError(
                 f"DCDPMSolverScheduler supports algorithm_type 'dpmsolver++' or 'dpmsolver' (ODE), got "
@@ -537,7 +538,7 @@ class DCDPMSolverScheduler(_DynamicCompensation, PrecomputedSteps, DPMSolverMult
             raise ValueError("DCDPMSolverScheduler needs variance_type=None (models that predict only the mean)")
         self._dc_init(dc_ratios, dc_order, cpr_coefficients, cpr_guidance_scale)
 
-    _init.__signature__ = _merged_signature(DPMSolverMultistepScheduler.__init__, _dc_config, dc_ratios=None)
+    _init.__signature__ = merged_signature(DPMSolverMultistepScheduler.__init__, _dc_config, flow_shift_config, dc_ratios=None)
     __init__ = register_to_config(_init)
     del _init
 

@@ -265,6 +265,32 @@ class PrecomputedSteps:
         return j < len(rows) and rows[j].corrector is not None
 
 
+def merged_signature(base_init, *extras: Callable, **defaults) -> inspect.Signature:
+    """``base_init``'s parameters followed by each of ``extras``' keyword parameters (config keys a
+    diffplug scheduler adds to the diffusers scheduler it extends), with ``defaults`` overriding theirs."""
+    base = list(inspect.signature(base_init).parameters.values())
+    added = [p for extra in extras for p in inspect.signature(extra).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    added = [p.replace(kind=p.POSITIONAL_OR_KEYWORD, default=defaults.get(p.name, p.default)) for p in added]
+    return inspect.Signature([*base, *added])
+
+
+def flow_shift_config(
+    *, base_image_seq_len: int = 256, max_image_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15,
+):  # fmt: skip
+    """Signature holder: the dynamic-shift keys of a FlowMatch config (defaults: FluxPipeline's). The solvers
+    never read them; they keep them so that a Flux-style pipeline, which computes ``mu`` from
+    ``scheduler.config``, still uses the model's own values after ``X.from_config(pipe.scheduler.config)``
+    (diffusers' own UniPC drops them, and the pipeline silently falls back to Flux's numbers)."""
+
+
+FLOW_SHIFT_KEYS = tuple(inspect.signature(flow_shift_config).parameters)
+
+
+def pop_flow_shift(kwargs: dict) -> dict:
+    """``kwargs`` without :data:`FLOW_SHIFT_KEYS` (config-only: the base scheduler's ``__init__`` has none)."""
+    return {k: v for k, v in kwargs.items() if k not in FLOW_SHIFT_KEYS}
+
+
 class FastUniPCScheduler(PrecomputedSteps, UniPCMultistepScheduler):
     """``UniPCMultistepScheduler`` with the same config and results (to float32 rounding), faster.
 
@@ -277,10 +303,10 @@ class FastUniPCScheduler(PrecomputedSteps, UniPCMultistepScheduler):
         if kwargs.get("solver_p") is not None:
             raise ValueError(f"{type(self).__name__} does not support solver_p (a foreign predictor); leave it None")
         check_prediction_type(kwargs.get("prediction_type", "epsilon"))
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **pop_flow_shift(kwargs))
         self._reset()
 
-    _init.__signature__ = inspect.signature(UniPCMultistepScheduler.__init__)
+    _init.__signature__ = merged_signature(UniPCMultistepScheduler.__init__, flow_shift_config)
     __init__ = register_to_config(_init)
     del _init
 

@@ -727,3 +727,29 @@ def test_dc_search_cli_fits_a_flow_cpr_file_the_scheduler_loads(tmp_path):
     sched.set_timesteps(6)
     assert sched.compensation_ratios == cpr_ratios(4.0, 6, str(tmp_path / "cpr_fit.json"), clamp=True)
     assert sched.compensation_ratios != [1.0] * 6
+
+
+@pytest.mark.parametrize("cls", ["FastUniPCScheduler", "DCSolverScheduler", "DCDPMSolverScheduler"])
+def test_a_swapped_solver_keeps_the_models_dynamic_shift_for_the_stock_flux_pipeline(cls):
+    """FluxPipeline computes mu from scheduler.config (base/max shift and sequence lengths): after the
+    diffusers-style swap the model's own values must still be there (diffusers' UniPC drops them and the
+    pipeline falls back to Flux's 0.5 / 1.15). Here base = max shift = 0, so mu = 0 and the schedule is unshifted."""
+    import diffplug.samplers
+    from diffplug.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("flux-schnell")
+    config = {**pipe.scheduler.config, "use_dynamic_shifting": True, "base_shift": 0.0, "max_shift": 0.0}
+    flow = FlowMatchEulerDiscreteScheduler.from_config(config)
+    extra = {} if cls == "FastUniPCScheduler" else {"dc_ratios": None}  # plain solver: this is about the schedule
+    pipe.scheduler = getattr(diffplug.samplers, cls).from_config(flow.config, **extra)
+    assert (pipe.scheduler.config.base_shift, pipe.scheduler.config.max_shift) == (0.0, 0.0)
+    seen = {}
+    set_timesteps = pipe.scheduler.set_timesteps
+
+    def spy(*a, **k):
+        seen["mu"] = k.get("mu")
+        return set_timesteps(*a, **k)
+
+    pipe.scheduler.set_timesteps = spy
+    pipe("a", num_inference_steps=3, height=32, width=32, output_type="latent", max_sequence_length=16)
+    assert seen["mu"] == 0.0
