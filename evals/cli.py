@@ -480,11 +480,18 @@ def _per_image(metrics: list[str]) -> dict:
     if "judge" in metrics:
         from .compare import judge_metric
 
-        judge = judge_metric()
-        out["judge_logprob"] = lambda im, p: judge(im, p)["judge_logprob"]
-        out["judge_accuracy"] = lambda im, p: judge(im, p)["judge_accuracy"]
-        for fn in out.values():
+        judge, last = judge_metric(), {}
+
+        def column(key):
+            def fn(im, p):  # one judge pass per batch for both columns
+                if last.get("batch") is not im:
+                    last.update(batch=im, scores=judge(im, p))
+                return last["scores"][key]
+
             fn.needs_prompts = True
+            return fn
+
+        out["judge_logprob"], out["judge_accuracy"] = column("judge_logprob"), column("judge_accuracy")
     if "sharpness" in metrics:
         from .image_stats import sharpness
 

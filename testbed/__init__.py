@@ -19,6 +19,9 @@
   ``negative_prompt="", true_cfg_scale=w``.
 - ``load_classifier()``: logits over :data:`diffplug.testbed.data.CLASSES` (10 Fashion-MNIST
   classes + 9 emoji categories) for images in [0, 1], N x 3 x H x W, any size.
+- ``load_judge()``: the independent judge, logits over the same 19 classes from another architecture
+  (a patch transformer) trained on images the classifier never saw; an evaluation metric only
+  (``diffplug eval --metrics judge``), never a training reward.
 - ``load_scorer()``: a LiT-style image-text scorer; ``scorer(images, prompts)`` -> cosine
   similarity per image (N,), ``scorer.similarity_matrix(images, prompts)`` -> (N, M).
 - :mod:`diffplug.testbed.data`: the datasets; :mod:`diffplug.testbed.train`: the training runs.
@@ -44,6 +47,7 @@ __all__ = [
     "load",
     "load_classifier",
     "load_scorer",
+    "load_judge",
     "load_scheduler",
     "data",
     "CLASSES",
@@ -173,6 +177,17 @@ def load_classifier(device: str | torch.device | None = None, weights: str | Pat
     from .models import load_model
 
     model = load_model("classifier", Path(weights) if weights is not None else WEIGHTS_DIR)
+    return model.to(device) if device is not None else model
+
+
+def load_judge(device: str | torch.device | None = None, weights: str | Path | None = None):
+    """The independent judge (eval mode): ``judge(images)`` -> logits (N, len(CLASSES)), as
+    :func:`load_classifier`, from :class:`diffplug.testbed.models.Judge` (see its record,
+    ``testbed/weights/judge.record.json``). Never registered as a reward: it scores what fine-tuning on
+    the classifier's reward did, so it must not be trained on."""
+    from .models import load_model
+
+    model = load_model("judge", Path(weights) if weights is not None else WEIGHTS_DIR)
     return model.to(device) if device is not None else model
 
 

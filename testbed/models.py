@@ -215,7 +215,9 @@ def build(name: str, config: dict | None = None):
         return Classifier(**(config or {}))
     if name == "scorer":
         return ImageTower(**(config or {}))
-    raise ValueError(f"name={name!r}: use one of vae, unet, unet_lcm, dit, flux, classifier, scorer")
+    if name == "judge":
+        return Judge(**(config or {}))
+    raise ValueError(f"name={name!r}: use one of vae, unet, unet_lcm, dit, flux, classifier, scorer, judge")
 
 
 def load_model(name: str, folder: Path = WEIGHTS_DIR):
@@ -346,3 +348,37 @@ class Scorer(nn.Module):
 
 def default_threads() -> int:
     return int(os.environ.get("DIFFPLUG_THREADS", "2"))
+
+
+class Judge(nn.Module):
+    """The independent judge: a small patch transformer (ViT) over :data:`diffplug.testbed.data.CLASSES`.
+
+    Another architecture than :class:`Classifier` (no convolutions after the patch embedding, no
+    BatchNorm: 4x4 patches -> 64 tokens, pre-norm self-attention blocks, mean-pooled tokens, linear
+    head) trained on images the classifier never saw (see ``train_judge``). It is an evaluation metric
+    only and never a training reward. ``judge(images)`` -> logits (N, 19) for floats in [0, 1],
+    N x 3 x H x W (any size, resized to 32x32 inside).
+    """
+
+    def __init__(self, dim: int = 96, depth: int = 3, heads: int = 4, patch: int = 4, num_classes: int = 19,
+                 size: int = 32):
+        super().__init__()
+        self.size = size
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)  # patchify: one linear map per patch
+        self.pos = nn.Parameter(torch.zeros(1, (size // patch) ** 2, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(2.0 * _resize(images, self.size) - 1.0).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        from .data import CLASSES
+
+        return CLASSES

@@ -681,5 +681,48 @@ def main(argv: list[str] | None = None) -> None:
     STAGES[args.model](args)
 
 
+# ------------------------------------------------------------------------------------- the judge
+JUDGE_FASHION_TRAIN = 5000  # the judge trains on Fashion-MNIST test[:5000] and is scored on test[5000:]
+
+
+def judge_split() -> tuple[D.ImageSet, dict[str, D.ImageSet]]:
+    """The judge's data, disjoint from the classifier's: the classifier trained on all of Fashion-MNIST
+    train and on emoji("train"); the judge trains on Fashion-MNIST test[:5000] and emoji("test") (the
+    held-out emoji names, repeated, less the 4 whose picture is also in emoji("train")), and is scored on Fashion-MNIST test[5000:] and emoji("train"),
+    images it never saw (the diffusion models trained on Fashion-MNIST train and emoji train)."""
+    fashion, emo, emo_train = D.fashion_mnist("test"), D.emoji("test"), D.emoji("train")
+    seen = {bytes(x.numpy().tobytes()) for x in emo_train.images}  # 4 held-out emoji repeat a training picture
+    emo = emo.subset([i for i, x in enumerate(emo.images) if bytes(x.numpy().tobytes()) not in seen])
+    n = JUDGE_FASHION_TRAIN
+    train = D.ImageSet.concat([fashion.subset(range(n))] + [emo] * EMOJI_REPEAT)
+    held = {"fashion_mnist_test_5000_10000": fashion.subset(range(n, len(fashion))), "emoji_train": emo_train}
+    return train, held
+
+
+def train_judge(args) -> None:
+    run = Run(args, "judge")
+    data, held = judge_split()
+    config = {"dim": 96, "depth": 3, "heads": 4, "patch": 4, "num_classes": len(D.CLASSES), "size": 32}
+    model = run.init(M.Judge(**config))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    while run.running():
+        idx = torch.randint(0, len(data), (args.batch_size,), generator=run.generator)
+        x = _augment(data.images[idx].float() / 255.0, run.generator)
+        loss = nn.functional.cross_entropy(model(x), data.labels[idx], label_smoothing=0.05)
+        run.optimize(opt, loss, clip=model, cosine=True)
+    model.eval()
+    acc = {}
+    for split_name, images in held.items():
+        pred = _predict(model, images.images, model).argmax(-1)
+        acc[split_name] = round((pred == images.labels).float().mean().item(), 4)
+    run.finish(model, dict(config, _classes=list(D.CLASSES)), heldout_accuracy=acc,
+               trained_on=f"fashion_mnist test[:{JUDGE_FASHION_TRAIN}] + emoji test (less pictures also in emoji train) "
+                         f"x{EMOJI_REPEAT}")
+
+
+STAGES["judge"] = train_judge
+DEFAULTS["judge"] = (128, 1e-3)
+
+
 if __name__ == "__main__":
     main()
