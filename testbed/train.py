@@ -1,4 +1,4 @@
-"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|flux|lcm|classifier|scorer``.
+"""Train the testbed models: ``python -m diffplug.testbed.train vae|unet|dit|flux|lcm|classifier|scorer|judge``.
 
 Every run is seeded and stops at ``--steps`` or after ``--minutes`` (whichever comes first); it
 writes ``testbed/weights/<name>.safetensors`` (fp16), ``<name>.json`` (config) and
@@ -7,7 +7,8 @@ writes ``testbed/weights/<name>.safetensors`` (fp16), ``<name>.json`` (config) a
 
 Order: ``vae`` first (the diffusion models train on its latents), then ``unet``, ``dit`` and ``flux``, then
 ``lcm`` (the few-step student ``unet_lcm``, distilled from ``unet``);
-``classifier`` and ``scorer`` train on pixels and need nothing else.
+``classifier``, ``scorer`` and ``judge`` (the independent evaluation classifier, trained on images the
+classifier never saw: :func:`judge_split`) train on pixels and need nothing else.
 """
 
 from __future__ import annotations
