@@ -452,7 +452,7 @@ def run(args) -> dict:
     with Batch() as batch:
         batch.write_json(out / "metrics.json", result)
         if gen.scores and world == 1:
-            batch.write_text(out / "scores.jsonl", scores_jsonl(gen.files, gen.scores, prompts))
+            batch.write_text(out / "scores.jsonl", scores_jsonl(gen.files, gen.scores, prompts, rewards))
         batch.write_text(out / "report.html", report)
     if progress:
         print(json.dumps({k: v for k, v in result.items() if k != "protocol"}, indent=2))

@@ -88,18 +88,15 @@ def summarize(rewards: dict, scores: dict, opts: dict, prompts: dict | None, pro
             "stderr": "std (ddof=1) / sqrt(n) (diffplug.evals.stats.mean_se)"}
 
 
-def scores_jsonl(files: list, scores: dict, prompts: dict | None) -> str:
-    """One JSON line per image: ``{"file", "prompt", "reward:NAME": score, ...}``."""
+def scores_jsonl(files: list, scores: dict, prompts: dict | None, rewards=None) -> str:
+    """One JSON line per image: ``{"file", "prompt", "reward:NAME": score, ..., "judge_logprob": ..., ...}``;
+    the names in ``rewards`` (default: all) carry the ``reward:`` prefix, other per-image scores (the
+    judge, sharpness) their own name."""
+    rewards = scores if rewards is None else rewards
     lines = []
     for i, file in enumerate(files):
         rec = {"file": str(file), "prompt": None if prompts is None else prompts[file.resolve()]}
-        rec.update({f"reward:{k}": float(v[i]) for k, v in scores.items()})
+        rec.update({(f"reward:{k}" if k in rewards else k): float(v[i]) for k, v in scores.items()})
         lines.append(json.dumps(rec) + "\n")
     return "".join(lines)
 
-
-def write_scores(path: Path, files: list, scores: dict, prompts: dict | None) -> None:
-    """``scores_jsonl`` into ``path``, atomically."""
-    from ..atomic import write_text
-
-    write_text(path, scores_jsonl(files, scores, prompts))

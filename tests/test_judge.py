@@ -109,6 +109,8 @@ def test_eval_metrics_judge_scores_the_prompted_class(tmp_path, judge, held_imag
     assert results["right"]["judge_accuracy"] > 0.7 and results["wrong"]["judge_accuracy"] < 0.1
     assert results["wrong"]["judge_logprob"] < results["right"]["judge_logprob"] + math.log(0.1)
     assert "judge" in results["right"]["protocol"]
+    first = json.loads((tmp_path / "out_right" / "scores.jsonl").read_text().splitlines()[0])
+    assert "judge_logprob" in first and not any(k.startswith("reward:") for k in first)  # the judge is no reward
 
 
 def test_compare_reports_the_judge_gain(tmp_path, judge, held_images):
