@@ -375,9 +375,17 @@ class FluxFamily(Family):
     ) -> dict:
         """The stock ``encode_prompt``, once for the prompt and (``unconditional``) once for the negative
         prompt ("" when none is given, one per prompt) -> conditions with per-sample RoPE ids and the
-        guidance embedding's scale."""
+        guidance embedding's scale.
+
+        ``max_sequence_length`` defaults to the sequence tokenizer's ``model_max_length`` when that is below
+        the stock 512: the length such a model was trained at (the testbed's MiniLM: 20). FluxPipeline pads
+        to 512 whatever the tokenizer says, with no attention mask, so its own default conditions such a model
+        on embeddings it never saw; with a real T5 tokenizer (512) nothing changes."""
         pipe = self.pipe
         common = dict(device=self.device, num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale)
+        tokenizer = getattr(pipe, "tokenizer_2", None)
+        if max_sequence_length is None and tokenizer is not None and tokenizer.model_max_length < 512:
+            max_sequence_length = tokenizer.model_max_length
         if max_sequence_length is not None:
             common["max_sequence_length"] = max_sequence_length
         cond, pooled, text_ids = pipe.encode_prompt(

@@ -94,6 +94,17 @@ def test_text_contract(flux):
     assert drift.mean() > 0.05, drift
 
 
+def test_diffplug_encodes_at_the_trained_length_by_default(flux):
+    """from_pipe without max_sequence_length gives the stock pipeline's output *with* the trained length:
+    diffplug's Flux family reads tokenizer_2.model_max_length where the stock default (512) would not."""
+    from diffplug.pipelines import from_pipe
+
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="latent", negative_prompt=["", ""], true_cfg_scale=3.0)
+    ours = from_pipe(flux)(PROMPTS, generator=torch.Generator().manual_seed(1), **kw).images
+    stock = flux(PROMPTS, generator=torch.Generator().manual_seed(1), max_sequence_length=20, **kw).images
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=0)
+
+
 def test_scheduler_shift_is_the_trained_one(flux):
     """FluxPipeline computes mu from the image-token count at every call; the scheduler must give the
     trained shift (FLOW_SHIFT, here 1: sigmas unchanged) at 32x32 and at any other size."""
