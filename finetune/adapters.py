@@ -4,7 +4,7 @@ The trainer calls an :class:`Adapter` and knows none of its internals (as peft's
 theirs): :meth:`~Adapter.attach` makes the denoiser trainable and returns the parameters to
 optimise, :meth:`~Adapter.reference` gives the frozen initial model, :meth:`~Adapter.penalty` and
 :meth:`~Adapter.after_step` carry an adapter's own regulariser and schedule (SaRA's nuclear norm and
-re-selection), :meth:`~Adapter.save_state` / :meth:`~Adapter.load_state` what a checkpoint needs
+re-selection), :meth:`~Adapter.save_run_state` / :meth:`~Adapter.restore_run_state` what a checkpoint needs
 beyond the trained tensors, :meth:`~Adapter.save_final` the final weights. Adding an adapter is a
 class here and a line in :data:`ADAPTERS`; adding a family is a family adapter in
 ``diffplug.pipelines`` (and its LoRA targets in :data:`LORA_TARGETS`): no trainer code changes.
@@ -99,11 +99,11 @@ class Adapter:
         """After optimiser step ``step`` (1-based): may change ``params`` in place -> a message or None."""
         return None
 
-    def save_state(self, folder: Path) -> None:
+    def save_run_state(self, folder: Path) -> None:
         """What a checkpoint needs beyond the trained tensors (safetensors/JSON); main process."""
 
-    def load_state(self, folder: Path, optimizer, params: list) -> None:
-        """Read back :meth:`save_state` before the trained tensors load; raise on a bad file."""
+    def restore_run_state(self, folder: Path, optimizer, params: list) -> None:
+        """Read back :meth:`save_run_state` before the trained tensors load; raise on a bad file."""
 
     # -- the result -----------------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -353,10 +353,10 @@ class SaRA(Adapter):
         return (f"sara: re-selected at step {step}: {self.sara.num_trainable():,} of {before:,} entries "
                 "still below the threshold keep training; optimizer state re-initialised")
 
-    def save_state(self, folder):
+    def save_run_state(self, folder):
         self.sara.save(folder, layout=True)
 
-    def load_state(self, folder, optimizer, params):
+    def restore_run_state(self, folder, optimizer, params):
         from . import sara
         from . import state as run_state
 

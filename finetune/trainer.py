@@ -270,7 +270,7 @@ class Trainer:
                         f"{acc.num_processes}; resume with the same number of processes"
                     )
                 if self.adapter is not None:  # the adapter's own state first (SaRA: it sizes the tensors below)
-                    self.adapter.load_state(folder, self.optimizer, self.params)
+                    self.adapter.restore_run_state(folder, self.optimizer, self.params)
                 run_state.load(folder, acc.process_index, **self._state_parts())
                 with run_state.reading(folder):
                     self.method.restore_run_state(self, folder)
@@ -383,7 +383,7 @@ class Trainer:
         acc.wait_for_everyone()
         run_state.save(tmp, acc.process_index, **self._state_parts())
         if self.adapter is not None and acc.is_main_process:
-            self.adapter.save_state(tmp)
+            self.adapter.save_run_state(tmp)
         self.method.save_run_state(self, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
