@@ -306,10 +306,14 @@ class DiffusionData:
         data = diffusion_set()
         self.mean, self.std = latents_of(vae, data.images, folder / "vae.safetensors")
         unique, self.index = caption_table(data.captions)
-        self.embeds, self.mask = text_embeddings(unique)
+        self.embed_captions(unique)
         self.weights = torch.where(data.labels >= len(D.FASHION_CLASSES), float(EMOJI_REPEAT), 1.0)
         self.generator, self.drop, self.device, self.offset_noise = generator, drop, device, offset_noise
         self.scheduler = __import__("diffusers").DDPMScheduler(**M.SCHEDULE)
+
+    def embed_captions(self, unique: list[str]) -> None:
+        """The text conditioning of each distinct caption (the UNet's and DiT's: MiniLM tokens + mask)."""
+        self.embeds, self.mask = text_embeddings(unique)
 
     def clean(self, size: int):
         """Scaled latents x_0 (drawn from the posterior) and caption indices (prompt dropout applied)."""
@@ -353,15 +357,8 @@ class FlowData(DiffusionData):
     """:class:`DiffusionData`'s latents, captions and prompt dropout, with FluxPipeline's text
     embeddings (sequence + pooled) and the rectified-flow path x_sigma = (1 - sigma) x_0 + sigma eps."""
 
-    def __init__(self, folder: Path, generator: torch.Generator, drop: float = 0.1, device: str = "cpu"):
-        vae = M.load_model("vae", folder).to(device)
-        self.scaling = vae.config.scaling_factor
-        data = diffusion_set()
-        self.mean, self.std = latents_of(vae, data.images, folder / "vae.safetensors")
-        unique, self.index = caption_table(data.captions)
+    def embed_captions(self, unique: list[str]) -> None:
         self.embeds, self.pooled = flux_text_embeddings(unique)
-        self.weights = torch.where(data.labels >= len(D.FASHION_CLASSES), float(EMOJI_REPEAT), 1.0)
-        self.generator, self.drop, self.device = generator, drop, device
 
     def batch(self, size: int):
         """(x_sigma, sigma, token embeddings, pooled, velocity target eps - x_0). sigma is logit-normal
