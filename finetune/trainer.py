@@ -64,6 +64,15 @@ class Method:
         """Read back what :meth:`save_run_state` wrote; raise on a bad file (the trainer names it and, with
         ``--resume latest``, falls back to the previous checkpoint)."""
 
+    def after_step(self, trainer: "Trainer", step: int) -> bool:
+        """Called on every process after optimiser step ``step`` (1-based), before its checkpoint; True stops
+        the run there (early stopping: ``pairs.HeldOutPairs``). Every process must return the same."""
+        return False
+
+    def finish(self, trainer: "Trainer") -> None:
+        """Called once the loop ends, before the last checkpoint and the final weights (e.g. to put back the
+        best weights of an early-stopped run)."""
+
     def trainable(self, trainer: "Trainer"):
         """The module to train, or None for the diffusion model's UNet (LoRA or full, per config).
         A method that trains another module (e.g. a reward model) returns it here and may define
@@ -550,6 +559,9 @@ class Trainer:
                 record = self._log(done, sums, count)
                 sums, count = {}, 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc", "lr")})
+            if self.method.after_step(self, done):  # e.g. early stopping on held-out pairs
+                bar.update(1)
+                break
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
                 self.save_checkpoint(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and not self.custom_module:
@@ -558,6 +570,7 @@ class Trainer:
                 self.evaluate(done)
             bar.update(1)
         bar.close()
+        self.method.finish(self)
         self.step = cfg.max_steps
         if self.can_checkpoint and (self.start_step < cfg.max_steps or not ckpt.latest(self.out)):
             self.save_checkpoint(cfg.max_steps)
