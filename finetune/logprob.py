@@ -1,5 +1,5 @@
-"""The stochastic DDIM step with its log-density, written once for the online methods
-(SPO, D3PO, PSO-online, FIND).
+"""The stochastic steps with their log-densities, written once for the online methods (SPO, D3PO,
+PSO-online, FIND): DDIM on noise-prediction models, a reverse SDE on flow models.
 
 DDIM (Song et al., 2021, Eq. 12) with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``:
 
@@ -8,6 +8,22 @@ DDIM (Song et al., 2021, Eq. 12) with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 -
 
 so ``p(x_{t-1} | x_t) = N(mu, s_t^2 I)`` and its log-density is a closed form. As in DDPO/D3PO/SPO it
 is *averaged* over the latent elements (not summed), so ratio clipping and betas are per element.
+
+Flow models (``x_s = (1 - s) x0 + s eps``, velocity ``v = eps - x0``; shared/methods/flow.md §5): the
+reverse SDE with the flow ODE's marginals of Flow-GRPO's ODE-to-SDE conversion (Liu et al. 2025,
+arXiv:2505.05470; its public ``sd3_sde_with_logprob.py`` read for the rule at s = 1), flow time s from 1 to 0:
+
+    dx = [v + g_s^2 / (2 s) (x + (1 - s) v)] ds + g_s dW,        g_s = a sqrt(s / (1 - s))
+
+(``x + (1 - s) v`` is the noise prediction, ``-(x + (1 - s) v) / s`` the score). One Euler-Maruyama
+step from s to s' < s is Gaussian, mean ``x + [v + g^2/(2s) (x + (1 - s) v)] (s' - s)``, std
+``g sqrt(s - s')`` (:func:`flow_sde_step_with_logprob`). ``a`` is Flow-GRPO's ``noise_level`` (0.7 there);
+``a = sqrt(2)`` is the forward process's own diffusion (the DDPM-like reverse SDE); ``a = 0`` is the
+ODE's Euler step (FlowMatchEulerDiscreteScheduler.step). At s = 1 g diverges; as Flow-GRPO, the first
+step takes the next level in the denominator, ``g = a sqrt(1 / (1 - s'))`` (a clamp: it keeps a density
+at every step, so a method may branch or train at the first step too). Euler-Maruyama is biased where
+g is large (the first steps): on a 1-D Gaussian toy the std at s = 0.9 is 1.4 % high at 500 steps (the
+marginals converge as steps grow; tests/test_flow_sde.py states the tolerances).
 """
 
 from __future__ import annotations
@@ -77,6 +93,88 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     std = std.clamp(min=1e-12)  # a deterministic step (e.g. into abar = 1)
     log_prob = -((x.detach().float() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
     return log_prob.mean(dim=tuple(range(1, log_prob.dim())))
+
+
+def flow_noise_std(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Flow-GRPO's ``g = a sqrt(s / (1 - s))``; at ``s = 1`` the next level takes the denominator's place."""
+    return noise_level * (sigma / (1 - torch.where(sigma >= 1, sigma_next, sigma))).sqrt()
+
+
+def flow_sde_step_with_logprob(model_output: torch.Tensor, sigma, sigma_next, sample: torch.Tensor,
+                               noise_level: float = 0.7, noise: torch.Tensor | None = None,
+                               prev_sample: torch.Tensor | None = None):
+    """One Euler-Maruyama step ``x_s -> x_{s'}`` of the flow reverse SDE (module docstring) ->
+    ``(x_{s'}, log p(x_{s'} | x_s))``, the log-prob per sample (mean over elements, as DDIM's).
+
+    ``model_output``: the velocity ``v = eps - x0``. ``sigma``, ``sigma_next``: the levels s > s' (scalars
+    or one per sample). Pass ``prev_sample`` to score a given transition, else ``noise`` (standard normal)
+    or nothing (``torch.randn``). ``noise_level = 0``: the deterministic Euler step, log-prob ``None``."""
+    if not noise_level >= 0:
+        raise ValueError(f"noise_level must be >= 0 (Flow-GRPO's a; 0 = the ODE's Euler step); got {noise_level}")
+    x, v = sample.float(), model_output.float()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    s = torch.as_tensor(sigma, dtype=torch.float32).to(x.device).reshape(shape)
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float32).to(x.device).reshape(shape)
+    if bool((s_next >= s).any()) or bool((s <= 0).any()):
+        raise ValueError("flow_sde_step_with_logprob: need 1 >= sigma > sigma_next >= 0 (flow time runs from 1 to 0)")
+    dt = s_next - s  # < 0
+    if noise_level == 0:
+        if prev_sample is not None:
+            raise ValueError("noise_level = 0: the Euler step is deterministic and has no density to score a transition with")
+        return x + dt * v, None
+    g = flow_noise_std(s, s_next, noise_level)
+    mean = x + (v + g**2 / (2 * s) * (x + (1 - s) * v)) * dt  # drift: v + g^2/(2s) * noise prediction
+    std = g * (-dt).sqrt()
+    if prev_sample is None:
+        prev_sample = mean + std * (torch.randn_like(mean) if noise is None else noise.to(mean))
+    return prev_sample, gaussian_logprob(prev_sample, mean, std)
+
+
+class OnlineStep:
+    """The stochastic transition of an online method on any family, with its schedule:
+    ``step(pred, t, x, noise=None, prev_sample=None) -> (x_next, log-prob)``.
+
+    Noise-prediction models: DDIM (``eta``) on a ``DDIMScheduler`` copy of the model's config (SPO, D3PO).
+    Flow models: :func:`flow_sde_step_with_logprob` with ``a = eta`` on the model's own flow schedule
+    (its shift; Flux's dynamic ``mu`` from the image token count at ``size``), as the stock pipeline
+    samples. ``t`` is the scheduler's timestep (flow: 1000 s); the next level is looked up in the schedule."""
+
+    def __init__(self, model, num_steps: int, eta: float, size: int):
+        self.model, self.num_steps, self.eta, self.flow = model, num_steps, eta, model.is_flow
+        if not self.flow:
+            from diffusers import DDIMScheduler
+
+            self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
+            self.scheduler.set_timesteps(num_steps)
+            self.timesteps = self.scheduler.timesteps
+            self.init_noise_sigma = self.scheduler.init_noise_sigma
+            return
+        self.scheduler = type(model.scheduler).from_config(model.scheduler.config)
+        latents = torch.zeros((1,) + tuple(model.latent_shape(size)))
+        pipe_scheduler = model.pipe.scheduler
+        model.pipe.scheduler = self.scheduler  # the family sets this copy's schedule as the stock pipeline would
+        try:
+            timesteps, _ = model.family.timesteps(num_steps, latents=latents)
+        finally:
+            model.pipe.scheduler = pipe_scheduler
+        self.timesteps = timesteps.float().cpu()
+        self.sigmas = self.scheduler.sigmas.float().cpu()  # num_steps + 1 levels, the last 0
+        self.init_noise_sigma = 1.0
+
+    def levels(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow: ``(s, s')`` of each timestep in the schedule (a timestep not in it is an error)."""
+        t = torch.as_tensor(t).float().reshape(-1).cpu()
+        gap, index = (t[:, None] - self.timesteps[None]).abs().min(dim=1)
+        if bool((gap > 1e-3).any()):
+            raise ValueError(f"timestep {t[gap.argmax()].item()} is not in this {self.num_steps}-step schedule")
+        return self.sigmas[index], self.sigmas[index + 1]
+
+    def __call__(self, pred, t, x, noise=None, prev_sample=None):
+        if not self.flow:
+            return ddim_step_with_logprob(self.scheduler, pred, t, x, self.num_steps, self.eta, noise=noise, prev_sample=prev_sample)
+        b = x.shape[0]
+        s, s_next = (v.to(x.device).expand(b) if v.numel() == 1 else v.to(x.device) for v in self.levels(t))
+        return flow_sde_step_with_logprob(pred, s, s_next, x, self.eta, noise=noise, prev_sample=prev_sample)
 
 
 def renoise_step_with_logprob(scheduler, model_output, timestep, sample, next_timestep, noise=None, prev_sample=None,
