@@ -3,9 +3,15 @@
     python benchmarks/dc_solver_mse.py --model toy                       # analytic guided Gaussian, seconds
     python benchmarks/dc_solver_mse.py --model testbed --num-prompts 4   # the project's testbed SD model
     python benchmarks/dc_solver_mse.py --model tiny-flux --nfe 5 8 --guidance-scale 3 5  # any pipeline, flow too
+    python benchmarks/dc_solver_mse.py --model testbed-flux --nfe 4 5 6 8 10 --guidance-scale 1 1.5 3 5 7.5 \
+        --ship-cpr testbed-flow   # the flow testbed; --weights DIR for other weights (--in-progress: unfinished)
 
 On flow pipelines every solver runs the pipeline's flow schedule (shift, Flux's dynamic-shift mu) and
-the ground truth is a 200-step Euler trajectory (DDIM on the flow path is Euler).
+the ground truth is a 200-step Euler trajectory (DDIM on the flow path is Euler). There the DDIM row
+is that Euler step on the solvers' grid (UniPC's flow sigmas, from 1 - 1/1000), and a
+``FlowMatchEuler`` row adds the stock ``FlowMatchEulerDiscreteScheduler`` on the schedule the
+pipeline gives it (FluxPipeline: sigmas 1, ..., 1/n), as users run it. Guidance 1 is the conditional
+pass alone (no CFG). Flux prompts are encoded at ``max_sequence_length=pipe.tokenizer_2.model_max_length``.
 
 For every guidance scale g and NFE n: the ground truth is a 200-step DDIM (eta = 0) from t = T to sigma = 0
 from the same noise.  Solvers, all with diffusers' defaults on the model's own schedule config, with
@@ -33,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from diffplug.predictions import noise_levels
 from diffplug.samplers.dc_solver import (
@@ -77,21 +83,52 @@ def pipe_problem(pipe, prompts, guidance_scale: float, seed: int, height=None, w
     from diffplug.samplers.dc_solver import guided_denoiser, pipeline_schedule
 
     model_fn, noise = guided_denoiser(
-        pipe, prompts, guidance_scale, generator=torch.Generator().manual_seed(seed), height=height, width=width
+        pipe, prompts, guidance_scale, generator=torch.Generator().manual_seed(seed), height=height, width=width,
+        **text_kwargs(pipe),
     )
     # "linspace" spacing: every solver and the ground truth start at t = T - 1 (with SD's "leading"
     # spacing each NFE would start from noise at a different, lower t and solve a different problem)
-    config = {**DCSolverScheduler.from_config(pipe.scheduler.config).config, "timestep_spacing": "linspace", "steps_offset": 0}
+    config = {**DCSolverScheduler.from_config(pipe.scheduler.config).config, "timestep_spacing": "linspace", "steps_offset": 0,
+              "dc_ratios": None}  # rho = 1 unless a row passes its ratios (no CPR guess for the reference)
     mu = pipeline_schedule(pipe, DCSolverScheduler.from_config(config), 2, noise).get("mu")
     return model_fn, noise, config, mu
 
 
+def text_kwargs(pipe) -> dict:
+    """The text-length argument every diffplug call on a Flux pipeline passes: the length its second
+    encoder was trained at (``max_sequence_length=pipe.tokenizer_2.model_max_length``); {} elsewhere."""
+    from diffplug.pipelines import family_of
+
+    if family_of(pipe).name != "flux":
+        return {}
+    return {"max_sequence_length": pipe.tokenizer_2.model_max_length}
+
+
+def load_model(model: str, device: str = "cpu", weights: str | None = None):
+    """``load_pipeline(model)``; ``weights``: a testbed model's weights folder (default: the shipped ones)."""
+    from diffplug.pipelines.registry import builtin_model, load_pipeline
+
+    if weights is None:
+        return load_pipeline(model, device)
+    builtin = builtin_model(model)
+    if builtin is None or builtin[0] != "testbed":
+        raise ValueError(f"--weights {weights}: only a testbed model (--model testbed-flux, ...) takes a weights folder, "
+                         f"not --model {model}")
+    if not Path(weights).is_dir():
+        raise ValueError(f"--weights {weights}: no such folder (a testbed weights folder, e.g. testbed/weights or /tmp/flux_run)")
+    from diffplug import testbed
+
+    return testbed.load(builtin[1], weights=weights).to(device)
+
+
 @torch.no_grad()
-def sample(scheduler, model_fn, noise, nfe, mu=None):
-    scheduler.set_timesteps(nfe, device=noise.device, **({} if mu is None else {"mu": mu}))
-    x = noise * scheduler.init_noise_sigma
+def sample(scheduler, model_fn, noise, nfe, mu=None, schedule=None):
+    """Solve from ``noise`` in ``nfe`` steps; ``schedule``: ``set_timesteps`` arguments (default ``mu`` only)."""
+    scheduler.set_timesteps(nfe, device=noise.device, **(schedule or ({} if mu is None else {"mu": mu})))
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatchEuler has none (1)
     for t in scheduler.timesteps:
-        x = scheduler.step(model_fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x = scheduler.step(model_fn(x_in, t), t, x).prev_sample
     return x.float()
 
 
@@ -110,8 +147,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/dc_solver_mse.json")
     parser.add_argument("--ship-cpr", default=None, metavar="NAME",
                         help="write the CPR fit on every searched cell into samplers/dc_solver_cpr_NAME.json "
-                             "(cpr_coefficients=NAME), keeping that file's description")
+                             "(cpr_coefficients=NAME; testbed-flow: the flow default), keeping that file's "
+                             "description; or to a FILE.json of your own (cpr_coefficients='FILE.json')")
+    parser.add_argument("--weights", default=None, help="a testbed model's weights folder (default: the shipped ones)")
+    parser.add_argument("--in-progress", action="store_true",
+                        help="label the output: the model's training is not finished (numbers are provisional)")
     args = parser.parse_args()
+    if args.weights and args.model == "toy":
+        parser.error("--weights: the toy problem has no weights; pass --model testbed-flux (or another testbed model)")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -119,10 +162,10 @@ def main() -> None:
     if args.model == "toy":
         make = lambda g, n, seed: toy_problem(g, n, seed)  # noqa: E731
     else:
-        from diffplug.pipelines.registry import load_pipeline
+        from diffplug.samplers.dc_solver import pipeline_schedule
         from diffplug.testbed.data import FASHION_CLASSES, prompt_for_class
 
-        pipe = load_pipeline(args.model, args.device)
+        pipe = load_model(args.model, args.device, args.weights)
         names = [prompt_for_class(c) for c in FASHION_CLASSES]
         eval_prompts = [names[i % len(names)] for i in range(args.num_prompts)]
         search_prompts = [names[(i + 5) % len(names)] for i in range(args.search_prompts)]
@@ -160,9 +203,17 @@ def main() -> None:
                 "DC (searched)": DCSolverScheduler.from_config(config, dc_ratios=result.ratios),
                 "DC-DPM++ (searched)": DCDPMSolverScheduler.from_config(config, dc_ratios=dpm_ratios),
             }
+            schedules = {}
+            if config.get("use_flow_sigmas") and args.model != "toy":  # the stock flow scheduler, as the pipeline runs it
+                euler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) if isinstance(
+                    pipe.scheduler, FlowMatchEulerDiscreteScheduler) else None
+                if euler is not None:
+                    solvers["FlowMatchEuler"] = euler
+                    schedules["FlowMatchEuler"] = pipeline_schedule(pipe, euler, n, noise, **text_kwargs(pipe))
             row = {"guidance_scale": g, "nfe": n, "ratios_searched": result.ratios}
             for name, sched in solvers.items():
-                row[name] = float(torch.mean((sample(sched, model_fn, noise, n, mu) - truth) ** 2))
+                x = sample(sched, model_fn, noise, n, mu, schedules.get(name))
+                row[name] = float(torch.mean((x - truth) ** 2))
             rows.append(row)
             print(f"g={g} n={n}: " + ", ".join(f"{k} {row[k]:.4g}" for k in solvers), flush=True)
     # DC (CPR): leave-one-out fits over the searched grid
@@ -178,19 +229,23 @@ def main() -> None:
         row["ratios_cpr"] = ratios
 
     names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)", "DC-DPM++ (searched)"]
-    print(f"\nmodel {args.model}, device {args.device} ({platform.machine()}), torch {torch.__version__}, "
+    if any("FlowMatchEuler" in row for row in rows):
+        names.insert(1, "FlowMatchEuler")
+    label = " (TRAINING IN PROGRESS: provisional weights)" if args.in_progress else ""
+    print(f"\nmodel {args.model}{label}{f', weights {args.weights}' if args.weights else ''}, device {args.device} ({platform.machine()}), torch {torch.__version__}, "
           f"{args.num_prompts} eval / {args.search_prompts} search samples, {time.time() - started:.0f} s\n")
     print("| guidance | NFE | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for row in rows:
         cells = [f"{row[k]:.4g}" if k in row else "-" for k in names]
-        best = min((row[k], k) for k in names if k in row and k != "DC-DPM++ (searched)")[1]
+        best = min((row[k], k) for k in names if k in row and k not in ("DC-DPM++ (searched)", "FlowMatchEuler"))[1]
         cells = [f"**{c}**" if k == best else c for c, k in zip(cells, names)]
         print(f"| {row['guidance_scale']} | {row['nfe']} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fit = fit_cpr((g, n, r) for (g, n), r in searched.items()) if len(searched) >= 2 else None
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "cpr_fit_all": fit}, indent=1) + "\n")
+    out.write_text(json.dumps({"args": vars(args), "in_progress": args.in_progress, "rows": rows,
+                               "cpr_fit_all": fit}, indent=1) + "\n")
     print(f"\nwrote {out}")
     if args.ship_cpr and fit is not None:
         import sys
@@ -200,8 +255,11 @@ def main() -> None:
 
         from diffplug.samplers.dc_solver import CPR_FITS, cpr_fit_record
 
-        name = CPR_FITS.get(args.ship_cpr, f"dc_solver_cpr_{args.ship_cpr}.json")
-        target = Path(samplers.__file__).parent / name
+        if args.ship_cpr.endswith(".json"):  # a fit file of the user's: cpr_coefficients="FILE.json"
+            target = Path(args.ship_cpr)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            target = Path(samplers.__file__).parent / CPR_FITS.get(args.ship_cpr, f"dc_solver_cpr_{args.ship_cpr}.json")
         _, _, config, mu, _ = next(iter(problems.values()))
         # a new fit file starts from the box cpr_fit_record derives (config keys, flow shift); an existing one keeps its own
         shipped = json.loads(target.read_text()) if target.is_file() else cpr_fit_record(
@@ -210,8 +268,10 @@ def main() -> None:
             f"python benchmarks/dc_solver_mse.py {' '.join(sys.argv[1:])} "
             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.device}): least-squares fit (fit_cpr) on the ratios "
             f"searched with search_ratios ({args.search_prompts} search samples, {args.iters} iterations, "
-            f"{args.reference_steps}-step DDIM reference) for guidance scales {args.guidance_scale} x NFE {args.nfe}; "
+            f"{args.reference_steps}-step {'Euler' if config.get('use_flow_sigmas') else 'DDIM'} reference) for guidance scales {args.guidance_scale} x NFE {args.nfe}; "
             f"every number in {args.out}"
+            + (f"; weights {args.weights}" if args.weights else "")
+            + ("; TRAINING IN PROGRESS: provisional weights" if args.in_progress else "")
         )
         box = shipped.get("fitted_on", {})  # the box the scheduler trusts the fit in (its config list is kept)
         seen = [r for ratios in searched.values() for r in ratios]
