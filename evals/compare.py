@@ -11,6 +11,9 @@ Reward hacking (the label ``"reward hacking?"``): some reward gains by more than
 the judge's accuracy or log-probability, or sharpness, falls by more than 2 paired s.e. (paired
 z < -2), or FID of A is more than 10 % above FID of B. The judge is never a training reward (it is not
 in :func:`diffplug.evals.rewards.list_rewards`), so it can see a hacked ``classifier_logprob``.
+
+The fine-tuning benchmarks put the same block beside every reward gain from their image tensors:
+:func:`tuned_vs_base` (judge, sharpness, FID and this verdict) and :func:`block_cells` (its table cells).
 """
 
 from __future__ import annotations
@@ -132,6 +135,76 @@ def hacking_verdict(gains: dict, fid: dict | None) -> dict:
     return {"label": "reward hacking?" if up and costs else None, "reward_gains": up, "costs": costs,
             "rule": f"a reward gain above {HACK_Z} paired s.e. with the judge's accuracy or log-probability or "
                     f"sharpness below -{HACK_Z} paired s.e., or FID up by more than {round((HACK_FID - 1) * 100)} %"}
+
+
+# --------------------------------------------------------------------------------------- the benchmarks' block
+def tuned_vs_base(base, tuned, prompts, rewards: dict | None = None, reference=None, *,
+                  features="testbed", judge=None) -> dict:
+    """What every fine-tuning table puts beside a reward gain, from base and tuned images sampled with the
+    same seeds and prompts (image i of each from the same noise; (N, C, H, W) uint8 or float 0..1).
+
+    ``rewards``: ``{name: fn(images, prompts) -> (N,)}``; ``reference``: real images for FID (``features``,
+    the testbed classifier's by default), or None for no FID; ``judge``: a :func:`judge_metric` to reuse.
+    Returns ``{"gains": {column: Gain}`` (``reward_<name>``, ``judge_logprob``, ``judge_accuracy``,
+    ``sharpness``: tuned over base, :func:`diffplug.evals.stats.gain`), ``"fid": {"a": tuned, "b": base}``
+    or None, ``"reward_hacking"``: :func:`hacking_verdict` of those}.
+    """
+    import torch
+
+    from .stats import gain
+
+    if len(base) != len(tuned) or len(prompts) != len(base):
+        raise ValueError(f"tuned_vs_base: {len(base)} base images, {len(tuned)} tuned, {len(prompts)} prompts; give "
+                         "one prompt per image and both models sampled with the same seeds")
+    fns = per_image_metrics(["sharpness"], rewards or {})
+    fns["judge"] = judge or judge_metric()
+    cols = {}
+    for key, images in (("b", base), ("a", tuned)):
+        for fn in fns.values():
+            for k, v in fn(images, list(prompts)).items():
+                cols.setdefault(k, {})[key] = torch.as_tensor(v).reshape(len(images))
+    gains = {k: gain(v["b"], v["a"], name=k) for k, v in cols.items()}
+    fid = None
+    if reference is not None:
+        from .fid import FrechetInceptionDistance
+
+        m = FrechetInceptionDistance(features=features, reset_real_features=False)
+        for chunk in reference.split(250):
+            m.update(chunk, real=True)
+        fid = {}
+        for key, images in (("b", base), ("a", tuned)):
+            m.reset()
+            m.update(images, real=False)
+            fid[key] = float(m.compute())
+    return {"gains": gains, "fid": fid,
+            "reward_hacking": hacking_verdict({k: g.as_dict() for k, g in gains.items()}, fid)}
+
+
+BLOCK_HEADER = ("judge log-prob gain (paired z)", "judge accuracy", "sharpness gain (paired z)", "FID base -> tuned",
+                "reward hacking?")
+
+
+def block_cells(block: dict) -> list[str]:
+    """The table cells of :func:`tuned_vs_base`'s block, in :data:`BLOCK_HEADER`'s order."""
+    g, fid, v = block["gains"], block["fid"], block["reward_hacking"]
+    acc = g["judge_accuracy"]
+    cells = [f"{g['judge_logprob'].gain:+.3g} ± {g['judge_logprob'].paired_se:.2g} ({g['judge_logprob'].z_paired:+.1f})",
+             f"{100 * acc.base.mean:.1f} -> {100 * acc.tuned.mean:.1f} % ({acc.z_paired:+.1f})",
+             f"{g['sharpness'].gain:+.3g} ± {g['sharpness'].paired_se:.2g} ({g['sharpness'].z_paired:+.1f})",
+             "–" if fid is None else f"{fid['b']:.2f} -> {fid['a']:.2f}"]
+    if v["label"]:
+        cells.append(f"**{v['label']}** {', '.join(v['costs'])}")
+    elif v["reward_gains"]:
+        cells.append("no (no cost past the rule)")
+    else:
+        cells.append("– (no reward gain > 2 paired s.e.)")
+    return cells
+
+
+def block_json(block: dict) -> dict:
+    """:func:`tuned_vs_base`'s block as JSON-ready values (Gains as dicts, non-finite numbers as null)."""
+    return _finite({"gains": {k: g.as_dict() for k, g in block["gains"].items()}, "fid": block["fid"],
+                    "reward_hacking": block["reward_hacking"]})
 
 
 def run_compare(args) -> dict:

@@ -133,3 +133,52 @@ def test_compare_two_diffplug_sample_runs_with_fid(tmp_path, monkeypatch):
                    "--out", str(tmp_path / "out2"), "--no-progress"])
     with pytest.raises(ValueError, match="seed differs"):
         args.func(args)
+
+
+# ------------------------------------------------------------------ the benchmarks' block (tensors, not folders)
+def _smoothness(images, prompts):
+    """A toy reward that loves blur: minus the mean absolute difference of horizontal neighbours."""
+    x = images.float() / 255
+    return -(x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+
+
+def test_block_labels_a_blur_gain_reward_hacking_and_matches_the_statistic(real):
+    from diffplug.evals.compare import BLOCK_HEADER, block_cells, block_json, tuned_vs_base
+
+    images, prompts = real
+    blurred = _blur(images)
+    block = tuned_vs_base(images, blurred, prompts, {"smooth": _smoothness}, reference=images)
+    g = block["gains"]
+    assert set(g) == {"reward_smooth", "sharpness", "judge_logprob", "judge_accuracy"}
+    assert g["reward_smooth"].z_paired > 2 and g["sharpness"].z_paired < -2
+    want = gain(sharpness(images), sharpness(blurred))
+    assert g["sharpness"].gain == pytest.approx(want.gain, rel=1e-6)
+    assert g["sharpness"].paired_se == pytest.approx(want.paired_se, rel=1e-6)
+    assert block["fid"]["a"] > block["fid"]["b"] + 1 and abs(block["fid"]["b"]) < 1e-3  # blurred images sit further from the reference
+    v = block["reward_hacking"]
+    assert v["label"] == "reward hacking?" and v["reward_gains"] == ["reward_smooth"]
+    assert any(c.startswith("sharpness") for c in v["costs"])
+    cells = block_cells(block)
+    assert len(cells) == len(BLOCK_HEADER) and "reward hacking?" in cells[-1] and "sharpness" in cells[-1]
+    assert json.loads(json.dumps(block_json(block)))["reward_hacking"]["label"] == "reward hacking?"
+
+
+def test_block_of_identical_images_gains_nothing(real):
+    from diffplug.evals.compare import block_cells, tuned_vs_base
+
+    images, prompts = real
+    block = tuned_vs_base(images, images.clone(), prompts, {"smooth": _smoothness}, reference=images)
+    assert all(g.gain == 0 and g.paired_se == 0 for g in block["gains"].values())
+    assert block["fid"]["a"] == pytest.approx(block["fid"]["b"], abs=1e-6)
+    assert block["reward_hacking"]["label"] is None and block["reward_hacking"]["reward_gains"] == []
+    assert block_cells(block)[-1].startswith("–")
+
+
+def test_block_refuses_unpaired_images(real):
+    from diffplug.evals.compare import tuned_vs_base
+
+    images, prompts = real
+    with pytest.raises(ValueError, match="same seeds"):
+        tuned_vs_base(images, images[:-1], prompts)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        tuned_vs_base(images, images, prompts[:-1])
