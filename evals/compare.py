@@ -275,6 +275,9 @@ def run_compare(args) -> dict:
     rows = [f"{k}: A {g['tuned']['mean']:.4g}, B {g['base']['mean']:.4g}, gain {g['gain']:+.4g} ± "
             f"{g['paired_se']:.2g} paired (z {g['z_paired']:+.1f}); two-sample ± {g['two_sample_se']:.2g} "
             f"(z {g['z_two_sample']:+.1f})" for k, g in gains.items()]
+    if fid:  # a set metric: one value per folder, no s.e.
+        rows.append("fid: " + ", ".join(f"{k.upper()} " + ("n/a (< 2 images)" if fid[k] is None else f"{fid[k]:.4g}")
+                                        for k in ("a", "b")) + " (one per folder, no s.e.)")
     notes = ([f"REWARD HACKING? {', '.join(verdict['reward_gains'])} rose while {', '.join(verdict['costs'])} fell"]
              if verdict["label"] else []) + rows + [f"rule: {verdict['rule']}"]
     plots = [(f"{k} per image", svg_histograms({"A": cols_a[k], "B": cols_b[k]}, k, k)) for k in cols_a
