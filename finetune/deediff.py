@@ -1,10 +1,13 @@
 """DeeDiff: train early-exit heads and uncertainty estimation modules (UEMs) for a transformer
 denoiser (Tang et al., arXiv:2309.17074; the model side is ``diffplug.samplers.EarlyExit``).
 
-For a noisy latent ``x_t = alpha_t x_0 + sigma_t eps`` (``t`` uniform, one ``eps`` for every head)
-the wrapped model gives each block's head output ``g_i`` and per-token uncertainty ``u_i``; ``y`` is
-the model's regression target (``eps`` for PixArt; the velocity ``eps - x_0`` for the rectified-flow
-transformers, SD3, Flux and Chroma, with ``alpha_t = 1 - sigma``, ``sigma = t / 1000``):
+A method of the one trainer on the generic model side (``model.py`` ``DiffusionModel``), as every
+other method: prompts encoded and the transformer called through the family adapter (PixArt's masks
+and learned-sigma half, SD3's pooled vector, Flux's packing, RoPE ids and guidance embedding), and
+``x_t = alpha_t x_0 + sigma_t eps`` with the regression target ``y`` from ``DiffusionModel.noisy``
+(``eps`` for PixArt; the velocity ``eps - x_0`` for SD3, Flux and Chroma). The trained module,
+:class:`AllExits`, called as the denoiser gives every block's head output ``g_i`` and per-token
+uncertainty ``u_i`` (one ``eps`` for every head):
 
     L_simple = ||g_N - y||^2                                   (the final layer's MSE)
     u_hat_i  = tanh(|g_i - y|), averaged over each token's patch (pseudo-label, no gradient)
@@ -12,41 +15,41 @@ transformers, SD3, Flux and Chroma, with ``alpha_t = 1 - sigma``, ``sigma = t / 
     L_UAL    = sum_{i<N} mean_tokens (1 - u_i) ||g_i - y||^2_token
     L        = L_simple + lambda L_u + beta L_UAL (+ gamma_layer sum_{i<N} ||g_i - y||^2)
 
-``lambda = beta = 1`` and ``gamma_layer = 0`` are the paper's. The spec's ambiguities, resolved:
+``lambda = beta = 1`` and ``gamma_layer = 0`` are the paper's.
+
+**Noise levels** (``timesteps``). ``family`` (default) draws them as every other method, as the model
+pre-trains (``DiffusionModel.sample_timesteps``): ``t ~ U{0..999}`` on PixArt, the paper's rule;
+logit-normal sigma with the scheduler's shift on SD3, Flux and Chroma. ``uniform`` draws
+``t ~ U{0..999}``, ``sigma = t / 1000``, on flow models too (the paper's rule; what deediff drew on
+them before it ran on the generic side): the heads must exit well at every level a sampler visits,
+and SD3's logit-normal with shift 3 puts 0.05 % of the draws below sigma = 0.1 (uniform: 10 %).
+
+The spec's ambiguities, resolved:
 
 * **Token aggregation.** ``u`` is per token (the paper's linear UEM) and is trained per token against
-  the pseudo-label of that token's patch (mean of ``tanh|g_i - eps|`` over the patch's p x p x C
-  values). The exit decision takes the mean over tokens: since both are averaged the same way, the
-  mean ``u`` estimates the mean pseudo-label of the image. Cheap (one dot product per token) and
-  dense supervision (64 targets per image on the testbed instead of one).
-* **Pseudo-label reduction.** As above: element-wise ``tanh(|g - eps|)``, then the per-token mean,
-  i.e. reduced exactly as ``u``.
+  the pseudo-label of that token's patch (mean of ``tanh|g_i - y|`` over the patch's p x p x C
+  values; Flux's packed tokens: over the token's features). The exit decision takes the mean over
+  tokens: both averaged alike, the mean ``u`` estimates the mean pseudo-label of the image.
 * **Per-timestep UEMs.** Default one UEM per layer with the model's own timestep embedding as input
   (``uem_buckets=1``); ``uem_buckets=1000`` gives the literal per-timestep weights (the reproduction
-  found those fail to exit), anything between buckets the timesteps.
+  found those fail to exit), anything between buckets the noise levels.
 * **Degenerate optimum** (``(1 - u)`` lets the model lower L_UAL by raising ``u``): paper-faithful,
   ``u`` is not detached in L_UAL; ``gamma_layer`` adds the reproduction's unweighted layer-wise term.
-* **Backbone.** Frozen by default (``train_backbone=false``): the shipped heads then pair with the
-  shipped DiT, and threshold 0 stays the pretrained model exactly; the reproduction also found a
-  frozen backbone keeps quality better. ``train_backbone=true`` trains it jointly (the paper's
-  set-up) and saves it next to the heads.
+* **Backbone.** Frozen by default (``train_backbone=false``): the heads then pair with the unchanged
+  model, and threshold 0 stays the pretrained model exactly; the reproduction also found a frozen
+  backbone keeps quality better. ``train_backbone=true`` trains a copy jointly (the paper's set-up)
+  and saves it next to the heads; ``gradient_checkpointing`` then recomputes its blocks in backward.
 
-Models: PixArt (the testbed DiT), SD3 (joint blocks), Flux and Chroma (double- then single-stream
-blocks; their latents are packed 2x2 as the stock pipelines pack them and the loss is taken on the
-packed tokens; a guidance-distilled Flux gets the pipeline's default embedding, 3.5, as at sampling).
-Flow models draw ``t`` uniform as the paper does (not SD3's logit-normal the other methods use).
-``gradient_checkpointing`` with ``train_backbone`` recomputes the blocks in backward.
-
-    diffplug finetune deediff --model testbed:flux --output_dir runs/deediff-flux --max_steps 3000
-
-Data: ``data=testbed``, the images and captions the testbed denoisers were trained on (Fashion-MNIST
-1,000 per class + training emoji), encoded by the pipeline's own VAE (posterior sample) and text
-encoder(s) (at most ``min(300, first tokenizer's max length)`` tokens: the captions are short);
-captions are dropped to the empty prompt with ``prompt_dropout`` so that the heads also serve CFG's
-unconditional pass.
+Models: PixArt (the testbed DiT), SD3, Flux and Chroma (``EarlyExit``'s trunks); UNets have no
+linear depth to exit from and are refused. Data: ``data=testbed``, the images and captions the
+testbed denoisers were trained on (Fashion-MNIST 1,000 per class + training emoji, 32 px), a
+caption drawn per image and dropped to the empty prompt with ``prompt_dropout`` so that the heads
+also serve CFG's unconditional pass.
 
     diffplug finetune deediff --output_dir runs/deediff --max_steps 3000 --seed 0
     -> runs/deediff/final/early_exit.safetensors (EarlyExit(transformer, heads=...))
+    diffplug finetune deediff --model testbed:flux --train_backbone true --output_dir runs/deediff-flux
+    -> also runs/deediff-flux/final/transformer/
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..samplers.early_exit import EarlyExit
 from . import data as D
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
+from .sft import encode_targets
 from .trainer import Method
 
 HEADS_FILE = "early_exit.safetensors"
@@ -67,9 +72,11 @@ HEADS_FILE = "early_exit.safetensors"
 @dataclass
 class DeeDiffConfig(TrainConfig):
     model: str = opt("testbed:dit", "a PixArt, SD3, Flux or Chroma pipeline: 'testbed:dit' (the testbed DiT), "
-                     "'tiny:sd3', 'tiny:flux', 'tiny:chroma' or a local diffusers folder")
-    data: str = opt("testbed", "training images and captions: 'testbed' (the testbed denoisers' training set)")
+                     "'testbed:flux', 'tiny:sd3', 'tiny:flux', 'tiny:chroma' or a local diffusers folder")
+    data: str = opt("testbed", "training images and captions: 'testbed' (the testbed denoisers' training set, 32 px)")
     train_backbone: bool = opt(False, "train the transformer jointly with the heads (paper); false = frozen backbone")
+    timesteps: str = choice("family", ("family", "uniform"), "noise levels: 'family' = as the model pre-trains "
+                            "(PixArt uniform t, flow models logit-normal sigma + shift); 'uniform' = uniform t on every model (paper)")
     lambda_u: float = opt(1.0, "lambda: weight of the uncertainty loss L_u (paper: 1)")
     beta_ual: float = opt(1.0, "beta: weight of the uncertainty-aware layer-wise loss L_UAL (paper: 1)")
     gamma_layer: float = opt(0.0, "weight of the unweighted layer-wise loss sum ||g_i - eps||^2 (reproduction); 0 = off")
@@ -146,8 +153,15 @@ def deediff_loss(preds: list, uncertainties: list, eps: torch.Tensor, patch: int
     return loss, logs
 
 
-# Condition tensors that differ per caption; the rest (Flux's RoPE ids, guidance) are one row for all.
-PER_CAPTION = ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "attention_mask")
+class AllExits(EarlyExit):
+    """``EarlyExit``'s training view as a denoiser the family adapter calls (``DiffusionModel.predict``):
+    the output is ``[g_1; ...; g_N]`` joined along the batch, so the family's own output handling
+    (PixArt: the learned-sigma half dropped) applies to every head; the call's per-token
+    uncertainties ``[u_1 .. u_{N-1}]`` are left in ``uncertainties`` for the loss."""
+
+    def forward(self, *args, **kwargs):
+        preds, self.uncertainties = self.all_exits(*args, **kwargs)
+        return (torch.cat(preds),)
 
 
 class DeeDiff(Method):
@@ -156,85 +170,53 @@ class DeeDiff(Method):
     families = ("pixart", "sd3", "flux", "chroma")
 
     def trainable(self, trainer):
-        from ..samplers.early_exit import EarlyExit
-
         cfg = self.config
         transformer = trainer.model.unet
         if cfg.train_backbone:  # the trainer freezes the pipeline's own transformer: train a copy
             transformer = copy.deepcopy(transformer)
         try:
-            module = EarlyExit(transformer, uem_buckets=cfg.uem_buckets, threshold=0.0)
+            module = AllExits(transformer, uem_buckets=cfg.uem_buckets, threshold=0.0)
         except TypeError as e:
             raise ConfigError(f"model: {e}") from None
         module.transformer.requires_grad_(cfg.train_backbone)
         if cfg.gradient_checkpointing and cfg.train_backbone:  # EarlyExit's training view honours the model's flag
             module.transformer.enable_gradient_checkpointing()
-        return module.to(trainer.device)
+        self.exits = module.to(trainer.device)
+        return self.exits
 
     def setup(self, trainer):
         from ..testbed.train import diffusion_set
 
         data = diffusion_set()
-        captions = sorted({c for cs in data.captions for c in cs} | {""})
-        self.caption_index = {c: i for i, c in enumerate(captions)}
-        self.conditions, self.shared = self._encode(trainer, captions)
+        size = tuple(data.images.shape[-2:])
+        if size != (trainer.resolution, trainer.resolution):
+            raise ConfigError(f"resolution: data=testbed holds {size[0]} px images; pass --resolution {size[0]} "
+                              f"(the model's default is {trainer.model.default_resolution()})")
         return CaptionedImages(data.images, data.captions), CaptionedImages.collate
 
-    @torch.no_grad()
-    def _encode(self, trainer, captions: list[str], chunk: int = 256):
-        """Every caption once, through the family adapter (the pipeline's own ``encode_prompt``; masked
-        for PixArt) -> ``({keyword: (captions, ...)}, {keyword: one row shared by all})``."""
-        import logging
+    def timesteps(self, model, gens) -> torch.Tensor:
+        if self.config.timesteps == "uniform" and model.is_flow:  # the paper's t ~ U{0..T-1}; sigma = t / T
+            return D.randint(gens, 0, model.num_train_timesteps).float()
+        return model.sample_timesteps(gens)  # PixArt: that same uniform draw
 
-        family, pipe = trainer.model.family, trainer.model.pipe
-        length = min(300, int(getattr(pipe.tokenizer, "model_max_length", 300)))
-        size = trainer.resolution
-        log = logging.getLogger(type(pipe).__module__)  # its per-chunk "truncated" notice: long names are cut, as in training
-        level, parts, shared = log.level, {}, {}
-        log.setLevel(logging.ERROR)
-        try:
-            for i in range(0, len(captions), chunk):
-                cond = family.encode(prompt=captions[i : i + chunk], num_images_per_prompt=1, max_sequence_length=length,
-                                     height=size, width=size, unconditional=False)
-                for key, (value, _) in cond.items():
-                    if key in PER_CAPTION:
-                        parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
-                    else:
-                        shared[key] = value[0].cpu()
-        finally:
-            log.setLevel(level)
-        return {k: torch.cat(v) for k, v in parts.items()}, shared
-
-    def model_inputs(self, trainer, x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> dict:
-        """The transformer's forward arguments for the family, as its stock pipeline makes them (the family
-        adapters' ``model`` in ``pipelines/families.py`` make the same call; here all exits are asked for)."""
-        family, device = trainer.model.family.name, trainer.device
-        cond = {k: v[idx].to(device) for k, v in self.conditions.items()}
-        if family == "pixart":
-            return dict(hidden_states=x_t, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, **cond)
-        if family == "sd3":  # the timestep input is sigma * 1000
-            return dict(hidden_states=x_t, timestep=t.float(), **cond)
-        inputs = dict(hidden_states=x_t, timestep=t.float() / 1000, txt_ids=self.shared["txt_ids"].to(device),
-                      img_ids=self.shared["img_ids"].to(device), **cond)  # flux, chroma: the timestep input is sigma
-        if "guidance" in self.shared:
-            inputs["guidance"] = self.shared["guidance"].to(device).expand(x_t.shape[0])
-        return inputs
-
-    def loss(self, trainer, batch):
+    def inputs(self, trainer, batch) -> tuple:
+        """One batch through the generic model side -> ``(x_t, t, target, conditions)``. Per-sample draws,
+        in a fixed order from the sample's own generator: caption, dropout, posterior, t, eps."""
         cfg, model, device = self.config, trainer.model, trainer.device
         gens = trainer.generators(batch["positions"])
-        # per-sample draws, in a fixed order from the sample's own generator: caption, dropout, posterior, t, eps
         pick, drop = D.rand(gens), D.rand(gens) < cfg.prompt_dropout
         captions = ["" if d else cs[int(r * len(cs))] for cs, r, d in zip(batch["captions"], pick.tolist(), drop.tolist())]
-        idx = torch.tensor([self.caption_index[c] for c in captions])
-        shape = model.latent_shape(trainer.resolution)  # the denoiser's layout (Flux: packed 2x2 tokens)
-        images = batch["images"].float() / 127.5 - 1.0
-        x0 = model.encode_images(images.to(device), D.randn(gens, shape).to(device))
-        t = D.randint(gens, 0, model.num_train_timesteps).to(device)  # uniform, as the paper (flow too)
-        eps = D.randn(gens, shape).to(device)
-        x_t, target = model.noisy(x0, eps, t)
-        preds, uncertainties = trainer.unet(**self.model_inputs(trainer, x_t, t, idx), return_all_exits=True)
-        patch = getattr(model.unet.config, "patch_size", 1)
+        x0 = encode_targets(trainer, batch["images"].float() / 127.5 - 1.0, gens, random_flip=False)
+        t = self.timesteps(model, gens).to(device)
+        x_t, target = model.noisy(x0, D.randn(gens, model.latent_shape(trainer.resolution)).to(device), t)
+        return x_t, t, target, model.encode_prompts(captions, trainer.resolution)
+
+    def loss(self, trainer, batch):
+        cfg = self.config
+        x_t, t, target, cond = self.inputs(trainer, batch)
+        preds = trainer.predict(trainer.unet, x_t, t, cond).chunk(self.exits.num_blocks)
+        uncertainties = self.exits.__dict__.pop("uncertainties")
+        patch = getattr(self.exits.config, "patch_size", 1)
         return deediff_loss(preds, uncertainties, target, patch, cfg.lambda_u, cfg.beta_ual, cfg.gamma_layer)
 
     def save_final(self, trainer, module, folder):
@@ -248,4 +230,4 @@ class DeeDiff(Method):
              **module.heads_config()}, indent=2) + "\n")
 
 
-__all__ = ["DeeDiffConfig", "DeeDiff", "deediff_loss", "per_token"]
+__all__ = ["DeeDiffConfig", "DeeDiff", "AllExits", "deediff_loss", "per_token"]

@@ -1,6 +1,6 @@
 """DeeDiff early exit: threshold 0 is the wrapped model bit for bit, exited rows skip compute
 (counted), per-sample exits equal running samples alone, the loss trains heads and UEMs, heads I/O,
-the stock PixArt pipeline, diffplug's loop and the CLI."""
+the stock PixArt pipeline, diffplug's loop and the CLI; ``finetune deediff`` on a tiny PixArt."""
 
 import json
 
@@ -187,10 +187,45 @@ def test_deediff_config_errors_name_the_key():
     from diffplug.finetune.deediff import DeeDiffConfig
 
     DeeDiffConfig(output_dir="x").validate()
-    for key, value in (("data", "pairs.jsonl"), ("lambda_u", -1.0), ("uem_buckets", 0), ("prompt_dropout", 1.0),
+    for key, value in (("data", "pairs.jsonl"), ("timesteps", "logit_normal"), ("lambda_u", -1.0), ("uem_buckets", 0), ("prompt_dropout", 1.0),
                        ("use_lora", True)):
         with pytest.raises(ConfigError, match=f"^{key}:"):
             DeeDiffConfig(output_dir="x", **{key: value}).validate()
+
+
+def test_deediff_trains_pixart_heads_and_backbone(tmp_path):
+    """A few steps on a tiny PixArt through the one trainer: the heads load in EarlyExit beside the saved
+    backbone, threshold 0 is that backbone exactly, and the backbone moved."""
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import load_file
+
+    from diffplug.finetune.deediff import DeeDiff, DeeDiffConfig
+    from diffplug.finetune.trainer import Trainer
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    Trainer(DeeDiff(DeeDiffConfig(output_dir=str(out), model="tiny:pixart", train_backbone=True, max_steps=3, log_every=1,
+                                  train_batch_size=4, learning_rate=1e-2, lr_warmup_steps=0, lr_scheduler="constant",
+                                  checkpoint_every=0, tensorboard=False, seed=0, gamma_layer=0.5))).train()
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3] and logs[-1]["loss"] < logs[0]["loss"]
+    assert all(r["u_1"] != 0.5 for r in logs[1:])  # the UEMs train (they start at sigmoid(0))
+    final = out / "final"
+    assert json.loads((final / "early_exit.json").read_text())["backbone"] == "transformer/"
+    pipe = tiny_pipeline("pixart")
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    backbone = PixArtTransformer2DModel.from_pretrained(str(final / "transformer")).eval()
+    trained = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(v, base[k]) for k, v in trained.items())
+    call = dict(prompt=["a cat"], num_inference_steps=2, output_type="latent", max_sequence_length=32)
+    pipe.transformer = backbone
+    with torch.no_grad():
+        plain = from_pipe(pipe)(**call, generator=torch.manual_seed(0)).images
+        pipe.transformer = EarlyExit(backbone, heads=final / "early_exit.safetensors", threshold=0.0)
+        assert torch.equal(from_pipe(pipe)(**call, generator=torch.manual_seed(0)).images, plain)
+        pipe.transformer.threshold = 1.0
+        exited = from_pipe(pipe)(**call, generator=torch.manual_seed(0)).images
+    assert torch.isfinite(exited).all() and not torch.equal(exited, plain)
 
 
 # -- bad heads files (issue 24, bad case 3): one clear error naming the file, nothing applied ---------------

@@ -1,8 +1,9 @@
 """DeeDiff early exit on the rectified-flow transformers: Flux (double- then single-stream blocks) and
 SD3 (joint blocks). Threshold 0 is the wrapped model bit for bit; exits are keyed on sigma (Flux
 passes sigma, SD3 sigma * 1000); exited rows skip later blocks and equal running alone; the stock
-pipelines and diffplug's loop run with it; ``finetune deediff`` trains heads (and the backbone) and
-resumes bit for bit."""
+pipelines and diffplug's loop run with it; ``finetune deediff`` runs on the generic model side
+(``DiffusionModel``: the same noisy inputs, conditions and family model call as every method, PixArt too),
+trains heads (and the backbone), resumes bit for bit and refuses the UNet families."""
 
 import shutil
 
@@ -315,6 +316,80 @@ def test_deediff_flux_resume_is_bit_identical(tmp_path, flux_run):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+
+
+def _setup(out, model: str, **kw):
+    """A deediff trainer on ``model``, set up (model, module, data) but not run."""
+    from diffplug.finetune.deediff import DeeDiff, DeeDiffConfig
+    from diffplug.finetune.trainer import Trainer
+
+    method = DeeDiff(DeeDiffConfig(output_dir=str(out), model=model, max_steps=1, tensorboard=False, seed=0, **kw))
+    trainer = Trainer(method)
+    trainer._setup()
+    return trainer, method
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_deediff_inputs_and_model_call_are_the_generic_model_sides(tmp_path, family):
+    """For the same per-sample generators, deediff's x_t, t, target and conditions are DiffusionModel's
+    (the draws of every method: flow models' logit-normal sigma, SFT's posterior sample, encode_prompts),
+    and its last exit is the backbone called through the family adapter (DiffusionModel.predict)."""
+    from diffplug.finetune import data as D
+    from diffplug.finetune.sft import encode_targets
+
+    torch.set_num_threads(1)
+    trainer, method = _setup(tmp_path / "run", f"tiny:{family}", prompt_dropout=0.5)
+    model = trainer.model
+    batch = trainer.collate([trainer.dataset[i] for i in (0, 7, 3000, 9000)])
+    batch["positions"] = torch.tensor([5, 6, 7, 8])
+    x_t, t, target, cond = method.inputs(trainer, batch)
+
+    gens = D.generators(0, batch["positions"])
+    pick, drop = D.rand(gens), D.rand(gens) < 0.5
+    captions = ["" if d else cs[int(r * len(cs))] for cs, r, d in zip(batch["captions"], pick.tolist(), drop.tolist())]
+    assert "" in captions and any(captions)  # both kinds in this batch
+    x0 = encode_targets(trainer, batch["images"].float() / 127.5 - 1, gens, random_flip=False)
+    t_model = model.sample_timesteps(gens)
+    x_model, target_model = model.noisy(x0, D.randn(gens, model.latent_shape(32)), t_model)
+    assert torch.equal(t, t_model) and torch.equal(x_t, x_model) and torch.equal(target, target_model)
+    expected = model.encode_prompts(captions, 32)
+    assert cond.keys() == expected.keys() and all(torch.equal(cond[k], expected[k]) for k in cond)
+    if family == "flux":  # Flux-dev's guidance embedding: the stock default, as encode_prompts gives it
+        assert torch.equal(cond["guidance"], torch.full((4,), 3.5))
+    if model.is_flow:  # not the paper's uniform integer t
+        assert not torch.equal(t, t.round())
+
+    with torch.no_grad():
+        exits = trainer.predict(trainer.unet, x_t, t, cond).chunk(method.exits.num_blocks)
+        backbone = model.predict(model.unet, x_t, t, cond)
+    assert len(method.exits.__dict__.pop("uncertainties")) == method.exits.num_blocks - 1
+    assert exits[-1].shape == target.shape  # PixArt's learned-sigma half dropped by the family adapter
+    torch.testing.assert_close(exits[-1], backbone, rtol=0, atol=1e-6)
+    assert not torch.allclose(exits[0], backbone, atol=1e-4)  # block 1's head is another prediction
+
+
+def test_deediff_uniform_timesteps_on_a_flow_model(tmp_path):
+    """timesteps=uniform: the paper's t ~ U{0..999} on a flow model (sigma = t / 1000)."""
+    from diffplug.finetune import data as D
+
+    torch.set_num_threads(1)
+    trainer, method = _setup(tmp_path / "run", "tiny:sd3", timesteps="uniform")
+    gens = D.generators(0, range(64))
+    t = method.timesteps(trainer.model, gens)
+    assert torch.equal(t, D.randint(D.generators(0, range(64)), 0, 1000).float())
+    assert not torch.equal(t, trainer.model.sample_timesteps(D.generators(0, range(64))))
+
+
+def test_deediff_refuses_unet_families_and_other_sizes(tmp_path, capsys):
+    from diffplug.finetune.cli import main
+
+    for family in ("sd", "sdxl"):
+        assert main(["deediff", "--model", f"tiny:{family}", "--output_dir", str(tmp_path / family), "--max_steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "is not supported by this method; it runs on pixart, sd3, flux, chroma" in err, err
+    assert main(["deediff", "--model", "tiny:flux", "--output_dir", str(tmp_path / "size"), "--max_steps", "1",
+                 "--resolution", "64"]) == 2
+    assert "resolution: data=testbed holds 32 px images; pass --resolution 32" in capsys.readouterr().err
 
 
 def test_deediff_trains_chroma_heads(tmp_path):
