@@ -3,7 +3,10 @@
     nice -n 10 python benchmarks/guidance_quality.py --images 48 --steps 20 \
         --out benchmarks/guidance_results.md
 
-Model: ``diffplug.testbed.load("sd")`` (``--model dit`` for the PixArt-style one; the reference text-to-image model trained on Fashion-MNIST
+Model: ``diffplug.testbed.load("sd")`` (``--model dit`` for the PixArt-style one, ``--model flux`` for the
+rectified-flow transformer: FluxPipeline, FlowMatchEuler, true CFG against the empty negative prompt,
+``max_sequence_length=pipe.tokenizer_2.model_max_length``; ``--weights DIR`` for weights other than the
+shipped ones, ``--in-progress`` labels a model still training; the reference text-to-image model trained on Fashion-MNIST
 and Google emoji, 32x32 RGB); if it cannot be loaded the script falls back to the tiny *random*
 pipeline of ``diffplug.testing`` and says so in the table header (numbers are then only a smoke test).
 
@@ -40,7 +43,14 @@ from diffplug.pipelines import from_pipe
 
 
 # ----------------------------------------------------------------------------------------- setup
-def load_model(name: str = "sd"):
+def load_model(name: str = "sd", weights: str | None = None):
+    if weights is not None:  # a weights folder was asked for: no fallback, a clear error
+        from dc_solver_mse import load_model as load_testbed
+
+        import diffplug.testbed as testbed
+
+        pipe = load_testbed(f"testbed-{name}", "cpu", weights)
+        return pipe, testbed.load_classifier(), f"testbed `{name}` (diffplug.testbed.load({name!r}, weights={weights!r}))"
     try:
         import diffplug.testbed as testbed
 
@@ -86,8 +96,21 @@ def prompt_set(n: int, seed: int = 0):
     return items
 
 
+def call_kwargs(pipe, prompts) -> dict:
+    """What a diffplug run of ``prompts`` passes beside them: on Flux the trained text length and the empty
+    negative prompt of true CFG (stated, not left to the family's default); {} elsewhere."""
+    from dc_solver_mse import text_kwargs
+
+    extra = text_kwargs(pipe)
+    if extra:
+        extra["negative_prompt"] = ""  # one per prompt (the family repeats it)
+    return extra
+
+
 def render(pipe, guidance, prompts, steps, seed, batch):
     """-> (images, NFE per image, CPU seconds in the denoiser's forward)."""
+    from diffplug.pipelines.families import _second_pass
+
     run = from_pipe(pipe, guidance=guidance)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     clock = {"t": 0.0, "start": 0.0}
@@ -97,8 +120,11 @@ def render(pipe, guidance, prompts, steps, seed, batch):
     try:
         for b in range(0, len(prompts), batch):
             chunk = prompts[b : b + batch]
+            extra = call_kwargs(pipe, chunk)
+            if not _second_pass(guidance):  # w = 1: one pass, no negative prompt to pass
+                extra.pop("negative_prompt", None)
             out = run(chunk, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + b // batch),
-                      output_type="pt")
+                      output_type="pt", **extra)
             images.append(out.images.float().cpu())
             nfe += out.nfe * len(chunk)
     finally:
@@ -141,7 +167,8 @@ class Scorer:
         if self.classifier is not None:
             with torch.no_grad():
                 pred = self.classifier(images).argmax(1)
-            row["align"] = float((pred == self.labels).float().mean())
+            row["correct"] = (pred == self.labels).float()  # per image: paired comparisons (align_vs)
+            row["align"] = float(row["correct"].mean())
         if ref is not None:
             p = psnr(images, ref)
             row["psnr"] = float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else math.inf
@@ -152,6 +179,17 @@ class Scorer:
             row["fid"] = float(fid_from_features(self.real_features, fake))
             row["precision"], row["recall"] = (float(v) for v in precision_recall(self.real_features, fake))
         return row
+
+
+def align_vs(row, ref_row) -> str:
+    """Alignment gain over the reference row, image by image from the same seeds: paired s.e. (headline),
+    two-sample s.e. beside it (diffplug.evals.stats.gain)."""
+    from diffplug.evals.stats import gain
+
+    if "correct" not in row or "correct" not in ref_row or row is ref_row or math.isinf(row.get("psnr", 0.0)):
+        return "–"
+    g = gain(ref_row["correct"], row["correct"], "align")
+    return f"{g.gain:+.3f} ± {g.paired_se:.3f} (two-sample ± {g.two_sample_se:.3f})"
 
 
 def fmt(v, digits=3):
@@ -177,7 +215,7 @@ def x0_norms(pipe, prompts, steps, scale, seed):
     probe = Probe(scale, eta=1.0, norm_threshold=0.0, momentum=0.0)
     probe.norms = []
     from_pipe(pipe, guidance=probe)(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                                    output_type="latent")
+                                    output_type="latent", **call_kwargs(pipe, prompts))
     return float(torch.cat(probe.norms).median())
 
 
@@ -208,7 +246,10 @@ def ag_defaults(pipe, prompts, score, args) -> list[str]:
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd", choices=["sd", "dit", "tiny"], help="testbed model (tiny: random test pipeline)")
+    p.add_argument("--model", default="sd", choices=["sd", "dit", "flux", "tiny"],
+                   help="testbed model (flux: the rectified-flow transformer; tiny: random test pipeline)")
+    p.add_argument("--weights", default=None, help="the testbed model's weights folder (default: the shipped ones)")
+    p.add_argument("--in-progress", action="store_true", help="label the numbers: the model is still training")
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
@@ -225,7 +266,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe, classifier, model_name = load_model(args.model)
+    pipe, classifier, model_name = load_model(args.model, args.weights)
+    if args.in_progress:
+        model_name += " (TRAINING IN PROGRESS: provisional numbers)"
+    call = call_kwargs(pipe, [])  # Flux: max_sequence_length and the empty negative prompt; {} elsewhere
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     items = prompt_set(args.images, args.seed)
@@ -267,10 +311,13 @@ def main(argv=None):
         "prompts; the paper tunes r per model). `APG model-output` is the same settings applied to ε, as "
         "diffusers' guider does.",
         "",
-        "| w | method | saturation (emoji) | gray clip (fashion) | align | FID | precision | recall | NFE/img | denoiser CPU s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "align − CFG: the gain over CFG at the same w, image by image (± paired s.e.; two-sample beside it).",
+        "",
+        "| w | method | saturation (emoji) | gray clip (fashion) | align | align − CFG | FID | precision | recall | NFE/img | denoiser CPU s |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for w in args.scales:
+        cfg_row = None
         for name, guidance in (
             ("CFG", CFG(w)),
             ("APG (x0, paper)", APG(w, eta=0.0, norm_threshold=r, momentum=-0.5)),
@@ -278,8 +325,9 @@ def main(argv=None):
         ):
             images, nfe, wall = render(pipe, guidance, prompts, args.steps, args.seed, args.batch)
             row = score(images)
+            cfg_row = cfg_row or row
             lines.append(f"| {w:g} | {name} | {fmt(row.get('sat'))} | {fmt(row.get('clip'))} | {fmt(row.get('align'))} | "
-                         f"{fmt(row.get('fid'), 2)} | {fmt(row.get('precision'), 2)} | {fmt(row.get('recall'), 2)} | "
+                         f"{align_vs(row, cfg_row)} | {fmt(row.get('fid'), 2)} | {fmt(row.get('precision'), 2)} | {fmt(row.get('recall'), 2)} | "
                          f"{nfe:g} | {wall:.1f} |")
             print(lines[-1], flush=True)
 
@@ -294,7 +342,7 @@ def main(argv=None):
     cals = {}
     for space in ("model_output", "x0"):
         cals[space] = calibrate(pipe, prompts, thresholds=grid, guidance_scale=w, num_inference_steps=n,
-                                seed=args.seed, batch_size=args.batch, space=space)
+                                seed=args.seed, batch_size=args.batch, space=space, **call)
         for c in cals[space]:
             ks = [k for k in c.switch_steps if k is not None]
             lines.append(f"| {space} | {c.threshold:g} | {fmt(sum(ks) / len(ks), 1) if ks else '–'} | "
@@ -310,24 +358,36 @@ def main(argv=None):
     near = lambda target: min(cals["x0"], key=lambda c: abs(c.saving - target))  # noqa: E731
     picks = sorted({near(0.2).threshold, near(0.3).threshold})
     lag = LinearAG.fit_from_pipe(pipe, fit_prompts, guidance_scale=w, num_inference_steps=n, seed=args.seed + 100,
-                                 batch_size=args.batch)
+                                 batch_size=args.batch, call_kwargs=call)
     configs = [("CFG", CFG(w))]
     configs += [("AG ε-space γ̄=0.999 (paper statistic)", AdaptiveGuidance(w, 0.999, policy="per_sample"))]
     configs += [(f"AG x0-space γ̄={t:g}", AdaptiveGuidance(w, t, policy="per_sample", space="x0")) for t in picks]
     configs += [(f"CFG cut-off stop={f:g}", CFG(w, stop=f)) for f in (0.5, 0.75)]
     configs += [("LinearAG (odd steps of 1st half)", lag),
                 (f"LinearAG + AG x0 γ̄={picks[-1]:g}", lag.new(threshold=picks[-1], space="x0"))]
-    lines += ["| method | NFE/img | denoiser CPU s | PSNR to CFG (dB) | saturation | gray clip | align | FID |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| method | NFE/img | saved | denoiser CPU s | PSNR to CFG (dB) | saturation | gray clip | align | "
+              "align − CFG | FID |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    held = []  # (saving, name): rows whose alignment is within one paired s.e. of CFG's
     for name, guidance in configs:
         if name == "CFG":
             images, nfe, wall, row = ref_images, ref_nfe, ref_wall, dict(ref_row, psnr=math.inf)
         else:
             images, nfe, wall = render(pipe, guidance, prompts, n, args.seed, args.batch)
             row = score(images, ref_images)
-        lines.append(f"| {name} | {nfe:g} | {wall:.1f} | {fmt(row.get('psnr'), 1)} | {fmt(row.get('sat'))} | "
-                     f"{fmt(row.get('clip'))} | {fmt(row.get('align'))} | {fmt(row.get('fid'), 2)} |")
+        lines.append(f"| {name} | {nfe:g} | {100 * (1 - nfe / ref_nfe):.1f} % | {wall:.1f} | {fmt(row.get('psnr'), 1)} | "
+                     f"{fmt(row.get('sat'))} | {fmt(row.get('clip'))} | {fmt(row.get('align'))} | {align_vs(row, ref_row)} | "
+                     f"{fmt(row.get('fid'), 2)} |")
         print(lines[-1], flush=True)
+        if name != "CFG" and "correct" in row:
+            from diffplug.evals.stats import gain
+
+            g = gain(ref_row["correct"], row["correct"], "align")
+            if not g.gain < -g.paired_se:  # nan s.e. (identical images) counts as held
+                held.append((1 - nfe / ref_nfe, name))
+    if held:
+        saving, name = max(held)
+        lines += ["", f"At CFG's alignment (within one paired s.e.): the largest share of network calls saved is "
+                  f"{100 * saving:.1f} % ({name})."]
     res = ", ".join(f"step {i}: {v:.3f}" for i, v in sorted(lag.fit_residuals.items()))
     lines += ["", f"LinearAG least-squares fit on {len(fit_prompts)} other prompts; relative residual "
               f"‖ε_u − ε̂_u‖/‖ε_u‖ per replaced step: {res}.", ""]
