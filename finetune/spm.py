@@ -41,6 +41,7 @@ from . import data as D
 from .config import ConfigError, opt
 from ..predictions import noise_levels, split
 from .logprob import PromptCache
+from .model import FAMILIES
 from .pairs import PairDataConfig, PreferencePairs, pair_dataset, resolve_reward
 from .trainer import Method
 
@@ -355,6 +356,9 @@ class SPMTraining(Method):
 
     name = "spo-pm"
     Config = SPMConfig
+    # flow models too: t ~ U{0, ..., 999} is sigma = t / 1000 uniform on the flow path, the noise levels
+    # SPO then queries at (1000 sigma of its schedule); model.noisy / predict / split follow the family
+    families = FAMILIES
 
     def trainable(self, trainer) -> nn.Module:
         spm = StepAwarePreferenceModel.from_backbone(self.config.backbone)
@@ -387,7 +391,7 @@ class SPMTraining(Method):
         out_u, out_c = model.predict(model.unet, torch.cat([x_t, x_t]), torch.cat([t2, t2]), both).chunk(2)
         guided = out_u + self.config.spm_guidance_scale * (out_c - out_u)  # CFG
         alpha, sigma = noise_levels(model.scheduler, t2.cpu())
-        shape = (-1, 1, 1, 1)
+        shape = (-1,) + (1,) * (x_t.dim() - 1)  # Flux: packed (B, tokens, 4C)
         x0_hat = split(guided, x_t, alpha.to(x_t.device).view(shape), sigma.to(x_t.device).view(shape), model.prediction_type)[0]
         return model.decode(x0_hat), t2
 

@@ -23,6 +23,11 @@ log-density averaged over latent elements (``logprob.ddim_step_with_logprob``):
 Both candidates share their parent ``x_t``, so one (CFG) forward of the policy and one of the reference
 give the means of both.
 
+Flow models (SD3, Flux, Chroma, Z-Image): the transition is the reverse SDE with the flow ODE's marginals
+and its Gaussian log-density (``logprob.flow_sde_step_with_logprob``, Flow-GRPO's; ``eta`` is its noise
+level a) on the model's own flow schedule (Flux: packed latents, dynamic shift); ``logprob.OnlineStep``
+picks the step for the family, and the SPM is trained on the flow model's noise levels (``spm.py``).
+
 Update schedule (official ``train_spo.py``): a rollout of ``train_batch_size`` prompts yields N_valid
 transitions; they are shuffled and cut into mini-batches of ``transitions_per_step`` (10), one
 optimiser step each, ceil(N_valid / 10) steps per rollout; then the next rollout. ``max_steps``
@@ -45,7 +50,8 @@ import torch.nn.functional as F
 from . import data as D
 from ..predictions import noise_levels, split
 from .config import ConfigError, TrainConfig, opt
-from .logprob import PromptCache, ddim_step_with_logprob, guided_prediction
+from .logprob import OnlineStep, PromptCache, guided_prediction
+from .model import FAMILIES
 from .pairs import FASHION_PROMPTS, read_prompts
 from .spm import load_preference_model
 from .trainer import Method
@@ -61,7 +67,8 @@ class SPOConfig(TrainConfig):
     transitions_per_step: int = opt(10, "valid transitions per optimiser step: a rollout gives ceil(N_valid / this) "
                                         "steps (official: 10); 0 = one step per rollout")
     num_steps: int = opt(20, "DDIM sampling steps of the rollouts")
-    eta: float = opt(1.0, "DDIM eta of the rollouts (1 = DDPM variance)")
+    eta: float = opt(1.0, "DDIM eta of the rollouts (1 = DDPM variance); flow models: the reverse SDE's noise level a, "
+                          "g = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7; finetune/logprob.py)")
     divert_start_step: int = opt(4, "plain denoising steps before the resampler starts branching")
     num_sample_each_step: int = opt(4, "k: candidates per step (SD-1.5: 4, SDXL: 2)")
     num_inner_step: int = opt(1, "steps each candidate runs before the comparison (SD-1.5: 1, SDXL: 3)")
@@ -133,13 +140,15 @@ def spo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float, eps: float):
 class StepwiseResampler:
     """The branching sampler of SPO (written once; a later method may subclass ``compare``)."""
 
-    def __init__(self, model, scheduler, preference_model, cfg: SPOConfig):
-        self.model, self.scheduler, self.spm, self.cfg = model, scheduler, preference_model, cfg
+    def __init__(self, model, step: OnlineStep, preference_model, cfg: SPOConfig):
+        self.model, self.step, self.spm, self.cfg = model, step, preference_model, cfg
+        self.scheduler = step.scheduler
 
     def _x0_images(self, pred, x, t):
         """Predicted clean images (decoded, [0, 1]) of ``x`` at ``t``."""
         alpha, sigma = noise_levels(self.scheduler, torch.as_tensor(t).reshape(-1).cpu())
-        x0 = split(pred, x, alpha.to(x.device).view(-1, 1, 1, 1), sigma.to(x.device).view(-1, 1, 1, 1), self.model.prediction_type)[0]
+        shape = (-1,) + (1,) * (x.dim() - 1)  # (B, C, h, w), or Flux's packed (B, tokens, 4C)
+        x0 = split(pred, x, alpha.to(x.device).view(shape), sigma.to(x.device).view(shape), self.model.prediction_type)[0]
         return self.model.decode(x0)
 
     @torch.no_grad()
@@ -148,10 +157,9 @@ class StepwiseResampler:
         prompt and denoising step after the divert step. With ``num_inner_step = 1`` the winner and the
         loser share their parent (``x_t_w == x_t_l``); with m > 1 (SPO-SDXL) each candidate runs m
         steps before the comparison and the j-th transitions of the two chains form a pair."""
-        cfg, model, sched = self.cfg, self.model, self.scheduler
+        cfg, model = self.cfg, self.model
         b, k, n, m = len(prompts), cfg.num_sample_each_step, cfg.num_steps, cfg.num_inner_step
-        sched.set_timesteps(n)
-        steps = sched.timesteps
+        steps = self.step.timesteps  # DDIM's integer timesteps, or a flow schedule's 1000 sigma
         conditions = model.encode_prompts(prompts, size, uncond=True)
         cond_k = {key: (c.repeat_interleave(k, 0), u.repeat_interleave(k, 0)) for key, (c, u) in conditions.items()}
         shape = model.latent_shape(size)
@@ -159,10 +167,10 @@ class StepwiseResampler:
         rows = torch.arange(b, device=device)
 
         def step(pred, t, x_cur, gen_rows):
-            return ddim_step_with_logprob(sched, pred, t, x_cur, n, cfg.eta, noise=D.randn(gen_rows, shape, device))[0]
+            return self.step(pred, t, x_cur, noise=D.randn(gen_rows, shape, device))[0]
 
         gens_k = [g for g in gens for _ in range(k)]  # candidate j of prompt i draws from prompt i's generator
-        x = D.randn(gens, shape, device) * sched.init_noise_sigma
+        x = D.randn(gens, shape, device) * self.step.init_noise_sigma
         for i in range(cfg.divert_start_step):  # 1. plain denoising
             x = step(guided_prediction(model, unet, x, steps[i], conditions, cfg.guidance_scale), steps[i], x, gens)
 
@@ -174,7 +182,7 @@ class StepwiseResampler:
             chain, times = [x[:, None].expand(b, k, *shape)], []
             cands = torch.stack([step(pred_x, steps[i], x, gens) for _ in range(k)], dim=1)
             chain.append(cands)
-            times.append(int(steps[i]))
+            times.append(steps[i].item())
             i += 1
             for _ in range(m - 1):
                 if i >= n:
@@ -183,7 +191,7 @@ class StepwiseResampler:
                 pred = guided_prediction(model, unet, flat, steps[i], cond_k, cfg.guidance_scale)
                 cands = step(pred, steps[i], flat, gens_k).view(b, k, *shape)
                 chain.append(cands)
-                times.append(int(steps[i]))
+                times.append(steps[i].item())
                 i += 1
             # 3. judge the chain ends with the SPM at their timestep (the final ones at t = 0, decoded)
             flat = cands.flatten(0, 1)
@@ -199,7 +207,7 @@ class StepwiseResampler:
                 rec["x_w"].append(chain[s_ + 1][rows, win])
                 rec["x_t_l"].append(chain[s_][rows, lose])
                 rec["x_l"].append(chain[s_ + 1][rows, lose])
-                rec["t"].append(torch.full((b,), t_, dtype=torch.long))
+                rec["t"].append(torch.full((b,), t_, dtype=steps.dtype))
                 rec["prompt"].append(torch.arange(b))
                 rec["valid"].append(valid.cpu())
                 rec["scores"].append(scores.float().cpu())
@@ -215,19 +223,18 @@ class StepwiseResampler:
 
 class SPO(Method):
     name = "spo"
+    families = FAMILIES  # DDIM on noise-prediction models, the flow SDE on flow models (OnlineStep)
     Config = SPOConfig
 
     KEYS = ("x_t_w", "x_w", "x_t_l", "x_l", "t")
 
     def setup(self, trainer):
-        from diffusers import DDIMScheduler
-
         cfg = self.config
         self.prompts = read_prompts(cfg.prompts)
         self.spm = load_preference_model(cfg.preference_model, cfg.reward, cfg.backbone or None).to(trainer.device).eval().requires_grad_(False)
-        scheduler = DDIMScheduler.from_config(trainer.model.scheduler.config)
-        self.resampler = StepwiseResampler(trainer.model, scheduler, self.spm, cfg)
-        self.scheduler = scheduler
+        self.step = OnlineStep(trainer.model, cfg.num_steps, cfg.eta, trainer.resolution)
+        self.resampler = StepwiseResampler(trainer.model, self.step, self.spm, cfg)
+        self.scheduler = self.step.scheduler
         self.prompt_cache = PromptCache(trainer.model, trainer.resolution)
         self.queue, self.batch_logs = [], {}  # the current rollout's remaining mini-batches
         self.stats = {"rollouts": 0, "empty_rollouts": 0, "valid": 0}
@@ -337,7 +344,7 @@ class SPO(Method):
             trainer._print(f"warning: {st['empty_rollouts']} of {st['rollouts']} rollouts had no valid pair")
 
     def loss(self, trainer, part):
-        cfg, model, sched = self.config, trainer.model, self.scheduler
+        cfg, model = self.config, trainer.model
         scale = cfg.guidance_scale if cfg.train_cfg else 1.0
         t, cond = part["t"].to(part["x_w"].device), part["conditions"]
         shared = torch.equal(part["x_t_w"], part["x_t_l"])  # num_inner_step = 1: one parent, one forward
@@ -351,9 +358,8 @@ class SPO(Method):
             preds, ref_preds, parents = (pred, pred), (ref_pred, ref_pred), (x_t, x_t)
         else:
             preds, ref_preds, parents = pred.chunk(2), ref_pred.chunk(2), x_t.chunk(2)
-        n = cfg.num_steps
-        logp = [ddim_step_with_logprob(sched, preds[j], t, parents[j], n, cfg.eta, prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
-        ref_logp = [ddim_step_with_logprob(sched, ref_preds[j], t, parents[j], n, cfg.eta, prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
+        logp = [self.step(preds[j], t, parents[j], prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
+        ref_logp = [self.step(ref_preds[j], t, parents[j], prev_sample=part[k])[1] for j, k in enumerate(("x_w", "x_l"))]
         losses, clipped = spo_loss(logp[0], logp[1], ref_logp[0], ref_logp[1], cfg.beta, cfg.eps)
         logs = {"clipped_fraction": clipped.float().mean().detach(),
                 "log_ratio_win": (logp[0] - ref_logp[0]).mean().detach(),
