@@ -10,7 +10,8 @@ every ``--prompts`` file and ``--data`` path is checked before any model loads.
 
 Exit status: 0 trained (``output_dir/final`` written); 2 error: a bad key, value or file (nothing
 trained), or a file that could not be written (named; a half-written checkpoint is removed, earlier
-checkpoints are kept, ``--resume latest`` continues from the last one).
+checkpoints are kept, ``--resume latest`` continues from the last one); 130 interrupted (Ctrl-C: the step in
+progress ends and is saved as a checkpoint, and the command that resumes it is printed).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ _EPILOG = reads_table() + "\n\n" + __doc__[__doc__.index("Exit status"):].strip(
 
 def run(args) -> int:
     from .config import build_config, parse_overrides, read_yaml
-    from .trainer import Trainer
+    from .trainer import Interrupted, Trainer
 
     method_cls = _methods()[args.method_name]
     try:
@@ -207,7 +208,27 @@ def run(args) -> int:
             clean_stale(config.output_dir)  # the half-written checkpoint; complete ones stay
         print(f"diffplug finetune {args.method_name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the trainer's Interrupted says what was kept; a bare one came before it
+        what = str(e) if isinstance(e, Interrupted) else "interrupted before training: nothing saved"
+        print(f"diffplug finetune {args.method_name}: {what}\nresume with: {resume_command(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues an interrupted run: its own flags, with ``--resume latest``."""
+    import shlex
+
+    given, argv, i = list(getattr(args, "overrides", []) or []), [], 0
+    while i < len(given):  # drop the run's own --resume (and its value)
+        key = given[i].split("=", 1)[0].replace("_", "-")
+        if key == "--resume":
+            i += 1 if "=" in given[i] or i + 1 == len(given) or given[i + 1].startswith("--") else 2
+            continue
+        argv.append(given[i])
+        i += 1
+    config = ["--config", args.config] if getattr(args, "config", None) else []
+    return shlex.join(["diffplug", "finetune", args.method_name, *config, *argv, "--resume", "latest"])
 
 
 def main(argv=None) -> int:

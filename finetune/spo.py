@@ -224,6 +224,7 @@ class StepwiseResampler:
 class SPO(Method):
     name = "spo"
     families = FAMILIES  # DDIM on noise-prediction models, the flow SDE on flow models (OnlineStep)
+    steps_change_run_state = True  # prepare() pops the rollout queue before the update
     Config = SPOConfig
 
     KEYS = ("x_t_w", "x_w", "x_t_l", "x_l", "t")

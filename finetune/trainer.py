@@ -29,6 +29,7 @@ from . import state as run_state
 from .config import ConfigError, TrainConfig, save_config
 from .data import SeededOrder, generators, loader
 from .model import DiffusionModel, load_pipeline
+from .progress import RunClock
 
 
 class Method:
@@ -36,6 +37,11 @@ class Method:
 
     name = "base"
     Config = TrainConfig
+    #: True: a step changes the run state its checkpoint holds before the weight update (``prepare`` pops a
+    #: rollout), so a step abandoned half-way by a raw KeyboardInterrupt cannot be saved; None: assumed of
+    #: every method that has its own run state (:meth:`save_run_state`); False: the state changes only after
+    #: the update (e.g. in :meth:`after_step`)
+    steps_change_run_state: bool | None = None
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -72,6 +78,17 @@ class Method:
     def finish(self, trainer: "Trainer") -> None:
         """Called once the loop ends, before the last checkpoint and the final weights (e.g. to put back the
         best weights of an early-stopped run)."""
+
+    def phases(self, trainer: "Trainer") -> list[tuple]:
+        """The run's phases for its ETA, in order: ``(name, units, work per unit, label)`` with work in denoiser
+        image-evaluations (``progress.RunClock``); the trainer's own is ``"train"`` (units: max_steps, work:
+        :meth:`step_work`). A method that generates data or evaluates at the end lists those phases around it."""
+        return [("train", None, None, "steps")]
+
+    def step_work(self, trainer: "Trainer") -> float | None:
+        """Denoiser image-evaluations of one optimiser step, if known: lets the ETA count the training steps
+        before the first is timed. None: timed from the first step."""
+        return None
 
     def trainable(self, trainer: "Trainer"):
         """The module to train, or None for the diffusion model's UNet (LoRA or full, per config).
@@ -118,6 +135,47 @@ def tqdm_write(msg: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(msg)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, handled: ``str(e)`` says what was kept (``checkpoint``: the folder saved, if any); the run
+    goes on with the same config and ``resume: latest`` (the CLI prints the exact command)."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _StopRequest:
+    """Inside: the first Ctrl-C (SIGINT) only sets ``requested``, so the step in progress ends and is saved;
+    a second one raises KeyboardInterrupt at once. Outside the main thread, nothing is installed."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def _handler(self, signum, frame):
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old)  # the next Ctrl-C stops at once
+        tqdm_write("\n[diffplug finetune] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop without saving)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._old)
+        self._old = None
+        return False
 
 
 # Sharded set-ups: each process holds a part of the weights and optimiser state, which accelerate
@@ -238,6 +296,11 @@ class Trainer:
         self.custom_module = module is not None
         self._print(f"trainable parameters: {sum(p.numel() for p in params):,}")
 
+        self.clock = RunClock()
+        for name, units, work, label in self.method.phases(self):
+            if name == "train":
+                units, work = cfg.max_steps, self.method.step_work(self)
+            self.clock.plan(name, units, work, label)
         self.dataset, self.collate = self.method.setup(self)
 
         self.global_batch = cfg.train_batch_size * acc.num_processes
@@ -258,6 +321,7 @@ class Trainer:
         self.start_step = 0
         if candidates:
             self.start_step = self._resume(candidates)
+            self.clock.plan("train", cfg.max_steps - self.start_step, self.method.step_work(self), "steps")
         elif cfg.resume:
             self._print(f"resume: no checkpoint in {self.out} yet; starting a new run")
 
@@ -494,10 +558,68 @@ class Trainer:
             self.tb.add_scalar("eval_reward", record["eval_reward"], step)
         return record
 
+    # -- Ctrl-C ------------------------------------------------------------------------------------------
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        """The first Ctrl-C on any process stops every process after the same step."""
+        flag = stop.requested
+        if self.accelerator.num_processes > 1:
+            flag = bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum") > 0)
+        return flag
+
+    def _stop_after(self, done: int):
+        """Ctrl-C during step ``done``: that step is complete; save it (unless just saved) and stop."""
+        if not self.can_checkpoint:
+            raise Interrupted(f"interrupted after step {done} of {self.config.max_steps}: "
+                              f"{self.accelerator.distributed_type.value} runs write no checkpoints; nothing saved")
+        folder = self.out / f"checkpoint-{done}"
+        if not (folder / ckpt.STATE_FILE).is_file():
+            folder = self.save_checkpoint(done)
+        raise Interrupted(f"interrupted after step {done} of {self.config.max_steps}: saved {folder}", folder)
+
+    def _steps_change_run_state(self) -> bool:
+        declared = self.method.steps_change_run_state
+        return type(self.method).save_run_state is not Method.save_run_state if declared is None else declared
+
+    def _interrupted_in_step(self, step: int):
+        """A KeyboardInterrupt raised inside step ``step + 1`` (not through the Ctrl-C handler). Before the
+        weight update the state is that of step ``step`` once the step's random draws are put back, so it is
+        saved -- unless the method keeps its own run state (it may have changed it mid-step) or processes
+        would have to agree on it. From the update on (a checkpoint being written included) nothing is saved."""
+        latest = ckpt.latest(self.out)
+        torn = (self._step_phase != "forward" or not self.can_checkpoint or self.accelerator.num_processes > 1
+                or self._steps_change_run_state())
+        if torn or step == self.start_step:
+            why = "the step's state is not consistent" if torn else "nothing trained since the start"
+            raise Interrupted(f"interrupted in step {step + 1} of {self.config.max_steps}: not saved ({why}); the last "
+                              f"checkpoint is {latest or 'none (a resumed run starts from step 0; generated pairs are reused)'}",
+                              latest) from None
+        run_state.set_rng_state(self._step_rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        folder = self.out / f"checkpoint-{step}"
+        if not (folder / ckpt.STATE_FILE).is_file():
+            folder = self.save_checkpoint(step)
+        raise Interrupted(f"interrupted in step {step + 1} of {self.config.max_steps}: saved {folder} (step {step}, the "
+                          "last complete one)", folder) from None
+
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> Path:
+        """Run the method; Ctrl-C saves a checkpoint at the end of the step in progress and raises
+        :class:`Interrupted` (the CLI prints how to resume and exits 130)."""
+        try:
+            return self._train()
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+            latest = ckpt.latest(self.out) if self.out.is_dir() else None
+            where = f"in step {self.step + 1}" if getattr(self, "step", None) is not None else "before training"
+            raise Interrupted(f"interrupted {where}: nothing more saved; the last checkpoint is "
+                              f"{latest or 'none (a resumed run starts from step 0; generated pairs are reused)'}",
+                              latest) from None
+
+    def _train(self) -> Path:
         from tqdm.auto import tqdm
 
+        self.step = None
         self._train_start = time.perf_counter()  # train_seconds in eval records counts setup (e.g. DPO's pairs) too
         self._setup()
         cfg, acc = self.config, self.accelerator
@@ -514,61 +636,81 @@ class Trainer:
         if cfg.eval_every and self.start_step == 0:
             self.evaluate(0)
         bar = tqdm(total=cfg.max_steps, initial=self.start_step, disable=not self.is_main, desc=f"finetune {self.method.name}")
-        sums, count, record = {}, 0, {}
+        sums, count, record, postfix = {}, 0, {}, {}
         self.unet.train()
-        for step in range(self.start_step, cfg.max_steps):
-            self.step = step
-            for micro in range(accum):
-                batch = next(batches)
-                with acc.autocast():
-                    parts = self.method.prepare(self, batch)
-                if not parts:
-                    raise RuntimeError(f"{type(self.method).__name__}.prepare returned no micro-batches")
-                for j, part in enumerate(parts):
-                    last = micro == accum - 1 and j == len(parts) - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+        self.clock.start("train")
+        stop = _StopRequest()
+        try:
+            with stop:
+                for step in range(self.start_step, cfg.max_steps):
+                    self.step = step
+                    self._step_rng = run_state.rng_state()  # put back if a raw KeyboardInterrupt abandons this step
+                    self._step_phase = "forward"
+                    for micro in range(accum):
+                        batch = next(batches)
                         with acc.autocast():
-                            loss, logs = self.method.loss(self, part)
-                        penalty = self.adapter.penalty(step) if last and self.adapter is not None else None
-                        acc.backward(loss / accum + (penalty[1] if penalty is not None else 0.0))
-                        if penalty is not None:
-                            sums[penalty[0]] = sums.get(penalty[0], 0.0) + float(penalty[1].detach())
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / (accum * len(parts))
-                if hasattr(self.method, "batch_logs"):
-                    for k, v in self.method.batch_logs.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / accum
-            if cfg.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update()
-            if self.adapter is not None:
-                message = self.adapter.after_step(step + 1, self.optimizer, self.ema, self.params)
-                if message:
-                    self._print(message)
-            count += 1
-            done = step + 1
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"loss is {sums['loss']} at step {done}; lower learning_rate or beta")
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                record = self._log(done, sums, count)
-                sums, count = {}, 0
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc", "lr")})
-            if self.method.after_step(self, done):  # e.g. early stopping on held-out pairs
-                bar.update(1)
-                break
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-                self.save_checkpoint(done)
-            if cfg.sample_every and done % cfg.sample_every == 0 and not self.custom_module:
-                self.sample_grid(done)
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps) and not self.custom_module:
-                self.evaluate(done)
-            bar.update(1)
+                            parts = self.method.prepare(self, batch)
+                        if not parts:
+                            raise RuntimeError(f"{type(self.method).__name__}.prepare returned no micro-batches")
+                        for j, part in enumerate(parts):
+                            last = micro == accum - 1 and j == len(parts) - 1
+                            with contextlib.nullcontext() if last else acc.no_sync(self.unet):
+                                with acc.autocast():
+                                    loss, logs = self.method.loss(self, part)
+                                penalty = self.adapter.penalty(step) if last and self.adapter is not None else None
+                                acc.backward(loss / accum + (penalty[1] if penalty is not None else 0.0))
+                                if penalty is not None:
+                                    sums[penalty[0]] = sums.get(penalty[0], 0.0) + float(penalty[1].detach())
+                            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
+                            for k, v in logs.items():
+                                sums[k] = sums.get(k, 0.0) + float(v) / (accum * len(parts))
+                        if hasattr(self.method, "batch_logs"):
+                            for k, v in self.method.batch_logs.items():
+                                sums[k] = sums.get(k, 0.0) + float(v) / accum
+                    self._step_phase = "update"  # from here on a raw KeyboardInterrupt leaves no step-boundary state
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update()
+                    if self.adapter is not None:
+                        message = self.adapter.after_step(step + 1, self.optimizer, self.ema, self.params)
+                        if message:
+                            self._print(message)
+                    self._step_phase = "done"
+                    count += 1
+                    done = step + 1
+                    if not math.isfinite(sums["loss"]):
+                        raise FloatingPointError(f"loss is {sums['loss']} at step {done}; lower learning_rate or beta")
+                    if done % cfg.log_every == 0 or done == cfg.max_steps:
+                        record = self._log(done, sums, count)
+                        sums, count = {}, 0
+                        postfix.update({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc", "lr")})
+                    if self.method.after_step(self, done):  # e.g. early stopping on held-out pairs
+                        bar.update(1)
+                        break
+                    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                        self.save_checkpoint(done)
+                    if cfg.sample_every and done % cfg.sample_every == 0 and not self.custom_module:
+                        self.sample_grid(done)
+                    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps) and not self.custom_module:
+                        self.evaluate(done)
+                    self.clock.advance("train")
+                    postfix["run_eta"] = self.clock.short()
+                    bar.set_postfix(postfix)
+                    if step == self.start_step:
+                        self._print(self.clock.describe())
+                    if done < cfg.max_steps and self._stop_requested(stop):
+                        self._stop_after(done)
+                    bar.update(1)
+        except KeyboardInterrupt as e:
+            bar.close()
+            if isinstance(e, Interrupted) or self.step is None:
+                raise
+            self._interrupted_in_step(self.step)
         bar.close()
         self.method.finish(self)
         self.step = cfg.max_steps

@@ -235,6 +235,49 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path, pairs, monkeypatch):
     assert ckpt.read_state(out / "checkpoint-4")["step"] == 4
 
 
+def _interrupting_loss(monkeypatch, at_call: int, how: str):
+    """DiffusionDPO.loss, with a Ctrl-C at its ``at_call``-th call (1 loss call per step here): a real SIGINT
+    sent to this process (the trainer's handler), or a KeyboardInterrupt raised inside the step. A raised one
+    in a method with its own run state is tested on the SPM (test_finetune_spo.py), which has none."""
+    import signal
+
+    real, calls = DiffusionDPO.loss, []
+
+    def loss(self, trainer, batch):
+        calls.append(trainer.step)
+        if len(calls) == at_call:
+            if how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, trainer, batch)
+
+    monkeypatch.setattr(DiffusionDPO, "loss", loss)
+    return real
+
+
+def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_exactly(tmp_path, reference_run, pairs,
+                                                                              monkeypatch, capsys):
+    import shlex
+
+    from diffplug.finetune.cli import main
+
+    out = tmp_path / "ctrl-c"
+    flags = ["--output_dir", str(out), "--model", "tiny:sd", "--data", str(pairs), "--max_steps", "4",
+             "--checkpoint_every", "2", "--log_every", "1", "--train_batch_size", "2", "--learning_rate", "1e-3",
+             "--lr_scheduler", "constant", "--beta", "500", "--tensorboard", "false", "--seed", "3"]
+    real = _interrupting_loss(monkeypatch, 3, "signal")  # Ctrl-C in step 3: it ends, then is saved
+    assert main(["dpo", *flags]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"interrupted after step 3 of 4: saved {out / 'checkpoint-3'}" in err
+    assert ckpt.latest(out).name == "checkpoint-3" and ckpt.read_state(out / "checkpoint-3")["step"] == 3
+    command = err.split("resume with: ", 1)[1].strip()
+    assert command == shlex.join(["diffplug", "finetune", "dpo", *flags, "--resume", "latest"])
+    monkeypatch.setattr(DiffusionDPO, "loss", real)
+    assert main(shlex.split(command)[2:]) == 0  # the printed command, as given
+    a, b = lora_state(reference_run), lora_state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+
+
 def test_checkpoint_total_limit(tmp_path, pairs):
     out = tmp_path / "limited"
     Trainer(DiffusionDPO(dpo_config(out, pairs, max_steps=3, checkpoint_every=1, checkpoints_total_limit=2))).train()

@@ -222,6 +222,55 @@ def test_spo_pm_soft_labels_trains_reloads_and_reports_stepwise_accuracy(tmp_pat
     torch.testing.assert_close(pickscore_loss(s[1:], s[1:], torch.tensor([0.5])).detach(), torch.tensor([math.log(2)]))
 
 
+def test_keyboard_interrupt_inside_an_spm_step_saves_the_last_complete_one(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised in step 3's loss: checkpoint-2 is saved (the step's random draws put back),
+    and resuming from it gives the uninterrupted run's weights bit for bit. In step 1 nothing is saved."""
+    from PIL import Image
+
+    from diffplug.finetune import checkpoint as ckpt
+    from diffplug.finetune.trainer import Interrupted
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (32, 32), (200 + 10 * i, 200, 200)).save(data / f"{i}w.png")
+        Image.new("RGB", (32, 32), (30 + 10 * i, 30, 30)).save(data / f"{i}l.png")
+        rows.append({"prompt": f"p{i}", "jpg_0": f"{i}l.png", "jpg_1": f"{i}w.png", "label_0": 0})
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config(out, **kw):
+        return load_config(SPMConfig, None, dict(
+            output_dir=str(out), model="tiny:sd", backbone=BACKBONE, data=str(data), max_steps=4, train_batch_size=2,
+            checkpoint_every=0, tensorboard=False, learning_rate=1e-2, log_every=1, **kw))
+
+    def weights(out):
+        return load_file(str(out / "final" / "spm.safetensors"))
+
+    Trainer(SPMTraining(config(tmp_path / "ref"))).train()
+    real, calls = SPMTraining.loss, []
+
+    def loss(self, trainer, batch):
+        calls.append(trainer.step)
+        if len(calls) in (3, 4):  # step 3 of the next run; step 1 of the one after
+            raise KeyboardInterrupt
+        return real(self, trainer, batch)
+
+    monkeypatch.setattr(SPMTraining, "loss", loss)
+    out = tmp_path / "raised"
+    with pytest.raises(Interrupted, match=r"interrupted in step 3 of 4: saved .*checkpoint-2 \(step 2, the last complete"):
+        Trainer(SPMTraining(config(out))).train()
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-2"]
+    with pytest.raises(Interrupted, match=r"in step 1 of 4: not saved \(nothing trained since the start\)"):
+        Trainer(SPMTraining(config(tmp_path / "first"))).train()
+    monkeypatch.setattr(SPMTraining, "loss", real)
+    Trainer(SPMTraining(config(out, resume="latest"))).train()
+    a, b = weights(tmp_path / "ref"), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(v, load_file(str(out / "checkpoint-2" / "trainable.safetensors"))[k]) for k, v in
+               load_file(str(out / "checkpoint-4" / "trainable.safetensors")).items())  # it trained steps 3-4
+
+
 def test_spo_pm_on_generated_pairs_reports_stepwise_accuracy(tmp_path):
     out = tmp_path / "pm"
     cfg = load_config(SPMConfig, None, dict(
