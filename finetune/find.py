@@ -36,6 +36,17 @@ Choices, paper / official code -> here:
   text feature); the value network trains on each rollout (``value_steps`` AdamW steps, lr 1e-4) with
   the rollouts of all processes gathered, so it is the same on every process.
 
+Flow models (SD3, Flux, Chroma, Z-Image): the policy is over the latent in the denoiser's layout --
+Flux's *packed* ``(tokens, 4C)`` latents, as ``pipe(latents=...)`` takes them -- and the rollouts run the
+frozen flow pipeline with ``--scheduler flow-euler`` (or ``''``, the model's own flow scheduler; a
+noise-prediction sampler such as the default ``ddim`` is refused). The sampler is chosen by ``eta``:
+
+* ``eta = 0``: the flow ODE (the scheduler's Euler step): the image is a deterministic function of
+  z_T, the cleaner reading of the paper's motivation (find.md);
+* ``eta = a > 0`` (default 1): Flow-GRPO's reverse SDE with the ODE's marginals, noise level a
+  (``logprob.FlowSDESampler``, ``flow_sde_step_with_logprob``), the analogue of the paper's DDIM
+  eta = 1; its noise comes from the same per-sample generators as z_T, so a rollout is reproducible.
+
 Using a learned policy (``D/final/noise_policy.safetensors``)::
 
     policy = load_noise_policy("D/final/noise_policy.safetensors")
@@ -59,6 +70,8 @@ import torch.nn.functional as F
 from . import data as D
 from . import state as run_state
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig, choice, opt
+from .logprob import FlowSDESampler
+from .model import FAMILIES
 from .pairs import HARD_FASHION_PROMPTS, read_prompts, resolve_reward
 from ..samplers.noise_policy import FORMAT, NoisePolicy, load_noise_policy  # noqa: F401  (re-exported)
 from .trainer import Method
@@ -75,7 +88,8 @@ class FINDConfig(TrainConfig):
     guidance_opts: list = opt([], "guidance options as key=value (as diffplug sample --guidance-opt)")
     guidance_scale: float = opt(7.5, "guidance scale of the rollouts (paper: CFG 7.5)")
     num_steps: int = opt(50, "denoising steps of the rollouts (paper: DDIM 50)")
-    eta: float = opt(1.0, "DDIM eta of the rollouts (paper: 1 = stochastic; 0 = deterministic given z_T)")
+    eta: float = opt(1.0, "DDIM eta of the rollouts (paper: 1 = stochastic; 0 = deterministic given z_T); flow "
+                          "models: 0 = the ODE, a > 0 = the reverse SDE with noise level a (Flow-GRPO: 0.7)")
     samples_per_prompt: int = opt(1, "z_T drawn per prompt per rollout (official num_samples: 1)")
     policy_steps: int = opt(1, "optimiser steps per rollout (official: 1; its p_step only scales the logs); "
                             "> 1 re-uses each rollout (our extension)")
@@ -206,6 +220,7 @@ class NoiseValueNet(nn.Module):
 class FIND(Method):
     name = "find"
     Config = FINDConfig
+    families = FAMILIES  # the policy is over the denoiser's latent layout (Flux: packed)
 
     def trainable(self, trainer):
         self.prompts = self.config.prompt_list()
@@ -224,9 +239,12 @@ class FIND(Method):
             guidance = make_guidance(cfg.guidance, guidance_scale=cfg.guidance_scale, **parse_options(cfg.guidance_opts))
         except ValueError as e:
             raise ConfigError(f"scheduler/guidance: {e}") from None
-        if cfg.eta and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+        self.sampler = None
+        if model.is_flow:
+            self.sampler = self._flow_sampler(trainer, pipe.scheduler)
+        elif cfg.eta and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
             raise ConfigError(f"eta: {type(pipe.scheduler).__name__} has no eta; pass --eta 0 (or --scheduler ddim)")
-        self.run = from_pipe(pipe, guidance=guidance)
+        self.run = from_pipe(pipe, guidance=guidance, sampler=self.sampler)
         text = model.encode_prompts(self.prompts, trainer.resolution)["encoder_hidden_states"]
         self.text = text.mean(1).float().to(trainer.device)  # (P, d): mean over tokens
         numel = math.prod(self.latent_shape)
@@ -236,6 +254,24 @@ class FIND(Method):
         self.stats = {"rollouts": 0, "images": 0, "nfe": 0}
         n = len(self.prompts)
         return list(range(n)), lambda items: {"index": torch.tensor(items, dtype=torch.long)}
+
+    def _flow_sampler(self, trainer, scheduler):
+        """Flow models: a flow scheduler, and the SDE sampler when ``eta > 0`` (None: the ODE)."""
+        from ..predictions import is_flow_scheduler
+
+        cfg, name = self.config, type(trainer.model.pipe).__name__
+        if not is_flow_scheduler(scheduler):
+            raise ConfigError(f"scheduler: {cfg.scheduler!r} ({type(scheduler).__name__}) samples noise-prediction models; "
+                              f"{cfg.model} ({name}) is a flow model: pass --scheduler flow-euler (or '' for its own "
+                              "flow scheduler), with --eta 0 for the ODE or --eta A > 0 for the reverse SDE")
+        if not cfg.eta:
+            return None
+        try:
+            sampler = FlowSDESampler(cfg.eta)
+            sampler.check_scheduler(scheduler)
+        except ValueError as e:
+            raise ConfigError(f"eta: {cfg.eta} asks for the flow SDE, but {e}; or pass --eta 0 for this scheduler's ODE") from None
+        return sampler
 
     def _policy(self, trainer) -> InitialNoisePolicy:
         return trainer.accelerator.unwrap_model(trainer.unet)
@@ -248,6 +284,8 @@ class FIND(Method):
         index = batch["index"].repeat_interleave(k).to(trainer.device)
         gens = [trainer.generators([p], salt=j)[0] for p in batch["positions"].tolist() for j in range(k)]
         z = policy.sample(index, gens)  # each generator: first z_T, then the sampler's own noise
+        if self.sampler is not None:
+            self.sampler.generators = gens  # the flow SDE's noise, per sample
         prompts = [self.prompts[i] for i in batch["index"].tolist()]
         out = self.run(prompts, num_images_per_prompt=k, latents=z, num_inference_steps=cfg.num_steps, eta=cfg.eta,
                        generator=gens, height=trainer.resolution, width=trainer.resolution, output_type="pt")
@@ -320,7 +358,7 @@ class FIND(Method):
         cfg = self.config
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"model": cfg.model, "scheduler": type(trainer.model.pipe.scheduler).__name__,
+        meta = {"model": cfg.model, "scheduler": type(trainer.model.pipe.scheduler).__name__ + (" + flow SDE" if self.sampler else ""),
                 "num_inference_steps": cfg.num_steps, "guidance": cfg.guidance, "guidance_scale": cfg.guidance_scale,
                 "eta": cfg.eta, "resolution": trainer.resolution, "reward": cfg.reward, "train_steps": cfg.max_steps,
                 **self.stats}

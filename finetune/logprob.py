@@ -177,6 +177,35 @@ class OnlineStep:
         return flow_sde_step_with_logprob(pred, s, s_next, x, self.eta, noise=noise, prev_sample=prev_sample)
 
 
+class FlowSDESampler:
+    """The flow reverse SDE as a sampler of diffplug's loop (``pipelines/loop.py``: ``from_pipe(pipe,
+    sampler=FlowSDESampler(a))``): each step is :func:`flow_sde_step_with_logprob` between the scheduler's
+    consecutive sigmas (its shift, Flux's dynamic ``mu``), in place of the scheduler's Euler step. Row i's
+    noise comes from ``generators[i]`` (set before each call), else from ``torch.randn``."""
+
+    def __init__(self, noise_level: float):
+        if not noise_level > 0:
+            raise ValueError(f"noise_level must be > 0 for a stochastic sampler (0 is the scheduler's own ODE step); got {noise_level}")
+        self.noise_level, self.generators = noise_level, None
+
+    def check_scheduler(self, scheduler) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"the flow SDE steps between a FlowMatchEulerDiscreteScheduler's sigmas; got "
+                             f"{type(scheduler).__name__} (use --scheduler flow-euler)")
+
+    def begin(self, latents, timesteps, scheduler, guidance):
+        self.sigmas = scheduler.sigmas.float().to(latents.device)
+        return latents
+
+    def step(self, i, t, latents, guided, batches, context, scheduler, extra_step_kwargs):
+        from . import data as D
+
+        noise = D.randn(self.generators, latents.shape[1:], latents.device) if self.generators else None
+        return flow_sde_step_with_logprob(guided, self.sigmas[i], self.sigmas[i + 1], latents, self.noise_level, noise=noise)[0]
+
+
 def renoise_step_with_logprob(scheduler, model_output, timestep, sample, next_timestep, noise=None, prev_sample=None,
                               prediction_type: str | None = None):
     """The consistency-model stochastic step (LCM, multistep CM sampling; PSO-online) ``x_t -> x_s``:
