@@ -18,6 +18,13 @@ Measures, per method, on ``diffplug.testbed.load("sd")`` (DDIM schedule, ``--ste
   (``ProductGuidance(second_model=dit)``: two networks sharing the VAE latent space).
 
 FKC's chosen image per group is ``output.chosen`` (drawn ∝ final weights).
+
+``--model flux``: the rectified-flow testbed (FluxPipeline, FlowMatchEuler, shift 1; ``--weights DIR``
+for unshipped weights, ``--in-progress`` to label them). Its CFG is true CFG against the empty negative
+prompt, prompts are encoded at ``max_sequence_length=pipe.tokenizer_2.model_max_length``; the
+deterministic rows are FlowMatchEuler (the flow ODE's Euler step), and the "ancestral" rows, which
+FlowMatchEuler cannot run (it has no eta), are FKC's own move with weights and resampling off
+(``FKCSampler(1, correct=False)``): at Σβ = 1 the same ancestral (DDPM posterior) step.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,15 +46,37 @@ from diffplug.guidance import CFG
 from diffplug.pipelines import from_pipe
 from diffplug.samplers import FKCSampler, ProductGuidance, encode_condition
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from guidance_quality import call_kwargs  # noqa: E402  (Flux: max_sequence_length, the empty negative prompt)
+
 PAIRS = [("sneaker", "sandal"), ("t-shirt", "shirt"), ("pullover", "coat"), ("ankle boot", "sneaker"), ("dress", "coat")]
+
+
+def flow(pipe) -> bool:
+    """A flow-matching pipeline whose scheduler has no eta (FlowMatchEuler): ancestral steps come from FKC's move."""
+    return "eta" not in __import__("inspect").signature(pipe.scheduler.step).parameters
+
+
+def labels(pipe) -> tuple[str, str]:
+    """Row labels of the deterministic and the ancestral sampler."""
+    return ("FlowMatchEuler", "ancestral (FKC move, unweighted)") if flow(pipe) else ("DDIM eta=0", "ancestral (eta=1)")
+
+
+def ancestral(pipe, sampler, eta):
+    """``(sampler, eta)`` for an ancestral (eta = 1) run without FKC weights: the scheduler's eta where it
+    has one, else FKC's move uncorrected (one particle per image, no weights, no resampling)."""
+    if sampler is None and eta > 0 and flow(pipe):
+        return FKCSampler(1, correct=False), 0.0
+    return sampler, eta
 
 
 def generate(pipe, prompt, guidance, sampler, count, steps, seed, eta):
     """``count`` images for ``prompt`` (all particles when ``sampler`` is set) and the run's output."""
+    sampler, eta = ancestral(pipe, sampler, eta)
     run = from_pipe(pipe, guidance=guidance, sampler=sampler)
     out = run(
         prompt, num_inference_steps=steps, num_images_per_prompt=count, eta=eta, output_type="pt",
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), **call_kwargs(pipe, []),
     )
     return out.images.float().clamp(0, 1), out
 
@@ -57,7 +87,8 @@ def chosen(pipe, prompts, guidance, sampler, count, steps, seed, eta):
     start = time.perf_counter()
     images, out = generate(pipe, prompts, guidance, sampler, count, steps, seed, eta)
     seconds = time.perf_counter() - start
-    if sampler is None:
+    sampler, _ = ancestral(pipe, sampler, eta)
+    if sampler is None or sampler.num_particles == 1:  # one particle per image: every image is its own
         return images, out, seconds, count
     return images[torch.as_tensor(out.sampler_output.chosen)], out, seconds, count // sampler.num_particles
 
@@ -148,7 +179,7 @@ def run_cfg_table(pipe, classifier, scorer, args):
                 first_n.append(mine[:n])  # FID on the same number of images (n per prompt) for every row
             n_images = sum(len(r["sim"]) for r in rows)
             per_image = seconds / len(images) * (cost / nfe)  # best-of-K: K samples' time per image
-            extra = fkc_extra([out]) if sampler is not None else {}
+            extra = fkc_extra([out]) if sampler is not None and sampler.correct else {}
             if fid is not None:
                 extra["fid"] = fid(torch.cat(first_n))
             results.append(summarize(m, rows, cost, per_image * n_images, n_images, extra))
@@ -161,16 +192,17 @@ def run_cfg_table(pipe, classifier, scorer, args):
                 s = scorer(groups.flatten(0, 1), [prompt] * (n * K)).view(n, K)
             return groups[torch.arange(n), s.argmax(1)]
 
-        return (f"CFG best-of-{K} by scorer (eta=1)", 2 * steps * K, pick)
+        return (f"CFG best-of-{K} by scorer ({labels(pipe)[1]})", 2 * steps * K, pick)
 
     K_max = max(Ks)
-    bench(f"CFG w={w} (DDIM eta=0)", lambda: (CFG(w), None), n, 0.0, 2 * steps)
+    ode, anc = labels(pipe)
+    bench(f"CFG w={w} ({ode})", lambda: (CFG(w), None), n, 0.0, 2 * steps)
     # Same NFE as FKC with K_max particles, spent on K_max x more DDIM steps instead.
     if args.extras:
-        bench(f"CFG w={w} (DDIM eta=0), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
+        bench(f"CFG w={w} ({ode}), {K_max * steps} steps", lambda: (CFG(w), None), n, 0.0, 2 * steps * K_max, num_steps=steps * K_max)
     # Ancestral CFG, n groups of K_max samples: all of them measure plain ancestral CFG; the scorer's
     # best of the first K of each group gives best-of-K from the same samples.
-    bench(f"CFG w={w} ancestral (eta=1)", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps, picks=[best_of(K) for K in Ks])
+    bench(f"CFG w={w} {anc}", lambda: (CFG(w), None), n * K_max, 1.0, 2 * steps, picks=[best_of(K) for K in Ks])
     for K in Ks:
         bench(f"FKC-CFG K={K}", lambda K=K: (CFG(w), FKCSampler(K, ess_threshold=0.5)), n * K, 1.0, 2 * steps * K)
     if args.extras:
@@ -192,7 +224,8 @@ def run_product_table(pipe, classifier, scorer, args):
         firsts = [testbed.prompt_for_class(a) for a, _ in pairs]
         seconds_ = [testbed.prompt_for_class(b) for _, b in pairs]
         if second_pipe is None:
-            guidance = ProductGuidance(encode_condition(pipe, seconds_, num_images_per_prompt=count), w, w)
+            text = {k: v for k, v in call_kwargs(pipe, []).items() if k != "negative_prompt"}
+            guidance = ProductGuidance(encode_condition(pipe, seconds_, num_images_per_prompt=count, **text), w, w)
         else:
             second = encode_condition(second_pipe, seconds_, num_images_per_prompt=count, max_sequence_length=20)
             guidance = ProductGuidance(second, w, w, second_model=second_pipe)
@@ -202,11 +235,13 @@ def run_product_table(pipe, classifier, scorer, args):
             product_metrics(images[k * per_prompt : (k + 1) * per_prompt], a, b, classifier, scorer, class_prompts)
             for k, (a, b) in enumerate(pairs)
         ]
-        results.append(summarize(name, rows, nfe, seconds, len(images), fkc_extra([out]) if sampler is not None else None))
+        extra = fkc_extra([out]) if sampler is not None and sampler.correct else None
+        results.append(summarize(name, rows, nfe, seconds, len(images), extra))
         print(json.dumps(results[-1]), flush=True)
 
-    bench(f"summed guidance w={w}+{w} (DDIM eta=0)", lambda: None, n, 0.0, 3 * steps)
-    bench(f"summed guidance w={w}+{w} ancestral (eta=1)", lambda: None, n * K, 1.0, 3 * steps)
+    ode, anc = labels(pipe)
+    bench(f"summed guidance w={w}+{w} ({ode})", lambda: None, n, 0.0, 3 * steps)
+    bench(f"summed guidance w={w}+{w} {anc}", lambda: None, n * K, 1.0, 3 * steps)
     bench(f"FKC product K={K}", lambda: FKCSampler(K, ess_threshold=0.5), n * K, 1.0, 3 * steps * K)
     if args.two_models:  # B from the testbed DiT: a product of two networks sharing the VAE latent space
         dit = testbed.load("dit")
@@ -230,7 +265,9 @@ def table(results, cols):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["sd", "dit"], default="sd", help="testbed pipeline")
+    p.add_argument("--model", choices=["sd", "dit", "flux"], default="sd", help="testbed pipeline")
+    p.add_argument("--weights", default=None, help="the testbed model's weights folder (default: the shipped ones)")
+    p.add_argument("--in-progress", action="store_true", help="label the numbers: the model is still training")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--product-scale", type=float, default=2.0)
@@ -251,7 +288,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pipe = testbed.load(args.model)
+    if args.two_models and args.model != "sd":
+        p.error("--two-models puts prompt B on the testbed DiT beside the UNet (VAE latents): --model sd only")
+    from dc_solver_mse import load_model
+
+    pipe = load_model(f"testbed-{args.model}" if args.model != "sd" else "testbed", "cpu", args.weights)
     pipe.set_progress_bar_config(disable=True)
     classifier, scorer = testbed.load_classifier().eval(), testbed.load_scorer().eval()
     start = time.perf_counter()
@@ -263,12 +304,14 @@ def main(argv=None):
     if args.out:
         command = "python benchmarks/fkc_bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
         report = [
-            "# FKC (Feynman-Kac correctors) on the testbed",
+            f"# FKC (Feynman-Kac correctors) on the testbed ({args.model})",
             "",
             f"Device: CPU ({platform.processor() or platform.machine()}, {args.threads} threads); "
             f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; total {total:.0f} s.",
             f"Command: `{command.strip()}`",
-            f"Model: `diffplug.testbed.load(\"{args.model}\")`, DDIM schedule, {args.steps} steps; mean ± standard error.",
+            f"Model: `diffplug.testbed.load(\"{args.model}\")`{f' (weights {args.weights})' if args.weights else ''}, "
+            f"{type(pipe.scheduler).__name__}, {args.steps} steps; mean ± standard error."
+            + (" TRAINING IN PROGRESS: provisional numbers." if args.in_progress else ""),
             "",
             f"## FKC-CFG vs CFG (w = {args.guidance_scale}, {args.classes} class prompts, {args.groups} images each)",
             "",
