@@ -105,6 +105,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     method: typing.ClassVar[str] = "base"
+    derives_steps: typing.ClassVar[bool] = False  # True: max_steps 0 = derived from the data (PairRunConfig)
 
     def validate(self) -> None:
         """Check every value; raise :class:`ConfigError` naming the key. Subclasses extend this."""
@@ -117,7 +118,10 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}: must be a finite number; got {value}")
         if not self.output_dir:
             raise ConfigError("output_dir: required; pass --output_dir DIR")
-        positive = ["max_steps", "train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps",
+        if self.max_steps < (0 if self.derives_steps else 1):
+            raise ConfigError(f"max_steps: must be >= {0 if self.derives_steps else 1}"
+                              f"{' (0 = derived from the data)' if self.derives_steps else ''}; got {self.max_steps}")
+        positive = ["train_batch_size", "gradient_accumulation_steps", "lora_rank", "log_every", "sample_steps",
                     "eval_images_per_prompt"]
         for key in positive:
             if getattr(self, key) < 1:
@@ -167,6 +171,58 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def auto_max_steps():
+    return opt(0, "optimiser steps; 0 = derived from the data: ceil(epochs x training pairs / pairs per step), at most "
+               "max_auto_steps (the log says what was chosen)")
+
+
+@dataclass
+class PairRunConfig(TrainConfig):
+    """Keys of runs over a fixed set of preference pairs (``finetune/pairs.py``: :func:`~.pairs.split_pairs`,
+    :class:`~.pairs.HeldOutMonitor`): the number of steps derived from the number of pairs, a held-out
+    split of the pairs scored every few steps, early stopping and an over-fitting warning."""
+
+    max_steps: int = auto_max_steps()  # a subclass that also inherits TrainConfig by another path repeats this line
+    epochs: float = opt(20.0, "max_steps 0: passes over the training pairs")
+    max_auto_steps: int = opt(200, "max_steps 0: the most steps derived")
+    warmup_fraction: float = opt(0.0, "warm-up as a fraction of max_steps, once max_steps is known (--preset paper: "
+                                 "0.25); 0 = use lr_warmup_steps")
+    heldout_fraction: float = opt(0.2, "fraction of the pairs held out of training (drawn from --seed) and scored every "
+                                  "heldout_every steps; 0 = no split (over-fitting goes unchecked)")
+    heldout_min_pairs: int = opt(4, "fewest held-out pairs; with fewer than twice this many pairs nothing is held out "
+                                 "(a warning says so)")
+    heldout_every: int = opt(0, "steps between held-out scorings (DPO loss, implicit accuracy); 0 = max_steps / 10")
+    heldout_draws: int = opt(4, "(timestep, noise) draws per pair in a scoring, the same ones every time")
+    early_stopping: bool = opt(True, "keep the weights of the best held-out loss (step 0 = the initial model counts) and "
+                               "stop after `patience` scorings without a better one; false = train all steps, keep the last")
+    patience: int = opt(3, "early_stopping: scorings without a better held-out loss before the run stops")
+    overfit_gap: float = opt(0.25, "warn (loudly) when implicit accuracy on training pairs exceeds the held-out one by "
+                             "this much")
+
+    derives_steps = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.epochs > 0:
+            raise ConfigError(f"epochs: must be > 0; got {self.epochs}")
+        for key in ("max_auto_steps", "heldout_min_pairs", "heldout_draws", "patience"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
+        if self.heldout_every < 0:
+            raise ConfigError(f"heldout_every: must be >= 0 (0 = max_steps / 10); got {self.heldout_every}")
+        if not 0.0 <= self.heldout_fraction <= 0.5:
+            raise ConfigError(f"heldout_fraction: must be in [0, 0.5] (0 = no held-out pairs); got {self.heldout_fraction}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction: must be in [0, 1); got {self.warmup_fraction}")
+        if self.warmup_fraction and self.lr_warmup_steps:
+            raise ConfigError("warmup_fraction, lr_warmup_steps: give one (a fraction of max_steps or a number of steps)")
+        if not 0.0 < self.overfit_gap <= 1.0:
+            raise ConfigError(f"overfit_gap: must be in (0, 1]; got {self.overfit_gap}")
+        if self.max_steps == 0 and self.trained_adapter == "sara" and self.sara_progressive_step == -1:
+            raise ConfigError("sara_progressive_step: -1 (half of max_steps) needs max_steps before the data is read; "
+                              "pass --max_steps N or --sara_progressive_step N (0 = never)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,16 +42,19 @@ class PairDataConfig(TrainConfig):
     reward: str = opt("testbed", "reward for data=generate: a diffplug.evals reward name or module:function")
     prompts: list = opt(list(FASHION_PROMPTS), "prompts for data=generate: a list or a .txt/.json file")
     num_per_prompt: int = opt(4, "samples per prompt for data=generate (best and worst become a pair)")
-    generate_repeats: int = opt(8, "rounds over the prompts for data=generate (pairs = rounds x prompts)")
+    generate_repeats: int = opt(8, "rounds over the prompts for data=generate (pairs = rounds x prompts); 0 = enough "
+                                "rounds for at least 80 pairs")
     generate_steps: int = opt(20, "denoising steps for data=generate")
 
     def validate(self) -> None:
         super().validate()
         if not self.data:
             raise ConfigError("data: required; a .jsonl/.parquet file, a folder, or 'generate'")
-        for key in ("num_per_prompt", "generate_repeats", "generate_steps"):
+        for key in ("num_per_prompt", "generate_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
+        if self.generate_repeats < 0:
+            raise ConfigError(f"generate_repeats: must be >= 0 (0 = enough rounds for 80 pairs); got {self.generate_repeats}")
 
 
 def pair_dataset(trainer, cfg: PairDataConfig, reward=None, name: str = "pairs", repeats: int | None = None,
@@ -64,8 +67,12 @@ def pair_dataset(trainer, cfg: PairDataConfig, reward=None, name: str = "pairs",
     folder = trainer.out / name
     acc = trainer.accelerator
     if acc.is_main_process and not (folder / "pairs.jsonl").is_file():
-        prompts = read_prompts(cfg.prompts) * (cfg.generate_repeats if repeats is None else repeats)
-        trainer._print(f"generating preference pairs ({name}): {len(prompts)} prompts x {cfg.num_per_prompt} samples")
+        prompts = read_prompts(cfg.prompts)
+        rounds = generate_rounds(cfg, len(prompts)) if repeats is None else repeats
+        why = (f" ({rounds} rounds over {len(prompts)} prompts: generate_repeats 0 = at least {AUTO_GENERATED_PAIRS} pairs)"
+               if repeats is None and not cfg.generate_repeats else "")
+        prompts = prompts * rounds
+        trainer._print(f"generating preference pairs ({name}): {len(prompts)} prompts x {cfg.num_per_prompt} samples{why}")
         generate_pairs(trainer, prompts, cfg.num_per_prompt, reward or cfg.reward, cfg.generate_steps, folder,
                        salt=salt, **generate)
     acc.wait_for_everyone()
@@ -367,3 +374,249 @@ def read_prompts(spec, key: str = "prompts") -> list[str]:
             raise ConfigError(f"{key}: {path} must hold a JSON list of strings")
         return list(data)
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs over a fixed set of pairs: a held-out split, steps from the data, early stopping
+
+#: the pairs ``generate_repeats 0`` generates at least (the number the ``dpo --preset lora`` sweep used)
+AUTO_GENERATED_PAIRS = 80
+#: stream positions of the scoring draws (``trainer.generators``): far past any training position
+SCORING_POSITION = 1 << 40
+
+
+def generate_rounds(cfg: PairDataConfig, num_prompts: int) -> int:
+    """``generate_repeats``, or for 0 the rounds over the prompts that give >= AUTO_GENERATED_PAIRS pairs."""
+    return cfg.generate_repeats or -(-AUTO_GENERATED_PAIRS // max(1, num_prompts))
+
+
+def held_out_count(n: int, fraction: float, min_pairs: int) -> int:
+    """Pairs to hold out of ``n``: ``max(min_pairs, round(fraction n))``, or 0 (no split) when ``fraction`` is 0
+    or that would leave fewer training pairs than held-out ones."""
+    if fraction <= 0:
+        return 0
+    k = max(min_pairs, round(fraction * n))
+    return k if n - k >= k else 0
+
+
+def split_pairs(n: int, fraction: float, min_pairs: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held_out)``: disjoint sorted indices covering ``range(n)``, a function of ``seed`` alone."""
+    k = held_out_count(n, fraction, min_pairs)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104729)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def derive_steps(cfg, train_pairs: int, pairs_per_step: int) -> tuple[int, str]:
+    """``max_steps`` 0 -> ``min(max_auto_steps, ceil(epochs x train_pairs / pairs_per_step))`` and the reason, in words."""
+    import math
+
+    raw = max(1, math.ceil(cfg.epochs * train_pairs / pairs_per_step))
+    steps = min(raw, cfg.max_auto_steps)
+    why = (f"{cfg.epochs:g} epochs x {train_pairs} training pairs / {pairs_per_step} pairs per step (train_batch_size x "
+           f"processes x gradient_accumulation_steps) = {raw}" + (f", capped at max_auto_steps {cfg.max_auto_steps}"
+                                                                   if raw > steps else ""))
+    return steps, why
+
+
+class HeldOutMonitor:
+    """Scores the model on held-out pairs (and as many training pairs) every ``every`` steps with the method's
+    own loss, from fixed draws; keeps the weights of the best held-out loss; says when to stop.
+
+    The loss is ``method.loss(trainer, batch)``; ``accuracy`` names its log of per-pair accuracy (DPO:
+    ``implicit_acc``, the fraction of pairs whose winner the model prefers more than the reference does).
+    Step 0 (the initial model) is scored first and counts as a candidate: if no step beats it, the final
+    weights are the initial ones, and the log says so."""
+
+    def __init__(self, method, trainer, dataset, held: list[int], probe: list[int], collate, every: int,
+                 accuracy: str = "implicit_acc"):
+        cfg = trainer.config
+        self.method, self.cfg, self.every, self.accuracy, self.collate = method, cfg, every, accuracy, collate
+        self.sets = {"heldout": self._rows(dataset, held), "train": self._rows(dataset, probe)}
+        self.num_held = len(held)
+        self.best = None  # {"step", "loss", "acc", "train_acc"}
+        self.best_weights: list[torch.Tensor] = []
+        self.bad, self.warned, self.stopped_at, self.history = 0, False, 0, []
+
+    def _rows(self, dataset, indices: list[int]) -> list[tuple[dict, int]]:
+        """(item, stream position) per (pair, draw): the same draws at every scoring."""
+        draws = self.cfg.heldout_draws
+        return [(dataset[i], SCORING_POSITION + i * draws + d) for i in indices for d in range(draws)]
+
+    @torch.no_grad()
+    def score(self, trainer) -> dict:
+        """Mean loss and accuracy over each set's (pair, draw) rows; every process gets the same numbers."""
+        unet, out = trainer.unet, {}
+        was_training = unet.training
+        unet.eval()
+        size = self.cfg.train_batch_size
+        for name, rows in self.sets.items():
+            loss = acc = 0.0
+            for start in range(0, len(rows), size):
+                part = rows[start:start + size]
+                batch = self.collate([item for item, _ in part])
+                batch["positions"] = torch.tensor([p for _, p in part], dtype=torch.long)
+                with trainer.accelerator.autocast():
+                    value, logs = self.method.loss(trainer, batch)
+                loss += float(value) * len(part)
+                acc += float(logs[self.accuracy]) * len(part)
+            out[f"{name}_loss"], out[f"{name}_acc"] = loss / len(rows), acc / len(rows)
+        unet.train(was_training)
+        acc_ = trainer.accelerator
+        if acc_.num_processes > 1:  # one decision on every process
+            values = acc_.reduce(torch.tensor(list(out.values()), device=trainer.device, dtype=torch.float64), "mean")
+            out = dict(zip(out, values.tolist()))
+        return out
+
+    def _snapshot(self, trainer) -> list[torch.Tensor]:
+        tensors = [p.detach().cpu().clone() for p in trainer.params]
+        if trainer.ema is not None:
+            tensors += [s.detach().cpu().clone() for s in trainer.ema.shadow]
+        return tensors
+
+    def _log(self, trainer, record: dict) -> None:
+        if trainer.is_main:
+            trainer.jsonl.write(json.dumps(record) + "\n")
+            trainer.jsonl.flush()
+            if trainer.tb is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        trainer.tb.add_scalar(k, v, record["step"])
+
+    def check(self, trainer, step: int) -> bool:
+        """Score at ``step`` (0 = before training); True when the run should stop."""
+        s = self.score(trainer)
+        record = {"step": step, **{k: round(v, 6) for k, v in s.items()}}
+        self.history.append(record)
+        self._log(trainer, record)
+        if self.best is None or s["heldout_loss"] < self.best["loss"]:
+            self.best = {"step": step, "loss": s["heldout_loss"], "acc": s["heldout_acc"], "train_acc": s["train_acc"]}
+            self.best_weights, self.bad = self._snapshot(trainer), 0
+        else:
+            self.bad += 1
+        gap = s["train_acc"] - s["heldout_acc"]
+        if step and gap >= self.cfg.overfit_gap and not self.warned:
+            self.warned = True
+            trainer._print(
+                f"WARNING: OVER-FITTING the training pairs at step {step}: implicit accuracy {s['train_acc']:.2f} on training "
+                f"pairs vs {s['heldout_acc']:.2f} on the {self.num_held} held-out pairs (gap >= overfit_gap "
+                f"{self.cfg.overfit_gap:g}); held-out loss {s['heldout_loss']:.4f}, best {self.best['loss']:.4f} at step "
+                f"{self.best['step']}. More pairs (--generate_repeats), fewer steps or a lower --learning_rate help"
+                + ("; early stopping keeps the best held-out weights" if self.cfg.early_stopping else ""))
+        if self.cfg.early_stopping and self.bad >= self.cfg.patience and step < self.cfg.max_steps:
+            self.stopped_at = step
+            trainer._print(f"early stopping at step {step} of {self.cfg.max_steps}: {self.bad} scorings without a lower "
+                           f"held-out loss than {self.best['loss']:.4f} (step {self.best['step']}; patience "
+                           f"{self.cfg.patience})")
+            return True
+        return False
+
+    def after_step(self, trainer, step: int) -> bool:
+        if step % self.every and step != self.cfg.max_steps:
+            return False
+        return self.check(trainer, step)
+
+    @torch.no_grad()
+    def finish(self, trainer) -> None:
+        """Put the best scored weights back (early_stopping) and say what the final weights are."""
+        if self.best is None:
+            return
+        last = self.history[-1]
+        if self.cfg.early_stopping and self.best["step"] != last["step"]:
+            n = len(trainer.params)
+            for p, v in zip(trainer.params, self.best_weights[:n]):
+                p.copy_(v.to(p.device, p.dtype))
+            if trainer.ema is not None:
+                for s, v in zip(trainer.ema.shadow, self.best_weights[n:]):
+                    s.copy_(v.to(s.device, s.dtype))
+            kept = f"kept the weights of step {self.best['step']}"
+        else:
+            kept = f"kept the weights of the last step, {last['step']}"
+        trainer._print(f"held-out pairs: {kept} (held-out loss {self.best['loss']:.4f}, implicit accuracy "
+                       f"{self.best['acc']:.2f}; the last scoring, step {last['step']}: {last['heldout_loss']:.4f}, "
+                       f"{last['heldout_acc']:.2f}, on training pairs {last['train_acc']:.2f})")
+        if self.best["step"] == 0 and self.cfg.early_stopping:
+            trainer._print("WARNING: no step scored a lower held-out loss than the initial model: the final weights "
+                           "ARE the initial model's. Training did not generalise to unseen pairs; more pairs, another "
+                           "--learning_rate or a reward with more spread between the pairs may")
+
+    # -- resumable state: safetensors + JSON through finetune/state.py ------------------------------
+    def state(self) -> dict:
+        return {"best": self.best, "bad": self.bad, "warned": self.warned, "stopped_at": self.stopped_at,
+                "history": self.history, "best_weights": list(self.best_weights)}
+
+    def load_state(self, state: dict, trainer) -> None:
+        weights = list(state["best_weights"])
+        live = list(trainer.params) + (list(trainer.ema.shadow) if trainer.ema is not None else [])
+        if [tuple(w.shape) for w in weights] != [tuple(p.shape) for p in live]:
+            raise ValueError(f"heldout: {len(weights)} best-weight tensors do not match the run's {len(live)} trained tensors")
+        self.best, self.bad, self.warned = state["best"], int(state["bad"]), bool(state["warned"])
+        self.stopped_at, self.history, self.best_weights = int(state["stopped_at"]), list(state["history"]), weights
+
+
+class HeldOutPairs:
+    """Mix-in for a :class:`~.trainer.Method` trained on a fixed set of pairs (config: a
+    :class:`~.config.PairRunConfig`): ``setup`` calls :meth:`hold_out` on its dataset; the trainer's
+    ``after_step`` / ``finish`` hooks and the checkpoint's run state go through the :class:`HeldOutMonitor`."""
+
+    monitor: HeldOutMonitor | None = None
+    accuracy_log = "implicit_acc"
+
+    def hold_out(self, trainer, dataset, collate):
+        """The training part of ``dataset``; sets ``max_steps`` (when 0) and the warm-up (``warmup_fraction``)
+        and says in the log what was chosen and why."""
+        cfg = trainer.config
+        n = len(dataset)
+        train, held = split_pairs(n, cfg.heldout_fraction, cfg.heldout_min_pairs, cfg.seed)
+        if held:
+            trainer._print(f"pairs: {len(train)} for training, {len(held)} held out (heldout_fraction {cfg.heldout_fraction:g} "
+                           f"of {n}, at least heldout_min_pairs {cfg.heldout_min_pairs}; drawn from --seed {cfg.seed})")
+        elif cfg.heldout_fraction > 0:
+            trainer._print(f"WARNING: only {n} pairs, fewer than 2 x heldout_min_pairs ({2 * cfg.heldout_min_pairs}): "
+                           "nothing is held out, so over-fitting goes unchecked and unstopped; add pairs "
+                           "(--generate_repeats) or pass --heldout_fraction 0 to train on all of them knowingly")
+        per_step = cfg.train_batch_size * trainer.accelerator.num_processes * cfg.gradient_accumulation_steps
+        if cfg.max_steps == 0:
+            cfg.max_steps, why = derive_steps(cfg, len(train), per_step)
+            trainer._print(f"max_steps {cfg.max_steps}: {why} (--max_steps N sets it)")
+        if cfg.warmup_fraction:
+            cfg.lr_warmup_steps, fraction, cfg.warmup_fraction = int(cfg.warmup_fraction * cfg.max_steps), cfg.warmup_fraction, 0.0
+            trainer._print(f"lr_warmup_steps {cfg.lr_warmup_steps}: warmup_fraction {fraction:g} of {cfg.max_steps} steps")
+        self.monitor = None
+        if held:
+            every = cfg.heldout_every or max(1, round(cfg.max_steps / 10))
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
+            probe = sorted(train[i] for i in torch.randperm(len(train), generator=g)[: len(held)].tolist())
+            self.monitor = HeldOutMonitor(self, trainer, dataset, held, probe, collate, every, self.accuracy_log)
+            trainer._print(f"held-out scoring every {every} steps: loss and {self.accuracy_log} on the {len(held)} held-out "
+                           f"pairs and on {len(probe)} training pairs, {cfg.heldout_draws} fixed draws each; "
+                           + (f"early stopping after {cfg.patience} scorings without a lower held-out loss, best weights kept"
+                              if cfg.early_stopping else "early_stopping off: the last weights are kept"))
+        return torch.utils.data.Subset(dataset, train) if held else dataset
+
+    def prepare(self, trainer, batch):
+        if self.monitor is not None and self.monitor.best is None:  # step 0: the initial model, before any update
+            self.monitor.check(trainer, trainer.step)
+        return super().prepare(trainer, batch)
+
+    def after_step(self, trainer, step: int) -> bool:
+        return self.monitor.after_step(trainer, step) if self.monitor is not None else False
+
+    def finish(self, trainer) -> None:
+        if self.monitor is not None:
+            self.monitor.finish(trainer)
+
+    def save_run_state(self, trainer, folder: Path) -> None:
+        super().save_run_state(trainer, folder)
+        if self.monitor is not None and trainer.is_main:
+            from .state import save_tree
+
+            save_tree(Path(folder), "heldout", self.monitor.state())
+
+    def restore_run_state(self, trainer, folder: Path) -> None:
+        super().restore_run_state(trainer, folder)
+        if self.monitor is not None:
+            from .state import load_tree, reading
+
+            state = load_tree(Path(folder), "heldout")
+            with reading(Path(folder) / "heldout.json"):
+                self.monitor.load_state(state, trainer)

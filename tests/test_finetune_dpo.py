@@ -37,7 +37,8 @@ def test_paper_preset_is_the_papers_recipe_scaled_by_the_stated_rule():
     assert cfg.learning_rate == pytest.approx(1e-8 * 10)  # 1e-8 per sample x (testbed / SD pre-training LR)
     assert cfg.lr_scheduler == "constant_with_warmup" and cfg.lr_warmup_steps == 50  # 500 of 2000 steps
     tuned = DPOConfig.from_preset("lora", output_dir="x")
-    assert tuned.learning_rate == 2e-3 and tuned.max_steps == 100  # chosen by the testbed sweep
+    assert tuned.learning_rate == 2e-3 and tuned.max_steps == 0  # LR chosen by the testbed sweep; steps from the pairs
+    assert tuned.epochs == 20 and tuned.max_auto_steps == 100  # the sweep's 100 steps of 16 over 80 pairs, at most
     lora = DPOConfig.from_preset("lora", output_dir="x", learning_rate=3e-4)
     assert lora.use_lora and lora.lora_rank == 8 and lora.learning_rate == 3e-4  # an explicit key wins
     assert lora.gradient_accumulation_steps == 2 and lora.lr_warmup_steps == 0
