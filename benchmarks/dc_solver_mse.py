@@ -132,6 +132,22 @@ def sample(scheduler, model_fn, noise, nfe, mu=None, schedule=None):
     return x.float()
 
 
+def per_sample_mse(x: torch.Tensor, truth: torch.Tensor) -> list[float]:
+    """MSE to the ground truth per sample (the table's mean is their mean: every sample has the same size)."""
+    return ((x - truth) ** 2).flatten(1).mean(1).tolist()
+
+
+def paired(row: dict, a: str, b: str) -> str:
+    """``a``'s MSE minus ``b``'s, sample by sample from the same noise: ± paired s.e. (two-sample beside it)."""
+    from diffplug.evals.stats import gain
+
+    per = row.get("per_sample", {})
+    if a not in per or b not in per or len(per[a]) < 2:
+        return "-"
+    g = gain(per[b], per[a], f"{a} - {b}")
+    return f"{g.gain:+.3g} ± {g.paired_se:.2g} (two-sample ± {g.two_sample_se:.2g})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy", help="toy, testbed, tiny-sd, a local folder or a hub id")
@@ -214,6 +230,7 @@ def main() -> None:
             for name, sched in solvers.items():
                 x = sample(sched, model_fn, noise, n, mu, schedules.get(name))
                 row[name] = float(torch.mean((x - truth) ** 2))
+                row["per_sample"] = {**row.get("per_sample", {}), name: per_sample_mse(x, truth)}
             rows.append(row)
             print(f"g={g} n={n}: " + ", ".join(f"{k} {row[k]:.4g}" for k in solvers), flush=True)
     # DC (CPR): leave-one-out fits over the searched grid
@@ -225,7 +242,9 @@ def main() -> None:
         ratios = cpr_ratios(g, n, fit_cpr(others))
         model_fn, noise, config, mu, truth = problems[g]
         sched = DCSolverScheduler.from_config(config, dc_ratios=ratios)
-        row["DC (CPR)"] = float(torch.mean((sample(sched, model_fn, noise, n, mu) - truth) ** 2))
+        x = sample(sched, model_fn, noise, n, mu)
+        row["DC (CPR)"] = float(torch.mean((x - truth) ** 2))
+        row["per_sample"]["DC (CPR)"] = per_sample_mse(x, truth)
         row["ratios_cpr"] = ratios
 
     names = ["DDIM", "DPM-Solver++", "UniPC", "DC (searched)", "DC (CPR)", "DC-DPM++ (searched)"]
@@ -234,13 +253,15 @@ def main() -> None:
     label = " (TRAINING IN PROGRESS: provisional weights)" if args.in_progress else ""
     print(f"\nmodel {args.model}{label}{f', weights {args.weights}' if args.weights else ''}, device {args.device} ({platform.machine()}), torch {torch.__version__}, "
           f"{args.num_prompts} eval / {args.search_prompts} search samples, {time.time() - started:.0f} s\n")
-    print("| guidance | NFE | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
+    pairs = [("DC (CPR)", "UniPC"), ("DC (searched)", "UniPC")]  # paired over the same noises
+    print("| guidance | NFE | " + " | ".join(names) + " | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |")
+    print("|---|---|" + "---|" * (len(names) + len(pairs)))
     for row in rows:
         cells = [f"{row[k]:.4g}" if k in row else "-" for k in names]
         best = min((row[k], k) for k in names if k in row and k not in ("DC-DPM++ (searched)", "FlowMatchEuler"))[1]
         cells = [f"**{c}**" if k == best else c for c, k in zip(cells, names)]
-        print(f"| {row['guidance_scale']} | {row['nfe']} | " + " | ".join(cells) + " |")
+        diffs = [paired(row, a, b) for a, b in pairs]
+        print(f"| {row['guidance_scale']} | {row['nfe']} | " + " | ".join(cells + diffs) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fit = fit_cpr((g, n, r) for (g, n), r in searched.items()) if len(searched) >= 2 else None

@@ -37,13 +37,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from diffusers.configuration_utils import register_to_config
-
 from diffplug.guidance import APG, CFG, AdaptiveGuidance
+from diffusers.configuration_utils import register_to_config
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from guidance_quality import Scorer, align_vs, fmt, load_model, prompt_set, render, x0_norms  # noqa: E402
+from guidance_quality import (  # noqa: E402
+    Scorer,
+    align_vs,
+    fmt,
+    load_model,
+    prompt_set,
+    render,
+    x0_norms,
+)
 
 
 class AdaptiveAPG(AdaptiveGuidance):

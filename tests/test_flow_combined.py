@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from diffplug.guidance import CFG, AdaptiveGuidance
 from diffplug.pipelines import from_pipe
 from diffplug.samplers import DCSolverScheduler
