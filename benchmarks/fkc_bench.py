@@ -126,6 +126,7 @@ def summarize(name, rows: list[dict], nfe, seconds, n_images, extra=None):
     for k, v in cat.items():
         m = mean_se(v, k)
         result[k], result[k + "_se"] = m.mean, m.se
+    result["per_image"] = {k: v.tolist() for k, v in cat.items()}  # prompt by prompt: paired comparisons
     result.update(extra or {})
     return result
 
@@ -183,7 +184,7 @@ def run_cfg_table(pipe, classifier, scorer, args):
             if fid is not None:
                 extra["fid"] = fid(torch.cat(first_n))
             results.append(summarize(m, rows, cost, per_image * n_images, n_images, extra))
-            print(json.dumps(results[-1]), flush=True)
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "per_image"}), flush=True)
 
     def best_of(K):
         def pick(images, prompt):
@@ -237,7 +238,7 @@ def run_product_table(pipe, classifier, scorer, args):
         ]
         extra = fkc_extra([out]) if sampler is not None and sampler.correct else None
         results.append(summarize(name, rows, nfe, seconds, len(images), extra))
-        print(json.dumps(results[-1]), flush=True)
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "per_image"}), flush=True)
 
     ode, anc = labels(pipe)
     bench(f"summed guidance w={w}+{w} ({ode})", lambda: None, n, 0.0, 3 * steps)
@@ -253,12 +254,34 @@ def run_product_table(pipe, classifier, scorer, args):
     return results
 
 
-def table(results, cols):
-    fid = all("fid" in r for r in results)
-    head = "| method | images | NFE/image | s/image | " + " | ".join(c for c, _ in cols) + (" | FID |" if fid else " |")
-    lines = [head, "|" + "---|" * (4 + len(cols) + fid)]
+def versus_first(results, key) -> list[str]:
+    """Each row's ``key`` minus the first row's, image by image (the same prompts, image i of each): the gain
+    ± paired s.e. (two-sample beside it); rows with another number of images per prompt: "–"."""
+    from diffplug.evals.stats import gain
+
+    base = results[0]["per_image"][key]
+    cells = []
     for r in results:
-        cells = [f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for _, k in cols] + ([f"{r['fid']:.2f}"] if fid else [])
+        mine = r["per_image"][key]
+        if r is results[0] or len(mine) != len(base) or len(base) < 2:
+            cells.append("–")
+            continue
+        g = gain(base, mine, key)
+        r[key + "_vs_first"] = g.as_dict()
+        cells.append(f"{g.gain:+.3f} ± {g.paired_se:.3f} (two-sample ± {g.two_sample_se:.3f})")
+    return cells
+
+
+def table(results, cols, versus=None):
+    """``versus``: (label, key): a column of each row's gain over the first row in ``key`` (paired by prompt)."""
+    fid = all("fid" in r for r in results)
+    gains = versus_first(results, versus[1]) if versus else None
+    head = ("| method | images | NFE/image | s/image | " + " | ".join(c for c, _ in cols) + (f" | {versus[0]}" if versus else "")
+            + (" | FID |" if fid else " |"))
+    lines = [head, "|" + "---|" * (4 + len(cols) + bool(versus) + fid)]
+    for i, r in enumerate(results):
+        cells = ([f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for _, k in cols] + ([gains[i]] if versus else [])
+                 + ([f"{r['fid']:.2f}"] if fid else []))
         lines.append(f"| {r['method']} | {r['images']} | {r['nfe_per_image']} | {r['seconds_per_image']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -299,6 +322,9 @@ def main(argv=None):
     cfg = run_cfg_table(pipe, classifier, scorer, args)
     product = run_product_table(pipe, classifier, scorer, args) if args.pairs else []
     total = time.perf_counter() - start
+    versus_first(cfg, "p_class")  # gains over the first row, paired by prompt (also in the JSON)
+    if product:
+        versus_first(product, "min_p")
     if args.json:
         args.json.write_text(json.dumps({"cfg": cfg, "product": product, "args": vars(args)}, indent=2, default=str))
     if args.out:
@@ -315,7 +341,8 @@ def main(argv=None):
             "",
             f"## FKC-CFG vs CFG (w = {args.guidance_scale}, {args.classes} class prompts, {args.groups} images each)",
             "",
-            table(cfg, [("classifier top-1 = prompt", "align"), ("p(class)", "p_class"), ("scorer sim", "sim")]),
+            table(cfg, [("classifier top-1 = prompt", "align"), ("p(class)", "p_class"), ("scorer sim", "sim")],
+                  ("p(class) − first row (same prompts, ± paired s.e.)", "p_class")),
             "",
             *([f"FID: testbed classifier features (diffplug.evals `features=\"testbed\"`) of the first {args.groups} "
                f"images per prompt of each row ({args.groups * args.classes} images) vs the first {args.fid_reference} "
@@ -323,7 +350,8 @@ def main(argv=None):
               if args.fid_reference else []),
             *([f"## Product of two prompts vs summed guidance (w = {args.product_scale} each, {args.pairs} pairs)",
                "",
-               table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")]),
+               table(product, [("p(A)+p(B)", "p_a_plus_b"), ("min(p(A), p(B))", "min_p"), ("both in scorer top-3", "both_top3"), ("min sim", "min_sim")],
+                     ("min(p(A), p(B)) − first row (same pairs, ± paired s.e.)", "min_p")),
                ""] if product else []),
             "FKC extras (mean ESS fraction over steps, resampling steps per run, clamped increments):",
             "",
