@@ -134,12 +134,16 @@ class PassCounter:
 
     def _measure(self, module, args, kwargs, key, n, backward: bool) -> None:
         """FLOPs per sample of this call (forward; and backward when it needs gradients), measured by
-        re-running it; the RNG and the module's buffers (e.g. BatchNorm statistics) are restored."""
+        re-running it; the RNG and the module's buffers (e.g. BatchNorm statistics) are left as they were."""
         from torch.utils.flop_counter import FlopCounterMode
 
         wall, cpu = time.perf_counter(), time.process_time()
         self._local.measuring = True
-        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        # the re-run updates copies of the buffers (e.g. BatchNorm statistics): the originals, which the real
+        # call's autograd graph may hold, are never written
+        swapped = [(m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+        for m, name, b in swapped:
+            m._buffers[name] = b.clone()
         try:
             with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as fc:
                 with torch.set_grad_enabled(backward):
@@ -152,9 +156,8 @@ class PassCounter:
                         torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
                 total = fc.get_total_flops()
         finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+            for m, name, b in swapped:
+                m._buffers[name] = b
             self._local.measuring = False
             self.overhead_wall += time.perf_counter() - wall
             self.overhead_cpu += time.process_time() - cpu
@@ -348,7 +351,7 @@ def train_spo(args, rdir: Path, cfg: float) -> tuple[dict, dict]:
     P = args.prompts
     pm = measured(rdir / "spo-pm", lambda: train("spo-pm", rdir / "spo-pm", ns, dict(
         reward=args.reward, prompts=P, max_steps=args.pm_steps, generate_repeats=args.pm_repeats * 10 // len(P),
-        eval_repeats=max(1, 50 // len(P)), guidance_scale=cfg, spm_guidance_scale=cfg)))
+        eval_repeats=1, guidance_scale=cfg, spm_guidance_scale=cfg)))
     spo = measured(rdir / "spo", lambda: train("spo", rdir / "spo", ns, dict(
         reward=args.reward, preference_model=str(rdir / "spo-pm" / "final"), max_steps=args.spo_steps,
         learning_rate=args.spo_lr, threshold=args.spo_threshold, train_batch_size=2, prompts=P, guidance_scale=cfg,
@@ -545,7 +548,7 @@ def report(args, P, sel, setting, find_dir, spo_root, dpo_dir, find_steps):
           f"{n} images per prompt)", "",
           f"FIND: {args.rollouts_per_prompt} rollouts x {args.samples_per_prompt} draws per prompt, {args.policy_steps} policy "
           f"step per rollout (official), lr {args.learning_rate:g}. SPO: `spo-pm` ({args.pm_steps} steps, "
-          f"`--generate_repeats {args.pm_repeats * 10 // len(P)}`, CFG {setting['cfg']:g} for its pairs and one-step predictions) "
+          f"`--generate_repeats {args.pm_repeats * 10 // len(P)} --eval_repeats 1`, CFG {setting['cfg']:g} for its pairs and one-step predictions) "
           f"then `spo` ({args.spo_steps} optimiser steps, lr {args.spo_lr:g}, threshold {args.spo_threshold}, 2 prompts per "
           f"rollout, LoRA r 4, DDIM 20 eta 1 rollouts at CFG {setting['cfg']:g}), via `finetune_bench.train`. DPO: LoRA r 8, "
           f"{args.dpo_steps} steps, lr {args.dpo_lr:g}, beta {args.dpo_beta:g}, pairs from {args.dpo_per_prompt} samples x "

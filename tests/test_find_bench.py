@@ -89,7 +89,10 @@ def test_outermost_only_and_state_untouched():
     def run():
         torch.manual_seed(1)
         ys = [outer(x) for _ in range(2)]
-        return ys, inner[1].running_mean.clone()
+        ys[0].sum().backward()  # the graph of a counted call stays valid (its buffers are not written)
+        grad = outer[1].weight.grad.clone()
+        outer.zero_grad(set_to_none=True)
+        return ys + [grad], inner[1].running_mean.clone()
 
     state = {k: v.clone() for k, v in outer.state_dict().items()}
     plain, stats_plain = run()
@@ -97,12 +100,15 @@ def test_outermost_only_and_state_untouched():
     with PassCounter() as pc:
         counted, stats_counted = run()
     assert dict(pc.calls) == {"Sequential": 2}  # the outer Sequential only
-    assert pc.samples["Sequential"] == 10 and pc.backward_samples["Sequential"] == 0  # no backward ran
-    for a, b in zip(plain, counted):  # dropout's RNG and BatchNorm's statistics as without the counter
+    assert pc.samples["Sequential"] == 10 and pc.backward_samples["Sequential"] == 5  # one of the two had a backward
+    for a, b in zip(plain, counted):  # dropout's RNG, BatchNorm's statistics, gradients as without the counter
         assert torch.equal(a, b)
     assert torch.equal(stats_plain, stats_counted)
-    # linear layers only: 2 * 5 * (8 * 8 + 8 * 2) per call
-    assert pc.summary()["kinds"]["Sequential"]["gflops_fwd"] * 1e9 == pytest.approx(2 * 2 * 5 * (64 + 16))
+    # linear layers only: 2 * 5 * (8 * 8 + 8 * 2) per call; backward: input and weight gradients of the last
+    # layer, weight gradient of the first (its input needs none), for the 5 samples that had one
+    k = pc.summary()["kinds"]["Sequential"]
+    assert k["gflops_fwd"] * 1e9 == pytest.approx(2 * 2 * 5 * (64 + 16))
+    assert k["gflops_bwd"] * 1e9 == pytest.approx(2 * 5 * (2 * 16 + 64))
 
 
 def test_hooks_removed_and_cost_record(unet):
