@@ -52,7 +52,7 @@ _HELP = {
     "spo": "SPO: step-aware preference optimisation with the step-wise resampler",
     "spo-pm": "train SPO's step-aware preference model on a base image-text scorer",
     "find": "FIND: learn a per-prompt initial-noise distribution (the model stays frozen)",
-    "deediff": "DeeDiff: train early-exit heads and uncertainty modules for a transformer denoiser (testbed DiT)",
+    "deediff": "DeeDiff: train early-exit heads and uncertainty modules for a transformer denoiser (PixArt / testbed DiT, SD3, Flux, Chroma)",
     "sft": "plain denoising-loss fine-tuning on captioned images (--adapter sara|lora|full)",
     "pso": "PSO: pairwise sample optimisation of a few-step model (--mode offline --data DIR | --mode online --reward NAME)",
 }
