@@ -283,6 +283,11 @@ def soft_label(score_0: float, score_1: float, margin: float) -> float:
     return 1.0 if score_0 > score_1 else 0.0
 
 
+def pair_work(per_prompt: int, steps: int) -> float:
+    """Denoiser image-evaluations of one prompt's samples (CFG: two per step) -- the ETA's unit."""
+    return per_prompt * steps * 2
+
+
 @torch.no_grad()
 def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, steps: int, folder: Path,
                    labelled: bool = False, tie_margin: float = 0.1, salt: int = 0) -> None:
@@ -290,7 +295,12 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     write PNGs and ``pairs.jsonl`` into ``folder`` (atomically). Rows: (best, worst) per prompt, or
     with ``labelled`` the disjoint pairs (0, 1), (2, 3), ... in Pick-a-Pic's layout with soft labels
     (``label_0`` 1 / 0 / 0.5, a tie when the scores differ by <= ``tie_margin`` x the s.d. of all
-    scores). ``salt`` gives another set of seeds (held-out pairs)."""
+    scores). ``salt`` gives another set of seeds (held-out pairs).
+
+    Work in progress lives in ``folder.tmp``: each finished batch of prompts is recorded in its
+    ``progress.jsonl`` (after its PNGs), so an interrupted run (Ctrl-C) resumed with the same settings
+    generates only the rest -- every sample's seed depends on its prompt's index alone. The run's
+    ``trainer.clock`` (if any) times it as the phase ``folder.name``."""
     import shutil
 
     from torchvision.utils import save_image
@@ -304,50 +314,108 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
     score = resolve_reward(reward)
     cfg, model = trainer.config, trainer.model
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    progress = tmp / "progress.jsonl"
+    settings = {"prompts": prompts, "per_prompt": per_prompt, "reward": str(reward), "steps": steps, "labelled": labelled,
+                "salt": salt, "seed": cfg.seed, "model": str(cfg.model), "resolution": trainer.resolution,
+                "guidance_scale": cfg.guidance_scale}
+    finished = _finished_chunks(progress, settings)
+    if not finished:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        progress.write_text(json.dumps(settings) + "\n")
     run = from_pipe(model.pipe, guidance=CFG(cfg.guidance_scale))
-    rows, samples = [], []
     chunk = max(1, 32 // per_prompt)  # prompts per sampling call
-    bar = tqdm(total=len(prompts), desc=f"pairs ({folder.name})", unit="prompt",
+    done = sum(len(c["scores"]) for c in finished.values())
+    clock = getattr(trainer, "clock", None)
+    if clock is not None:
+        clock.plan(folder.name, len(prompts), pair_work(per_prompt, steps), "prompts")
+        clock.phases[folder.name].done = done  # already made: no time of this run
+        clock.start(folder.name)
+    if done:
+        trainer._print(f"pairs ({folder.name}): {done} of {len(prompts)} prompts already generated in {tmp}; generating the rest")
+    bar = tqdm(total=len(prompts), initial=done, desc=f"pairs ({folder.name})", unit="prompt",
                disable=not trainer.accelerator.is_main_process)
-    with model.reference(model.unet), bar:  # the initial model (LoRA adapters off)
-        for start in range(0, len(prompts), chunk):
-            batch = prompts[start : start + chunk]
-            gens = [torch.Generator().manual_seed(((cfg.seed * 7919 + start + i) * 64 + j) * (1 + 2 * salt) + salt)
-                    for i in range(len(batch)) for j in range(per_prompt)]
-            images = run(
-                batch, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=gens,
-                height=trainer.resolution, width=trainer.resolution, output_type="pt",
-            ).images.float().cpu()
-            all_scores = torch.as_tensor(score(images, [p for p in batch for _ in range(per_prompt)])).float().flatten().cpu()
-            bar.update(len(batch))
-            if labelled:
-                samples += [(start + i, prompt, images[i * per_prompt : (i + 1) * per_prompt],
-                             all_scores[i * per_prompt : (i + 1) * per_prompt]) for i, prompt in enumerate(batch)]
-                continue
-            for i, prompt in enumerate(batch):
-                n = start + i
-                scores, imgs = all_scores[i * per_prompt : (i + 1) * per_prompt], images[i * per_prompt : (i + 1) * per_prompt]
-                best, worst = int(scores.argmax()), int(scores.argmin())
-                if scores[best] == scores[worst]:
+    try:
+        with model.reference(model.unet), bar:  # the initial model (LoRA adapters off)
+            for start in range(0, len(prompts), chunk):
+                if start in finished:
                     continue
-                save_image(imgs[best], str(tmp / f"{n:05d}_w.png"))
-                save_image(imgs[worst], str(tmp / f"{n:05d}_l.png"))
-                rows.append({"caption": prompt, "image_w": f"{n:05d}_w.png", "image_l": f"{n:05d}_l.png",
-                             "score_w": float(scores[best]), "score_l": float(scores[worst])})
-    if labelled:
-        margin = tie_margin * float(torch.cat([sc for *_, sc in samples]).std()) if samples else 0.0
-        for n, prompt, imgs, scores in samples:
+                batch = prompts[start : start + chunk]
+                gens = [torch.Generator().manual_seed(((cfg.seed * 7919 + start + i) * 64 + j) * (1 + 2 * salt) + salt)
+                        for i in range(len(batch)) for j in range(per_prompt)]
+                images = run(
+                    batch, num_images_per_prompt=per_prompt, num_inference_steps=steps, generator=gens,
+                    height=trainer.resolution, width=trainer.resolution, output_type="pt",
+                ).images.float().cpu()
+                scores = torch.as_tensor(score(images, [p for p in batch for _ in range(per_prompt)])).float().flatten().cpu()
+                for k, image in enumerate(images):  # every sample, named by its prompt's index
+                    save_image(image, str(tmp / f"{start + k // per_prompt:05d}_{k % per_prompt}.png"))
+                with progress.open("a") as f:
+                    f.write(json.dumps({"start": start, "scores": scores.view(len(batch), per_prompt).tolist()}) + "\n")
+                finished[start] = {"start": start, "scores": scores.view(len(batch), per_prompt).tolist()}
+                bar.update(len(batch))
+                if clock is not None:
+                    first = not any(p.done for p in clock.phases.values())
+                    clock.advance(folder.name, len(batch))
+                    bar.set_postfix(run_eta=clock.short())
+                    if first:
+                        trainer._print(clock.describe())
+    except KeyboardInterrupt:
+        from .trainer import Interrupted
+
+        made = sum(len(c["scores"]) for c in finished.values())
+        raise Interrupted(f"interrupted while generating pairs ({folder.name}): the {made} of {len(prompts)} prompts "
+                          f"done are kept in {tmp}; resumed with the same settings, only the rest is generated") from None
+    rows = _pair_rows(prompts, finished, per_prompt, labelled, tie_margin, tmp)
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    progress.unlink()
+    tmp.rename(folder)
+
+
+def _finished_chunks(progress: Path, settings: dict) -> dict:
+    """``{start: {"start", "scores"}}`` of an earlier, interrupted generation with the same settings; {} else."""
+    if not progress.is_file():
+        return {}
+    lines = progress.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]) != json.loads(json.dumps(settings)):
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for line in lines[1:]:
+        try:
+            c = json.loads(line)
+            out[int(c["start"])] = c
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut short by a kill
+            break
+    return out
+
+
+def _pair_rows(prompts, finished: dict, per_prompt: int, labelled: bool, tie_margin: float, folder: Path) -> list[dict]:
+    """``pairs.jsonl`` rows from every prompt's scores (unused PNGs removed)."""
+    scores = {c["start"] + i: s for c in finished.values() for i, s in enumerate(c["scores"])}
+    rows, keep = [], set()
+    margin = tie_margin * float(torch.tensor([v for s in scores.values() for v in s]).std()) if labelled and scores else 0.0
+    for n in sorted(scores):
+        s, prompt = scores[n], prompts[n]
+        if labelled:
             for j in range(0, per_prompt - 1, 2):
                 names = [f"{n:05d}_{j + k}.png" for k in (0, 1)]
-                for k in (0, 1):
-                    save_image(imgs[j + k], str(tmp / names[k]))
+                keep.update(names)
                 rows.append({"caption": prompt, "jpg_0": names[0], "jpg_1": names[1],
-                             "label_0": soft_label(float(scores[j]), float(scores[j + 1]), margin),
-                             "score_0": float(scores[j]), "score_1": float(scores[j + 1])})
-    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(folder)
+                             "label_0": soft_label(s[j], s[j + 1], margin), "score_0": s[j], "score_1": s[j + 1]})
+            continue
+        best, worst = max(range(per_prompt), key=s.__getitem__), min(range(per_prompt), key=s.__getitem__)
+        if s[best] == s[worst]:
+            continue
+        names = [f"{n:05d}_{best}.png", f"{n:05d}_{worst}.png"]
+        keep.update(names)
+        rows.append({"caption": prompt, "image_w": names[0], "image_l": names[1], "score_w": s[best], "score_l": s[worst]})
+    for png in folder.glob("*.png"):
+        if png.name not in keep:
+            png.unlink()
+    return rows
 
 
 PROMPT_FILE_SUFFIXES = (".txt", ".json")

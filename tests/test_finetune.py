@@ -278,6 +278,27 @@ def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_exactly(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
 
 
+def test_run_clock_times_phases_and_estimates_the_untimed_through_their_work():
+    from diffplug.finetune.progress import RunClock
+
+    now = [0.0]
+    clock = RunClock(now=lambda: now[0])
+    clock.plan("pairs", 10, work=100, label="prompts")
+    clock.plan("train", 5, work=50, label="steps")
+    clock.plan("evaluation", 1)  # work unknown: named, not guessed
+    clock.start("pairs")
+    now[0] = 4.0
+    clock.advance("pairs", 2)  # 2 s a prompt, i.e. 0.02 s an image-evaluation
+    assert clock.eta() == (pytest.approx(8 * 2.0 + 5 * 50 * 0.02), ["evaluation"])
+    assert "train 5 steps 5 s" in clock.describe() and "evaluation 1 units (timed from the first)" in clock.describe()
+    now[0] = 20.0
+    clock.advance("pairs", 8)
+    clock.start("train")
+    now[0] = 23.0
+    clock.advance("train")  # the first step took 3 s: its own time replaces the estimate
+    assert clock.eta() == (pytest.approx(4 * 3.0), ["evaluation"])
+
+
 def test_checkpoint_total_limit(tmp_path, pairs):
     out = tmp_path / "limited"
     Trainer(DiffusionDPO(dpo_config(out, pairs, max_steps=3, checkpoint_every=1, checkpoints_total_limit=2))).train()

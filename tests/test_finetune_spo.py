@@ -289,6 +289,42 @@ def test_spo_pm_on_generated_pairs_reports_stepwise_accuracy(tmp_path):
     assert json.loads((out / "final" / "spm_config.json").read_text())["reward"] == REWARD
 
 
+def test_interrupted_pair_generation_keeps_the_finished_prompts_and_resumes_to_the_same_pairs(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from diffplug.finetune.trainer import Interrupted
+
+    calls, stop_at = [], [2]
+
+    def flaky(images, prompts):  # Ctrl-C while the second batch of prompts is scored
+        calls.append(len(prompts))
+        if len(calls) in stop_at:
+            raise KeyboardInterrupt
+        return images.float().mean(dim=(1, 2, 3))
+
+    monkeypatch.setattr(sys.modules["finetune_test_scorers"], "flaky", flaky, raising=False)
+
+    def config(out, **kw):  # 16 samples a prompt: 2 prompts per sampling call, 2 calls for 3 prompts
+        return load_config(SPMConfig, None, dict(
+            output_dir=str(out), model="tiny:sd", backbone=BACKBONE, reward="finetune_test_scorers:flaky",
+            prompts=["a", "b", "c"], num_per_prompt=16, generate_repeats=1, eval_repeats=0, generate_steps=2,
+            max_steps=1, train_batch_size=2, checkpoint_every=0, tensorboard=False, **kw))
+
+    out = tmp_path / "pm"
+    with pytest.raises(Interrupted, match=r"generating pairs \(pairs\): the 2 of 3 prompts done are kept in .*pairs.tmp"):
+        Trainer(SPMTraining(config(out))).train()
+    assert "ETA for the whole run" in capsys.readouterr().out  # printed after the first batch of prompts
+    assert len(list((out / "pairs.tmp").glob("*.png"))) == 32 and not (out / "pairs").exists()
+    Trainer(SPMTraining(config(out, resume="latest"))).train()
+    assert "2 of 3 prompts already generated" in capsys.readouterr().out and calls[2:] == [16]  # only prompt c
+    ref = tmp_path / "ref"
+    stop_at.clear()  # no interruption this time
+    Trainer(SPMTraining(config(ref))).train()
+    assert (out / "pairs" / "pairs.jsonl").read_text() == (ref / "pairs" / "pairs.jsonl").read_text()
+    names = sorted(p.name for p in (ref / "pairs").iterdir())
+    assert names == sorted(p.name for p in (out / "pairs").iterdir()) and len(names) == 3 * 16 + 1
+    assert all((out / "pairs" / n).read_bytes() == (ref / "pairs" / n).read_bytes() for n in names)
+
+
 def test_every_block_of_the_testbed_scorer_is_time_conditioned():
     spm = StepAwarePreferenceModel.from_backbone("testbed").eval()
     assert len(spm.blocks) == 3 and spm.embed_mod is None  # one per ConvNet stage
