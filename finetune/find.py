@@ -245,7 +245,8 @@ class FIND(Method):
         elif cfg.eta and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
             raise ConfigError(f"eta: {type(pipe.scheduler).__name__} has no eta; pass --eta 0 (or --scheduler ddim)")
         self.run = from_pipe(pipe, guidance=guidance, sampler=self.sampler)
-        text = model.encode_prompts(self.prompts, trainer.resolution)["encoder_hidden_states"]
+        encoded = model.encode_prompts(self.prompts, trainer.resolution)  # the token sequence: (P, L, d)
+        text = encoded.get("encoder_hidden_states", encoded.get("cap_feats"))  # Z-Image: its caption features
         self.text = text.mean(1).float().to(trainer.device)  # (P, d): mean over tokens
         numel = math.prod(self.latent_shape)
         self.value = NoiseValueNet(numel, self.text.shape[1], cfg.value_hidden).to(trainer.device)
@@ -288,7 +289,8 @@ class FIND(Method):
             self.sampler.generators = gens  # the flow SDE's noise, per sample
         prompts = [self.prompts[i] for i in batch["index"].tolist()]
         out = self.run(prompts, num_images_per_prompt=k, latents=z, num_inference_steps=cfg.num_steps, eta=cfg.eta,
-                       generator=gens, height=trainer.resolution, width=trainer.resolution, output_type="pt")
+                       generator=gens, height=trainer.resolution, width=trainer.resolution, output_type="pt",
+                       **trainer.model.prompt_arguments())  # T5-style prompts at the length the model was trained at
         rewards = torch.as_tensor(self.reward(out.images.float(), [self.prompts[i] for i in index.tolist()]))
         rewards = rewards.float().reshape(-1).to(trainer.device)
         value_loss = self._fit_value(policy, acc.gather(index), acc.gather(rewards)) if cfg.value_steps else 0.0

@@ -234,3 +234,28 @@ def test_find_on_flux_sde_resumes_exactly_mid_rollout(tmp_path):
 
     assert main(["sample", "--model", "tiny-flux", "--prompt", "a cat", "--steps", "2", "--device", "cpu",
                  "--noise-policy", str(ref / "final" / "noise_policy.safetensors"), "--out", str(tmp_path / "s")]) == 0
+
+
+# -- every family the trainer runs ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def brightness_pm(tmp_path):
+    spm = StepAwarePreferenceModel.from_backbone(BACKBONE)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        spm.embed_mod.modulation[-1].weight.normal_(0, 0.01)
+    spm.save(tmp_path / "pm" / "final", reward=REWARD, steps=1)
+    return tmp_path / "pm"
+
+
+@pytest.mark.parametrize("family", ["sd3", "chroma", "zimage", "pixart", "sdxl"])
+def test_spo_and_find_run_on_every_family(tmp_path, brightness_pm, family):
+    flow = family in ("sd3", "chroma", "zimage")
+    spo = SPO(spo_config(tmp_path / "spo", brightness_pm, model=f"tiny:{family}", max_steps=1, resolution=32))
+    Trainer(spo).train()
+    assert spo.stats["valid"] > 0 and spo.step.flow == flow
+    find = FIND(find_config(tmp_path / "find", model=f"tiny:{family}", max_steps=1, eta=0.7, resolution=32,
+                            scheduler="flow-euler" if flow else "ddim"))
+    Trainer(find).train()
+    assert find.stats["rollouts"] == 1 and (find.sampler is not None) == flow
