@@ -283,8 +283,13 @@ def main() -> None:
             target = Path(samplers.__file__).parent / CPR_FITS.get(args.ship_cpr, f"dc_solver_cpr_{args.ship_cpr}.json")
         _, _, config, mu, _ = next(iter(problems.values()))
         # a new fit file starts from the box cpr_fit_record derives (config keys, flow shift); an existing one keeps its own
+        about = dict(  # a new file's description; an existing file keeps its own
+            description=f"DC-Solver CPR coefficients P[k][j][m] (4 x 3 x 3, row-major) fitted by diffplug for --model "
+            f"{args.model}{f' (weights {args.weights})' if args.weights else ''} with DCSolverScheduler on the model's "
+            f"own schedule config ({'flow sigmas' if config.get('use_flow_sigmas') else 'timestep_spacing linspace'}, "
+            "solver_order 2, bh2, diffusers' UniPC defaults).", licence="Apache-2.0 (diffplug)")
         shipped = json.loads(target.read_text()) if target.is_file() else cpr_fit_record(
-            ((g, n, r, mu) for (g, n), r in searched.items()), config)
+            ((g, n, r, mu) for (g, n), r in searched.items()), config, **about)
         shipped["source"] = (
             f"python benchmarks/dc_solver_mse.py {' '.join(sys.argv[1:])} "
             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {args.device}): least-squares fit (fit_cpr) on the ratios "
