@@ -13,8 +13,12 @@ For each reward, through the same commands a user runs:
 Each run evaluates the held-out reward every ``--eval_every`` steps on ``--eval_images`` images (the
 trainer's fixed noise). Then base and tuned models sample the same *other* seeds and are scored:
 reward mean ± s.e., gain ± paired s.e. (the headline; two-sample beside it; both from
-``diffplug.evals.stats``), alignment (the testbed classifier's
-top-1 on the prompted class) and FID (testbed features) against Fashion-MNIST test images. Train
+``diffplug.evals.stats``) and, beside it, from the same images (``diffplug.evals.compare.tuned_vs_base``):
+the independent judge's log-probability and accuracy on the prompted class (``testbed.load_judge()``,
+never a training reward), Laplacian sharpness (both as paired gains), FID (testbed features) against
+Fashion-MNIST test images, and the verdict of ``evals.compare.hacking_verdict`` ("reward hacking?":
+a reward gain that costs the judge, sharpness or FID). Alignment (the testbed classifier's top-1,
+the network behind ``classifier_logprob``) is kept for comparison with older tables. Train
 seconds include setup, pair generation and, for SPO, the preference model's training; evaluations
 are excluded. Results are appended to ``--results`` (``benchmarks/finetune_results.md``).
 """
@@ -26,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -117,30 +122,29 @@ def rewards_table(args) -> list[str]:
 
 def evaluate(args, reward_name: str, prompts: list[str], runs: dict) -> dict:
     from diffplug import testbed
-    from diffplug.evals import FID
+    from diffplug.evals.compare import block_cells, block_json, judge_metric, tuned_vs_base
     from diffplug.evals.rewards import get_reward, prompt_class
     from diffplug.testbed.data import fashion_mnist
 
-    reward, classifier = get_reward(reward_name), testbed.load_classifier()
+    reward, classifier, judge = get_reward(reward_name), testbed.load_classifier(), judge_metric()
     per = max(1, args.eval_images // len(prompts))
     names = [p for p in prompts for _ in range(per)]
     labels = torch.tensor([prompt_class(p) for p in names])
-    fid = FID(features="testbed", reset_real_features=False)
-    for chunk in fashion_mnist("test").floats()[: args.fid_real].split(250):
-        fid.update(chunk, real=True)
+    real = fashion_mnist("test").floats()[: args.fid_real]
     out, base = {}, None
     for name, weights in runs.items():
         images = sample(args.model, weights, prompts, per, args.seed + 12345)
+        base = images if base is None else base
+        block = tuned_vs_base(base, images, names, {reward_name: reward}, real, judge=judge)
         with torch.no_grad():
-            s = torch.as_tensor(reward(images, names)).float()
             alignment = (classifier(images).argmax(-1) == labels).float().mean().item()
-        fid.reset()
-        fid.update(images, real=False)
-        base = s if base is None else base
-        g = gain(base, s, reward_name)
+        g = block["gains"][f"reward_{reward_name}"]
         out[name] = {"reward": g.tuned.mean, "se": g.tuned.se, "n": g.tuned.n, "gain": g.gain, "paired_se": g.paired_se,
-                     "two_sample_se": g.two_sample_se, "alignment": alignment, "fid": float(fid.compute())}
-        print(reward_name, name, json.dumps(out[name]), flush=True)
+                     "two_sample_se": g.two_sample_se, "z_paired": g.z_paired, "z_two_sample": g.z_two_sample,
+                     "alignment": alignment, "fid": block["fid"]["a"],
+                     "judge_accuracy": block["gains"]["judge_accuracy"].tuned.mean,
+                     "block": block_json(block), "cells": block_cells(block)}
+        print(reward_name, name, json.dumps({k: v for k, v in out[name].items() if k != "block"}), flush=True)
     return out
 
 
@@ -150,14 +154,19 @@ def curve(out: Path) -> list[dict]:
 
 
 def report(reward: str, prompts: str, res: dict, runs_dir: Path, seconds: dict, args) -> list[str]:
+    from diffplug.evals.compare import BLOCK_HEADER
+
     lines = ["", f"### `{reward}` on the {prompts} prompts", "",
-             "| model | held-out reward (± s.e.) | gain (± paired s.e.) | paired s.e. units (two-sample) | alignment | FID | train wall-clock |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | held-out reward (± s.e.) | gain (± paired s.e.) | paired s.e. units (two-sample) | "
+             + " | ".join(BLOCK_HEADER) + " | alignment (classifier) | train wall-clock |",
+             "|---|---|---|---|" + "---|" * len(BLOCK_HEADER) + "---|---|"]
     for name, r in res.items():
         delta = "–" if name == "base" else f"{r['gain']:+.4g} ± {r['paired_se']:.2g}"
-        ratio = "–" if name == "base" else f"{r['gain'] / r['paired_se']:+.1f} ({r['gain'] / r['two_sample_se']:+.1f})"
-        lines.append(f"| {name} | {r['reward']:.4g} ± {r['se']:.2g} | {delta} | {ratio} | {100 * r['alignment']:.1f} % | "
-                     f"{r['fid']:.2f} | {seconds.get(name, 0):.0f} s |")
+        ratio = "–" if name == "base" else f"{r['z_paired']:+.1f} ({r['z_two_sample']:+.1f})"
+        block = (["–", f"{100 * r['judge_accuracy']:.1f} %", "–", f"{r['fid']:.2f}", "–"] if name == "base"
+                 else r["cells"])
+        lines.append(f"| {name} | {r['reward']:.4g} ± {r['se']:.2g} | {delta} | {ratio} | " + " | ".join(block)
+                     + f" | {100 * r['alignment']:.1f} % | {seconds.get(name, 0):.0f} s |")
     acc_path = runs_dir / "spo-pm" / "final" / "stepwise_accuracy.json"
     if acc_path.is_file():
         acc = json.loads(acc_path.read_text())
@@ -207,6 +216,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(HERE / "finetune_results.md"))
     args = parser.parse_args()
 
+    t_start = time.time()
     torch.set_num_threads(int(os.environ.get("DIFFPLUG_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +250,9 @@ def main() -> None:
             res = evaluate(args, reward, prompts, runs)
             (rdir / "results.json").write_text(json.dumps(res, indent=1))
             lines += report(reward, which, res, rdir, seconds, args)
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    lines += ["", f"This process: {time.time() - t_start:.0f} s wall-clock, {use.ru_utime + use.ru_stime:.0f} s CPU "
+              "(user + sys; runs reused from --out count only their evaluation)."]
     with open(args.results, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -175,7 +175,9 @@ def offline(args) -> list[str]:
 
 def online(args) -> list[str]:
     from diffplug import testbed
+    from diffplug.evals.compare import BLOCK_HEADER, block_cells, tuned_vs_base
     from diffplug.finetune.pairs import FASHION_PROMPTS, resolve_reward
+    from diffplug.testbed.data import fashion_mnist
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -187,24 +189,32 @@ def online(args) -> list[str]:
     prompts = [FASHION_PROMPTS[i % 10] for i in range(args.images)]
     classifier = testbed.load_classifier()
     labels = torch.arange(args.images) % 10
-    res = {}
+    images, align = {}, {}
     for name, lora in (("base (sd-lcm)", None), ("online PSO", out / "online" / "final")):
-        images = sample(lora, prompts, 20_000, args.scale)
-        r = torch.as_tensor(reward(images, prompts)).float()
+        images[name] = sample(lora, prompts, 20_000, args.scale)
         with torch.no_grad():
-            align = (classifier(images).argmax(-1) == labels).float().mean().item()
-        res[name] = (r, sharpness(images).mean().item(), align)
-    (rb, sb, ab), (rt, st, at) = res["base (sd-lcm)"], res["online PSO"]
-    g = gain(rb, rt, args.reward)
+            align[name] = (classifier(images[name]).argmax(-1) == labels).float().mean().item()
+    # the judge, sharpness and FID beside the reward gain, and the one reward-hacking rule (evals/compare.py)
+    block = tuned_vs_base(images["base (sd-lcm)"], images["online PSO"], prompts,
+                          {args.reward: lambda im, p: torch.as_tensor(reward(im, p)).float()},
+                          fashion_mnist("test").floats()[: args.fid_real])
+    g = block["gains"][f"reward_{args.reward}"]
+    sb, st = block["gains"]["sharpness"].base, block["gains"]["sharpness"].tuned
     lines = _header(args, f"Online: reward `{args.reward}`, 4-step samples") + [
         f"Ten Fashion-MNIST prompts, batch {args.batch} prompts x 2 trajectories per step, {args.steps} steps, "
         f"guidance scale {args.scale}; {args.images} held-out seeds per row (the same for both). Train: "
-        f"{seconds:.0f} s in all, {seconds / args.steps:.2f} s per step (setup included).",
+        f"{seconds:.0f} s in all, {seconds / args.steps:.2f} s per step (setup included). Beside the reward gain, from "
+        "the same images (`diffplug.evals.compare.tuned_vs_base`): the independent judge (`testbed.load_judge()`, "
+        "never a training reward), Laplacian sharpness (paired gains, z in paired s.e.), FID (testbed features) "
+        f"against {args.fid_real} Fashion-MNIST test images, and `hacking_verdict`'s label.",
         "",
-        "| model | held-out reward (± s.e.) | sharpness | alignment |",
-        "|---|---|---|---|",
-        f"| base (sd-lcm) | {g.base} | {sb:.4f} | {100 * ab:.1f} % |",
-        f"| online PSO | {g.tuned} | {st:.4f} | {100 * at:.1f} % |",
+        "| model | held-out reward (± s.e.) | gain (± paired s.e.) | paired s.e. units (two-sample) | sharpness | "
+        + " | ".join(BLOCK_HEADER) + " | alignment (classifier) |",
+        "|---|---|---|---|---|" + "---|" * len(BLOCK_HEADER) + "---|",
+        f"| base (sd-lcm) | {g.base} | – | – | {sb} | – | {100 * block['gains']['judge_accuracy'].base.mean:.1f} % | – "
+        f"| {block['fid']['b']:.2f} | – | {100 * align['base (sd-lcm)']:.1f} % |",
+        f"| online PSO | {g.tuned} | {g.gain:+.4g} ± {g.paired_se:.2g} | {g.z_paired:+.1f} ({g.z_two_sample:+.1f}) | {st} | "
+        + " | ".join(block_cells(block)) + f" | {100 * align['online PSO']:.1f} % |",
         "",
         f"Gain {g} (diffplug.evals.stats).",
     ]
@@ -223,6 +233,7 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, default=7.5)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--targets", type=int, default=64)
+    p.add_argument("--fid_real", type=int, default=1000, help="online: Fashion-MNIST test images for FID")
     p.add_argument("--style", choices=["red", "mirror"], default="red", help="offline: the targets' style")
     p.add_argument("--teacher", action="store_true", help="offline: sft on the 50-step teacher only (recipe check)")
     p.add_argument("--losses", nargs="+", default=["pso", "pso_db"])
