@@ -597,14 +597,17 @@ def report(args, P, sel, setting, find_dir, spo_root, dpo_dir, find_steps):
             "gflops_fwd": 0.0, "gflops_bwd": 0.0}
         L.append(row("**SPO total (preference model + RL)**", total))
         costs["SPO total"] = {**total, "total_gflops": pm["total_gflops"] + rl["total_gflops"]}
-    L += ["", "By network (calls; samples forward / backward; GFLOP forward / backward):", "",
-          "| run | network | calls | samples fwd / bwd | GFLOP fwd / bwd |", "|---|---|---|---|---|"]
+    L += ["", "By network (calls; samples forward / backward; GFLOP forward / backward; measured MFLOP per sample, "
+          "forward / backward):", "",
+          "| run | network | calls | samples fwd / bwd | GFLOP fwd / bwd | MFLOP per sample fwd / bwd |", "|---|---|---|---|---|---|"]
     for name, c in costs.items():
         if name == "SPO total":
             continue
         for kind, v in sorted(c["kinds"].items(), key=lambda kv: -kv[1]["gflops_fwd"] - kv[1]["gflops_bwd"]):
+            per = lambda g, s: f"{1e3 * g / s:,.2f}" if s else "–"  # noqa: E731
             L.append(f"| {name} | {kind} | {v['calls']:,} | {v['samples']:,} / {v['backward_samples']:,} | "
-                     f"{v['gflops_fwd']:,.2f} / {v['gflops_bwd']:,.2f} |")
+                     f"{v['gflops_fwd']:,.2f} / {v['gflops_bwd']:,.2f} | {per(v['gflops_fwd'], v['samples'])} / "
+                     f"{per(v['gflops_bwd'], v['backward_samples'])} |")
 
     L += ["", f"## 4. Gain against cost (checkpoints; paired gain on the first {k} evaluation images per prompt)", "",
           "A checkpoint's cost is its run's prorated by optimiser steps (FIND: every step is one rollout of the same "
