@@ -93,8 +93,8 @@ class AdaptiveAPG(AdaptiveGuidance):
         return self.output(guided, pred_cond, pred_uncond)
 
 
-def dc_solver(pipe, cpr: str):
-    """``pipe.scheduler`` as DC-Solver, the diffusers way, with CPR ratios from the fit ``cpr``."""
+def dc_solver(pipe, cpr: str | None = None):
+    """``pipe.scheduler`` as DC-Solver, the diffusers way, with CPR ratios from the fit ``cpr`` (None: its default)."""
     from diffplug.samplers import DCSolverScheduler
 
     return DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios="cpr", cpr_coefficients=cpr)
@@ -110,7 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--reference-steps", type=int, default=20, help="CFG + Euler at this many steps too (0: skip)")
     p.add_argument("--scale", type=float, default=5.0)
     p.add_argument("--threshold", type=float, default=0.999, help="AG's γ̄ (x0 space)")
-    p.add_argument("--cpr", default="testbed-flow", help="DC-Solver's CPR fit: a shipped name or a fit .json file")
+    p.add_argument("--cpr", default=None, help="DC-Solver's CPR fit: a shipped name or a fit .json file (default: "
+                   "the scheduler's, testbed-flow on flow schedules)")
     p.add_argument("--batch", type=int, default=1, help="images per call (AG switches when all of a call's have)")
     p.add_argument("--features", default="testbed", help="FID features: testbed, inception or none")
     p.add_argument("--seed", type=int, default=0)
@@ -130,15 +131,17 @@ def main(argv=None) -> None:
     r = x0_norms(pipe, prompts[: max(args.batch, 8)], n, w, args.seed)
     apg = dict(eta=0.0, norm_threshold=r, momentum=-0.5)
     dc = dc_solver(pipe, args.cpr)
+    own = type(euler).__name__.removesuffix("Scheduler").removesuffix("DiscreteScheduler")  # FlowMatchEuler
+    own = own.removesuffix("Discrete")
     configs = [  # (name, scheduler, guidance, steps)
-        ("CFG + FlowMatchEuler" if args.model == "flux" else "CFG", euler, CFG(w), n),
+        (f"CFG + {own}", euler, CFG(w), n),
         ("CFG + DC-Solver", dc, CFG(w), n),
-        ("APG + Euler", euler, APG(w, **apg), n),
-        (f"AG γ̄={args.threshold:g} + Euler", euler, AdaptiveGuidance(w, args.threshold, policy="all"), n),
+        (f"APG + {own}", euler, APG(w, **apg), n),
+        (f"AG γ̄={args.threshold:g} + {own}", euler, AdaptiveGuidance(w, args.threshold, policy="all"), n),
         ("APG + AG + DC-Solver (one call)", dc, AdaptiveAPG(w, args.threshold, **apg), n),
     ]
     if args.reference_steps:
-        configs.append((f"CFG + Euler, {args.reference_steps} steps", euler, CFG(w), args.reference_steps))
+        configs.append((f"CFG + {own}, {args.reference_steps} steps", euler, CFG(w), args.reference_steps))
 
     rows, ratios, warned = [], None, set()
     for name, scheduler, guidance, steps in configs:
@@ -169,7 +172,7 @@ def main(argv=None) -> None:
         f"- Command: `python benchmarks/flow_combined.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- {len(prompts)} prompts ({int(score.is_emoji.sum())} emoji, {int((~score.is_emoji).sum())} Fashion-MNIST), "
         f"{args.batch} image(s) per call, w = {w:g}, {n} steps; APG η = 0, β = −0.5, r = {r:.2f} (median ‖D_c − D_u‖ "
-        f"under CFG); AG γ̄ = {args.threshold:g} in x0 space; DC-Solver CPR fit `{args.cpr}`, ratios "
+        f"under CFG); AG γ̄ = {args.threshold:g} in x0 space; DC-Solver CPR fit `{dc.config.cpr_coefficients or 'default'}`, ratios "
         f"{[round(x, 3) for x in ratios]}." + (" DC-Solver warned: " + "; ".join(sorted(warned)) if warned else ""),
         "",
         "| method | steps | NFE/img | saved vs CFG | wall s/img | CPU s/img | denoiser CPU s/img | align | align − CFG | "
