@@ -191,8 +191,8 @@ def test_refusals(tmp_path, capsys):
         DiffusionModel(object(), FAMILIES)
     from diffplug.finetune.cli import main
 
-    assert main(["find", "--model", "tiny:sd3", "--output_dir", str(tmp_path / "find"), "--reward", "jpeg_compressibility",
-                 "--prompts", "a,b", "--max_steps", "1"]) == 2  # find runs on the UNets only (README's table)
+    assert main(["pso", "--model", "tiny:sd3", "--output_dir", str(tmp_path / "pso"), "--data", "testbed:food-drink",
+                 "--max_steps", "1"]) == 2  # pso runs on the UNets only (README's table)
     assert "StableDiffusion3Pipeline (sd3) is not supported by this method" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"resolution: FluxPipeline \(flux\) needs a multiple of 4"):
         DiffusionModel(tiny_pipeline("flux"), FAMILIES).check_resolution(42)
