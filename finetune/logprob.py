@@ -113,10 +113,10 @@ def flow_sde_step_with_logprob(model_output: torch.Tensor, sigma, sigma_next, sa
         raise ValueError(f"noise_level must be >= 0 (Flow-GRPO's a; 0 = the ODE's Euler step); got {noise_level}")
     x, v = sample.float(), model_output.float()
     shape = (-1,) + (1,) * (x.dim() - 1)
-    s = torch.as_tensor(sigma, dtype=torch.float32).to(x.device).reshape(shape)
-    s_next = torch.as_tensor(sigma_next, dtype=torch.float32).to(x.device).reshape(shape)
-    if bool((s_next >= s).any()) or bool((s <= 0).any()):
+    s, s_next = (torch.as_tensor(level, dtype=torch.float32) for level in (sigma, sigma_next))
+    if s.device.type == "cpu" and s_next.device.type == "cpu" and bool((s_next >= s).any() | (s <= 0).any()):
         raise ValueError("flow_sde_step_with_logprob: need 1 >= sigma > sigma_next >= 0 (flow time runs from 1 to 0)")
+    s, s_next = s.to(x.device).reshape(shape), s_next.to(x.device).reshape(shape)  # host levels: no device sync
     dt = s_next - s  # < 0
     if noise_level == 0:
         if prev_sample is not None:
@@ -196,7 +196,7 @@ class FlowSDESampler:
                              f"{type(scheduler).__name__} (use --scheduler flow-euler)")
 
     def begin(self, latents, timesteps, scheduler, guidance):
-        self.sigmas = scheduler.sigmas.float().to(latents.device)
+        self.sigmas = scheduler.sigmas.float().cpu()  # host levels, as the loop gives schedulers a host t
         return latents
 
     def step(self, i, t, latents, guided, batches, context, scheduler, extra_step_kwargs):
