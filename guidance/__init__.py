@@ -10,11 +10,11 @@ import inspect
 import json
 import os
 
-from .adaptive import AdaptiveGuidance, Calibration, LinearAG, calibrate
+from .adaptive import AdaptiveAPG, AdaptiveGuidance, Calibration, LinearAG, calibrate
 from .apg import APG
 from .base import CFG, Guidance
 
-GUIDANCE = {"cfg": CFG, "apg": APG, "ag": AdaptiveGuidance, "linear-ag": LinearAG}
+GUIDANCE = {"cfg": CFG, "apg": APG, "ag": AdaptiveGuidance, "linear-ag": LinearAG, "apg-ag": AdaptiveAPG}
 _ALIASES = {"adaptive": "ag", "adaptive-guidance": "ag", "linear_ag": "linear-ag", "linearag": "linear-ag"}
 
 
@@ -45,7 +45,7 @@ def _parse(value, default, name: str):
 
 
 def get_guidance(name: str, **options) -> Guidance:
-    """A guidance object from its CLI name: ``cfg``, ``apg``, ``ag``, ``linear-ag``.
+    """A guidance object from its CLI name: ``cfg``, ``apg``, ``ag``, ``linear-ag``, ``apg-ag`` (AG's pass schedule, APG's combination).
 
     ``options`` are constructor arguments, as Python values or CLI strings (``"7.5"``, ``"true"``,
     ``"none"``, JSON for lists). ``path=DIR_OR_JSON`` loads a saved config (``save_pretrained``
@@ -78,6 +78,7 @@ __all__ = [
     "APG",
     "CFG",
     "GUIDANCE",
+    "AdaptiveAPG",
     "AdaptiveGuidance",
     "Calibration",
     "Guidance",

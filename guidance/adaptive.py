@@ -54,6 +54,11 @@ every other step of the first half is replaced (our choice, after the abstract's
 AG's cosine switch can run on top (``threshold``). There is no default set of coefficients: a
 ``LinearAG`` without them is an error. They live in the config, so ``save_pretrained`` /
 ``from_pretrained`` round-trip them.
+
+**AdaptiveAPG** (``--guidance apg-ag``) composes the two papers: AG decides which passes run and when
+each image switches to conditional-only steps; while both passes run, APG (``guidance/apg.py``)
+combines them. Identity settings (APG ``eta=1, norm_threshold=0, momentum=0``; γ̄ >= 1) give CFG
+exactly (tests/test_flow_combined.py).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ from typing import Sequence
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .apg import _dot
+from .apg import APG, _dot
 from .base import CFG, Guidance
 
 POLICIES = ("all", "per_sample")
@@ -315,6 +320,46 @@ def calibrate(
 
 
 # -- LinearAG -----------------------------------------------------------------------------------------
+
+
+class AdaptiveAPG(AdaptiveGuidance):
+    """Adaptive Guidance's pass schedule with APG's combination (this project's composition of the two papers).
+
+    Both passes run until γ_t (the cosine of the conditional and unconditional x0 predictions) exceeds
+    ``threshold`` for every image of the call (AG's ``policy="all"``); meanwhile APG combines them
+    (``eta``, ``norm_threshold``, ``momentum``: ``diffplug.guidance.APG``), over the whole batch so its
+    momentum stays per image, and an image that has switched takes its conditional prediction alone, as
+    in AG. Then one conditional pass per step.
+    """
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 7.5, threshold: float = 0.999, eta: float = 0.0,
+                 norm_threshold: float = 15.0, momentum: float = -0.5, space: str = "x0"):
+        super().__init__(guidance_scale, threshold, policy="all", space=space)
+        self.apg = APG(guidance_scale, eta=eta, norm_threshold=norm_threshold, momentum=momentum, space=space)
+
+    def set_state(self, step: int, num_inference_steps: int, timestep: torch.Tensor) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self.apg.set_state(step, num_inference_steps, timestep)  # step 0: APG's momentum restarts
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.apg.set_context(context)
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
+        if pred_uncond is None:  # every image switched: conditional steps
+            return self.output(pred_cond, pred_cond)
+        guided = self.apg.forward(pred_cond, pred_uncond).pred
+        rows = self._rows  # images not yet switched; None: all of them
+        if rows is None:
+            self._measure(pred_cond, pred_uncond, None)
+            return self.output(guided, pred_cond, pred_uncond)
+        index = torch.tensor(rows, dtype=torch.long, device=pred_cond.device)
+        switched = torch.ones(len(pred_cond), dtype=torch.bool, device=pred_cond.device)
+        switched[index] = False
+        guided = torch.where(switched.view(-1, *[1] * (pred_cond.ndim - 1)), pred_cond, guided)
+        self._measure(pred_cond.index_select(0, index), pred_uncond.index_select(0, index), rows)
+        return self.output(guided, pred_cond, pred_uncond)
 
 
 class LinearAG(AdaptiveGuidance):

@@ -139,7 +139,13 @@ class DiffplugPipeline:
             )
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta) if hasattr(pipe, "prepare_extra_step_kwargs") else {}
+        if hasattr(pipe, "prepare_extra_step_kwargs"):
+            extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+        elif eta:  # Flux, SD3, ...: the stock pipeline takes no eta, and its step would ignore it
+            raise ValueError(f"eta={eta}: {type(pipe).__name__} takes no eta (its scheduler's step has none); "
+                             "drop it, or use a stochastic sampler (sampler=...) for noise injection")
+        else:
+            extra_step_kwargs = {}
 
         counted = _Counted(self.graphs.model(guidance))
 

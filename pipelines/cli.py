@@ -22,7 +22,7 @@ from ..cli import light_module
 _registry = light_module("diffplug.pipelines.registry")
 BUILTIN_MODELS, SCHEDULERS = _registry.BUILTIN_MODELS, _registry.SCHEDULERS
 # the names of diffplug.guidance.GUIDANCE and diffplug.samplers.SAMPLERS (tests/test_cli.py keeps them equal)
-GUIDANCE_NAMES = ("ag", "apg", "cfg", "linear-ag")
+GUIDANCE_NAMES = ("ag", "apg", "apg-ag", "cfg", "linear-ag")
 SAMPLER_NAMES = ("fkc",)
 OUTPUTS = ("grid.png", "settings.json")
 

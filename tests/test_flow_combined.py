@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffplug.guidance import CFG, AdaptiveGuidance
+from diffplug.guidance import CFG, AdaptiveAPG, AdaptiveGuidance
 from diffplug.pipelines import from_pipe
 from diffplug.samplers import DCSolverScheduler
 from diffplug.testing import tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from flow_combined import AdaptiveAPG  # noqa: E402
 
 STEPS, W = 5, 4.0
 PROMPTS = ["a photo of a sneaker", "an emoji of red apple"]
@@ -94,3 +93,19 @@ def test_images_switching_at_different_steps_match_adaptive_guidance(pipe):
     out, nfe = run(pipe, combined)
     assert combined.switch_steps == ag.switch_steps and len(set(ag.switch_steps)) == 2  # one switched first
     assert nfe == expected_nfe and torch.allclose(out, expected, atol=1e-6, rtol=0)
+
+
+def test_adaptive_apg_is_a_named_guidance_that_round_trips(tmp_path):
+    from diffplug.guidance import get_guidance
+
+    g = get_guidance("apg-ag", guidance_scale="3", threshold="0.99", momentum="-0.25")
+    assert isinstance(g, AdaptiveAPG) and g.apg.guidance_scale == 3.0 and g.apg.momentum == -0.25
+    g.save_pretrained(tmp_path)
+    again = AdaptiveAPG.from_pretrained(tmp_path)
+    assert dict(again.config) == dict(g.config) and again.threshold == 0.99
+
+
+def test_eta_on_a_pipeline_without_eta_is_refused():
+    pipe = tiny_pipeline("flux")
+    with pytest.raises(ValueError, match="eta=1.0: FluxPipeline takes no eta"):
+        from_pipe(pipe)("a sneaker", num_inference_steps=2, height=32, width=32, eta=1.0, output_type="latent")
