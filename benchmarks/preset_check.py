@@ -84,9 +84,17 @@ def run_set(args, which: str, preset: str) -> dict:
     names = [p for p in prompts for _ in range(per)]
 
     def tuned():
-        run = folder / preset
+        import shutil
+
+        run, keys = folder / preset, {"preset": preset, "reward": reward, "prompts": str(prompt_file)}
+        shared = folder / "pairs"  # the generated pairs depend on seed, prompts, reward and model, not on the preset
+        if shared.is_dir() and not run.exists():  # reuse them: --resume latest with no checkpoint starts the run
+            shutil.copytree(shared, run / "pairs")
+            keys["resume"] = "latest"
         t0, c0 = time.time(), cpu_seconds()
-        final, _ = train("dpo", run, args, {"preset": preset, "reward": reward, "prompts": str(prompt_file)})
+        final, _ = train("dpo", run, args, keys)
+        if not shared.is_dir():
+            shutil.copytree(run / "pairs", shared)
         train_cpu, train_wall = cpu_seconds() - c0, time.time() - t0
         logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
         held = [r for r in logs if "heldout_loss" in r]
@@ -96,7 +104,8 @@ def run_set(args, which: str, preset: str) -> dict:
         return {"scores": score(images, names, reward), "train_cpu_seconds": train_cpu, "train_wall_seconds": train_wall,
                 "max_steps": config["max_steps"], "pairs": pairs, "heldout": held,
                 "command": f"diffplug finetune dpo --preset {preset} --reward {reward} --prompts {prompt_file} "
-                           f"--model {args.model} --seed {args.seed} --output_dir {run}"}
+                           f"--model {args.model} --seed {args.seed} --output_dir {run}"
+                           + (" --resume latest (pairs copied in from an earlier run of the same set)" if "resume" in keys else "")}
 
     base = cached(folder / f"base-{per}.json", lambda: {"scores": score(sample(args.model, None, prompts, per, args.eval_seed),
                                                                           names, reward)})

@@ -194,10 +194,14 @@ class PairRunConfig(TrainConfig):
     heldout_min_pairs: int = opt(4, "fewest held-out pairs; with fewer than twice this many pairs nothing is held out "
                                  "(a warning says so)")
     heldout_every: int = opt(0, "steps between held-out scorings (DPO loss, implicit accuracy); 0 = max_steps / 10")
-    heldout_draws: int = opt(4, "(timestep, noise) draws per pair in a scoring, the same ones every time")
-    early_stopping: bool = opt(True, "keep the weights of the best held-out loss (step 0 = the initial model counts) and "
-                               "stop after `patience` scorings without a better one; false = train all steps, keep the last")
-    patience: int = opt(3, "early_stopping: scorings without a better held-out loss before the run stops")
+    heldout_draws: int = opt(2, "(timestep, noise) draws per pair in a scoring, the same ones every time")
+    heldout_metric: str = choice("accuracy", ("accuracy", "loss"), "what 'best' means on the held-out pairs: the "
+                                 "implicit accuracy (ties broken by the loss; the initial model counts as chance, 0.5), "
+                                 "or the loss alone (at DPO's beta 5000 a few confidently wrong pairs dominate it)")
+    early_stopping: bool = opt(True, "keep the weights of the best held-out scoring (step 0 = the initial model counts) "
+                               "and stop after `patience` scorings without a better one; false = train all steps, keep "
+                               "the last")
+    patience: int = opt(3, "early_stopping: scorings without a better held-out one before the run stops")
     overfit_gap: float = opt(0.25, "warn (loudly) when implicit accuracy on training pairs exceeds the held-out one by "
                              "this much")
 

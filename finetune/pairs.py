@@ -488,12 +488,14 @@ def derive_steps(cfg, train_pairs: int, pairs_per_step: int) -> tuple[int, str]:
 
 class HeldOutMonitor:
     """Scores the model on held-out pairs (and as many training pairs) every ``every`` steps with the method's
-    own loss, from fixed draws; keeps the weights of the best held-out loss; says when to stop.
+    own loss, from fixed draws; keeps the weights of the best held-out scoring; says when to stop.
 
     The loss is ``method.loss(trainer, batch)``; ``accuracy`` names its log of per-pair accuracy (DPO:
     ``implicit_acc``, the fraction of pairs whose winner the model prefers more than the reference does).
-    Step 0 (the initial model) is scored first and counts as a candidate: if no step beats it, the final
-    weights are the initial ones, and the log says so."""
+    "Best" (``heldout_metric``): the highest held-out accuracy, ties broken by the lower loss, or the lowest
+    loss. Step 0 (the initial model, which prefers neither image: accuracy counted as chance, 0.5) is scored
+    first and counts as a candidate: if no step beats it, the final weights are the initial ones, and the
+    log says so."""
 
     def __init__(self, method, trainer, dataset, held: list[int], probe: list[int], collate, every: int,
                  accuracy: str = "implicit_acc"):
@@ -556,8 +558,9 @@ class HeldOutMonitor:
         record = {"step": step, **{k: round(v, 6) for k, v in s.items()}}
         self.history.append(record)
         self._log(trainer, record)
-        if self.best is None or s["heldout_loss"] < self.best["loss"]:
-            self.best = {"step": step, "loss": s["heldout_loss"], "acc": s["heldout_acc"], "train_acc": s["train_acc"]}
+        if self.best is None or self._key(step, s) < self._key(self.best["step"], self.best):
+            self.best = {"step": step, "loss": s["heldout_loss"], "acc": s["heldout_acc"], "train_acc": s["train_acc"],
+                         "heldout_loss": s["heldout_loss"], "heldout_acc": s["heldout_acc"]}
             self.best_weights, self.bad = self._snapshot(trainer), 0
         else:
             self.bad += 1
@@ -567,16 +570,25 @@ class HeldOutMonitor:
             trainer._print(
                 f"WARNING: OVER-FITTING the training pairs at step {step}: implicit accuracy {s['train_acc']:.2f} on training "
                 f"pairs vs {s['heldout_acc']:.2f} on the {self.num_held} held-out pairs (gap >= overfit_gap "
-                f"{self.cfg.overfit_gap:g}); held-out loss {s['heldout_loss']:.4f}, best {self.best['loss']:.4f} at step "
-                f"{self.best['step']}. More pairs (--generate_repeats), fewer steps or a lower --learning_rate help"
+                f"{self.cfg.overfit_gap:g}); held-out loss {s['heldout_loss']:.4f}; the best held-out scoring so far is step "
+                f"{self.best['step']}'s. More pairs (--generate_repeats), fewer steps or a lower --learning_rate help"
                 + ("; early stopping keeps the best held-out weights" if self.cfg.early_stopping else ""))
         if self.cfg.early_stopping and self.bad >= self.cfg.patience and step < self.cfg.max_steps:
             self.stopped_at = step
-            trainer._print(f"early stopping at step {step} of {self.cfg.max_steps}: {self.bad} scorings without a lower "
-                           f"held-out loss than {self.best['loss']:.4f} (step {self.best['step']}; patience "
-                           f"{self.cfg.patience})")
+            trainer._print(f"early stopping at step {step} of {self.cfg.max_steps}: {self.bad} scorings without a better "
+                           f"held-out {self.cfg.heldout_metric} than step {self.best['step']}'s (accuracy "
+                           f"{self.best['acc']:.2f}, loss {self.best['loss']:.4f}; patience {self.cfg.patience})")
             return True
         return False
+
+    def _key(self, step: int, s: dict) -> tuple:
+        """Smaller is better: (-held-out accuracy, loss), or (loss,) with heldout_metric loss."""
+        if self.cfg.heldout_metric == "loss":
+            return (s["heldout_loss"],)
+        acc = 0.5 if step == 0 and not self.initial_trained else s["heldout_acc"]  # no preference yet: chance
+        return (-acc, s["heldout_loss"])
+
+    initial_trained = False  # True for a method whose step-0 model already prefers (its accuracy then counts as is)
 
     def after_step(self, trainer, step: int) -> bool:
         if step % self.every and step != self.cfg.max_steps:
@@ -603,7 +615,7 @@ class HeldOutMonitor:
                        f"{self.best['acc']:.2f}; the last scoring, step {last['step']}: {last['heldout_loss']:.4f}, "
                        f"{last['heldout_acc']:.2f}, on training pairs {last['train_acc']:.2f})")
         if self.best["step"] == 0 and self.cfg.early_stopping:
-            trainer._print("WARNING: no step scored a lower held-out loss than the initial model: the final weights "
+            trainer._print("WARNING: no step scored better on the held-out pairs than the initial model: the final weights "
                            "ARE the initial model's. Training did not generalise to unseen pairs; more pairs, another "
                            "--learning_rate or a reward with more spread between the pairs may")
 
@@ -657,7 +669,8 @@ class HeldOutPairs:
             self.monitor = HeldOutMonitor(self, trainer, dataset, held, probe, collate, every, self.accuracy_log)
             trainer._print(f"held-out scoring every {every} steps: loss and {self.accuracy_log} on the {len(held)} held-out "
                            f"pairs and on {len(probe)} training pairs, {cfg.heldout_draws} fixed draws each; "
-                           + (f"early stopping after {cfg.patience} scorings without a lower held-out loss, best weights kept"
+                           + (f"early stopping after {cfg.patience} scorings without a better held-out {cfg.heldout_metric}, "
+                              "best weights kept"
                               if cfg.early_stopping else "early_stopping off: the last weights are kept"))
         return torch.utils.data.Subset(dataset, train) if held else dataset
 

@@ -107,8 +107,9 @@ def _monitor(trainer, losses, accs):
     return monitor
 
 
-def test_early_stopping_keeps_the_best_held_out_weights_and_warns_once():
-    tr = _FakeTrainer(patience=3)
+@pytest.mark.parametrize("metric", ["accuracy", "loss"])
+def test_early_stopping_keeps_the_best_held_out_weights_and_warns_once(metric):
+    tr = _FakeTrainer(patience=3, heldout_metric=metric)
     losses = [0.693, 0.60, 0.50, 0.55, 0.52, 0.70]
     accs = [(0.0, 0.0), (0.6, 0.6), (0.7, 0.8), (0.6, 0.9), (0.6, 1.0), (0.5, 1.0)]
     m = _monitor(tr, losses, accs)
@@ -124,6 +125,23 @@ def test_early_stopping_keeps_the_best_held_out_weights_and_warns_once():
     m.finish(tr)
     assert torch.equal(tr.params[0].detach(), torch.full((3,), 2.0))  # the weights scored at step 4
     assert any("kept the weights of step 4" in p for p in tr.printed)
+
+
+def test_accuracy_and_loss_disagree_as_measured_on_the_emoji_prompts():
+    """As `preset_check` saw (emoji prompts, colorfulness, lora): held-out accuracy 0.83 while the beta-5000 loss rose above
+    ln 2. By accuracy the trained step wins; by loss the initial model does, and the run keeps it."""
+    picks = {}
+    for metric in ("accuracy", "loss"):
+        tr = _FakeTrainer(patience=2, heldout_metric=metric)
+        m = _monitor(tr, [0.6931, 1.05, 1.28, 1.40], [(0.0, 0.0), (0.83, 0.89), (0.81, 0.89), (0.80, 0.9)])
+        stopped = []
+        for k, step in enumerate(range(0, 8, 2)):
+            with torch.no_grad():
+                tr.params[0].fill_(float(k))
+            stopped.append(m.check(tr, step))
+        m.finish(tr)
+        picks[metric] = (m.best["step"], float(tr.params[0][0].detach()), stopped.index(True) if True in stopped else None)
+    assert picks == {"accuracy": (2, 1.0, 3), "loss": (0, 0.0, 2)}
 
 
 def test_without_early_stopping_the_run_goes_on_and_keeps_its_last_weights():
