@@ -640,6 +640,9 @@ class HeldOutPairs:
 
     monitor: HeldOutMonitor | None = None
     accuracy_log = "implicit_acc"
+    # the monitor's state changes after an update (after_step), or at step 0 before anything trained: a step
+    # abandoned half-way can be saved (trainer.Method.steps_change_run_state); a subclass with state of its own says so
+    steps_change_run_state = False
 
     def hold_out(self, trainer, dataset, collate):
         """The training part of ``dataset``; sets ``max_steps`` (when 0) and the warm-up (``warmup_fraction``)
