@@ -192,6 +192,7 @@ def quality(args) -> None:
     from diffplug.evals import fid_from_features, kernel_inception_distance
     from diffplug.evals.features import TestbedFeatures
     from diffplug.finetune.sft import testbed_set
+    from diffplug.evals.compare import block_cells, block_json, judge_metric, tuned_vs_base
     from diffplug.testbed.data import fashion_mnist, prompt_for_class
 
     torch.set_num_threads(args.threads)
@@ -206,8 +207,10 @@ def quality(args) -> None:
     feats, classifier, scorer = TestbedFeatures(), testbed.load_classifier(), testbed.load_scorer()
     with torch.no_grad():
         real_t = feats(target.floats())
-        real_b = feats(fashion_mnist("test").floats()[: args.base_images])
-    results = {}
+        real_base = fashion_mnist("test").floats()[: args.base_images]
+        real_b = feats(real_base)
+    results, base_ib = {}, None
+    judge = judge_metric()
     chosen = {k: v for k, v in runs(args, budget).items() if not args.only or k.split(" (")[0] in args.only}
     for name, argv in {"base": None, **chosen}.items():
         seconds, final = 0.0, None
@@ -224,6 +227,14 @@ def quality(args) -> None:
                    "fid_base": float(fid_from_features(real_b, fb)),
                    "align_base": float((classifier(ib).argmax(-1) == b_labels).float().mean()),
                    "train_s": seconds}
+        # what it keeps, image by image against the base model's samples of the same seeds: the independent
+        # judge, sharpness and FID (evals.compare.tuned_vs_base; sft has no reward, so no hacking verdict applies)
+        base_ib = ib if base_ib is None else base_ib
+        block = tuned_vs_base(base_ib, ib, b_prompts, None, real_base, judge=judge)
+        cells = block_cells(block)[:4]
+        if final is None:  # the base row: its own accuracy and FID, no gain
+            cells = ["–", f"{100 * block['gains']['judge_accuracy'].base.mean:.1f} %", "–", f"{block['fid']['b']:.2f}"]
+        res["kept_block"], res["kept_cells"] = block_json(block), cells
         if final is not None:
             res["file_bytes"] = sum(p.stat().st_size for p in final.rglob("*.safetensors"))
             res["final_loss"] = json.loads((final.parent / "logs.jsonl").read_text().splitlines()[-1]).get("loss")
@@ -238,6 +249,8 @@ def mib(b: float) -> str:
 
 
 def report(args) -> None:
+    from diffplug.evals.compare import BLOCK_HEADER
+
     root = Path(args.out)
     lines = ["# SaRA vs LoRA vs full fine-tuning", "",
              f"`benchmarks/sara_bench.py` ({datetime.date.today()}, {platform.machine()} CPU, 2 cores shared, torch "
@@ -275,15 +288,21 @@ def report(args) -> None:
                   f"{a['target_images']} target images against those images, and the testbed scorer's cosine to the caption. Kept: FID of "
                   f"{a['base_images']} Fashion-MNIST samples (10 class prompts) against Fashion-MNIST test images and the "
                   "classifier's top-1 on the prompted class. CFG 4, DDIM 20, the same seeds for every model.", "",
-                  "| model | target FID | target KID | target alignment | base FID | base alignment | train s | final loss | file KiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "Kept, image by image against the base model's samples of the same seeds "
+                  "(`diffplug.evals.compare.tuned_vs_base`): the independent judge (`testbed.load_judge()`), "
+                  "Laplacian sharpness (paired gains, z in paired s.e.) and FID; sft optimises no reward, so no "
+                  "reward-hacking verdict applies.", "",
+                  "| model | target FID | target KID | target alignment | base FID | base alignment | "
+                  + " | ".join(f"kept: {h}" for h in BLOCK_HEADER[:4]) + " | train s | final loss | file KiB |",
+                  "|---|---|---|---|---|---|" + "---|" * 4 + "---|---|---|"]
         for name, r in d["results"].items():
+            kept = r.get("kept_cells", ["judge not measured"] * 4)
             lines.append(f"| {name} | {r['fid_target']:.2f} | {r['kid_target']:.4f} | {r['align_target']:.3f} | "
-                         f"{r['fid_base']:.2f} | {100 * r['align_base']:.1f} % | {r['train_s']:.0f} | "
-                         f"{r.get('final_loss') or 0:.4f} | {r.get('file_bytes', 0) / 1024:,.0f} |")
+                         f"{r['fid_base']:.2f} | {100 * r['align_base']:.1f} % | " + " | ".join(kept) + f" | "
+                         f"{r['train_s']:.0f} | {r.get('final_loss') or 0:.4f} | {r.get('file_bytes', 0) / 1024:,.0f} |")
         lines.append("")
-    (HERE / "sara_results.md").write_text("\n".join(lines + [args.notes or ""]).rstrip() + "\n")
-    print((HERE / "sara_results.md").read_text())
+    Path(args.results).write_text("\n".join(lines + [args.notes or ""]).rstrip() + "\n")
+    print(Path(args.results).read_text())
 
 
 def main() -> None:
@@ -298,6 +317,7 @@ def main() -> None:
     p.add_argument("--target_images", type=int, default=400, help="quality: the first N target images and captions")
     p.add_argument("--only", nargs="*", default=[], help="quality: run names to train (default: all)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    p.add_argument("--results", default=str(HERE / "sara_results.md"), help="report: the file written")
     p.add_argument("--notes", default="", help="report: a paragraph appended under the tables")
     args = p.parse_args()
     {"memory": memory, "quality": quality, "report": report}[args.what](args)
