@@ -288,7 +288,8 @@ class FIND(Method):
         if self.sampler is not None:
             self.sampler.generators = gens  # the flow SDE's noise, per sample
         prompts = [self.prompts[i] for i in batch["index"].tolist()]
-        out = self.run(prompts, num_images_per_prompt=k, latents=z, num_inference_steps=cfg.num_steps, eta=cfg.eta,
+        eta = 0.0 if trainer.model.is_flow else cfg.eta  # flow: eta is the SDE sampler's noise level, not a pipeline argument
+        out = self.run(prompts, num_images_per_prompt=k, latents=z, num_inference_steps=cfg.num_steps, eta=eta,
                        generator=gens, height=trainer.resolution, width=trainer.resolution, output_type="pt",
                        **trainer.model.prompt_arguments())  # T5-style prompts at the length the model was trained at
         rewards = torch.as_tensor(self.reward(out.images.float(), [self.prompts[i] for i in index.tolist()]))
