@@ -38,8 +38,9 @@ Choices, paper / official code -> here:
 
 Flow models (SD3, Flux, Chroma, Z-Image): the policy is over the latent in the denoiser's layout --
 Flux's *packed* ``(tokens, 4C)`` latents, as ``pipe(latents=...)`` takes them -- and the rollouts run the
-frozen flow pipeline with ``--scheduler flow-euler`` (or ``''``, the model's own flow scheduler; a
-noise-prediction sampler such as the default ``ddim`` is refused). The sampler is chosen by ``eta``:
+frozen flow pipeline with its own flow scheduler (``--scheduler auto``, the default: DDIM as the paper on
+noise-prediction models, the model's own scheduler on flow models; ``flow-euler`` names it; a
+noise-prediction sampler such as ``ddim`` is refused on a flow model). The sampler is chosen by ``eta``:
 
 * ``eta = 0``: the flow ODE (the scheduler's Euler step): the image is a deterministic function of
   z_T, the cleaner reading of the paper's motivation (find.md);
@@ -83,7 +84,8 @@ class FINDConfig(TrainConfig):
     prompts: list = opt(list(HARD_FASHION_PROMPTS), "prompts, one distribution each: a list or a .txt/.json file")
     prompt: str = opt("", "one prompt (instead of --prompts)")
     reward: str = opt("", "reward of the rollouts: a diffplug.evals reward name or module:function (required)")
-    scheduler: str = opt("ddim", "sampler of the rollouts: a `diffplug sample --scheduler` name; '' = the model's own")
+    scheduler: str = opt("auto", "sampler of the rollouts: a `diffplug sample --scheduler` name; '' = the model's own; "
+                         "auto = ddim (paper) on noise-prediction models, the model's own on flow models")
     guidance: str = opt("cfg", "guidance of the rollouts (cfg, apg, ag, linear-ag) at guidance_scale")
     guidance_opts: list = opt([], "guidance options as key=value (as diffplug sample --guidance-opt)")
     guidance_scale: float = opt(7.5, "guidance scale of the rollouts (paper: CFG 7.5)")
@@ -235,7 +237,8 @@ class FIND(Method):
         self.reward = resolve_reward(cfg.reward)
         pipe = model.pipe
         try:  # the environment: the frozen pipeline, its scheduler swapped the diffusers way
-            pipe.scheduler = make_scheduler(cfg.scheduler or None, pipe)
+            name = ("" if model.is_flow else "ddim") if cfg.scheduler == "auto" else cfg.scheduler
+            pipe.scheduler = make_scheduler(name or None, pipe)
             guidance = make_guidance(cfg.guidance, guidance_scale=cfg.guidance_scale, **parse_options(cfg.guidance_opts))
         except ValueError as e:
             raise ConfigError(f"scheduler/guidance: {e}") from None
@@ -263,7 +266,7 @@ class FIND(Method):
         cfg, name = self.config, type(trainer.model.pipe).__name__
         if not is_flow_scheduler(scheduler):
             raise ConfigError(f"scheduler: {cfg.scheduler!r} ({type(scheduler).__name__}) samples noise-prediction models; "
-                              f"{cfg.model} ({name}) is a flow model: pass --scheduler flow-euler (or '' for its own "
+                              f"{cfg.model} ({name}) is a flow model: pass --scheduler auto (the default: its own) or flow-euler (or '' for its own "
                               "flow scheduler), with --eta 0 for the ODE or --eta A > 0 for the reverse SDE")
         if not cfg.eta:
             return None

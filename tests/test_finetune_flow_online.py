@@ -182,7 +182,7 @@ def find_config(out, **kw):
 
 
 def test_find_on_flux_refuses_a_noise_prediction_sampler(tmp_path):
-    with pytest.raises(ConfigError, match=r"scheduler: 'ddim' .* flow model: pass --scheduler flow-euler"):
+    with pytest.raises(ConfigError, match=r"scheduler: 'ddim' .* flow model: pass --scheduler auto"):
         Trainer(FIND(find_config(tmp_path / "o", scheduler="ddim"))).train()
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler"):
         from diffusers import DDIMScheduler
@@ -256,6 +256,6 @@ def test_spo_and_find_run_on_every_family(tmp_path, brightness_pm, family):
     Trainer(spo).train()
     assert spo.stats["valid"] > 0 and spo.step.flow == flow
     find = FIND(find_config(tmp_path / "find", model=f"tiny:{family}", max_steps=1, eta=0.7, resolution=32,
-                            scheduler="flow-euler" if flow else "ddim"))
+                            scheduler="auto"))  # auto: ddim on noise-prediction models, the model's own on flow
     Trainer(find).train()
     assert find.stats["rollouts"] == 1 and (find.sampler is not None) == flow
