@@ -454,6 +454,8 @@ def main():
     ap.add_argument("--samples_per_prompt", type=int, default=8)
     ap.add_argument("--policy_steps", type=int, default=1, help="FIND optimiser steps per rollout (official 1)")
     ap.add_argument("--learning_rate", type=float, default=1e-3, help="FIND's policy learning rate (paper: 1e-3)")
+    ap.add_argument("--extension_policy_steps", type=int, default=0,
+                    help="also FIND with this many policy steps per rollout (our extension), the same rollouts; 0 = off")
     ap.add_argument("--pm_steps", type=int, default=150, help="spo-pm steps (finetune_bench: 300)")
     ap.add_argument("--pm_repeats", type=int, default=5, help="spo-pm pair rounds x 10 / prompts (finetune_bench: 10)")
     ap.add_argument("--spo_steps", type=int, default=60, help="SPO optimiser steps (finetune_bench: 60)")
@@ -482,6 +484,9 @@ def main():
     find_steps = args.rollouts_per_prompt * len(P) * args.policy_steps
     if "find" in stages:
         train_find(args, find_dir, setting, args.rollouts_per_prompt, args.curve_points)
+    if "find_ext" in stages and args.extension_policy_steps:
+        ext = argparse.Namespace(**{**vars(args), "policy_steps": args.extension_policy_steps})
+        train_find(ext, args.out / f"find_ps{ext.policy_steps}", setting, args.rollouts_per_prompt, args.curve_points)
     if "spo" in stages:
         train_spo(args, spo_root, cfg)
     if "dpo" in stages:
@@ -517,6 +522,15 @@ def report(args, P, sel, setting, find_dir, spo_root, dpo_dir, find_steps):
                                                                               policy_at(ck, P)), k)["reward"])
              for ck in checkpoints(find_dir)]
     curves["FIND"] = curve_rows(costs["FIND"], find_dir, find_steps, gains)
+    ps = args.extension_policy_steps
+    ext_dir = args.out / f"find_ps{ps}"
+    if ps and (ext_dir / "cost.json").is_file():  # our extension: ps policy steps per rollout, the same rollouts
+        name = f"FIND, {ps} policy steps per rollout (our extension)"
+        models[name] = E(f"find_ps{ps}", lambda: evaluate(pipe, P, n, EVAL_SEED, setting, args.steps, policy_at(ext_dir / "final", P)))
+        costs[name] = json.loads((ext_dir / "cost.json").read_text())
+        gains = [gain(base_c["reward"], E(f"find_ps{ps}_{ck.name}", lambda ck=ck: evaluate(
+            pipe, P, k, EVAL_SEED, setting, args.steps, policy_at(ck, P)), k)["reward"]) for ck in checkpoints(ext_dir)]
+        curves[name] = curve_rows(costs[name], ext_dir, find_steps * ps, gains)
     if has_spo:
         run = spo_root / "spo"
         gains = [gain(base_c["reward"], E(f"spo_{ck.name}", lambda ck=ck: evaluate(tuned_sampler(run, ck), P, k, EVAL_SEED,
@@ -616,17 +630,18 @@ def report(args, P, sel, setting, find_dir, spo_root, dpo_dir, find_steps):
     for m, rows in curves.items():
         L += [f"| {m} | {r['step']} | {r['total_gflops']:,.1f} | {r['wall_seconds']:.0f} | {r['cpu_seconds']:.0f} | "
               f"{r['gain']:+.3f} ± {r['se']:.3f} |" for r in rows]
-    if "SPO" in curves and curves["SPO"] and curves["FIND"]:
-        target = min(curves["FIND"][-1]["gain"], curves["SPO"][-1]["gain"])
-        hit = {m: next((r for r in rows if r["gain"] >= target), None) for m, rows in curves.items()}
-        L += ["", f"Cost to the same gain (+{target:.3f}, the smaller final gain of the two curves; first checkpoint at or above it):", ""]
+    for fname in [m for m in curves if m.startswith("FIND")] if curves.get("SPO") else []:
+        target = min(curves[fname][-1]["gain"], curves["SPO"][-1]["gain"])
+        hit = {m: next((r for r in curves[m] if r["gain"] >= target), None) for m in (fname, "SPO")}
+        L += ["", f"{fname} and SPO: cost to the same gain (+{target:.3f}, the smaller final gain of the two curves; first "
+              "checkpoint at or above it):", ""]
         for m, r in hit.items():
             L.append(f"* {m}: step {r['step']}, {r['total_gflops']:,.1f} GFLOP, {r['wall_seconds']:.0f} wall s, {r['cpu_seconds']:.0f} CPU s")
-        f, s = hit["FIND"], hit["SPO"]
-        L.append(f"* SPO / FIND: **{s['total_gflops'] / f['total_gflops']:.2f}x** the FLOPs, {s['wall_seconds'] / f['wall_seconds']:.2f}x "
-                 f"the wall seconds, {s['cpu_seconds'] / f['cpu_seconds']:.2f}x the CPU seconds "
-                 f"(final models, whole runs: {costs['SPO total']['total_gflops'] / costs['FIND']['total_gflops']:.2f}x the FLOPs, "
-                 f"{costs['SPO total']['cpu_seconds'] / costs['FIND']['cpu_seconds']:.2f}x the CPU seconds).")
+        f, s = hit[fname], hit["SPO"]
+        L.append(f"* SPO / {fname}: **{s['total_gflops'] / f['total_gflops']:.2f}x** the FLOPs, "
+                 f"{s['wall_seconds'] / f['wall_seconds']:.2f}x the wall seconds, {s['cpu_seconds'] / f['cpu_seconds']:.2f}x the "
+                 f"CPU seconds (final models, whole runs: {costs['SPO total']['total_gflops'] / costs[fname]['total_gflops']:.2f}x "
+                 f"the FLOPs, {costs['SPO total']['cpu_seconds'] / costs[fname]['cpu_seconds']:.2f}x the CPU seconds).")
     L += ["", f"Report (evaluations) wall time: {time.time() - began:.0f} s.", ""]
     text = "\n".join(L)
     print(text)
