@@ -20,6 +20,7 @@ TOPICS = [  # (file, title)
     ("fkc_results.md", "FKC on the testbed UNet"),
     ("fkc_results_dit.md", "FKC on the testbed DiT"),
     ("finetune_results.md", "Fine-tuning: Diffusion-DPO and SPO"),
+    ("preset_results.md", "DPO presets on prompt sets they were not tuned on"),
     ("find_results.md", "FIND: initial-noise policies"),
     ("sara_results.md", "SaRA vs LoRA vs full fine-tuning"),
     ("early_exit_results.md", "DeeDiff early exit on the testbed DiT"),

@@ -132,8 +132,8 @@ def report(args, preset: str, rows: list[dict], cmd: str, cpu_total: float, wall
              f"Command: `{cmd}`. Device: {device}, load average {os.getloadavg()[0]:.1f} at the end. CPU time "
              f"(user + sys, all parts, cached ones as recorded): {cpu_total:.0f} s; this call's wall-clock {wall:.0f} s.", "",
              "| set (reward) | pairs, steps | training CPU s | images | reward: base -> tuned | reward gain ± paired s.e. "
-             "(z; two-sample z) | judge log-prob gain (z) | judge top-1 | sharpness (z) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(z; two-sample z) | judge log-prob gain (z) | judge top-1 (z) | sharpness gain (z) | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, t = r["base"]["scores"], r["tuned"]["scores"]
         g = gain(b["reward"], t["reward"], "reward")
@@ -141,19 +141,28 @@ def report(args, preset: str, rows: list[dict], cmd: str, cpu_total: float, wall
         a = gain(b["judge_accuracy"], t["judge_accuracy"], "judge_accuracy")
         s = gain(b["sharpness"], t["sharpness"], "sharpness")
         tu = r["tuned"]
+        costs = [f"{name} {x.z_paired:+.1f} s.e." for name, x in (("judge log-prob", j), ("judge top-1", a), ("sharpness", s))
+                 if x.z_paired <= -2]
+        reading = ("**reward hacking?** " + ", ".join(costs)) if costs and g.z_paired >= MIN_REWARD_Z else \
+            ("gain" if g.z_paired >= MIN_REWARD_Z else "no significant gain") + (f"; {', '.join(costs)}" if costs else "")
         lines.append(
             f"| {r['set']} ({r['prompts']} prompts, `{r['reward']}`) | {tu['pairs']}, {tu['max_steps']} | "
             f"{tu['train_cpu_seconds']:.0f} | {r['images']} | {g.base.mean:.4g} -> {g.tuned.mean:.4g} | "
             f"{g.gain:+.4g} ± {g.paired_se:.2g} ({g.z_paired:+.1f}; {g.z_two_sample:+.1f}) | {j.gain:+.4g} ({j.z_paired:+.1f}) | "
-            f"{100 * a.base.mean:.1f} -> {100 * a.tuned.mean:.1f} % ({a.z_paired:+.1f}) | {s.gain:+.3g} ({s.z_paired:+.1f}) |")
+            f"{100 * a.base.mean:.1f} -> {100 * a.tuned.mean:.1f} % ({a.z_paired:+.1f}) | {s.gain:+.3g} ({s.z_paired:+.1f}) | "
+            f"{reading} |")
     lines += ["", "Held-out pairs during training (step: held-out loss / implicit accuracy; training pairs' accuracy):", ""]
     for r in rows:
         h = r["tuned"]["heldout"]
         lines.append(f"* {r['set']}: " + ", ".join(f"{x['step']}: {x['heldout_loss']:.3f} / {x['heldout_acc']:.2f}; "
                                                     f"{x['train_acc']:.2f}" for x in h) if h else f"* {r['set']}: none")
     lines += ["", f"Runs: " + "; ".join(f"`{r['tuned']['command']}`" for r in rows), "",
-              f"**Verdict: `--preset {preset}` " + ("holds** (reward >= 3 paired s.e., judge > -2 paired s.e. on every set)."
-                                                     if ok else "does not hold**: " + "; ".join(fails) + ".")]
+              f"**Verdict: `--preset {preset}` " + ("holds** by the rule (reward >= 3 paired s.e., judge log-prob > -2 "
+                                                     "paired s.e. on every set); the reading column names any other cost."
+                                                     if ok else "does not hold**: " + "; ".join(fails) + "."),
+              "", "Training CPU seconds are the trainer's (held-out scorings included); pair generation is not in them when "
+              "the run names pairs copied in from an earlier run of the same set (same seed, prompts, reward and model: "
+              "the same pairs)."]
     return lines
 
 
