@@ -355,7 +355,7 @@ def generate_pairs(trainer, prompts: list[str], per_prompt: int, reward: str, st
                 finished[start] = {"start": start, "scores": scores.view(len(batch), per_prompt).tolist()}
                 bar.update(len(batch))
                 if clock is not None:
-                    first = not any(p.done for p in clock.phases.values())
+                    first = not any(p.seconds for p in clock.phases.values())  # nothing timed yet in this process
                     clock.advance(folder.name, len(batch))
                     bar.set_postfix(run_eta=clock.short())
                     if first:
