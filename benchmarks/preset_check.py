@@ -125,13 +125,25 @@ def verdict(rows: list[dict]) -> tuple[bool, list[str]]:
     return not fails, fails
 
 
+def steps_taken(tuned: dict) -> str:
+    """``max_steps``, where the run stopped and which scoring's weights it kept (the trainer's rule)."""
+    from diffplug.finetune.pairs import best_scoring
+
+    held = tuned["heldout"]
+    if not held:
+        return str(tuned["max_steps"])
+    last, kept = held[-1]["step"], best_scoring(held, "accuracy")["step"]
+    return (f"{tuned['max_steps']}" + (f", stopped at {last}" if last < tuned["max_steps"] else "") +
+            f", kept step {kept}" + (" (= base)" if kept == 0 else ""))
+
+
 def report(args, preset: str, rows: list[dict], cmd: str, cpu_total: float, wall: float) -> list[str]:
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, shared)"
     ok, fails = verdict(rows)
     lines = ["", f"## `--preset {preset}`, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", "",
              f"Command: `{cmd}`. Device: {device}, load average {os.getloadavg()[0]:.1f} at the end. CPU time "
              f"(user + sys, all parts, cached ones as recorded): {cpu_total:.0f} s; this call's wall-clock {wall:.0f} s.", "",
-             "| set (reward) | pairs, steps | training CPU s | images | reward: base -> tuned | reward gain ± paired s.e. "
+             "| set (reward) | pairs, steps (early stopping) | training CPU s | images | reward: base -> tuned | reward gain ± paired s.e. "
              "(z; two-sample z) | judge log-prob gain (z) | judge top-1 (z) | sharpness gain (z) | reading |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -146,7 +158,7 @@ def report(args, preset: str, rows: list[dict], cmd: str, cpu_total: float, wall
         reading = ("**reward hacking?** " + ", ".join(costs)) if costs and g.z_paired >= MIN_REWARD_Z else \
             ("gain" if g.z_paired >= MIN_REWARD_Z else "no significant gain") + (f"; {', '.join(costs)}" if costs else "")
         lines.append(
-            f"| {r['set']} ({r['prompts']} prompts, `{r['reward']}`) | {tu['pairs']}, {tu['max_steps']} | "
+            f"| {r['set']} ({r['prompts']} prompts, `{r['reward']}`) | {tu['pairs']}, {steps_taken(tu)} | "
             f"{tu['train_cpu_seconds']:.0f} | {r['images']} | {g.base.mean:.4g} -> {g.tuned.mean:.4g} | "
             f"{g.gain:+.4g} ± {g.paired_se:.2g} ({g.z_paired:+.1f}; {g.z_two_sample:+.1f}) | {j.gain:+.4g} ({j.z_paired:+.1f}) | "
             f"{100 * a.base.mean:.1f} -> {100 * a.tuned.mean:.1f} % ({a.z_paired:+.1f}) | {s.gain:+.3g} ({s.z_paired:+.1f}) | "

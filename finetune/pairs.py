@@ -486,6 +486,20 @@ def derive_steps(cfg, train_pairs: int, pairs_per_step: int) -> tuple[int, str]:
     return steps, why
 
 
+def scoring_key(step: int, record: dict, metric: str, initial_trained: bool = False) -> tuple:
+    """Order of held-out scorings, smaller = better: ``(-heldout_acc, heldout_loss)`` (the initial model, which
+    prefers neither image, counts as chance: 0.5) or ``(heldout_loss,)`` for ``metric`` "loss"."""
+    if metric == "loss":
+        return (record["heldout_loss"],)
+    acc = 0.5 if step == 0 and not initial_trained else record["heldout_acc"]
+    return (-acc, record["heldout_loss"])
+
+
+def best_scoring(history: list[dict], metric: str) -> dict:
+    """The record of logs.jsonl's held-out scorings whose weights early stopping keeps (the first of equals)."""
+    return min(history, key=lambda r: scoring_key(r["step"], r, metric))
+
+
 class HeldOutMonitor:
     """Scores the model on held-out pairs (and as many training pairs) every ``every`` steps with the method's
     own loss, from fixed draws; keeps the weights of the best held-out scoring; says when to stop.
@@ -582,11 +596,7 @@ class HeldOutMonitor:
         return False
 
     def _key(self, step: int, s: dict) -> tuple:
-        """Smaller is better: (-held-out accuracy, loss), or (loss,) with heldout_metric loss."""
-        if self.cfg.heldout_metric == "loss":
-            return (s["heldout_loss"],)
-        acc = 0.5 if step == 0 and not self.initial_trained else s["heldout_acc"]  # no preference yet: chance
-        return (-acc, s["heldout_loss"])
+        return scoring_key(step, s, self.cfg.heldout_metric, self.initial_trained)
 
     initial_trained = False  # True for a method whose step-0 model already prefers (its accuracy then counts as is)
 

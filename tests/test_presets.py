@@ -250,3 +250,14 @@ def test_too_few_pairs_to_hold_out_is_said_loudly(tmp_path, capsys):
     assert main(["dpo", "--output_dir", str(tmp_path / "run"), "--model", "tiny:sd", "--data", str(data), "--max_steps", "1",
                  "--train_batch_size", "2", "--checkpoint_every", "0", "--tensorboard", "false"]) == 0
     assert "WARNING: only 4 pairs" in capsys.readouterr().out
+
+
+def test_help_labels_every_preset_that_failed_the_check(capsys):
+    from diffplug.finetune.cli import main
+    from diffplug.finetune.dpo import NOT_VALIDATED
+
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    out = capsys.readouterr().out
+    for name, why in NOT_VALIDATED.items():
+        assert f"{name}: NOT VALIDATED: {why}" in out
