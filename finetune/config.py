@@ -193,6 +193,8 @@ class PairRunConfig(TrainConfig):
                                   "heldout_every steps; 0 = no split (over-fitting goes unchecked)")
     heldout_min_pairs: int = opt(4, "fewest held-out pairs; with fewer than twice this many pairs nothing is held out "
                                  "(a warning says so)")
+    heldout_max_pairs: int = opt(64, "most held-out pairs (a large data set keeps its pairs for training; a scoring "
+                                 "stays cheap)")
     heldout_every: int = opt(0, "steps between held-out scorings (DPO loss, implicit accuracy); 0 = max_steps / 10")
     heldout_draws: int = opt(2, "(timestep, noise) draws per pair in a scoring, the same ones every time")
     heldout_metric: str = choice("accuracy", ("accuracy", "loss"), "what 'best' means on the held-out pairs: the "
@@ -211,11 +213,14 @@ class PairRunConfig(TrainConfig):
         super().validate()
         if not self.epochs > 0:
             raise ConfigError(f"epochs: must be > 0; got {self.epochs}")
-        for key in ("max_auto_steps", "heldout_min_pairs", "heldout_draws", "patience"):
+        for key in ("max_auto_steps", "heldout_min_pairs", "heldout_max_pairs", "heldout_draws", "patience"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1; got {getattr(self, key)}")
         if self.heldout_every < 0:
             raise ConfigError(f"heldout_every: must be >= 0 (0 = max_steps / 10); got {self.heldout_every}")
+        if self.heldout_max_pairs < self.heldout_min_pairs:
+            raise ConfigError(f"heldout_max_pairs: must be >= heldout_min_pairs ({self.heldout_min_pairs}); got "
+                              f"{self.heldout_max_pairs}")
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise ConfigError(f"heldout_fraction: must be in [0, 0.5] (0 = no held-out pairs); got {self.heldout_fraction}")
         if not 0.0 <= self.warmup_fraction < 1.0:

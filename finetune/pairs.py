@@ -458,18 +458,18 @@ def generate_rounds(cfg: PairDataConfig, num_prompts: int) -> int:
     return cfg.generate_repeats or -(-AUTO_GENERATED_PAIRS // max(1, num_prompts))
 
 
-def held_out_count(n: int, fraction: float, min_pairs: int) -> int:
-    """Pairs to hold out of ``n``: ``max(min_pairs, round(fraction n))``, or 0 (no split) when ``fraction`` is 0
-    or that would leave fewer training pairs than held-out ones."""
+def held_out_count(n: int, fraction: float, min_pairs: int, max_pairs: int = 10**9) -> int:
+    """Pairs to hold out of ``n``: ``min(max_pairs, max(min_pairs, round(fraction n)))``, or 0 (no split) when
+    ``fraction`` is 0 or that would leave fewer training pairs than held-out ones."""
     if fraction <= 0:
         return 0
-    k = max(min_pairs, round(fraction * n))
+    k = min(max_pairs, max(min_pairs, round(fraction * n)))
     return k if n - k >= k else 0
 
 
-def split_pairs(n: int, fraction: float, min_pairs: int, seed: int) -> tuple[list[int], list[int]]:
+def split_pairs(n: int, fraction: float, min_pairs: int, seed: int, max_pairs: int = 10**9) -> tuple[list[int], list[int]]:
     """``(train, held_out)``: disjoint sorted indices covering ``range(n)``, a function of ``seed`` alone."""
-    k = held_out_count(n, fraction, min_pairs)
+    k = held_out_count(n, fraction, min_pairs, max_pairs)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104729)).tolist()
     return sorted(perm[k:]), sorted(perm[:k])
 
@@ -524,7 +524,7 @@ class HeldOutMonitor:
     def _rows(self, dataset, indices: list[int]) -> list[tuple[dict, int]]:
         """(item, stream position) per (pair, draw): the same draws at every scoring."""
         draws = self.cfg.heldout_draws
-        return [(dataset[i], SCORING_POSITION + i * draws + d) for i in indices for d in range(draws)]
+        return [(item, SCORING_POSITION + i * draws + d) for i in indices for item in [dataset[i]] for d in range(draws)]
 
     @torch.no_grad()
     def score(self, trainer) -> dict:
@@ -659,10 +659,11 @@ class HeldOutPairs:
         and says in the log what was chosen and why."""
         cfg = trainer.config
         n = len(dataset)
-        train, held = split_pairs(n, cfg.heldout_fraction, cfg.heldout_min_pairs, cfg.seed)
+        train, held = split_pairs(n, cfg.heldout_fraction, cfg.heldout_min_pairs, cfg.seed, cfg.heldout_max_pairs)
         if held:
             trainer._print(f"pairs: {len(train)} for training, {len(held)} held out (heldout_fraction {cfg.heldout_fraction:g} "
-                           f"of {n}, at least heldout_min_pairs {cfg.heldout_min_pairs}; drawn from --seed {cfg.seed})")
+                           f"of {n}, at least heldout_min_pairs {cfg.heldout_min_pairs}, at most heldout_max_pairs "
+                           f"{cfg.heldout_max_pairs}; drawn from --seed {cfg.seed})")
         elif cfg.heldout_fraction > 0:
             trainer._print(f"WARNING: only {n} pairs, fewer than 2 x heldout_min_pairs ({2 * cfg.heldout_min_pairs}): "
                            "nothing is held out, so over-fitting goes unchecked and unstopped; add pairs "

@@ -50,6 +50,8 @@ def test_split_is_deterministic_disjoint_and_covers_every_pair():
     assert len(split_pairs(10, 0.2, 4, seed=0)[1]) == 4  # at least heldout_min_pairs
     assert split_pairs(7, 0.2, 4, seed=0) == (list(range(7)), [])  # fewer than 2 x min: nothing held out
     assert held_out_count(100, 0.0, 4) == 0 and held_out_count(8, 0.2, 4) == 4 and held_out_count(100, 0.5, 4) == 50
+    assert held_out_count(851_293, 0.2, 4, max_pairs=64) == 64  # Pick-a-Pic's size: a scoring stays cheap
+    assert DPOConfig(output_dir="x").heldout_max_pairs == 64
 
 
 def test_steps_and_generated_pairs_follow_the_data():
@@ -71,6 +73,7 @@ def test_steps_and_generated_pairs_follow_the_data():
     (dict(heldout_fraction=0.6), "heldout_fraction"),
     (dict(epochs=0), "epochs"),
     (dict(patience=0), "patience"),
+    (dict(heldout_max_pairs=2), "heldout_max_pairs"),
     (dict(max_steps=-1), "max_steps"),
     (dict(adapter="sara"), "sara_progressive_step"),  # half of a max_steps not yet known
 ])
@@ -204,7 +207,7 @@ def test_over_fitting_run_warns_stops_early_and_keeps_the_initial_weights(tmp_pa
     trainer = Trainer(BrightnessPairs(load_config(ToyConfig, None, keys)))
     trainer.train()
     out = capsys.readouterr().out
-    assert "pairs: 12 for training, 4 held out" in out
+    assert "pairs: 12 for training, 4 held out (heldout_fraction 0.2 of 16, at least heldout_min_pairs 4" in out
     assert "max_steps 60: 20 epochs x 12 training pairs / 4 pairs per step" in out and "held-out scoring every 6 steps" in out
     assert "OVER-FITTING" in out and "early stopping at step 18 of 60" in out and "kept the weights of step 0" in out
     logs = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
