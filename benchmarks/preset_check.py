@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,18 +35,13 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_bench import prompt_sets, sample, train  # noqa: E402  (the benchmark's own runner and sampler)
+from finetune_bench import cpu_seconds, prompt_sets, sample, train  # noqa: E402  (the benchmark's runner, sampler, clock)
 
 from diffplug.evals.stats import gain  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SET_REWARD = {"hard": "classifier_logprob", "emoji": "colorfulness"}
 MIN_REWARD_Z, MIN_JUDGE_Z = 3.0, -2.0
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def score(images: torch.Tensor, prompts: list[str], reward: str) -> dict:
