@@ -163,8 +163,9 @@ def report(args, preset: str, rows: list[dict], cmd: str, cpu_total: float, wall
         lines.append(f"* {r['set']}: " + ", ".join(f"{x['step']}: {x['heldout_loss']:.3f} / {x['heldout_acc']:.2f}; "
                                                     f"{x['train_acc']:.2f}" for x in h) if h else f"* {r['set']}: none")
     lines += ["", f"Runs: " + "; ".join(f"`{r['tuned']['command']}`" for r in rows), "",
-              f"**Verdict: `--preset {preset}` " + ("holds** by the rule (reward >= 3 paired s.e., judge log-prob > -2 "
-                                                     "paired s.e. on every set); the reading column names any other cost."
+              f"**Verdict on {', '.join(r['set'] for r in rows)}: `--preset {preset}` " +
+              ("holds** by the rule (reward >= 3 paired s.e., judge log-prob > -2 paired s.e. on every set); the reading "
+               "column names any other cost."
                                                      if ok else "does not hold**: " + "; ".join(fails) + "."),
               "", "Training CPU seconds are the trainer's (held-out scorings included); pair generation is not in them when "
               "the run names pairs copied in from an earlier run of the same set (same seed, prompts, reward and model: "
