@@ -19,6 +19,10 @@ stock pipeline defaults to 1024x1024, so pass ``height=32, width=32``); ``"qweni
 Flux and Chroma get a random ``T5EncoderModel`` over the same byte-level vocabulary; their images
 default to 32x32 (``pipe.default_sample_size`` = 16) and take ``max_sequence_length`` up to 512
 (32 keeps tests fast).
+
+``BrightnessBackbone`` is a tiny image-text backbone (the ``encode_image`` / ``encode_text`` pair a
+preference model wraps) whose image-text score rises with image brightness: SPO's tests train
+step-aware preference models on it without any pretrained scorer.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+
+
+class BrightnessBackbone(torch.nn.Module):
+    """Image-text backbone whose score (image . text embedding) rises with image brightness; text is ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(10.0))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        b = images.float().mean(dim=(1, 2, 3)) - 0.5
+        return torch.stack([self.gain * b, torch.full_like(b, 0.5)], -1)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), 2)
+
 
 FAMILIES = ("sd", "sdxl", "sd3", "pixart", "flux", "flux-schnell", "chroma", "zimage", "qwenimage")
 ALIASES = {"flow": "sd3"}  # "flow" was the SD3 pipeline's first name here

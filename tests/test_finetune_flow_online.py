@@ -13,7 +13,6 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from diffplug.finetune import ConfigError, Trainer, load_config
@@ -22,30 +21,18 @@ from diffplug.finetune.logprob import FlowSDESampler, OnlineStep, ddim_step_with
 from diffplug.finetune.model import DiffusionModel, FAMILIES, load_pipeline
 from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel
 from diffplug.finetune.spo import SPO, SPOConfig
+from diffplug.testing import BrightnessBackbone
 
 torch.set_num_threads(1)
 REWARD, BACKBONE = "flow_online_scorers:brightness", "flow_online_scorers:bright"
 
 
-class BrightnessScorer(nn.Module):
-    """A tiny image-text backbone whose score rises with image brightness (text ignored)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gain = nn.Parameter(torch.tensor(10.0))
-
-    def encode_image(self, images):
-        b = images.float().mean(dim=(1, 2, 3)) - 0.5
-        return torch.stack([self.gain * b, torch.full_like(b, 0.5)], -1)
-
-    def encode_text(self, prompts):
-        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), 2)
 
 
 @pytest.fixture(autouse=True)
 def scorers(monkeypatch):
     mod = types.ModuleType("flow_online_scorers")
-    mod.bright = BrightnessScorer
+    mod.bright = BrightnessBackbone
     mod.brightness = lambda images, prompts: 100 * (images.float().mean(dim=(1, 2, 3)) - 0.468)
     monkeypatch.setitem(sys.modules, "flow_online_scorers", mod)
 
@@ -97,7 +84,7 @@ def flow_pm(tmp_path_factory):
     """A step-aware preference model trained (one step, generated pairs) by spo-pm on tiny Flux."""
     out = tmp_path_factory.mktemp("pm")
     mod = types.ModuleType("flow_online_scorers")  # the module fixture runs before the autouse one
-    mod.bright, mod.brightness = BrightnessScorer, lambda images, prompts: 100 * (images.float().mean(dim=(1, 2, 3)) - 0.468)
+    mod.bright, mod.brightness = BrightnessBackbone, lambda images, prompts: 100 * (images.float().mean(dim=(1, 2, 3)) - 0.468)
     sys.modules["flow_online_scorers"] = mod
     cfg = load_config(SPMConfig, None, dict(
         output_dir=str(out), model="tiny:flux", backbone=BACKBONE, reward=REWARD, prompts=["a", "b"], num_per_prompt=2,

@@ -21,29 +21,17 @@ from diffplug.finetune import ConfigError, Trainer, load_config
 from diffplug.finetune.logprob import ddim_step_with_logprob
 from diffplug.finetune.spm import SPMConfig, SPMTraining, StepAwarePreferenceModel, load_preference_model, pickscore_loss
 from diffplug.finetune.spo import SPO, SPOConfig, compare, spo_loss
+from diffplug.testing import BrightnessBackbone
 
 torch.set_num_threads(1)
 
 
-class BrightnessScorer(nn.Module):
-    """A tiny image-text backbone whose score rises with image brightness (text ignored)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gain = nn.Parameter(torch.tensor(10.0))
-
-    def encode_image(self, images):
-        b = images.float().mean(dim=(1, 2, 3)) - 0.5
-        return torch.stack([self.gain * b, torch.full_like(b, 0.5)], -1)
-
-    def encode_text(self, prompts):
-        return torch.tensor([[1.0, 0.0]]).expand(len(prompts), 2)
 
 
 @pytest.fixture(autouse=True)
 def scorer_module(monkeypatch):
     mod = types.ModuleType("finetune_test_scorers")
-    mod.bright = BrightnessScorer
+    mod.bright = BrightnessBackbone
     mod.brightness = lambda images, prompts: images.float().mean(dim=(1, 2, 3))
     monkeypatch.setitem(sys.modules, "finetune_test_scorers", mod)
 
