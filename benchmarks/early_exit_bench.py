@@ -17,6 +17,17 @@ testbed classifier's features (``--features inception`` for the real Inception) 
 images of the same prompts, alignment (testbed classifier top-1 on the prompted class), PSNR to the
 full model. Then where exits happen along the trajectory (mean blocks per third of the steps).
 
+    OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py --model flux --heads D/final/early_exit.safetensors \
+        --backbone D/final/transformer --images 96 --steps 20 --out /tmp/ee_flux.md
+
+``--model flux``: the flow testbed (``testbed.load("flux")``, a stock FluxPipeline, 3 double- and 5
+single-stream blocks) with heads (and with ``--backbone`` the transformer) written by ``diffplug finetune
+deediff --model testbed:flux [--train_backbone true] --output_dir D``; FlowMatchEuler, true CFG against
+the empty negative prompt (default scale 5), ``max_sequence_length=pipe.tokenizer_2.model_max_length``.
+The same sweep and scores; FLOPs per block kind (double-, single-stream; the UEM counted by hand as in
+``--flow-flops``); the exits' errors are velocity-MSEs keyed on sigma, through the training code path
+(``DiffusionModel``: the same noisy inputs, targets and model call as ``finetune deediff``).
+
     python benchmarks/early_exit_bench.py --flow-flops benchmarks/early_exit_flow_flops.md
 
 counts instead what heads and UEMs cost on real-size Flux.1-dev and SD3-medium shapes (meta device,
@@ -37,7 +48,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from guidance_quality import Scorer, fmt, prompt_set  # noqa: E402  (one prompt set and scorer for all benchmarks)
+from guidance_quality import Scorer, call_kwargs, fmt, prompt_set  # noqa: E402  (one prompt set and scorer for all benchmarks)
 
 from diffplug import testbed  # noqa: E402
 from diffplug.guidance import CFG  # noqa: E402
@@ -46,6 +57,15 @@ from diffplug.samplers import EarlyExit  # noqa: E402
 
 ADDED = {"resolution": None, "aspect_ratio": None}
 NOTES = "\n## Reading it"
+SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the flow model's exit errors: noise levels (Flux's timestep input is sigma)
+# what the written table calls things, per --model (the DiT's strings are the ones its results were written with)
+LABELS = {
+    "dit": dict(title="the testbed DiT", model="the testbed DiT", sampler="DDIM steps, CFG", error="epsilon-MSE",
+                level="t", shipped="the shipped heads `testbed/weights/dit_early_exit.safetensors`"),
+    "flux": dict(title="the flow testbed (Flux)", model="the flow testbed's transformer (`testbed.load(\"flux\")`)",
+                 sampler="FlowMatchEuler steps, true CFG (empty negative prompt)", error="velocity-MSE", level="sigma",
+                 shipped=None),
+}
 
 
 @torch.no_grad()
@@ -78,39 +98,55 @@ def piece_flops(ee: EarlyExit, tokens_len: int = 20) -> dict:
 def flops_per_eval(f: dict, exits: list[int], threshold: float) -> float:
     """Mean FLOPs per evaluation given exits per block (index i: exited after block i+1)."""
     n, rows = len(exits), sum(exits)
+    blocks = f.get("blocks") or [f["block"]] * n  # per block in order (Flux: double- then single-stream)
     total = 0.0
     for k, count in enumerate(exits, start=1):
         uems = 0 if threshold <= 0 else min(k, n - 1)  # UEMs after blocks 1..min(k, N-1)
         out = f["final"] if k == n else f["head"]
-        total += count * (f["embed"] + k * f["block"] + uems * f["uem"] + out)
+        total += count * (f["embed"] + sum(blocks[:k]) + uems * f["uem"] + out)
     return total / max(rows, 1)
 
 
-def render(pipe, ee, prompts, args, device):
-    """-> images (N, 3, H, W) in [0, 1], wall seconds, denoiser CPU seconds, exit log."""
+def text_kwargs(pipe, args) -> dict:
+    """The text arguments beside the prompts: the DiT's 20 tokens; on Flux the trained text length
+    (``max_sequence_length=pipe.tokenizer_2.model_max_length``) and true CFG's empty negative prompt."""
+    if getattr(args, "model", "dit") == "flux":
+        return call_kwargs(pipe, [])
+    return {"max_sequence_length": 20}
+
+
+def render(pipe, prompts, args, device):
+    """``pipe.transformer`` (an EarlyExit, or the bare model) through diffplug's loop with CFG ->
+    images (N, 3, H, W) in [0, 1], wall seconds, denoiser CPU seconds, exit log ([] for a bare model)."""
     run = from_pipe(pipe, guidance=CFG(args.scale), cuda_graph=False)
+    ee = pipe.transformer
     clock = {"t": 0.0, "start": 0.0}
     pre = ee.register_forward_pre_hook(lambda *_: clock.update(start=time.process_time()))
     post = ee.register_forward_hook(lambda *_: clock.update(t=clock["t"] + time.process_time() - clock["start"]))
-    ee.reset_stats()
-    ee.log_exits = True
-    images, start = [], time.perf_counter()
+    exits = isinstance(ee, EarlyExit)
+    if exits:
+        ee.reset_stats()
+        ee.log_exits = True
+    images, start, text = [], time.perf_counter(), text_kwargs(pipe, args)
     try:
         for b in range(0, len(prompts), args.batch):
             out = run(prompts[b : b + args.batch], num_inference_steps=args.steps, output_type="pt",
-                      generator=torch.Generator(device).manual_seed(args.seed + b // args.batch), max_sequence_length=20)
+                      generator=torch.Generator(device).manual_seed(args.seed + b // args.batch), **text)
             images.append(out.images.float().cpu())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     finally:
         pre.remove()
         post.remove()
-    return torch.cat(images), time.perf_counter() - start, clock["t"], list(ee.exit_log)
+    return torch.cat(images), time.perf_counter() - start, clock["t"], list(ee.exit_log) if exits else []
 
 
 def trajectory(log, steps: int) -> list[float]:
-    """Mean blocks per evaluation in each third of the sampling steps (high noise first)."""
-    per_call = [(i % steps, blocks.float().mean().item(), len(blocks)) for i, (_, blocks) in enumerate(log)]
+    """Mean blocks per evaluation in each third of the sampling steps (high noise first); a call's step
+    is the rank of its noise level (timestep or sigma, falling along the trajectory) among those visited."""
+    levels = sorted({float(key.max()) for key, _ in log}, reverse=True)
+    rank = {level: i for i, level in enumerate(levels)}
+    per_call = [(rank[float(key.max())], blocks.float().mean().item(), len(blocks)) for key, blocks in log]
     thirds = []
     for lo, hi in ((0, steps // 3), (steps // 3, 2 * steps // 3), (2 * steps // 3, steps)):
         sel = [(m, n) for s, m, n in per_call if lo <= s < hi]
@@ -143,6 +179,82 @@ def head_errors(pipe, ee, items, timesteps=(100, 300, 500, 700, 900), seed: int 
     return out
 
 
+@torch.no_grad()
+def flow_head_errors(pipe, ee, items, sigmas=SIGMAS, seed: int = 0) -> list[dict]:
+    """``head_errors`` on a flow model, keyed on sigma, through the training code path (``DiffusionModel``'s
+    latents, ``x_t = (1 - sigma) x0 + sigma eps``, velocity target ``eps - x0``, the family's model call,
+    ``AllExits``): each exit's velocity-MSE on the real test images, the UEMs' mean u and mean u_hat."""
+    from diffplug.finetune.deediff import AllExits, per_token
+    from diffplug.finetune.model import DiffusionModel
+
+    model = DiffusionModel(pipe, families=("flux", "chroma", "sd3"))
+    real = torch.stack([r for _, _, r in items]).float().to(ee.device) / 127.5 - 1
+    model.resolution = real.shape[-1]
+    x0 = model.encode_images(real)
+    cond = model.encode_prompts([p for p, _, _ in items], real.shape[-1])
+    exits = AllExits(ee.transformer, uem_buckets=ee.uems[0].buckets)  # the same heads, as training calls them
+    exits.load_state_dict(ee.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for sigma in sigmas:
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = torch.full((len(x0),), sigma * model.num_train_timesteps, device=x0.device)
+        x_t, target = model.noisy(x0, eps, t)
+        preds = model.predict(exits, x_t, t, cond).chunk(ee.num_blocks)
+        us = exits.__dict__.pop("uncertainties")
+        out.append({"t": sigma, "mse": [float((p - target).pow(2).mean()) for p in preds], "u": [float(u.mean()) for u in us],
+                    "u_hat": [float(per_token(torch.tanh((p - target).abs()), 1).mean()) for p in preds[:-1]]})
+    return out
+
+
+@torch.no_grad()
+def count_pieces(ee: EarlyExit, kw: dict) -> dict:
+    """Per-row FLOPs of each piece of a flow transformer wrapped in EarlyExit, for forward arguments ``kw``
+    of one row: input stage, each block (``blocks``, in order; ``kinds``: kind -> [FLOPs, count]), exit
+    head, final layer, UEM. flop_counter counts matmuls and attention only: the UEM (elementwise) is
+    counted by hand as 7 T D + 2 D (LayerNorm ~5 T D, a dot product per token 2 T D, the embedding's 2 D)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    p = ee.embed(**kw)
+    out = {"embed": count(lambda: ee.embed(**kw))}
+    kinds, blocks = {}, []
+    for i, block in enumerate(ee.blocks):
+        kind = type(block).__name__
+        if kind not in kinds:  # one block of each kind (the others are the same shape)
+            kinds[kind] = [count(lambda i=i, block=block: ee.trunk.block(i, block, p)), 0]
+        else:
+            ee.trunk.block(i, block, p)
+        kinds[kind][1] += 1
+        blocks.append(kinds[kind][0])
+    t, d = ee.trunk.image(p).shape[1:]
+    out.update(kinds=kinds, blocks=blocks, tokens=t, dim=d, head=count(lambda: ee.head(1, p)),
+               final=count(lambda: ee.head(ee.num_blocks, p)), uem=7 * t * d + 2 * d)
+    out["full"] = out["embed"] + sum(blocks) + out["final"]
+    return out
+
+
+@torch.no_grad()
+def flux_piece_flops(pipe, ee: EarlyExit) -> dict:
+    """``count_pieces`` on one row of the pipeline's own inputs at its default size: packed latents and
+    RoPE ids from ``prepare_latents``, the text at ``tokenizer_2.model_max_length``."""
+    cfg, dev = ee.config, ee.device
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    latents, img_ids = pipe.prepare_latents(1, cfg.in_channels // 4, size, size, torch.float32, dev,
+                                            torch.Generator().manual_seed(0))
+    text = pipe.tokenizer_2.model_max_length
+    kw = dict(hidden_states=latents, encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, device=dev),
+              pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=dev),
+              timestep=torch.full((1,), 0.5, device=dev), txt_ids=torch.zeros(text, 3, device=dev), img_ids=img_ids)
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.full((1,), 3.5, device=dev)
+    return count_pieces(ee, kw)
+
+
 # Published shapes, built on the meta device (no weights, no memory): 1024x1024 images.
 FLOW_MODELS = {
     "Flux.1-dev": ("FluxTransformer2DModel", dict(
@@ -157,11 +269,8 @@ FLOW_MODELS = {
 
 @torch.no_grad()
 def flow_flops(name: str) -> dict:
-    """Per-row FLOPs of each piece of a real-size Flux / SD3 transformer wrapped in EarlyExit, counted on
-    the meta device. flop_counter counts matmuls and attention only: the UEM (elementwise) is counted
-    by hand as 7 T D + 2 D (LayerNorm ~5 T D, a dot product per token 2 T D, the embedding's 2 D)."""
+    """``count_pieces`` of a real-size Flux / SD3 transformer wrapped in EarlyExit, on the meta device."""
     import diffusers
-    from torch.utils.flop_counter import FlopCounterMode
 
     cls, config, text = FLOW_MODELS[name]
     with torch.device("meta"):
@@ -174,27 +283,7 @@ def flow_flops(name: str) -> dict:
         else:
             kw = dict(hidden_states=torch.randn(1, 16, 128, 128), pooled_projections=torch.randn(1, 2048),
                       encoder_hidden_states=torch.randn(1, text, 4096), timestep=torch.full((1,), 500.0))
-
-    def count(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
-    p = ee.embed(**kw)
-    out = {"name": name, "cls": cls, "text": text, "blocks": ee.num_blocks, "embed": count(lambda: ee.embed(**kw))}
-    kinds = {}
-    for i, block in enumerate(ee.blocks):
-        kind = type(block).__name__
-        if kind not in kinds:  # one block of each kind (the others are the same shape)
-            kinds[kind] = [count(lambda i=i, block=block: ee.trunk.block(i, block, p)), 0]
-        else:
-            ee.trunk.block(i, block, p)
-        kinds[kind][1] += 1
-    t, d = ee.trunk.image(p).shape[1:]
-    out.update(kinds=kinds, tokens=t, dim=d, head=count(lambda: ee.head(1, p)), final=count(lambda: ee.head(ee.num_blocks, p)),
-               uem=7 * t * d + 2 * d)
-    out["full"] = out["embed"] + sum(f * c for f, c in kinds.values()) + out["final"]
-    return out
+    return {**count_pieces(ee, kw), "name": name, "cls": cls, "text": text, "blocks": ee.num_blocks}
 
 
 def write_flow_flops(path: Path, argv) -> None:
@@ -228,32 +317,41 @@ def write_flow_flops(path: Path, argv) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="dit", choices=sorted(LABELS),
+                   help="dit: the testbed DiT (shipped heads); flux: the flow testbed (needs --heads from finetune deediff)")
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--scale", type=float, default=None, help="CFG scale (default 4 on the DiT, 5 on flux: true CFG)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
     p.add_argument("--features", default="testbed", help="testbed (classifier features) or inception")
-    p.add_argument("--heads", default=None, help="heads file (default: the shipped testbed heads)")
-    p.add_argument("--backbone", default=None, help="a PixArt transformer folder to wrap instead of the testbed DiT, e.g. "
-                   "the final/transformer of `finetune deediff --train_backbone true` (pair it with that run's --heads)")
+    p.add_argument("--heads", default=None, help="heads file (default on the DiT: the shipped testbed heads; flux: required)")
+    p.add_argument("--backbone", default=None, help="a transformer folder (PixArt for dit, Flux for flux) to wrap instead of "
+                   "the testbed model's, e.g. the final/transformer of `finetune deediff --train_backbone true` (pair it "
+                   "with that run's --heads)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=HERE / "early_exit_results.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file (default: benchmarks/early_exit_results.md, flux: benchmarks/early_exit_flux_results.md)")
     p.add_argument("--flow-flops", type=Path, default=None,
                    help="only count the FLOPs of heads and UEMs on real-size Flux.1 / SD3 shapes (meta device) into this file")
     args = p.parse_args(argv)
     if args.flow_flops is not None:
         return write_flow_flops(args.flow_flops, argv)
+    flux = args.model == "flux"
+    args.scale = args.scale if args.scale is not None else (5.0 if flux else 4.0)
+    args.out = args.out or HERE / ("early_exit_flux_results.md" if flux else "early_exit_results.md")
+    check_pairing(args)
 
     torch.manual_seed(0)
-    pipe = testbed.load("dit")
+    pipe = testbed.load(args.model)
     if args.backbone:
-        from diffusers import PixArtTransformer2DModel
+        import diffusers
 
         from diffplug.checked import check_finite_weights
 
-        pipe.transformer = PixArtTransformer2DModel.from_pretrained(args.backbone, use_safetensors=True)
+        cls = getattr(diffusers, "FluxTransformer2DModel" if flux else "PixArtTransformer2DModel")
+        pipe.transformer = cls.from_pretrained(args.backbone, use_safetensors=True)
         check_finite_weights(pipe.transformer, path=args.backbone, what="--backbone transformer")
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -262,13 +360,13 @@ def main(argv=None) -> None:
     items = prompt_set(args.images, args.seed)
     prompts = [prompt for prompt, _, _ in items]
     score = Scorer(items, testbed.load_classifier(), args.features)
-    flops = piece_flops(ee)
+    flops = flux_piece_flops(pipe, ee) if flux else piece_flops(ee)
     thresholds = [float(v) for v in args.thresholds.split(",")]
 
     rows, ref = [], None
     for tau in thresholds:
         ee.threshold = tau
-        images, wall, cpu, log = render(pipe, ee, prompts, args, args.device)
+        images, wall, cpu, log = render(pipe, prompts, args, args.device)
         stats = ee.stats()
         row = score(images, ref) if ref is not None else dict(score(images), psnr=math.inf)
         ref = images if ref is None else ref
@@ -277,25 +375,50 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"tau {tau}: blocks {row['blocks']:.2f} fid {row.get('fid', float('nan')):.2f} align {row.get('align', 0):.3f} "
               f"psnr {row['psnr']:.1f} wall {wall:.1f}s", flush=True)
-    write(args, rows, flops, ee.num_blocks, argv, head_errors(pipe, ee, items))
+    errors = flow_head_errors(pipe, ee, items) if flux else head_errors(pipe, ee, items)
+    write(args, rows, flops, ee.num_blocks, argv, errors)
+
+
+def check_pairing(args) -> None:
+    """Flux has no shipped heads; heads trained with the backbone (``train_backbone``: their run's
+    ``early_exit.json`` names ``transformer/``) need that backbone: refused otherwise, not run on another model."""
+    import json
+
+    if args.model == "flux" and args.heads is None:
+        raise ValueError("--heads: --model flux has no shipped heads; train them with `diffplug finetune deediff --model "
+                         "testbed:flux --train_backbone true --output_dir D` and pass --heads D/final/early_exit.safetensors "
+                         "--backbone D/final/transformer")
+    record = Path(args.heads).parent / "early_exit.json" if args.heads else None
+    if args.backbone is None and record is not None and record.is_file():
+        if json.loads(record.read_text()).get("backbone") == "transformer/":
+            raise ValueError(f"--backbone: the heads {args.heads} were trained jointly with a backbone ({record} says "
+                             f"'transformer/'); pass --backbone {Path(args.heads).parent / 'transformer'}")
 
 
 def write(args, rows, flops, n, argv, errors) -> None:
-    full = rows[0]
+    full, lab = rows[0], LABELS[args.model]
+    if args.model == "flux":
+        kinds = ", ".join(f"{k.replace('TransformerBlock', '').replace('Flux', '') or 'double-stream'} block "
+                          f"{v / 1e6:.2f} M ({c})" for k, (v, c) in flops["kinds"].items())
+        flops_line = (f"FLOPs of one row (flop_counter; {flops['tokens']} image tokens of {flops['dim']}): input stage "
+                      f"{flops['embed'] / 1e6:.2f} M, {kinds}, exit head {flops['head'] / 1e6:.3f} M, UEM {flops['uem'] / 1e6:.3f} M "
+                      f"(by hand: 7 T D + 2 D), final layer {flops['final'] / 1e6:.3f} M.")
+    else:
+        flops_line = (f"FLOPs of one row (flop_counter): input stage {flops['embed'] / 1e6:.2f} M, block {flops['block'] / 1e6:.2f} M, "
+                      f"exit head {flops['head'] / 1e6:.3f} M, UEM {flops['uem'] / 1e6:.3f} M, final layer {flops['final'] / 1e6:.3f} M.")
     lines = [
-        "# DeeDiff early exit on the testbed DiT",
+        f"# DeeDiff early exit on {lab['title']}",
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
         f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), a shared "
         f"machine: wall times are noisy), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
-        f"Model: {'the transformer `' + str(args.backbone) + '`' if args.backbone else 'the testbed DiT'} ({n} blocks) with "
-        f"{'the heads `' + str(args.heads) + '`' if args.heads else 'the shipped heads `testbed/weights/dit_early_exit.safetensors`'}; "
-        f"{args.images} images (half Fashion-MNIST class prompts, half held-out emoji), {args.steps} DDIM steps, CFG {args.scale:g}, "
+        f"Model: {'the transformer `' + str(args.backbone) + '`' if args.backbone else lab['model']} ({n} blocks) with "
+        f"{'the heads `' + str(args.heads) + '`' if args.heads else lab['shipped']}; "
+        f"{args.images} images (half Fashion-MNIST class prompts, half held-out emoji), {args.steps} {lab['sampler']} {args.scale:g}, "
         f"the same seeds for every threshold. FID/precision/recall on {args.features} features against real test images "
         "of the same prompts (small sample: compare rows, not with other tables).",
         "",
-        f"FLOPs of one row (flop_counter): input stage {flops['embed'] / 1e6:.2f} M, block {flops['block'] / 1e6:.2f} M, "
-        f"exit head {flops['head'] / 1e6:.3f} M, UEM {flops['uem'] / 1e6:.3f} M, final layer {flops['final'] / 1e6:.3f} M.",
+        flops_line,
         "",
         "| threshold | blocks / eval | block saving | exits after block 1..N | MFLOPs / eval | FLOP saving | wall s | denoiser CPU s | FID | precision | recall | align | PSNR to full (dB) |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -310,9 +433,10 @@ def write(args, rows, flops, n, argv, errors) -> None:
               "| threshold | first third (high noise) | middle third | last third (low noise) |", "|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['tau']:g} | " + " | ".join(f"{v:.2f}" for v in r["thirds"]) + " |")
-    lines += ["", f"Exit quality by noise level: epsilon-MSE of each exit on the {args.images} real test images of the prompts "
-              "(VAE latents, one noise draw), with the UEMs' mean u and the pseudo-label mean u_hat = tanh|g_i - eps|:", "",
-              "| t | " + " | ".join(f"MSE exit {i}" for i in range(1, n)) + " | MSE full | "
+    target = "eps" if args.model == "dit" else "v"
+    lines += ["", f"Exit quality by noise level: {lab['error']} of each exit on the {args.images} real test images of the prompts "
+              f"(VAE latents, one noise draw), with the UEMs' mean u and the pseudo-label mean u_hat = tanh|g_i - {target}|:", "",
+              f"| {lab['level']} | " + " | ".join(f"MSE exit {i}" for i in range(1, n)) + " | MSE full | "
               + " | ".join(f"u / u_hat {i}" for i in range(1, n)) + " |", "|---:|" + "---:|" * (2 * n - 1)]
     for e in errors:
         lines.append(f"| {e['t']} | " + " | ".join(f"{v:.3f}" for v in e["mse"]) + " | "
