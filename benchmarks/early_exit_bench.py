@@ -398,8 +398,8 @@ def check_pairing(args) -> None:
 def write(args, rows, flops, n, argv, errors) -> None:
     full, lab = rows[0], LABELS[args.model]
     if args.model == "flux":
-        kinds = ", ".join(f"{k.replace('TransformerBlock', '').replace('Flux', '') or 'double-stream'} block "
-                          f"{v / 1e6:.2f} M ({c})" for k, (v, c) in flops["kinds"].items())
+        names = {"FluxTransformerBlock": "double-stream", "FluxSingleTransformerBlock": "single-stream"}
+        kinds = ", ".join(f"{names.get(k, k)} block {v / 1e6:.2f} M ({c})" for k, (v, c) in flops["kinds"].items())
         flops_line = (f"FLOPs of one row (flop_counter; {flops['tokens']} image tokens of {flops['dim']}): input stage "
                       f"{flops['embed'] / 1e6:.2f} M, {kinds}, exit head {flops['head'] / 1e6:.3f} M, UEM {flops['uem'] / 1e6:.3f} M "
                       f"(by hand: 7 T D + 2 D), final layer {flops['final'] / 1e6:.3f} M.")
