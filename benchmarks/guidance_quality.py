@@ -360,7 +360,7 @@ def main(argv=None):
     lag = LinearAG.fit_from_pipe(pipe, fit_prompts, guidance_scale=w, num_inference_steps=n, seed=args.seed + 100,
                                  batch_size=args.batch, call_kwargs=call)
     configs = [("CFG", CFG(w))]
-    configs += [("AG ε-space γ̄=0.999 (paper statistic)", AdaptiveGuidance(w, 0.999, policy="per_sample"))]
+    configs += [("AG ε-space γ̄=0.999 (paper statistic)", AdaptiveGuidance(w, 0.999, policy="per_sample", space="model_output"))]
     configs += [(f"AG x0-space γ̄={t:g}", AdaptiveGuidance(w, t, policy="per_sample", space="x0")) for t in picks]
     configs += [(f"CFG cut-off stop={f:g}", CFG(w, stop=f)) for f in (0.5, 0.75)]
     configs += [("LinearAG (odd steps of 1st half)", lag),
