@@ -45,8 +45,8 @@ unknown or the fit would extrapolate (guidance, NFE or solver config outside its
 Flow matching (Flux, SD3, Chroma: ``use_flow_sigmas``).  The compensation acts on the same UniPC
 data-prediction update; the times are ``sigma * 1000`` unrounded.  A fit's box then also bounds the
 shift (``flow_shift``, or ``exp(mu)`` under dynamic shifting, where ``mu`` grows with the image's
-token count).  Flow schedules default to the ``"testbed-flow"`` fit, which ships once the flow testbed
-exists; until then they fall back to UniPC.  Fit one for any pipeline with one command::
+token count).  Flow schedules default to the ``"testbed-flow"`` fit, the flow testbed's (shift 1; other shifts
+fall back to UniPC with a warning).  Fit one for any pipeline with one command::
 
     diffplug bench dc-search --model M --guidance-scale 1.5 3 7.5 --steps 5 6 8 10 [--mu 0.5 0.8 1.15] --out DIR
     pipe.scheduler = DCSolverScheduler.from_config(pipe.scheduler.config, cpr_coefficients="DIR/cpr_fit.json",
@@ -109,8 +109,8 @@ __all__ = [
 # for 7.5 and sampled at 1 gave 2.5x UniPC's error on the testbed (benchmarks/dc_solver_results.md), so
 # without ``set_guidance_scale`` (``from_pipe`` calls it) or ``cpr_guidance_scale`` it runs as UniPC.
 DEFAULT_CPR_FIT = "testbed"
-# Flow-matching schedules (use_flow_sigmas) default to this fit: the flow testbed's, once it is fitted
-# (``diffplug bench dc-search --model testbed-flow ... --ship testbed-flow``); until then they fall back.
+# Flow-matching schedules (use_flow_sigmas) default to this fit: the flow testbed's (shipped by
+# ``benchmarks/dc_solver_mse.py --model testbed-flux ... --ship-cpr testbed-flow``; shift 1).
 DEFAULT_FLOW_CPR_FIT = "testbed-flow"
 # CPR fits shipped with the package, by name (``cpr_coefficients="sd2.1"``): JSON files next to this module.
 # Any other fit file (``cpr_coefficients="DIR/cpr_fit.json"``, written by ``diffplug bench dc-search``) works too.

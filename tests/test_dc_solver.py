@@ -622,11 +622,43 @@ def test_flow_box_is_keyed_on_the_shift_and_mu(tmp_path):
         DCSolverScheduler(cpr_coefficients=str(tmp_path / "missing.json"))
 
 
-def test_no_flow_fit_ships_yet_so_flow_schedules_fall_back_loudly():
-    sched = DCSolverScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, cpr_guidance_scale=4.0)
-    with pytest.warns(UserWarning, match="no CPR fit for flow-matching schedules ships yet.*diffplug bench dc-search"):
-        sched.set_timesteps(8)
-    assert sched.compensation_ratios == [1.0] * 8
+def test_the_flow_testbed_fit_ships_and_is_the_flow_default():
+    """The flow testbed's CPR fit (``--ship-cpr testbed-flow``, benchmarks/testbed_results.md) ships and is
+    what a flow schedule uses by default: inside its box (the testbed's own schedule, shift exp(mu) = 1)
+    it compensates with no warning; finite coefficients, ratios within the searched range; outside the
+    box (shift 3) it still falls back to UniPC loudly."""
+    import warnings
+    from pathlib import Path
+
+    import diffplug.samplers
+    from diffplug.samplers.dc_solver import CPR_FITS, DEFAULT_FLOW_CPR_FIT, cpr_fit_box
+    from diffplug.testbed.models import FLOW_SCHEDULER_CONFIG
+
+    assert DEFAULT_FLOW_CPR_FIT == "testbed-flow" and CPR_FITS["testbed-flow"] == "dc_solver_cpr_testbed_flow.json"
+    shipped = json.loads((Path(diffplug.samplers.__file__).parent / CPR_FITS["testbed-flow"]).read_text())
+    coefficients = np.asarray(shipped["coefficients"], dtype=float)
+    assert coefficients.size == 36 and np.isfinite(coefficients).all() and np.abs(coefficients).max() > 0
+    box = cpr_fit_box("testbed-flow")
+    assert box["config"]["use_flow_sigmas"] == [True] and box["shift"] == pytest.approx([1.0, 1.0])
+    assert box["guidance_scale"] == [1.0, 7.5] and box["num_inference_steps"] == [4, 10]
+    lo, hi = box["ratios"]
+    assert 0 < lo <= hi and math.isfinite(hi)
+
+    flow = FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG)  # the flow testbed's scheduler (load("flux"))
+    for scale, steps in [(1.0, 4), (4.0, 8), (7.5, 10)]:
+        sched = DCSolverScheduler.from_config(flow.config, cpr_guidance_scale=scale)  # no cpr_coefficients: the default
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            sched.set_timesteps(steps, mu=0.0)  # FluxPipeline's mu on the testbed: 0 (base = max shift = log 1)
+        ratios = sched.compensation_ratios
+        assert ratios == pytest.approx(cpr_ratios(scale, steps, "testbed-flow", clamp=True))
+        assert all(math.isfinite(r) and lo - 1e-9 <= r <= hi + 1e-9 for r in ratios[2:]), ratios
+        if (scale, steps) == (4.0, 8):
+            assert ratios[2:] != [1.0] * (steps - 2)  # it compensates
+    shifted = DCSolverScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, cpr_guidance_scale=4.0)
+    with pytest.warns(UserWarning, match=r"'testbed-flow' CPR fit cannot predict ratios here \(.*shift"):
+        shifted.set_timesteps(8)
+    assert shifted.compensation_ratios == [1.0] * 8
 
 
 def test_flow_reference_is_a_fine_euler_trajectory():
