@@ -22,6 +22,7 @@ TOPICS = [  # (file, title)
     ("finetune_results.md", "Fine-tuning: Diffusion-DPO and SPO"),
     ("preset_results.md", "DPO presets on prompt sets they were not tuned on"),
     ("find_results.md", "FIND: initial-noise policies"),
+    ("finetune_flow_results.md", "Fine-tuning on the flow testbed: DPO, SPO and FIND"),
     ("sara_results.md", "SaRA vs LoRA vs full fine-tuning"),
     ("early_exit_results.md", "DeeDiff early exit on the testbed DiT"),
     ("early_exit_flow_flops.md", "DeeDiff early exit on real-size flow transformers: cost of heads and UEMs"),
