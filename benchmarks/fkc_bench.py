@@ -65,8 +65,8 @@ def labels(pipe) -> tuple[str, str]:
 def ancestral(pipe, sampler, eta):
     """``(sampler, eta)`` for an ancestral (eta = 1) run without FKC weights: the scheduler's eta where it
     has one, else FKC's move uncorrected (one particle per image, no weights, no resampling)."""
-    if sampler is None and eta > 0 and flow(pipe):
-        return FKCSampler(1, correct=False), 0.0
+    if eta > 0 and flow(pipe):  # the flow pipeline refuses eta: FKC's move is the ancestral step itself
+        return (sampler if sampler is not None else FKCSampler(1, correct=False)), 0.0
     return sampler, eta
 
 
