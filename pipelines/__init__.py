@@ -144,8 +144,8 @@ class DiffplugPipeline:
         elif eta:  # Flux, SD3, ...: the stock pipeline takes no eta, and its step would ignore it
             raise ValueError(f"eta={eta}: {type(pipe).__name__} takes no eta (its scheduler's step has none); "
                              "drop it, or use a stochastic sampler (sampler=...) for noise injection")
-        else:
-            extra_step_kwargs = {}
+        else:  # a stochastic sampler (FKC) still draws its noise from the call's generator
+            extra_step_kwargs = {"generator": generator} if self.sampler is not None else {}
 
         counted = _Counted(self.graphs.model(guidance))
 
