@@ -25,6 +25,7 @@ TOPICS = [  # (file, title)
     ("finetune_flow_results.md", "Fine-tuning on the flow testbed: DPO, SPO and FIND"),
     ("sara_results.md", "SaRA vs LoRA vs full fine-tuning"),
     ("early_exit_results.md", "DeeDiff early exit on the testbed DiT"),
+    ("early_exit_flux_results.md", "DeeDiff early exit on the flow testbed (Flux transformer, trained jointly)"),
     ("early_exit_flow_flops.md", "DeeDiff early exit on real-size flow transformers: cost of heads and UEMs"),
     ("testbed_lcm_results.md", "The few-step testbed model (LCM)"),
     ("pso_results.md", "PSO on the few-step testbed"),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -409,7 +410,8 @@ def write(args, rows, flops, n, argv, errors) -> None:
     lines = [
         f"# DeeDiff early exit on {lab['title']}",
         "",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} python "
+        f"benchmarks/early_exit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
         f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), a shared "
         f"machine: wall times are noisy), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
         f"Model: {'the transformer `' + str(args.backbone) + '`' if args.backbone else lab['model']} ({n} blocks) with "
