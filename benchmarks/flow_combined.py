@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from guidance_quality import (  # noqa: E402
     Scorer,
     align_vs,
+    emit,
     fmt,
     load_model,
     prompt_set,
@@ -146,11 +147,7 @@ def main(argv=None) -> None:
             f"{fmt(row.get('fid'), 2)} | {fmt(row.get('precision'), 2)} | {fmt(row.get('sat'))} | "
             f"{fmt(row.get('psnr', math.inf) if row is not base else math.inf, 1)} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

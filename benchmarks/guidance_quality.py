@@ -244,6 +244,15 @@ def ag_defaults(pipe, prompts, score, args) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ main
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a results table and append it to ``out`` when given (the flow benchmarks share this)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd", choices=["sd", "dit", "flux", "tiny"],
@@ -391,11 +400,7 @@ def main(argv=None):
     res = ", ".join(f"step {i}: {v:.3f}" for i, v in sorted(lag.fit_residuals.items()))
     lines += ["", f"LinearAG least-squares fit on {len(fit_prompts)} other prompts; relative residual "
               f"‖ε_u − ε̂_u‖/‖ε_u‖ per replaced step: {res}.", ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
