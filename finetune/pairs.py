@@ -634,7 +634,7 @@ class HeldOutMonitor:
         return {"best": self.best, "bad": self.bad, "warned": self.warned, "stopped_at": self.stopped_at,
                 "history": self.history, "best_weights": list(self.best_weights)}
 
-    def load_state(self, state: dict, trainer) -> None:
+    def restore(self, state: dict, trainer) -> None:
         weights = list(state["best_weights"])
         live = list(trainer.params) + (list(trainer.ema.shadow) if trainer.ema is not None else [])
         if [tuple(w.shape) for w in weights] != [tuple(p.shape) for p in live]:
@@ -714,4 +714,4 @@ class HeldOutPairs:
 
             state = load_tree(Path(folder), "heldout")
             with reading(Path(folder) / "heldout.json"):
-                self.monitor.load_state(state, trainer)
+                self.monitor.restore(state, trainer)
