@@ -70,21 +70,23 @@ LABELS = {
 
 
 @torch.no_grad()
-def piece_flops(ee: EarlyExit, tokens_len: int = 20) -> dict:
-    """Theoretical FLOPs of one row through each piece (flop_counter counts matmuls and attention)."""
+def counted(fn) -> tuple[int, object]:
+    """(FLOPs of ``fn()`` as flop_counter counts them: matmuls and attention only, its result)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return counter.get_total_flops(), out
+
+
+def piece_flops(ee: EarlyExit, tokens_len: int = 20) -> dict:
+    """Theoretical FLOPs of one row through each piece (flop_counter counts matmuls and attention)."""
     dev, cfg = ee.device, ee.config
     size = cfg.sample_size
     x = torch.randn(1, cfg.in_channels, size, size, device=dev)
     ctx = torch.randn(1, tokens_len, cfg.caption_channels, device=dev)
     mask, t = torch.ones(1, tokens_len, device=dev), torch.tensor([500], device=dev)
-
-    def count(fn):
-        with FlopCounterMode(display=False) as counter:
-            out = fn()
-        return counter.get_total_flops(), out
-
+    count = counted
     embed, p = count(lambda: ee.embed(x, encoder_hidden_states=ctx, timestep=t, added_cond_kwargs=ADDED,
                                       encoder_attention_mask=mask))
     block, _ = count(lambda: ee.blocks[0](p.x, encoder_hidden_states=p.rows["ctx"], encoder_attention_mask=p.rows["ctx_mask"],
@@ -214,12 +216,8 @@ def count_pieces(ee: EarlyExit, kw: dict) -> dict:
     of one row: input stage, each block (``blocks``, in order; ``kinds``: kind -> [FLOPs, count]), exit
     head, final layer, UEM. flop_counter counts matmuls and attention only: the UEM (elementwise) is
     counted by hand as 7 T D + 2 D (LayerNorm ~5 T D, a dot product per token 2 T D, the embedding's 2 D)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     def count(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
+        return counted(fn)[0]
 
     p = ee.embed(**kw)
     out = {"embed": count(lambda: ee.embed(**kw))}
