@@ -12,6 +12,13 @@ against N held-out Fashion-MNIST test images (as the UNet's FID row) and draws a
 and held-out emoji prompts, written into its own marked section:
 
     python benchmarks/testbed_flux.py --fid 2000 --steps 20 --scales 5 --write
+
+``--scheduler NAME`` (unipc, dpm++, dc-solver) swaps that solver into the same stock call, the diffusers
+way, and writes its own section: per (steps, scale) its top-1 beside FlowMatchEuler's on the same seeds
+and prompts, with the gain +- paired s.e. (DC-Solver takes the shipped ``testbed-flow`` CPR fit at the
+row's scale):
+
+    python benchmarks/testbed_flux.py --scheduler dc-solver --steps 8 --scales 5 7 --write
 """
 
 from __future__ import annotations
@@ -32,11 +39,18 @@ from diffplug import testbed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from testbed_quality import accuracy, class_prompts, fid, grid, heldout_emoji  # noqa: E402  (benchmarks/ is the script's folder)
+from testbed_quality import accuracy, class_prompts, correct, fid, grid, heldout_emoji  # noqa: E402  (benchmarks/ is the script's folder)
 
 BEGIN, END = "<!-- testbed_flux.py: begin -->", "<!-- testbed_flux.py: end -->"
 FID_BEGIN, FID_END = "<!-- testbed_flux.py --fid: begin -->", "<!-- testbed_flux.py --fid: end -->"
 GRID = HERE / "testbed_grid_flux.png"
+# The solvers --scheduler swaps in, with the options that put each on the flow schedule (as in
+# benchmarks/dc_solver_fid_flux.yaml); dc-solver also gets cpr_guidance_scale = the row's scale.
+SOLVERS = {
+    "unipc": dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+    "dpm++": dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+    "dc-solver": dict(dc_ratios="cpr", cpr_coefficients="testbed-flow"),
+}
 
 
 def generate(pipe, prompts: list[str], scale: float, steps: int, seed: int, batch: int) -> torch.Tensor:
@@ -92,6 +106,44 @@ def alignment_section(pipe, classifier, args) -> list[str]:
     return lines + ["", "Real Fashion-MNIST test images: brightness 0.220 (see the UNet's rows above)."]
 
 
+def solver_section(pipe, classifier, args) -> list[str]:
+    """``args.scheduler`` against the stock FlowMatchEuler, image by image on the same seeds and prompts."""
+    from diffplug.evals.stats import gain
+    from diffplug.pipelines.registry import make_scheduler
+
+    prompts, labels = class_prompts(args.images)
+    euler, rows = pipe.scheduler, []
+    for steps in args.steps:
+        for scale in args.scales:
+            options = dict(SOLVERS[args.scheduler])
+            if args.scheduler == "dc-solver":
+                options["cpr_guidance_scale"] = scale
+            t = time.time()
+            pipe.scheduler = make_scheduler(args.scheduler, pipe, **options)
+            try:
+                ours = generate(pipe, prompts, scale, steps, args.seed, args.batch)
+            finally:
+                pipe.scheduler = euler
+            seconds = time.time() - t
+            base = generate(pipe, prompts, scale, steps, args.seed, args.batch)
+            g = gain(correct(classifier, base, labels).numpy(), correct(classifier, ours, labels).numpy(), "top-1")
+            rows.append(dict(steps=steps, scale=scale, ours=g.tuned.mean, euler=g.base.mean, gain=g.gain,
+                             se=g.paired_se, seconds=seconds))
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [
+        f"`{args.scheduler}` ({type(make_scheduler(args.scheduler, pipe, **SOLVERS[args.scheduler])).__name__}) swapped "
+        "into the same stock call; FlowMatchEuler from the same seeds and prompts; gain = its top-1 minus "
+        "FlowMatchEuler's, +- paired s.e. over images.",
+        "",
+        f"| steps | CFG scale | images | top-1 {args.scheduler} | top-1 FlowMatchEuler | gain +- paired s.e. | s / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['scale']:g} | {args.images} | {r['ours']:.3f} | {r['euler']:.3f} | "
+                     f"{r['gain']:+.3f} +- {r['se']:.3f} | {r['seconds'] / args.images:.3f} |")
+    return lines
+
+
 def fid_section(pipe, classifier, args) -> list[str]:
     """FID of ``args.fid`` class-prompt images at the first steps and scale, and a grid of Fashion-MNIST
     and held-out emoji prompts at that setting."""
@@ -137,6 +189,8 @@ def main(argv=None) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     p.add_argument("--fid", type=int, default=0, metavar="N",
                    help="measure FID of N images at the first --steps and --scales (and draw the grid) instead")
+    p.add_argument("--scheduler", choices=sorted(SOLVERS), default=None,
+                   help="alignment with this solver beside FlowMatchEuler on the same seeds (its own section)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -146,6 +200,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.fid < 0:
         p.error(f"--fid must be >= 0 (images), got {args.fid}")
+    if args.fid and args.scheduler:
+        p.error("--fid and --scheduler are separate sections: run them as two commands")
     torch.set_num_threads(args.threads)
     start = time.time()
     folder = Path(args.weights) if args.weights else testbed.WEIGHTS_DIR
@@ -157,6 +213,10 @@ def main(argv=None) -> None:
     if args.fid:
         body, (begin, end) = fid_section(pipe, classifier, args), (FID_BEGIN, FID_END)
         title = "## Rectified-flow transformer (`load(\"flux\")`): FID and a grid"
+    elif args.scheduler:
+        begin, end = BEGIN.replace(":", f" --scheduler {args.scheduler}:"), END.replace(":", f" --scheduler {args.scheduler}:")
+        body = solver_section(pipe, classifier, args)
+        title = f"## Rectified-flow transformer (`load(\"flux\")`): prompt alignment with `{args.scheduler}`"
     else:
         body, (begin, end) = alignment_section(pipe, classifier, args), (BEGIN, END)
         title = "## Rectified-flow transformer (`load(\"flux\")`): prompt alignment"

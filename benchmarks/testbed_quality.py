@@ -57,6 +57,11 @@ def heldout_emoji(n: int) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
+def correct(classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, 1.0 where the classifier's top-1 over all 19 classes is the prompted class."""
+    return (classifier(images).argmax(-1) == labels).float()
+
+
 def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Classifier top-1 for the prompted class, and the images' mean intensity (brightness)."""
     logits = classifier(images)
