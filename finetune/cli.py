@@ -210,7 +210,10 @@ def run(args) -> int:
         return 2
     except KeyboardInterrupt as e:  # the trainer's Interrupted says what was kept; a bare one came before it
         what = str(e) if isinstance(e, Interrupted) else "interrupted before training: nothing saved"
-        print(f"diffplug finetune {args.method_name}: {what}\nresume with: {resume_command(args)}", file=sys.stderr)
+        command = resume_command(args)
+        also = ("\n(with any other accelerate launch options you started with, e.g. --config_file)"
+                if command.startswith("accelerate ") else "")
+        print(f"diffplug finetune {args.method_name}: {what}\nresume with: {command}{also}", file=sys.stderr)
         return 130
     return 0
 
@@ -228,7 +231,25 @@ def resume_command(args) -> str:
         argv.append(given[i])
         i += 1
     config = ["--config", args.config] if getattr(args, "config", None) else []
-    return shlex.join(["diffplug", "finetune", args.method_name, *config, *argv, "--resume", "latest"])
+    entry = getattr(args, "entry", ("diffplug", "finetune"))
+    return shlex.join([*launcher(entry), args.method_name, *config, *argv, "--resume", "latest"])
+
+
+def launcher(entry=("diffplug", "finetune")) -> list[str]:
+    """How this run was started, to start it again: ``accelerate launch`` (its process count and mixed
+    precision, read from the environment it sets) or ``torchrun``, else ``entry`` (``diffplug finetune``,
+    or ``python -m diffplug.finetune`` when started through the module)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None:  # set by `accelerate launch` in every process it starts
+        flags = (["--num_processes", str(world)] if world > 1 else []) + (
+            ["--mixed_precision", precision] if precision != "no" else [])
+        return ["accelerate", "launch", *flags, "-m", "diffplug.finetune"]
+    if world > 1:  # torchrun without accelerate's launcher
+        return ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world)), "-m", "diffplug.finetune"]
+    return list(entry)
 
 
 def main(argv=None) -> int:
@@ -238,5 +259,6 @@ def main(argv=None) -> int:
     methods = parser.add_subparsers(dest="finetune_method", metavar="{dpo,spo,spo-pm,find,deediff,sft,pso}", parser_class=_OverridesParser)
     methods.required = True
     add_methods(methods)
+    parser.set_defaults(entry=("python", "-m", "diffplug.finetune"))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -271,9 +271,10 @@ def test_ctrl_c_saves_the_step_prints_the_resume_command_and_resumes_exactly(tmp
     assert "Traceback" not in err and f"interrupted after step 3 of 4: saved {out / 'checkpoint-3'}" in err
     assert ckpt.latest(out).name == "checkpoint-3" and ckpt.read_state(out / "checkpoint-3")["step"] == 3
     command = err.split("resume with: ", 1)[1].strip()
-    assert command == shlex.join(["diffplug", "finetune", "dpo", *flags, "--resume", "latest"])
+    # main() is `python -m diffplug.finetune`'s entry: the command starts the run the same way
+    assert command == shlex.join(["python", "-m", "diffplug.finetune", "dpo", *flags, "--resume", "latest"])
     monkeypatch.setattr(DiffusionDPO, "loss", real)
-    assert main(shlex.split(command)[2:]) == 0  # the printed command, as given
+    assert main(shlex.split(command)[3:]) == 0  # the printed command, as given
     a, b = lora_state(reference_run), lora_state(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
 
@@ -447,3 +448,28 @@ def test_sdxl_full_finetune_with_ema(tmp_path, pairs):
     base = tiny_pipeline("sdxl").unet.state_dict()
     ref = trainer.adapter.copy.state_dict()
     assert all(torch.equal(base[k], ref[k]) for k in base)
+
+
+@pytest.mark.parametrize("env, entry, start", [
+    ({}, None, ["diffplug", "finetune"]),
+    ({}, ("python", "-m", "diffplug.finetune"), ["python", "-m", "diffplug.finetune"]),
+    ({"ACCELERATE_MIXED_PRECISION": "no"}, None, ["accelerate", "launch", "-m", "diffplug.finetune"]),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "2"}, None,
+     ["accelerate", "launch", "--num_processes", "2", "--mixed_precision", "bf16", "-m", "diffplug.finetune"]),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, None, ["torchrun", "--nproc_per_node", "2", "-m", "diffplug.finetune"]),
+])
+def test_the_resume_command_starts_the_run_the_way_it_was_started(monkeypatch, env, entry, start):
+    import argparse
+    import shlex
+
+    from diffplug.finetune.cli import resume_command
+
+    for key in ("ACCELERATE_MIXED_PRECISION", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = argparse.Namespace(method_name="dpo", config=None, overrides=["--max_steps", "4", "--resume", "latest"])
+    if entry:
+        args.entry = entry
+    assert shlex.split(resume_command(args)) == [*start, "dpo", "--max_steps", "4", "--resume", "latest"]
+
