@@ -86,6 +86,40 @@ def fid_from_features(real, fake) -> torch.Tensor:
     return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
 
 
+def paired_bootstrap(reference: tuple, fakes: dict, draws: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
+    """FID of every generated set on ``draws`` bootstrap resamples of its images, the **same** resample
+    for every set, against the fixed ``reference = (mu, sigma)``.
+
+    For runs that differ only in the method (image i of each set from the same noise and prompt):
+    the s.e. of a difference of FIDs is the standard deviation of its per-draw differences; of one
+    FID, of its own draws. Returns ``name -> (draws,)`` float64 FIDs. Exact and fast in one: with
+    R = sigma^{1/2} computed once, Tr((sigma S)^{1/2}) = sum sqrt(eig(R S R)) and R S R has the nonzero
+    eigenvalues of the n x n Gram (X_c R)(X_c R)^T / (n - 1) of a set's centred features X_c."""
+    mu_r, sigma_r = _as64(reference[0]), _as64(reference[1])
+    root = _sqrt_psd(sigma_r)
+    sizes = {name: len(f) for name, f in fakes.items()}
+    if len(set(sizes.values())) != 1 or min(sizes.values()) < 2:
+        raise ValueError(f"paired_bootstrap: every set needs the same number (>= 2) of images, got {sizes}")
+    n = next(iter(sizes.values()))
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (draws, n), generator=gen)
+    out = {}
+    for name, feats in fakes.items():
+        f = _as64(feats).to(mu_r.device)
+        vals = []
+        for idx in index:
+            x = f[idx.to(f.device)]
+            mu = x.mean(0)
+            xc = x - mu
+            g = xc @ root
+            gram = (g @ g.T) / (n - 1)
+            tr_sqrt = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp(min=0).sqrt().sum()
+            diff = mu - mu_r
+            vals.append(diff @ diff + (xc * xc).sum() / (n - 1) + sigma_r.trace() - 2 * tr_sqrt)
+        out[name] = torch.stack(vals)
+    return out
+
+
 class FrechetInceptionDistance(FeatureMetric, Metric):
     """FID as a torchmetrics ``Metric`` with a pluggable feature network.
 

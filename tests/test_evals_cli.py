@@ -230,3 +230,34 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, monkeypatch, capsys, dis
     assert list(out.iterdir()) == [], "no metrics.json without its report, no partial report, no temporary file"
     monkeypatch.undo()
     assert main(argv) == 0 and sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html", "scores.jsonl"]
+
+
+def test_fid_paired_reads_a_spec_run_back_and_pairs_its_runs(setup, capsys):
+    """benchmarks/fid_paired.py: the saved images give each run's FID back, and the base's difference is 0."""
+    import re
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffplug.testing")
+    tmp = setup
+    spec = {"model": "tiny-sd", "prompts": ["a photo of a bag", "a photo of a coat"], "images_per_prompt": 4,
+            "methods": [{"name": "DDIM", "scheduler": "ddim"}, {"name": "UniPC", "scheduler": "unipc"}],
+            "sweep": {"steps": [2]}, "reference": str(tmp / "ref"), "features": "py:featmod:tiny_features",
+            "metrics": ["fid"], "batch_size": 4}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    res = run(_parse(["--spec", str(tmp / "spec.json"), "--out", str(tmp / "pair"), "--device", "cpu", "--no-progress"]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fid_paired
+
+    fid_paired.main([str(tmp / "pair"), "--base", "DDIM", "--draws", "20"])
+    out = capsys.readouterr().out
+    fids = {r["method"]: r["fid"] for r in res["runs"]}
+    ddim = re.search(r"^\| DDIM \| steps=2 \| ([\d.]+) \| ([\d.]+) \| – \|$", out, re.M)
+    unipc = re.search(r"^\| UniPC \| steps=2 \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) ± ([\d.]+) ", out, re.M)
+    assert ddim and unipc, out
+    assert float(ddim[1]) == pytest.approx(fids["DDIM"], abs=0.01)
+    assert float(unipc[3]) == pytest.approx(fids["UniPC"] - fids["DDIM"], abs=0.01) and float(unipc[4]) > 0
+    assert sorted(p.name for p in (tmp / "pair" / "features").iterdir()) == ["DDIM_steps=2.safetensors",
+                                                                              "UniPC_steps=2.safetensors"]
+    with pytest.raises(SystemExit, match="matches 0 runs"):
+        fid_paired.main([str(tmp / "pair"), "--base", "Euler"])

@@ -84,6 +84,36 @@ def test_fid_metric_running_sums_equal_functional_and_torchmetrics_metric():
     torch.testing.assert_close(sig3, sigma)
 
 
+@pytest.mark.parametrize("n, d", [(40, 8), (30, 64)])  # more images than dimensions, and fewer
+def test_paired_bootstrap_draws_are_exact_fids_of_their_resamples(n, d):
+    from diffplug.evals.fid import paired_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, d, generator=g, dtype=torch.float64)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.3
+    b = a + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    mu, sigma = gaussian_stats(real)
+    draws = paired_bootstrap((mu, sigma), {"a": a, "b": b}, draws=3, seed=7)
+    index = torch.randint(n, (3, n), generator=torch.Generator().manual_seed(7))  # the draws it documents
+    for k, idx in enumerate(index):
+        for name, f in (("a", a), ("b", b)):
+            assert draws[name][k].item() == pytest.approx(frechet_distance(mu, sigma, *gaussian_stats(f[idx])).item(),
+                                                          rel=1e-6)
+
+
+def test_paired_bootstrap_difference_is_tighter_than_either_fid_and_needs_equal_sets():
+    from diffplug.evals.fid import paired_bootstrap
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(100, 6, generator=g, dtype=torch.float64)
+    b = a + 0.05 * torch.randn(100, 6, generator=g, dtype=torch.float64)  # the same images, slightly moved
+    draws = paired_bootstrap(gaussian_stats(real), {"a": a, "b": b}, draws=200)
+    assert (draws["b"] - draws["a"]).std() < 0.3 * draws["a"].std()
+    with pytest.raises(ValueError, match="same number"):
+        paired_bootstrap(gaussian_stats(real), {"a": a, "b": b[:50]})
+
+
 def test_fid_metric_rejects_wrong_features():
     m = FID(features=None, num_features=8)
     with pytest.raises(ValueError, match=r"\(N, 8\)"):
