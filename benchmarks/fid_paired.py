@@ -10,14 +10,14 @@ guidance setting, each run's FID is compared with the run whose name contains ``
     python benchmarks/fid_paired.py runs/dc_solver_fid_flux_w5_nfe5 runs/dc_solver_fid_flux_w5_nfe10 \\
         --base DC-Solver --draws 100
 
-Features are kept next to the images (``OUT/features/*.safetensors``) for reruns.
+Features: those the spec run kept (``OUT/features/*.safetensors``); for runs older than that, the saved
+images are featurised again and kept there. Either way each run's FID is checked against metrics.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -25,23 +25,26 @@ import torch
 
 
 def run_features(out: Path, record: dict, param: str, net, batch: int) -> torch.Tensor:
-    """The Inception (or spec network) features of one run's saved images, cached under ``out/features``."""
-    from safetensors.torch import load_file, save_file
+    """One run's features: those the spec run kept (``evals.spec.features_path``), else its saved images
+    featurised again and kept there."""
+    from safetensors.torch import load_file
 
+    from diffplug import atomic
     from diffplug.evals.data import image_loader
     from diffplug.evals.reference import featurize
+    from diffplug.evals.spec import features_path
 
     folder = out / "images" / record["method"] / f"{param}={record[param]}"
-    cache = out / "features" / (re.sub(r"[^\w.=-]+", "_", f"{record['method']}_{param}={record[param]}") + ".safetensors")
+    cache = features_path(out, record["method"], param, record[param])
     if cache.is_file():
-        return load_file(str(cache))["features"]
+        return load_file(str(cache))["features"].double()
     loader, _ = image_loader(str(folder), batch_size=batch, num_workers=0)
-    feats = featurize(loader, net, "cpu", progress=False).double()
+    feats = featurize(loader, net, "cpu", progress=False).float()
     if len(feats) != record["n"]:
         raise SystemExit(f"{folder}: {len(feats)} images, metrics.json says {record['n']}")
     cache.parent.mkdir(exist_ok=True)
-    save_file({"features": feats.contiguous()}, str(cache))
-    return feats
+    atomic.save_safetensors({"features": feats.contiguous()}, cache)
+    return feats.double()
 
 
 def main(argv=None) -> None:

@@ -23,8 +23,10 @@ the same noise, then score every run against one reference. A spec (YAML or JSON
     batch_size: 16
 
 Outputs: ``OUT/images/<method>/<param>=<value>/NNN.png``, ``OUT/metrics.json`` (``runs``: one record
-per method and value, plus ``protocol`` and the spec) and ``OUT/report.html`` (metric-vs-parameter
-curves, one per method, and a grid per run).
+per method and value, plus ``protocol`` and the spec), ``OUT/report.html`` (metric-vs-parameter
+curves, one per method, and a grid per run) and, with fid/kid/precision/recall, each run's features
+(``OUT/features/<method>_<param>=<value>.safetensors``, :func:`features_path`; what
+``benchmarks/fid_paired.py`` reads to give FID differences a paired s.e.).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ from .. import atomic
 
 METHOD_KEYS = {"name", "guidance", "options", "scheduler", "scheduler_options"}
 SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "accuracy")
+
+
+def features_path(out: Path, method: str, param: str, value) -> Path:
+    """Where a run's features are kept: one file per method and sweep value, a file-system-safe name."""
+    import re
+
+    return Path(out) / "features" / (re.sub(r"[^\w.=-]+", "_", f"{method}_{param}={value}") + ".safetensors")
 
 
 def load_spec(path: str | Path) -> dict:
@@ -173,6 +182,9 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
             atomic.save_image(Image.fromarray(im.permute(1, 2, 0).numpy()), folder / f"{i:04d}.png")
         if need_net:
             feats = torch.cat([net(images[i:i + batch].to(device)) for i in range(0, len(images), batch)])
+            kept = features_path(out, name, param, value)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic.save_safetensors({"features": feats.float().cpu().contiguous()}, kept)
             if "fid" in metrics:
                 fid = FrechetInceptionDistance(features=None, num_features=feats.shape[1],
                                                sync_on_compute=False).to(device)

@@ -249,15 +249,19 @@ def test_fid_paired_reads_a_spec_run_back_and_pairs_its_runs(setup, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import fid_paired
 
+    kept = sorted(p.name for p in (tmp / "pair" / "features").iterdir())  # the spec run keeps its features
+    assert kept == ["DDIM_steps=2.safetensors", "UniPC_steps=2.safetensors"]
     fid_paired.main([str(tmp / "pair"), "--base", "DDIM", "--draws", "20"])
     out = capsys.readouterr().out
+    (tmp / "pair" / "features" / "UniPC_steps=2.safetensors").unlink()  # a run from before: its images again
+    fid_paired.main([str(tmp / "pair"), "--base", "DDIM", "--draws", "20"])
+    assert capsys.readouterr().out.split("\n\n")[0] == out.split("\n\n")[0]
+    assert (tmp / "pair" / "features" / "UniPC_steps=2.safetensors").is_file()
     fids = {r["method"]: r["fid"] for r in res["runs"]}
     ddim = re.search(r"^\| DDIM \| steps=2 \| ([\d.]+) \| ([\d.]+) \| – \|$", out, re.M)
     unipc = re.search(r"^\| UniPC \| steps=2 \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) ± ([\d.]+) ", out, re.M)
     assert ddim and unipc, out
     assert float(ddim[1]) == pytest.approx(fids["DDIM"], abs=0.01)
     assert float(unipc[3]) == pytest.approx(fids["UniPC"] - fids["DDIM"], abs=0.01) and float(unipc[4]) > 0
-    assert sorted(p.name for p in (tmp / "pair" / "features").iterdir()) == ["DDIM_steps=2.safetensors",
-                                                                              "UniPC_steps=2.safetensors"]
     with pytest.raises(SystemExit, match="matches 0 runs"):
         fid_paired.main([str(tmp / "pair"), "--base", "Euler"])
