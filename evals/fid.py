@@ -92,9 +92,10 @@ def paired_bootstrap(reference: tuple, fakes: dict, draws: int = 100, seed: int 
 
     For runs that differ only in the method (image i of each set from the same noise and prompt):
     the s.e. of a difference of FIDs is the standard deviation of its per-draw differences; of one
-    FID, of its own draws. Returns ``name -> (draws,)`` float64 FIDs. Exact and fast in one: with
-    R = sigma^{1/2} computed once, Tr((sigma S)^{1/2}) = sum sqrt(eig(R S R)) and R S R has the nonzero
-    eigenvalues of the n x n Gram (X_c R)(X_c R)^T / (n - 1) of a set's centred features X_c."""
+    FID, of its own draws. Returns ``name -> (draws,)`` float64 FIDs, each exactly the FID of its
+    resample. Fast: with R = sigma^{1/2} once and Y = X R per set, Tr((sigma S)^{1/2}) of a resample
+    is the sum of sqrt(eig) of the k x k Gram of its k distinct images, weighted by their counts c:
+    (sqrt(c) (Y - mean)) (sqrt(c) (Y - mean))^T / (n - 1)."""
     mu_r, sigma_r = _as64(reference[0]), _as64(reference[1])
     root = _sqrt_psd(sigma_r)
     sizes = {name: len(f) for name, f in fakes.items()}
@@ -102,20 +103,21 @@ def paired_bootstrap(reference: tuple, fakes: dict, draws: int = 100, seed: int 
         raise ValueError(f"paired_bootstrap: every set needs the same number (>= 2) of images, got {sizes}")
     n = next(iter(sizes.values()))
     gen = torch.Generator().manual_seed(seed)
-    index = torch.randint(n, (draws, n), generator=gen)
+    picks = [torch.randint(n, (n,), generator=gen).unique(return_counts=True) for _ in range(draws)]
     out = {}
     for name, feats in fakes.items():
-        f = _as64(feats).to(mu_r.device)
+        x = _as64(feats).to(mu_r.device)
+        y = x @ root
         vals = []
-        for idx in index:
-            x = f[idx.to(f.device)]
-            mu = x.mean(0)
-            xc = x - mu
-            g = xc @ root
-            gram = (g @ g.T) / (n - 1)
+        for index, count in picks:
+            index, c = index.to(x.device), count.to(x).unsqueeze(1)
+            mu = (c * x[index]).sum(0) / n
+            a = c.sqrt() * (y[index] - mu @ root)
+            gram = (a @ a.T) / (n - 1)
             tr_sqrt = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp(min=0).sqrt().sum()
+            tr_sigma = (c * (x[index] - mu) ** 2).sum() / (n - 1)
             diff = mu - mu_r
-            vals.append(diff @ diff + (xc * xc).sum() / (n - 1) + sigma_r.trace() - 2 * tr_sqrt)
+            vals.append(diff @ diff + tr_sigma + sigma_r.trace() - 2 * tr_sqrt)
         out[name] = torch.stack(vals)
     return out
 

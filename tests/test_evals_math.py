@@ -94,7 +94,8 @@ def test_paired_bootstrap_draws_are_exact_fids_of_their_resamples(n, d):
     b = a + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
     mu, sigma = gaussian_stats(real)
     draws = paired_bootstrap((mu, sigma), {"a": a, "b": b}, draws=3, seed=7)
-    index = torch.randint(n, (3, n), generator=torch.Generator().manual_seed(7))  # the draws it documents
+    gen = torch.Generator().manual_seed(7)
+    index = [torch.randint(n, (n,), generator=gen) for _ in range(3)]  # the resamples it draws
     for k, idx in enumerate(index):
         for name, f in (("a", a), ("b", b)):
             assert draws[name][k].item() == pytest.approx(frechet_distance(mu, sigma, *gaussian_stats(f[idx])).item(),
