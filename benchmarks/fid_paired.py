@@ -32,9 +32,9 @@ def run_features(out: Path, record: dict, param: str, net, batch: int) -> torch.
     from diffplug import atomic
     from diffplug.evals.data import image_loader
     from diffplug.evals.reference import featurize
-    from diffplug.evals.spec import features_path
+    from diffplug.evals.spec import features_path, images_path
 
-    folder = out / "images" / record["method"] / f"{param}={record[param]}"
+    folder = images_path(out, record["method"], param, record[param])
     cache = features_path(out, record["method"], param, record[param])
     if cache.is_file():
         return load_file(str(cache))["features"].double()

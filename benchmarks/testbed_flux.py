@@ -112,7 +112,7 @@ def solver_section(pipe, classifier, args) -> list[str]:
     from diffplug.pipelines.registry import make_scheduler
 
     prompts, labels = class_prompts(args.images)
-    euler, rows = pipe.scheduler, []
+    euler, rows, solver = pipe.scheduler, [], None
     for steps in args.steps:
         for scale in args.scales:
             options = dict(SOLVERS[args.scheduler])
@@ -120,6 +120,7 @@ def solver_section(pipe, classifier, args) -> list[str]:
                 options["cpr_guidance_scale"] = scale
             t = time.time()
             pipe.scheduler = make_scheduler(args.scheduler, pipe, **options)
+            solver = type(pipe.scheduler).__name__
             try:
                 ours = generate(pipe, prompts, scale, steps, args.seed, args.batch)
             finally:
@@ -131,7 +132,7 @@ def solver_section(pipe, classifier, args) -> list[str]:
                              se=g.paired_se, seconds=seconds))
             print(json.dumps(rows[-1]), flush=True)
     lines = [
-        f"`{args.scheduler}` ({type(make_scheduler(args.scheduler, pipe, **SOLVERS[args.scheduler])).__name__}) swapped "
+        f"`{args.scheduler}` ({solver}) swapped "
         "into the same stock call; FlowMatchEuler from the same seeds and prompts; gain = its top-1 minus "
         "FlowMatchEuler's, +- paired s.e. over images.",
         "",

@@ -62,6 +62,7 @@ def correct(classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (classifier(images).argmax(-1) == labels).float()
 
 
+@torch.no_grad()
 def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Classifier top-1 for the prompted class, and the images' mean intensity (brightness)."""
     logits = classifier(images)

@@ -32,6 +32,7 @@ curves, one per method, and a grid per run) and, with fid/kid/precision/recall, 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -43,10 +44,13 @@ METHOD_KEYS = {"name", "guidance", "options", "scheduler", "scheduler_options"}
 SPEC_METRICS = ("fid", "kid", "precision", "recall", "clip", "saturation", "contrast", "accuracy")
 
 
+def images_path(out: Path, method: str, param: str, value) -> Path:
+    """The folder of a run's images: one per method and sweep value."""
+    return Path(out) / "images" / method / f"{param}={value}"
+
+
 def features_path(out: Path, method: str, param: str, value) -> Path:
     """Where a run's features are kept: one file per method and sweep value, a file-system-safe name."""
-    import re
-
     return Path(out) / "features" / (re.sub(r"[^\w.=-]+", "_", f"{method}_{param}={value}") + ".safetensors")
 
 
@@ -175,7 +179,7 @@ def run_spec(spec: dict, out: Path, device, progress: bool = True, base: Path = 
         rec = {"method": name, "guidance": guidance_name, param: value, "options": options,
                "scheduler": type(pipe.scheduler).__name__, "steps": run_steps,
                "n": len(images), "generate_seconds": round(time.perf_counter() - t0, 3)}
-        folder = out / "images" / name / f"{param}={value}"
+        folder = images_path(out, name, param, value)
         folder.mkdir(parents=True, exist_ok=True)
         from PIL import Image
         for i, im in enumerate(images):
